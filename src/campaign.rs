@@ -1,0 +1,325 @@
+//! The campaign runner, the only module that connects the pipeline:
+//! `source → render → bounded channel → N injectors → ledger`. It depends on
+//! the [`Source`], [`Transport`] and [`Ledger`] traits, not on SQL or SMTP, so
+//! the whole pipeline runs in memory in tests. It owns the stop signal, the
+//! rate limit and the counters the progress display reads.
+//!
+//! Stopping: when `stop` is cancelled the renderer stops fetching, each
+//! injector finishes the SMTP transaction it is in and exits, and the ledger
+//! flushes everything answered. Messages still in the channel were never
+//! offered to the MTA and are not recorded, so the next run sends them.
+
+use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
+use serde::Serialize;
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::clock;
+use crate::error::Result;
+use crate::ledger::{self, Ledger, Record};
+use crate::render::{Outgoing, Renderer};
+use crate::source::Source;
+use crate::transport::{Outcome, Session, SessionError, Transport};
+
+/// Messages rendered ahead of the injectors, per injector. Bounded so that
+/// rendering waits for the MTA instead of filling memory.
+const QUEUE_PER_INJECTOR: usize = 64;
+/// Reconnect backoff bounds after a lost connection.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// How to run.
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// Number of parallel injectors (SMTP connections).
+    pub concurrency: usize,
+    /// Max messages per second over all injectors; 0 = unlimited.
+    pub rate: u32,
+}
+
+/// Live counters, shared with the progress display.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Accepted by the MTA.
+    pub sent: AtomicU64,
+    /// Refused for good (5xx, bad address, render error).
+    pub failed: AtomicU64,
+    /// Temporarily refused (4xx).
+    pub deferred: AtomicU64,
+    /// Connections lost or refused mid-campaign (the message was retried).
+    pub retries: AtomicU64,
+    /// Pending recipients at start, once known (0 = unknown).
+    pub total: AtomicU64,
+}
+
+impl Stats {
+    fn count(&self, outcome: &Outcome) {
+        let c = match outcome {
+            Outcome::Sent { .. } => &self.sent,
+            Outcome::Deferred(_) => &self.deferred,
+            Outcome::Failed(_) => &self.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Recipients with an outcome so far.
+    pub fn done(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed) + self.deferred.load(Ordering::Relaxed)
+    }
+}
+
+/// The end-of-run summary (printed, or as JSON with `--json`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    /// Campaign name.
+    pub campaign: String,
+    /// Accepted by the MTA in this run.
+    pub sent: u64,
+    /// Refused for good in this run.
+    pub failed: u64,
+    /// Temporarily refused in this run.
+    pub deferred: u64,
+    /// Connection-level retries.
+    pub retries: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Messages with an outcome per second.
+    pub rate: f64,
+    /// True when the run was stopped before the audience was exhausted.
+    pub interrupted: bool,
+}
+
+impl Summary {
+    /// True when every recipient of this run was accepted.
+    pub fn all_accepted(&self) -> bool {
+        self.failed == 0 && self.deferred == 0 && !self.interrupted
+    }
+}
+
+/// A rendered message on its way to an injector.
+struct Job {
+    out: Outgoing,
+}
+
+/// Runs the pipeline until the source is exhausted or `stop` is cancelled.
+/// Errors are fatal (ledger or source failures); per-recipient problems are
+/// outcomes. The caller has already checked the transport is reachable.
+#[allow(clippy::too_many_arguments)]
+pub async fn run<S, T, L>(
+    name: &str,
+    mut source: S,
+    renderer: Arc<Renderer>,
+    transport: Arc<T>,
+    ledger: L,
+    opts: &RunOptions,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) -> Result<Summary>
+where
+    S: Source,
+    T: Transport,
+    L: Ledger,
+{
+    let started = Instant::now();
+    let concurrency = opts.concurrency.max(1);
+    let (job_tx, job_rx) = mpsc::channel::<Job>(concurrency * QUEUE_PER_INJECTOR);
+    let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS * 4);
+    let job_rx = Arc::new(Mutex::new(job_rx));
+    let limiter = NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
+
+    // A ledger failure must stop sending: nothing may go out unrecorded.
+    let ledger_task = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let r = ledger::write_loop(ledger, rec_rx).await;
+            if r.is_err() {
+                stop.cancel();
+            }
+            r
+        })
+    };
+
+    let injectors = TaskTracker::new();
+    for slot in 0..concurrency {
+        let inj = Injector {
+            slot,
+            transport: transport.clone(),
+            jobs: job_rx.clone(),
+            records: rec_tx.clone(),
+            stats: stats.clone(),
+            limiter: limiter.clone(),
+            stop: stop.clone(),
+        };
+        injectors.spawn(inj.run());
+    }
+    injectors.close();
+
+    // The renderer runs here: it is the producer, slowed by `job_tx.send`.
+    let produced = produce(&mut source, &renderer, &job_tx, &rec_tx, &stats, &stop).await;
+    drop(job_tx);
+    injectors.wait().await;
+    drop(rec_tx);
+    let ledger_result = ledger_task.await.unwrap_or_else(|e| {
+        Err(crate::error::Error::Audience(format!("ledger task panicked: {e}")))
+    });
+    // Report the first fatal error: a source failure, else a ledger failure.
+    let exhausted = produced?;
+    ledger_result?;
+
+    let seconds = started.elapsed().as_secs_f64();
+    let (sent, failed, deferred) = (
+        stats.sent.load(Ordering::Relaxed),
+        stats.failed.load(Ordering::Relaxed),
+        stats.deferred.load(Ordering::Relaxed),
+    );
+    Ok(Summary {
+        campaign: name.to_string(),
+        sent,
+        failed,
+        deferred,
+        retries: stats.retries.load(Ordering::Relaxed),
+        seconds,
+        rate: if seconds > 0.0 { (sent + failed + deferred) as f64 / seconds } else { 0.0 },
+        interrupted: !exhausted || stop.is_cancelled(),
+    })
+}
+
+/// Pages through the source, renders, and queues jobs. Render failures are
+/// recorded directly. Returns Ok(true) when the source was exhausted.
+async fn produce<S: Source>(
+    source: &mut S,
+    renderer: &Renderer,
+    jobs: &mpsc::Sender<Job>,
+    records: &mpsc::Sender<Record>,
+    stats: &Stats,
+    stop: &CancellationToken,
+) -> Result<bool> {
+    loop {
+        let page = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(false),
+            page = source.next_page() => page?,
+        };
+        if page.is_empty() {
+            return Ok(true);
+        }
+        let now = clock::now();
+        for recipient in page {
+            match renderer.render(&recipient, now) {
+                Ok(out) => {
+                    tokio::select! {
+                        biased;
+                        _ = stop.cancelled() => return Ok(false),
+                        sent = jobs.send(Job { out }) => if sent.is_err() { return Ok(false) },
+                    }
+                }
+                Err(e) => {
+                    let outcome = Outcome::local_failure(e.to_string());
+                    stats.count(&outcome);
+                    let rec = Record { recipient_id: recipient.id, email: recipient.email, outcome, relay: None };
+                    if records.send(rec).await.is_err() {
+                        return Ok(false);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// One SMTP injector: one connection, one transaction at a time.
+struct Injector<T: Transport> {
+    slot: usize,
+    transport: Arc<T>,
+    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    records: mpsc::Sender<Record>,
+    stats: Arc<Stats>,
+    limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    stop: CancellationToken,
+}
+
+impl<T: Transport> Injector<T> {
+    async fn run(self) {
+        let mut session: Option<T::Session> = None;
+        let relay = self.transport.describe(self.slot);
+        let mut backoff = BACKOFF_MIN;
+        'jobs: loop {
+            let job = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                job = async { self.jobs.lock().await.recv().await } => match job {
+                    Some(job) => job,
+                    None => break,
+                },
+            };
+            if let Some(l) = &self.limiter {
+                tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => break,
+                    _ = l.until_ready() => {}
+                }
+            }
+            // Retry this message until it gets an answer or we are stopped.
+            let outcome = loop {
+                let s = match session.as_mut() {
+                    Some(s) => s,
+                    None => match self.transport.connect(self.slot).await {
+                        Ok(s) => session.insert(s),
+                        Err(e) => {
+                            if !self.wait_retry(&relay, &e, &mut backoff).await {
+                                break 'jobs;
+                            }
+                            continue;
+                        }
+                    },
+                };
+                match s.send(&job.out.envelope, &job.out.bytes).await {
+                    Ok(outcome) => {
+                        backoff = BACKOFF_MIN;
+                        break outcome;
+                    }
+                    Err(e) => {
+                        session = None;
+                        if !self.wait_retry(&relay, &e, &mut backoff).await {
+                            break 'jobs;
+                        }
+                    }
+                }
+            };
+            self.stats.count(&outcome);
+            let rec = Record {
+                recipient_id: job.out.envelope.recipient_id,
+                email: job.out.email,
+                outcome,
+                relay: Some(relay.clone()),
+            };
+            if self.records.send(rec).await.is_err() {
+                break;
+            }
+        }
+        if let Some(s) = session {
+            s.close().await;
+        }
+    }
+
+    /// Logs a lost connection and sleeps with capped exponential backoff and
+    /// jitter. Returns false when stopped meanwhile.
+    async fn wait_retry(&self, relay: &str, e: &SessionError, backoff: &mut Duration) -> bool {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        // Jitter keeps N injectors from reconnecting in lockstep.
+        let jitter = Duration::from_millis((self.slot as u64 * 37 + clock::now().nanosecond() as u64) % 100);
+        let wait = *backoff + jitter;
+        tracing::warn!("injector {}: {relay} unreachable ({e}), retrying in {:.1}s", self.slot, wait.as_secs_f64());
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+}

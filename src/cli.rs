@@ -1,0 +1,136 @@
+//! Command-line syntax (clap derive). Raw input only: no I/O, no validation
+//! beyond types; `config.rs` turns these into a validated `Config`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+/// blast: personalized mass mail from SQL into your MTA, fast, without losing
+/// or doubling a message.
+#[derive(Debug, Parser)]
+#[command(name = "blast", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Send a campaign (continues where a stopped run left off).
+    Send(SendArgs),
+    /// Print one recipient's fully rendered message.
+    Preview(PreviewArgs),
+    /// Show a campaign's counts per outcome.
+    Status(StatusArgs),
+    /// Load subscribers from a CSV file into the `subscribers` table.
+    Import(ImportArgs),
+    /// Run the built-in SMTP sink (for demos, tests and benchmarks).
+    Sink(SinkArgs),
+}
+
+/// Overrides shared by commands that read a campaign file.
+#[derive(Debug, Args)]
+pub struct CampaignArgs {
+    /// The campaign file.
+    pub campaign: PathBuf,
+    /// Database URL, overriding `database` in the file.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: Option<String>,
+}
+
+/// `blast send`
+#[derive(Debug, Args)]
+pub struct SendArgs {
+    #[command(flatten)]
+    pub campaign: CampaignArgs,
+    /// SMTP relay URL(s), overriding `delivery.smtp` (repeat for several).
+    #[arg(long)]
+    pub smtp: Vec<String>,
+    /// Number of parallel SMTP injectors.
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Max messages per second (0 = unlimited).
+    #[arg(long)]
+    pub rate: Option<u32>,
+    /// Send to the first N pending recipients only.
+    #[arg(long)]
+    pub limit: Option<u64>,
+    /// Render and write .eml files into DIR instead of sending (default
+    /// ./blast-dry-run/<campaign>); records nothing in the ledger.
+    #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
+    pub dry_run: Option<PathBuf>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Progress display: auto (bar on a terminal, lines otherwise), plain, none.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "plain", "none"])]
+    pub progress: String,
+}
+
+/// `blast preview`
+#[derive(Debug, Args)]
+pub struct PreviewArgs {
+    #[command(flatten)]
+    pub campaign: CampaignArgs,
+    /// The recipient id (default: the first recipient of the audience).
+    #[arg(long)]
+    pub id: Option<i64>,
+}
+
+/// `blast status`
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    pub campaign: CampaignArgs,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blast import`
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The CSV file (header row required, with an `email` column).
+    pub csv: PathBuf,
+    /// Database URL.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: String,
+    /// Replace the attributes of addresses already in the table.
+    #[arg(long)]
+    pub upsert: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `blast sink`
+#[derive(Debug, Args)]
+pub struct SinkArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:2525")]
+    pub listen: SocketAddr,
+    /// Write every accepted message into this Maildir.
+    #[arg(long)]
+    pub maildir: Option<PathBuf>,
+    /// Do not advertise PIPELINING.
+    #[arg(long)]
+    pub no_pipelining: bool,
+    /// Do not advertise 8BITMIME.
+    #[arg(long)]
+    pub no_8bitmime: bool,
+    /// Do not advertise CHUNKING (BDAT).
+    #[arg(long)]
+    pub no_chunking: bool,
+    /// Refuse RCPTs containing TEXT with CODE: `TEXT=550` or `TEXT=451` (repeatable).
+    #[arg(long, value_name = "TEXT=CODE")]
+    pub reject: Vec<String>,
+    /// Drop each connection after N messages.
+    #[arg(long)]
+    pub drop_after: Option<u64>,
+    /// Wait this many milliseconds before answering each message.
+    #[arg(long)]
+    pub latency_ms: Option<u64>,
+}

@@ -1,0 +1,38 @@
+//! The one place that reads the wall clock. Everything that stamps or compares
+//! times calls [`now`], so tests and clippy (`disallowed-methods`) can keep it
+//! that way.
+
+use time::format_description::BorrowedFormatItem;
+use time::macros::format_description;
+use time::OffsetDateTime;
+
+/// Fixed-width so that text comparison is time comparison.
+const DB_FORMAT: &[BorrowedFormatItem<'static>] =
+    format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+
+/// The current UTC time.
+#[allow(clippy::disallowed_methods)]
+pub fn now() -> OffsetDateTime {
+    OffsetDateTime::now_utc()
+}
+
+/// A timestamp as stored in the database: RFC 3339 UTC with milliseconds, so it
+/// sorts and compares correctly as text in both SQLite and PostgreSQL.
+pub fn db_timestamp(t: OffsetDateTime) -> String {
+    t.to_offset(time::UtcOffset::UTC)
+        .format(DB_FORMAT)
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn db_timestamps_have_fixed_millisecond_form() {
+        let t = time::macros::datetime!(2026-11-29 18:00:00.123456 UTC);
+        assert_eq!(db_timestamp(t), "2026-11-29T18:00:00.123Z");
+        let t = time::macros::datetime!(2026-11-29 18:00:00 UTC);
+        assert_eq!(db_timestamp(t), "2026-11-29T18:00:00.000Z");
+    }
+}

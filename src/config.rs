@@ -1,0 +1,545 @@
+//! `campaign.toml` + environment + command-line overrides → a validated
+//! [`Config`]. Pure: reads the campaign file and the template files it names,
+//! never opens a database or a socket. Secrets are expanded from `${VARS}` and
+//! never printed: [`Config`]'s `Debug` redacts URLs.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// Default number of parallel SMTP injectors.
+pub const DEFAULT_CONCURRENCY: usize = 8;
+/// Default keyset page size when reading the audience.
+pub const DEFAULT_BATCH_SIZE: usize = 1000;
+/// Default SMTP command timeout.
+pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The campaign file as written (raw input, no I/O beyond reading it).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CampaignFile {
+    name: String,
+    database: Option<String>,
+    audience: AudienceFile,
+    #[serde(default)]
+    vars: toml::Table,
+    message: MessageFile,
+    delivery: Option<DeliveryFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AudienceFile {
+    table: Option<String>,
+    #[serde(rename = "where")]
+    filter: Option<String>,
+    query: Option<String>,
+    batch_size: Option<usize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MessageFile {
+    from: String,
+    reply_to: Option<String>,
+    to_name: Option<String>,
+    subject: String,
+    text: Option<PathBuf>,
+    html: Option<PathBuf>,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeliveryFile {
+    smtp: Option<OneOrMany>,
+    concurrency: Option<usize>,
+    rate: Option<u32>,
+    envelope_from: Option<String>,
+    helo: Option<String>,
+    timeout_secs: Option<u64>,
+}
+
+/// `smtp = "smtp://..."` or `smtp = ["smtp://...", ...]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// Command-line values that override the campaign file.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    /// `--database`
+    pub database: Option<String>,
+    /// `--smtp` (repeatable)
+    pub smtp: Vec<String>,
+    /// `--concurrency`
+    pub concurrency: Option<usize>,
+    /// `--rate`
+    pub rate: Option<u32>,
+    /// `--limit`
+    pub limit: Option<u64>,
+    /// `--dry-run DIR`
+    pub dry_run: Option<PathBuf>,
+}
+
+/// Who receives the campaign.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Audience {
+    /// `SELECT * FROM table [WHERE filter]`
+    Table {
+        /// Table name, validated as an identifier (optionally schema-qualified).
+        table: String,
+        /// Optional SQL condition, trusted operator input.
+        filter: Option<String>,
+    },
+    /// Any SELECT returning `id` and `email`.
+    Query(String),
+}
+
+impl Audience {
+    /// The SELECT that yields every recipient row, before pagination.
+    pub fn select_sql(&self) -> String {
+        match self {
+            Audience::Table { table, filter: None } => format!("SELECT * FROM {table}"),
+            Audience::Table { table, filter: Some(f) } => {
+                format!("SELECT * FROM {table} WHERE ({f})")
+            }
+            Audience::Query(q) => q.trim().trim_end_matches(';').to_string(),
+        }
+    }
+}
+
+/// A template source: its text and where it came from (for error messages).
+#[derive(Debug, Clone)]
+pub struct TemplateSource {
+    /// File path or config key, as shown in errors.
+    pub name: String,
+    /// The template text.
+    pub body: String,
+}
+
+/// What each message looks like.
+#[derive(Debug, Clone)]
+pub struct MessageConfig {
+    /// `From:` as written (`Name <addr>` or `addr`).
+    pub from: String,
+    /// Optional `Reply-To:`.
+    pub reply_to: Option<String>,
+    /// Optional template for the recipient's display name in `To:`.
+    pub to_name: Option<String>,
+    /// Subject template.
+    pub subject: String,
+    /// Plain-text part template.
+    pub text: Option<TemplateSource>,
+    /// HTML part template (auto-escaped).
+    pub html: Option<TemplateSource>,
+    /// Extra headers: name → value template.
+    pub headers: Vec<(String, String)>,
+    /// Envelope sender template (the bounce address).
+    pub envelope_from: String,
+}
+
+/// A relay blast injects into.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Relay {
+    /// `host:port` to connect to.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Optional AUTH user; the password comes from `BLAST_SMTP_PASSWORD`.
+    pub user: Option<String>,
+}
+
+impl fmt::Debug for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for Relay {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.user {
+            Some(u) => write!(f, "smtp://{u}@{}:{}", self.host, self.port),
+            None => write!(f, "smtp://{}:{}", self.host, self.port),
+        }
+    }
+}
+
+/// How messages leave.
+#[derive(Debug, Clone)]
+pub struct DeliveryConfig {
+    /// Relays; injector `i` uses relay `i % len`.
+    pub relays: Vec<Relay>,
+    /// Number of parallel SMTP injectors.
+    pub concurrency: usize,
+    /// Max messages per second over all injectors; 0 = unlimited.
+    pub rate: u32,
+    /// Name sent in EHLO.
+    pub helo: String,
+    /// Per-command SMTP timeout.
+    pub timeout: Duration,
+}
+
+/// A validated campaign, ready to build pools, transports and templates from.
+#[derive(Clone)]
+pub struct Config {
+    /// Unique campaign id in the ledger.
+    pub name: String,
+    /// sqlx URL, secrets expanded.
+    pub database: String,
+    /// Who receives it.
+    pub audience: Audience,
+    /// Keyset page size.
+    pub batch_size: usize,
+    /// Campaign-wide template values.
+    pub vars: serde_json::Map<String, serde_json::Value>,
+    /// Message templates.
+    pub message: MessageConfig,
+    /// Delivery settings.
+    pub delivery: DeliveryConfig,
+    /// Send to the first N pending recipients only.
+    pub limit: Option<u64>,
+    /// Write `.eml` files here instead of sending.
+    pub dry_run: Option<PathBuf>,
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("name", &self.name)
+            .field("database", &crate::db::redact(&self.database))
+            .field("audience", &self.audience)
+            .field("delivery", &self.delivery)
+            .field("limit", &self.limit)
+            .field("dry_run", &self.dry_run)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Headers blast writes itself; a campaign may not override them.
+const RESERVED_HEADERS: &[&str] = &[
+    "from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "mime-version",
+    "content-type", "content-transfer-encoding", "return-path", "x-blast-campaign",
+    "x-blast-recipient",
+];
+
+impl Config {
+    /// Reads `path`, applies `overrides` and environment, and validates.
+    pub fn load(path: &Path, overrides: &Overrides) -> Result<Config> {
+        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        Self::parse(&text, &path.display().to_string(), base, overrides, &|k| {
+            std::env::var(k).ok()
+        })
+    }
+
+    /// Parses campaign text; `base` resolves relative template and SQLite paths,
+    /// `env` looks up `${VARS}`. Pure apart from reading template files.
+    pub fn parse(
+        text: &str,
+        file: &str,
+        base: &Path,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config> {
+        // toml's error already names the key and line; we add the file.
+        let raw: CampaignFile =
+            toml::from_str(text).map_err(|e| Error::config(file, "campaign", e.to_string()))?;
+        let err = |key: &str, msg: String| Error::config(file, key, msg);
+
+        let name = raw.name.trim().to_string();
+        if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control()) {
+            return Err(err("name", "must be 1-200 printable characters".into()));
+        }
+
+        let database = match (&overrides.database, &raw.database) {
+            (Some(db), _) => expand_env(db, &|k| env(k)).map_err(|m| err("--database", m))?,
+            (None, Some(db)) => {
+                let db = expand_env(db, &|k| env(k)).map_err(|m| err("database", m))?;
+                resolve_sqlite_path(&db, base)
+            }
+            (None, None) => {
+                return Err(err("database", "missing: set `database = \"sqlite://blast.db\"` or pass --database".into()))
+            }
+        };
+
+        let audience = match (raw.audience.table, raw.audience.query) {
+            (Some(t), None) => {
+                if !is_sql_identifier(&t) {
+                    return Err(err("audience.table", format!("{t:?} is not a table name (letters, digits, _ and one optional schema.)")));
+                }
+                Audience::Table { table: t, filter: raw.audience.filter.filter(|f| !f.trim().is_empty()) }
+            }
+            (None, Some(q)) => {
+                if raw.audience.filter.is_some() {
+                    return Err(err("audience.where", "only valid with `table`; put the condition in `query`".into()));
+                }
+                let lower = q.trim_start().to_ascii_lowercase();
+                if !(lower.starts_with("select") || lower.starts_with("with")) {
+                    return Err(err("audience.query", "must be a SELECT (or WITH ... SELECT) statement".into()));
+                }
+                Audience::Query(q)
+            }
+            (Some(_), Some(_)) => return Err(err("audience", "set either `table` or `query`, not both".into())),
+            (None, None) => return Err(err("audience", "set `table = \"subscribers\"` or `query = \"SELECT id, email, ...\"`".into())),
+        };
+        let batch_size = raw.audience.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
+        if !(1..=100_000).contains(&batch_size) {
+            return Err(err("audience.batch_size", "must be between 1 and 100000".into()));
+        }
+
+        let vars = match serde_json::to_value(&raw.vars) {
+            Ok(serde_json::Value::Object(m)) => m,
+            _ => return Err(err("vars", "must be a table".into())),
+        };
+
+        let m = raw.message;
+        let read_template = |key: &str, p: &Option<PathBuf>| -> Result<Option<TemplateSource>> {
+            let Some(p) = p else { return Ok(None) };
+            let full = base.join(p);
+            let body = std::fs::read_to_string(&full)
+                .map_err(|e| err(key, format!("cannot read {}: {e}", full.display())))?;
+            Ok(Some(TemplateSource { name: full.display().to_string(), body }))
+        };
+        let text_t = read_template("message.text", &m.text)?;
+        let html_t = read_template("message.html", &m.html)?;
+        if text_t.is_none() && html_t.is_none() {
+            return Err(err("message", "set `text` and/or `html` (template paths)".into()));
+        }
+        if m.subject.trim().is_empty() {
+            return Err(err("message.subject", "must not be empty".into()));
+        }
+        let mut headers = Vec::new();
+        for (h, v) in m.headers {
+            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                return Err(err(&format!("message.headers.{h}"), "header names are letters, digits and '-'".into()));
+            }
+            if RESERVED_HEADERS.contains(&h.to_ascii_lowercase().as_str()) {
+                return Err(err(&format!("message.headers.{h}"), "blast sets this header itself".into()));
+            }
+            headers.push((h, v));
+        }
+
+        let d = raw.delivery.unwrap_or(DeliveryFile {
+            smtp: None, concurrency: None, rate: None, envelope_from: None, helo: None, timeout_secs: None,
+        });
+        let smtp_urls: Vec<String> = if !overrides.smtp.is_empty() {
+            overrides.smtp.clone()
+        } else {
+            match d.smtp {
+                Some(OneOrMany::One(s)) => vec![s],
+                Some(OneOrMany::Many(v)) => v,
+                None => vec!["smtp://127.0.0.1:25".to_string()],
+            }
+        };
+        let mut relays = Vec::new();
+        for u in &smtp_urls {
+            let u = expand_env(u, &|k| env(k)).map_err(|m| err("delivery.smtp", m))?;
+            relays.push(parse_relay(&u).map_err(|m| err("delivery.smtp", m))?);
+        }
+        if relays.is_empty() {
+            return Err(err("delivery.smtp", "needs at least one smtp:// URL".into()));
+        }
+        let concurrency = overrides.concurrency.or(d.concurrency).unwrap_or(DEFAULT_CONCURRENCY);
+        if !(1..=1024).contains(&concurrency) {
+            return Err(err("delivery.concurrency", "must be between 1 and 1024".into()));
+        }
+        let envelope_from = d.envelope_from.unwrap_or_else(|| {
+            // Default bounce address: the From address itself.
+            address_part(&m.from).to_string()
+        });
+        let helo = d.helo.unwrap_or_else(|| "localhost".to_string());
+        let timeout = d.timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_SMTP_TIMEOUT);
+        if timeout.is_zero() {
+            return Err(err("delivery.timeout_secs", "must be at least 1".into()));
+        }
+
+        Ok(Config {
+            name,
+            database,
+            audience,
+            batch_size,
+            vars,
+            message: MessageConfig {
+                from: m.from,
+                reply_to: m.reply_to,
+                to_name: m.to_name,
+                subject: m.subject,
+                text: text_t,
+                html: html_t,
+                headers,
+                envelope_from,
+            },
+            delivery: DeliveryConfig {
+                relays,
+                concurrency,
+                rate: overrides.rate.or(d.rate).unwrap_or(0),
+                helo,
+                timeout,
+            },
+            limit: overrides.limit,
+            dry_run: overrides.dry_run.clone(),
+        })
+    }
+}
+
+/// Expands `${NAME}` from `env`; a missing variable is an error naming it.
+pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> std::result::Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {:?}", crate::db::redact(s)))?;
+        let name = &after[..end];
+        let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
+        out.push_str(&value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+/// Makes a relative `sqlite://file` relative to the campaign file, so cron jobs
+/// started from another directory open the same database.
+fn resolve_sqlite_path(url: &str, base: &Path) -> String {
+    let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) else {
+        return url.to_string();
+    };
+    if rest.starts_with('/') || rest.starts_with(":memory:") || rest.is_empty() {
+        return url.to_string();
+    }
+    format!("sqlite://{}", base.join(rest).display())
+}
+
+/// Parses `smtp://[user@]host[:port]`.
+fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
+    let rest = url
+        .strip_prefix("smtp://")
+        .ok_or_else(|| format!("{url:?}: only smtp://host:port relays are supported"))?;
+    let rest = rest.trim_end_matches('/');
+    let (user, hostport) = match rest.rsplit_once('@') {
+        Some((u, h)) => {
+            if u.contains(':') {
+                return Err("put no password in the URL: set BLAST_SMTP_PASSWORD".into());
+            }
+            (Some(u.to_string()), h)
+        }
+        None => (None, rest),
+    };
+    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+        // [ipv6]:port
+        let (h, p) = h.split_once(']').ok_or_else(|| format!("{url:?}: bad IPv6 literal"))?;
+        (h.to_string(), p.strip_prefix(':').unwrap_or("25"))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), p),
+            None => (hostport.to_string(), "25"),
+        }
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?}: missing host"));
+    }
+    let port = port.parse::<u16>().map_err(|_| format!("{url:?}: bad port {port:?}"))?;
+    Ok(Relay { host, port, user })
+}
+
+/// `Name <a@b>` → `a@b`; a bare address is returned as is.
+pub fn address_part(s: &str) -> &str {
+    match (s.rfind('<'), s.rfind('>')) {
+        (Some(a), Some(b)) if a < b => s[a + 1..b].trim(),
+        _ => s.trim(),
+    }
+}
+
+/// `name` or `schema.name`, letters, digits and `_` only.
+fn is_sql_identifier(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('.').collect();
+    parts.len() <= 2
+        && parts.iter().all(|p| {
+            !p.is_empty()
+                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
+                && !p.as_bytes()[0].is_ascii_digit()
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+name = "t"
+database = "sqlite://t.db"
+[audience]
+table = "subscribers"
+[message]
+from = "News <news@example.com>"
+subject = "Hi {{ name }}"
+text = "t.txt"
+"#;
+
+    fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "Hello").unwrap();
+        Config::parse(text, "c.toml", dir.path(), &Overrides::default(), env)
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() {
+        let c = parse(MINIMAL, &|_| None).unwrap();
+        assert_eq!(c.delivery.concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(c.delivery.relays[0].to_string(), "smtp://127.0.0.1:25");
+        assert_eq!(c.message.envelope_from, "news@example.com");
+        assert!(c.database.ends_with("/t.db") && c.database.starts_with("sqlite:///"));
+    }
+
+    #[test]
+    fn env_vars_expand_and_missing_ones_are_named() {
+        let text = MINIMAL.replace("sqlite://t.db", "postgres://u:${PW}@h/db");
+        let c = parse(&text, &|k| (k == "PW").then(|| "s3cret".into())).unwrap();
+        assert_eq!(c.database, "postgres://u:s3cret@h/db");
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug must hide secrets");
+        let e = parse(&text, &|_| None).unwrap_err().to_string();
+        assert!(e.contains("c.toml") && e.contains("database") && e.contains("PW"), "{e}");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors_naming_the_key() {
+        let e = parse(&format!("{MINIMAL}\n[delivery]\nconcurrensy = 3\n"), &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("concurrensy") && e.contains("c.toml"), "{e}");
+    }
+
+    #[test]
+    fn bad_values_name_their_key() {
+        let cases = [
+            (MINIMAL.replace("table = \"subscribers\"", "table = \"x; drop\""), "audience.table"),
+            (format!("{MINIMAL}\n[delivery]\nconcurrency = 0\n"), "delivery.concurrency"),
+            (format!("{MINIMAL}\n[delivery]\nsmtp = \"http://x\"\n"), "delivery.smtp"),
+            (format!("{MINIMAL}\n[message.headers]\nBcc = \"x\"\n").replace("[message]\n", "[message]\n"), "message.headers.Bcc"),
+            (MINIMAL.replace("text = \"t.txt\"", "text = \"missing.txt\""), "message.text"),
+        ];
+        for (text, key) in cases {
+            let e = parse(&text, &|_| None).unwrap_err().to_string();
+            assert!(e.contains(key), "expected {key} in {e}");
+        }
+    }
+
+    #[test]
+    fn relays_parse() {
+        assert_eq!(parse_relay("smtp://[::1]:2525").unwrap().port, 2525);
+        let r = parse_relay("smtp://bob@mx.example.com:587").unwrap();
+        assert_eq!((r.host.as_str(), r.port, r.user.as_deref()), ("mx.example.com", 587, Some("bob")));
+        assert!(parse_relay("smtp://bob:pw@h").is_err());
+    }
+}

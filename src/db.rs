@@ -1,0 +1,178 @@
+//! Database pools and schema migrations. This is the only module that sees a
+//! connection URL; everything else gets a [`Db`]. Both SQLite (embedded default)
+//! and PostgreSQL go through sqlx's `Any` driver so that queries that are the
+//! same on both are written once; the few that differ ask [`Db::backend`].
+
+use std::borrow::Cow;
+use std::str::FromStr;
+
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
+use sqlx::migrate::{Migration, MigrationType, Migrator};
+use sqlx::{AnyPool, AssertSqlSafe, Executor, SqlSafeStr};
+
+use crate::error::{Error, Result};
+
+/// Which SQL dialect a [`Db`] speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// SQLite, file or memory.
+    Sqlite,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// A connection pool plus the dialect it speaks.
+#[derive(Debug, Clone)]
+pub struct Db {
+    pool: AnyPool,
+    backend: Backend,
+}
+
+/// Migrations embedded in the binary, so an installed `blast` needs no `schema/` folder.
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../schema/sqlite/0001_init.sql"))];
+/// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
+    &[(1, "init", include_str!("../schema/postgres/0001_init.sql"))];
+
+impl Db {
+    /// Connects to `url` (`sqlite://path`, `postgres://...`) and applies pending
+    /// migrations. A SQLite file is created if missing and put in WAL mode so
+    /// readers (status, preview) never block the sender.
+    pub async fn connect(url: &str) -> Result<Db> {
+        sqlx::any::install_default_drivers();
+        let backend = backend_of(url)?;
+        let url = match backend {
+            // Create the file on first use, as an embedded default should.
+            Backend::Sqlite if !url.contains("mode=") && !url.contains(":memory:") => {
+                let sep = if url.contains('?') { '&' } else { '?' };
+                format!("{url}{sep}mode=rwc")
+            }
+            _ => url.to_string(),
+        };
+        let options = AnyConnectOptions::from_str(&url)?;
+        let pool = AnyPoolOptions::new()
+            // SQLite allows one writer at a time; a few connections let the
+            // source read while the ledger writes.
+            .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
+            .after_connect(move |conn, _meta| {
+                Box::pin(async move {
+                    if backend == Backend::Sqlite {
+                        conn.execute(
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; \
+                             PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;",
+                        )
+                        .await?;
+                    }
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await?;
+        let db = Db { pool, backend };
+        db.migrate().await?;
+        Ok(db)
+    }
+
+    /// The pool, for modules that run their own queries.
+    pub fn pool(&self) -> &AnyPool {
+        &self.pool
+    }
+
+    /// The dialect.
+    pub fn backend(&self) -> Backend {
+        self.backend
+    }
+
+    /// Applies the embedded migrations for this backend.
+    async fn migrate(&self) -> Result<()> {
+        let source = match self.backend {
+            Backend::Sqlite => SQLITE_MIGRATIONS,
+            Backend::Postgres => POSTGRES_MIGRATIONS,
+        };
+        let migrations = source
+            .iter()
+            .map(|&(version, description, sql)| {
+                Migration::new(
+                    version,
+                    Cow::Borrowed(description),
+                    MigrationType::Simple,
+                    AssertSqlSafe(sql).into_sql_str(),
+                    false,
+                )
+            })
+            .collect();
+        let mut migrator = Migrator::with_migrations(migrations);
+        migrator.dangerous_set_table_name("blast_schema_migrations");
+        migrator.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool, waiting for connections to be returned.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+/// Tells the dialect from the URL scheme, with a clear error for anything else.
+fn backend_of(url: &str) -> Result<Backend> {
+    if url.starts_with("sqlite:") {
+        Ok(Backend::Sqlite)
+    } else if url.starts_with("postgres:") || url.starts_with("postgresql:") {
+        Ok(Backend::Postgres)
+    } else {
+        Err(Error::config(
+            "<database>",
+            "database",
+            format!(
+                "unsupported URL {:?}: use sqlite://FILE or postgres://USER@HOST/DB",
+                redact(url)
+            ),
+        ))
+    }
+}
+
+/// A URL with its password replaced by `***`, for messages and logs.
+pub fn redact(url: &str) -> String {
+    // scheme://user:password@host -> scheme://user:***@host
+    if let Some((scheme, rest)) = url.split_once("://") {
+        if let Some((userinfo, host)) = rest.split_once('@') {
+            if let Some((user, _)) = userinfo.split_once(':') {
+                return format!("{scheme}://{user}:***@{host}");
+            }
+        }
+    }
+    url.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+    }
+
+    #[test]
+    fn rejects_unknown_schemes() {
+        let err = backend_of("mysql://x").unwrap_err().to_string();
+        assert!(err.contains("unsupported URL"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn migrates_a_fresh_sqlite_file_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let db = Db::connect(&url).await.unwrap();
+        db.close().await;
+        // Re-running migrations on an up-to-date database is a no-op.
+        let db = Db::connect(&url).await.unwrap();
+        let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blast_campaigns")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        assert_eq!(n, 0);
+    }
+}

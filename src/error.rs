@@ -1,0 +1,81 @@
+//! The crate's error type. Library code returns [`Result`]; only `main.rs`
+//! converts to `anyhow` for printing. A failure that concerns one recipient is
+//! not an [`Error`]: it is an [`Outcome`](crate::transport::Outcome) recorded in
+//! the ledger, and the campaign goes on.
+
+use std::path::PathBuf;
+
+/// Everything that can stop a blast command.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The campaign file or a flag is invalid; names the file and the key.
+    #[error("{file}: {key}: {message}")]
+    Config {
+        /// The file the bad value came from (or `<command line>`).
+        file: String,
+        /// The dotted key, e.g. `delivery.concurrency`.
+        key: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A template failed to compile; the message carries file, line and reason.
+    #[error("template {name}: {message}")]
+    Template {
+        /// The template file (or `message.subject` for inline templates).
+        name: String,
+        /// Tera's report, including the line.
+        message: String,
+    },
+    /// A file could not be read or written.
+    #[error("{}: {source}", path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database refused a query or could not be reached.
+    #[error("database: {0}")]
+    Db(#[from] sqlx::Error),
+    /// The schema could not be brought up to date.
+    #[error("database migration: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The audience query does not return what blast needs.
+    #[error("audience: {0}")]
+    Audience(String),
+    /// No SMTP relay could be reached when the campaign started.
+    #[error("SMTP relay {relay} unreachable: {message}")]
+    Unreachable {
+        /// The relay URL.
+        relay: String,
+        /// The connection error.
+        message: String,
+    },
+    /// A campaign name was not found in the ledger.
+    #[error("no campaign named {0:?} in this database")]
+    UnknownCampaign(String),
+    /// A CSV file could not be read at all (not a per-row problem).
+    #[error("{file}: {message}")]
+    Csv {
+        /// The CSV file.
+        file: String,
+        /// Why it cannot be imported.
+        message: String,
+    },
+}
+
+impl Error {
+    /// Shorthand for a [`Error::Config`] error.
+    pub fn config(file: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
+        Error::Config { file: file.into(), key: key.into(), message: message.into() }
+    }
+
+    /// Shorthand for an [`Error::Io`] error.
+    pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
+        Error::Io { path: path.into(), source }
+    }
+}
+
+/// The crate's result type.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -1,0 +1,285 @@
+//! The ledger: the only writer of delivery status. It never sends and never
+//! renders. Runner events arrive as [`Record`]s over a bounded channel and
+//! [`write_loop`] stores them in batches (every [`FLUSH_EVERY`] or
+//! [`FLUSH_ROWS`] records, whichever comes first).
+//!
+//! # States and the guarantee
+//! A recipient's row goes `queued → sending → sent | deferred | failed`. This
+//! version writes a row only once the MTA has answered (or blast itself has
+//! refused the message: bad address, render error), so rows are only ever
+//! `sent`, `deferred` or `failed`; `queued` and `sending` are reserved for the
+//! crash-window bookkeeping of a later release and are treated as *not final*.
+//! `sent` and `failed` are final: a re-run skips those recipients. Everything
+//! else (no row, `deferred`, and any row left in `sending`) is sent again by
+//! the next run. Nothing is recorded at fetch time, so a crash can never make
+//! blast skip a recipient; it can only re-send the messages the MTA accepted
+//! in the last unflushed batch.
+
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use sqlx::{AssertSqlSafe, Row};
+use tokio::sync::mpsc;
+
+use crate::clock;
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::transport::Outcome;
+
+/// Flush at least this often.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// ... or when this many records are waiting.
+pub const FLUSH_ROWS: usize = 1000;
+
+/// One recipient's outcome, on its way to the database.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    /// Audience row id.
+    pub recipient_id: i64,
+    /// Address as in the audience.
+    pub email: String,
+    /// What happened.
+    pub outcome: Outcome,
+    /// Which relay answered (None for local failures).
+    pub relay: Option<String>,
+}
+
+/// Where records are stored.
+pub trait Ledger: Send + 'static {
+    /// Stores a batch atomically (all or nothing).
+    fn record(&mut self, batch: &[Record]) -> impl Future<Output = Result<()>> + Send;
+}
+
+/// A campaign's row in `blast_campaigns`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignRow {
+    /// Ledger id.
+    pub id: i64,
+    /// Unique name.
+    pub name: String,
+    /// `running`, `stopped`, `finished`.
+    pub state: String,
+    /// Highest audience id included, fixed at the first run.
+    pub max_recipient_id: i64,
+}
+
+/// Finds campaign `name`, or creates it with `max_id` (computed by the caller
+/// on first run only: `max_id` is awaited only when the row is new).
+pub async fn open_campaign<F>(db: &Db, name: &str, max_id: F) -> Result<CampaignRow>
+where
+    F: Future<Output = Result<i64>>,
+{
+    if let Some(row) = find_campaign(db, name).await? {
+        return Ok(row);
+    }
+    let max = max_id.await?;
+    let now = clock::db_timestamp(clock::now());
+    sqlx::query(
+        "INSERT INTO blast_campaigns (name, state, max_recipient_id, created_at, updated_at) \
+         VALUES ($1, 'new', $2, $3, $3) ON CONFLICT (name) DO NOTHING",
+    )
+    .bind(name)
+    .bind(max)
+    .bind(&now)
+    .execute(db.pool())
+    .await?;
+    find_campaign(db, name).await?.ok_or_else(|| Error::UnknownCampaign(name.to_string()))
+}
+
+/// Looks a campaign up by name.
+pub async fn find_campaign(db: &Db, name: &str) -> Result<Option<CampaignRow>> {
+    let row = sqlx::query("SELECT id, name, state, max_recipient_id FROM blast_campaigns WHERE name = $1")
+        .bind(name)
+        .fetch_optional(db.pool())
+        .await?;
+    Ok(match row {
+        Some(r) => Some(CampaignRow {
+            id: r.try_get("id")?,
+            name: r.try_get("name")?,
+            state: r.try_get("state")?,
+            max_recipient_id: r.try_get("max_recipient_id")?,
+        }),
+        None => None,
+    })
+}
+
+/// Records the campaign's run state.
+pub async fn set_state(db: &Db, campaign_id: i64, state: &str) -> Result<()> {
+    sqlx::query("UPDATE blast_campaigns SET state = $1, updated_at = $2 WHERE id = $3")
+        .bind(state)
+        .bind(clock::db_timestamp(clock::now()))
+        .bind(campaign_id)
+        .execute(db.pool())
+        .await?;
+    Ok(())
+}
+
+/// Counts per status for `blast status`.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct StatusCounts {
+    /// Campaign name.
+    pub campaign: String,
+    /// Run state.
+    pub state: String,
+    /// Recipients accepted by the MTA.
+    pub sent: i64,
+    /// Recipients refused for good.
+    pub failed: i64,
+    /// Recipients temporarily refused (sent again by the next run).
+    pub deferred: i64,
+    /// Audience rows (up to the campaign's max id) without a final outcome.
+    pub pending: i64,
+}
+
+/// Counts per outcome for campaign `row`; `pending` comes from the caller.
+pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<StatusCounts> {
+    let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM blast_deliveries WHERE campaign_id = $1 GROUP BY status")
+        .bind(row.id)
+        .fetch_all(db.pool())
+        .await?;
+    let mut c = StatusCounts { campaign: row.name.clone(), state: row.state.clone(), pending, ..Default::default() };
+    for r in rows {
+        let status: String = r.try_get("status")?;
+        let n: i64 = r.try_get("n")?;
+        match status.as_str() {
+            "sent" => c.sent += n,
+            "failed" => c.failed += n,
+            "deferred" => c.deferred += n,
+            _ => {}
+        }
+    }
+    Ok(c)
+}
+
+/// The SQL ledger for one campaign.
+#[derive(Debug, Clone)]
+pub struct SqlLedger {
+    db: Db,
+    campaign_id: i64,
+}
+
+impl SqlLedger {
+    /// A ledger writing into `blast_deliveries` for `campaign_id`.
+    pub fn new(db: Db, campaign_id: i64) -> SqlLedger {
+        SqlLedger { db, campaign_id }
+    }
+
+    async fn write(&mut self, batch: &[Record]) -> Result<()> {
+        const COLS: usize = 10;
+        let now = clock::db_timestamp(clock::now());
+        let mut tx = self.db.pool().begin().await?;
+        // 10 parameters per row keeps a 1000-row chunk under SQLite's limit.
+        for chunk in batch.chunks(FLUSH_ROWS) {
+            let mut sql = String::from(
+                "INSERT INTO blast_deliveries (campaign_id, recipient_id, email, status, smtp_code, \
+                 enhanced_status, reply, queue_id, relay, updated_at) VALUES ",
+            );
+            for i in 0..chunk.len() {
+                if i > 0 {
+                    sql.push(',');
+                }
+                sql.push('(');
+                for c in 0..COLS {
+                    if c > 0 {
+                        sql.push(',');
+                    }
+                    sql.push_str(&format!("${}", i * COLS + c + 1));
+                }
+                sql.push(')');
+            }
+            sql.push_str(
+                " ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET status = excluded.status, \
+                 smtp_code = excluded.smtp_code, enhanced_status = excluded.enhanced_status, \
+                 reply = excluded.reply, queue_id = excluded.queue_id, relay = excluded.relay, \
+                 attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at",
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                let reply = r.outcome.reply();
+                let queue_id = match &r.outcome {
+                    Outcome::Sent { queue_id, .. } => queue_id.clone(),
+                    _ => None,
+                };
+                q = q
+                    .bind(self.campaign_id)
+                    .bind(r.recipient_id)
+                    .bind(r.email.clone())
+                    .bind(r.outcome.status())
+                    .bind(reply.code.map(i32::from))
+                    .bind(reply.enhanced.clone())
+                    .bind(reply.text.clone())
+                    .bind(queue_id)
+                    .bind(r.relay.clone())
+                    .bind(now.clone());
+            }
+            q.execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+}
+
+impl Ledger for SqlLedger {
+    fn record(&mut self, batch: &[Record]) -> impl Future<Output = Result<()>> + Send {
+        self.write(batch)
+    }
+}
+
+/// An in-memory ledger, for `--dry-run` (which must not mark anyone as sent)
+/// and for tests.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryLedger {
+    records: Arc<Mutex<Vec<Record>>>,
+}
+
+impl MemoryLedger {
+    /// An empty ledger.
+    pub fn new() -> MemoryLedger {
+        MemoryLedger::default()
+    }
+
+    /// Everything recorded so far.
+    pub fn records(&self) -> Vec<Record> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+impl Ledger for MemoryLedger {
+    async fn record(&mut self, batch: &[Record]) -> Result<()> {
+        self.records.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(batch);
+        Ok(())
+    }
+}
+
+/// Drains `rx` into `ledger` in batches until every sender is gone, then
+/// flushes what is left. Returns the first write error (after which the
+/// runner stops the campaign: it must not send what it cannot record).
+pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>) -> Result<u64> {
+    let mut batch = Vec::with_capacity(FLUSH_ROWS);
+    let mut written = 0u64;
+    loop {
+        // Wait for the first record of a batch without a deadline...
+        match rx.recv().await {
+            Some(r) => batch.push(r),
+            None => break,
+        }
+        // ...then collect more until the batch is full or FLUSH_EVERY passed.
+        let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
+        while batch.len() < FLUSH_ROWS {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(r)) => batch.push(r),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        ledger.record(&batch).await?;
+        written += batch.len() as u64;
+        batch.clear();
+    }
+    if !batch.is_empty() {
+        ledger.record(&batch).await?;
+        written += batch.len() as u64;
+    }
+    Ok(written)
+}

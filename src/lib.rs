@@ -1,0 +1,41 @@
+//! blast: a mass-mail engine. It reads recipients from SQL, renders one
+//! personalized message each from Tera templates, and injects them into a
+//! local MTA over N parallel SMTP connections, recording every answer.
+//!
+//! # Layout
+//! The modules follow the data flow:
+//! `source → render → bounded channel → N injectors (transport) → ledger`.
+//!
+//! - [`cli`]: clap types; no I/O.
+//! - [`config`]: campaign file + env + flags → validated [`config::Config`].
+//! - [`db`]: pools and migrations; the only code that sees connection URLs.
+//! - [`source`]: keyset-paginated audience rows; read-only SQL.
+//! - [`render`]: compiled templates → finished messages; pure.
+//! - [`transport`]: the `Transport` trait with SMTP, stub and file implementations.
+//! - [`ledger`]: the sole writer of delivery status.
+//! - [`campaign`]: the runner that connects the pipeline.
+//! - [`commands`]: each subcommand's orchestration, callable from tests.
+//! - [`import`]: CSV → `subscribers`.
+//! - [`progress`]: the operator's view.
+//! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
+//! - [`clock`], [`error`]: the time seam and the error type.
+
+#![forbid(unsafe_code)]
+#![deny(unreachable_pub, rust_2018_idioms)]
+
+pub mod campaign;
+pub mod cli;
+pub mod clock;
+pub mod commands;
+pub mod config;
+pub mod db;
+pub mod error;
+// pub mod import;
+pub mod ledger;
+pub mod progress;
+pub mod render;
+// pub mod sink;
+pub mod source;
+pub mod transport;
+
+pub use error::{Error, Result};

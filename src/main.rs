@@ -1,0 +1,127 @@
+//! The `blast` binary: parse the command line, start logging, call `run`, map
+//! the result to an exit code. No logic lives here.
+//!
+//! Exit codes: 0 every recipient accepted, 1 some failed or were deferred (or
+//! the run was interrupted), 2 fatal error.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use blast::cli::{Cli, Command, SendArgs};
+use blast::config::{Config, Overrides};
+use blast::progress::Mode;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLAST_LOG").unwrap_or_else(|_| "warn,blast=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blast: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("blast: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs one subcommand; `Ok` carries the exit code for non-fatal endings.
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Send(args) => send(args).await,
+        Command::Preview(args) => {
+            let cfg = load(&args.campaign.campaign, Overrides { database: args.campaign.database, ..Default::default() })?;
+            let bytes = blast::commands::preview(&cfg, args.id).await?;
+            use std::io::Write;
+            std::io::stdout().write_all(&bytes).context("writing to stdout")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status(args) => {
+            let cfg = load(&args.campaign.campaign, Overrides { database: args.campaign.database, ..Default::default() })?;
+            let c = blast::commands::status(&cfg).await?;
+            if args.json {
+                println!("{}", serde_json::to_string(&c)?);
+            } else {
+                println!(
+                    "campaign {}: {}\n  sent      {}\n  failed    {}\n  deferred  {}\n  pending   {}",
+                    c.campaign, c.state, c.sent, c.failed, c.deferred, c.pending
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Import(_args) => anyhow::bail!("import: not wired yet"),
+        Command::Sink(_args) => anyhow::bail!("sink: not wired yet"),
+    }
+}
+
+fn load(path: &std::path::Path, overrides: Overrides) -> anyhow::Result<Config> {
+    Ok(Config::load(path, &overrides)?)
+}
+
+async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        database: args.campaign.database,
+        smtp: args.smtp,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        limit: args.limit,
+        dry_run: args.dry_run,
+    };
+    let cfg = load(&args.campaign.campaign, overrides)?;
+    let mode = match args.progress.as_str() {
+        "plain" => Mode::Plain,
+        "none" => Mode::Quiet,
+        _ => Mode::Auto,
+    };
+    let summary = blast::commands::send(&cfg, mode, shutdown_signal()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!(
+            "blast: {}: sent {} failed {} deferred {} in {:.1}s ({:.0} msg/s){}",
+            summary.campaign,
+            summary.sent,
+            summary.failed,
+            summary.deferred,
+            summary.seconds,
+            summary.rate,
+            if summary.interrupted { " - stopped before the end; run again to continue" } else { "" }
+        );
+    }
+    Ok(if summary.all_accepted() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(_) => {
+                let _ = ctrl_c.await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    eprintln!("blast: stopping: finishing in-flight messages and flushing the ledger");
+}

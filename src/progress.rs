@@ -1,0 +1,117 @@
+//! What the operator sees while a campaign runs: an indicatif bar on a
+//! terminal, a plain log line every few seconds otherwise (cron, systemd).
+//! It only reads the runner's [`Stats`]; it is not on the send path.
+
+use std::io::IsTerminal;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::campaign::Stats;
+
+/// Interval between plain progress lines when not on a terminal.
+pub const PLAIN_EVERY: Duration = Duration::from_secs(5);
+
+/// How to show progress.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// A bar if stderr is a terminal, plain lines otherwise.
+    Auto,
+    /// Plain lines.
+    Plain,
+    /// Nothing (tests, `--json` without a terminal still gets the summary).
+    Quiet,
+}
+
+/// A running progress display.
+pub struct Progress {
+    stop: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+impl Progress {
+    /// Starts showing `stats` for campaign `name`.
+    pub fn start(name: &str, stats: Arc<Stats>, mode: Mode) -> Progress {
+        let stop = CancellationToken::new();
+        let bar = mode == Mode::Auto && std::io::stderr().is_terminal();
+        let task = match mode {
+            Mode::Quiet => tokio::spawn(async {}),
+            _ if bar => tokio::spawn(show_bar(name.to_string(), stats, stop.clone())),
+            _ => tokio::spawn(show_lines(name.to_string(), stats, stop.clone())),
+        };
+        Progress { stop, task }
+    }
+
+    /// Stops the display (the bar is cleared; the caller prints the summary).
+    pub async fn finish(self) {
+        self.stop.cancel();
+        let _ = self.task.await;
+    }
+}
+
+/// One status line's numbers.
+fn counts(stats: &Stats) -> (u64, u64, u64, u64) {
+    (
+        stats.sent.load(Ordering::Relaxed),
+        stats.failed.load(Ordering::Relaxed),
+        stats.deferred.load(Ordering::Relaxed),
+        stats.retries.load(Ordering::Relaxed),
+    )
+}
+
+async fn show_bar(name: String, stats: Arc<Stats>, stop: CancellationToken) {
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr_with_hz(5));
+    let style = ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {wide_bar:.cyan/blue} {pos}/{len} {per_sec} ETA {eta} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar());
+    bar.set_style(style.progress_chars("=> "));
+    bar.set_prefix(name);
+    loop {
+        let total = stats.total.load(Ordering::Relaxed);
+        if total > 0 && bar.length() != Some(total) {
+            bar.set_length(total);
+        }
+        let (sent, failed, deferred, retries) = counts(&stats);
+        bar.set_position(sent + failed + deferred);
+        let mut msg = format!("sent {sent} failed {failed} deferred {deferred}");
+        if retries > 0 {
+            msg.push_str(&format!(" reconnects {retries}"));
+        }
+        bar.set_message(msg);
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+        }
+    }
+    bar.finish_and_clear();
+}
+
+async fn show_lines(name: String, stats: Arc<Stats>, stop: CancellationToken) {
+    let start = Instant::now();
+    let mut last = (Instant::now(), 0u64);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(PLAIN_EVERY) => {}
+        }
+        let (sent, failed, deferred, retries) = counts(&stats);
+        let done = sent + failed + deferred;
+        let rate = (done - last.1) as f64 / last.0.elapsed().as_secs_f64().max(1e-9);
+        last = (Instant::now(), done);
+        let total = stats.total.load(Ordering::Relaxed);
+        let eta = if total > done && rate > 0.0 {
+            format!(" eta {}s", ((total - done) as f64 / rate).round())
+        } else {
+            String::new()
+        };
+        eprintln!(
+            "blast: {name}: {done}/{total} sent={sent} failed={failed} deferred={deferred} reconnects={retries} rate={rate:.0}/s elapsed={}s{eta}",
+            start.elapsed().as_secs()
+        );
+    }
+}

@@ -1,0 +1,359 @@
+//! Templates → one finished message per recipient. Templates are compiled once
+//! per campaign ([`Renderer::compile`]); [`Renderer::render`] is pure, sync and
+//! cheap, with no database or network. Subscriber data is untrusted: it is only
+//! ever a template *value* (never template source), HTML parts auto-escape it,
+//! and every header value is flattened to one line before MIME encoding so a
+//! CR/LF in a name can never start a new header.
+
+use std::borrow::Cow;
+
+use mail_builder::headers::address::Address;
+use mail_builder::headers::date::Date;
+use mail_builder::headers::text::Text;
+use mail_builder::MessageBuilder;
+use serde_json::{Map, Value};
+use tera::{Context, Tera};
+
+use crate::config::{address_part, MessageConfig};
+use crate::error::{Error, Result};
+use crate::source::Recipient;
+use crate::transport::Envelope;
+
+const SUBJECT: &str = "message.subject";
+const TO_NAME: &str = "message.to_name";
+const ENVELOPE_FROM: &str = "delivery.envelope_from";
+
+/// A message ready for a transport.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    /// Envelope (bounce address and the one recipient).
+    pub envelope: Envelope,
+    /// The recipient's address as it appears in the audience (for the ledger).
+    pub email: String,
+    /// The complete RFC 5322 message.
+    pub bytes: Vec<u8>,
+}
+
+/// Why one recipient's message could not be built. Recorded as that
+/// recipient's failure; the campaign continues.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RenderError {
+    /// The recipient's address is unusable (no SMTP round trip is attempted).
+    #[error("invalid address {address:?}: {reason}")]
+    InvalidAddress {
+        /// The address as found.
+        address: String,
+        /// Why it is rejected.
+        reason: String,
+    },
+    /// A template failed for this recipient (e.g. a missing variable).
+    #[error("template {template}: {message}")]
+    Template {
+        /// Which template.
+        template: String,
+        /// Tera's message.
+        message: String,
+    },
+    /// The rendered envelope sender is not an address.
+    #[error("envelope_from rendered to {0:?}, which is not an address")]
+    EnvelopeFrom(String),
+}
+
+/// Identity used to build stable Message-IDs.
+#[derive(Debug, Clone, Default)]
+pub struct Identity {
+    /// Campaign name (for `X-Blast-Campaign`).
+    pub campaign: String,
+    /// The campaign's ledger id (0 in previews of a campaign never run).
+    pub campaign_id: i64,
+}
+
+/// A campaign's compiled templates and fixed headers.
+pub struct Renderer {
+    tera: Tera,
+    text: Option<String>,
+    html: Option<String>,
+    headers: Vec<(String, String)>,
+    from_name: Option<String>,
+    from_addr: String,
+    reply_to: Option<String>,
+    has_to_name: bool,
+    identity: Identity,
+    msgid_domain: String,
+}
+
+impl Renderer {
+    /// Compiles every template of `message`; any syntax error aborts here,
+    /// before the first message, naming the file and line.
+    pub fn compile(message: &MessageConfig, vars: &Map<String, Value>, identity: Identity) -> Result<Renderer> {
+        let mut tera = Tera::new();
+        // Autoescape exactly the HTML template (whatever its file suffix).
+        let html_name = message.html.as_ref().map(|t| format!("{} (html)", t.name));
+        tera.autoescape_on(html_name.clone().into_iter().collect::<Vec<_>>());
+        let mut add = |name: &str, body: &str| {
+            tera.add_raw_template(name, body).map_err(|e| Error::Template {
+                name: name.to_string(),
+                message: e.to_string(),
+            })
+        };
+        add(SUBJECT, &message.subject)?;
+        add(ENVELOPE_FROM, &message.envelope_from)?;
+        if let Some(t) = &message.to_name {
+            add(TO_NAME, t)?;
+        }
+        let text = match &message.text {
+            Some(t) => {
+                add(&t.name, &t.body)?;
+                Some(t.name.clone())
+            }
+            None => None,
+        };
+        if let (Some(t), Some(name)) = (&message.html, &html_name) {
+            add(name, &t.body)?;
+        }
+        let mut headers = Vec::new();
+        for (h, v) in &message.headers {
+            let name = format!("message.headers.{h}");
+            add(&name, v)?;
+            headers.push((h.clone(), name));
+        }
+        let global = tera.global_context();
+        for (k, v) in vars {
+            global.insert(k.clone(), v);
+        }
+        global.insert("campaign", &identity.campaign);
+
+        let from_addr = address_part(&message.from).to_string();
+        let from_addr = ascii_address(&from_addr).map_err(|reason| {
+            Error::config("<campaign>", "message.from", format!("{from_addr:?}: {reason}"))
+        })?;
+        let from_name = display_name(&message.from);
+        let msgid_domain = from_addr.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default();
+        Ok(Renderer {
+            tera,
+            text,
+            html: html_name,
+            headers,
+            from_name,
+            from_addr,
+            reply_to: message.reply_to.clone(),
+            has_to_name: message.to_name.is_some(),
+            identity,
+            msgid_domain,
+        })
+    }
+
+    /// Sets the ledger id used in Message-IDs once the campaign row exists.
+    pub fn set_campaign_id(&mut self, id: i64) {
+        self.identity.campaign_id = id;
+    }
+
+    /// Builds `recipient`'s message.
+    pub fn render(&self, recipient: &Recipient, now: time::OffsetDateTime) -> std::result::Result<Outgoing, RenderError> {
+        let rcpt = ascii_address(&recipient.email).map_err(|reason| RenderError::InvalidAddress {
+            address: recipient.email.clone(),
+            reason,
+        })?;
+        let mut ctx = Context::new();
+        for (k, v) in &recipient.vars {
+            ctx.insert(k.clone(), v);
+        }
+        ctx.insert("id", &recipient.id);
+        ctx.insert("email", &recipient.email);
+
+        let render = |name: &str| {
+            self.tera.render(name, &ctx).map_err(|e| RenderError::Template {
+                template: name.to_string(),
+                message: e.to_string(),
+            })
+        };
+        let subject = one_line(&render(SUBJECT)?);
+        let envelope_from = one_line(&render(ENVELOPE_FROM)?);
+        let envelope_from = ascii_address(&envelope_from).map_err(|_| RenderError::EnvelopeFrom(envelope_from))?;
+        let to_name = if self.has_to_name { Some(one_line(&render(TO_NAME)?)) } else { None };
+
+        let message_id = format!("{}.{}.{}@{}", self.identity.campaign_id, recipient.id, now.unix_timestamp(), self.msgid_domain);
+        let from = Address::new_address(self.from_name.as_deref().map(Cow::Borrowed), Cow::Borrowed(self.from_addr.as_str()));
+        let to = Address::new_address(to_name.filter(|n| !n.is_empty()).map(Cow::Owned), Cow::Borrowed(rcpt.as_str()));
+        let mut b = MessageBuilder::new()
+            .from(from)
+            .to(to)
+            .subject(subject)
+            .date(Date::new(now.unix_timestamp()))
+            .message_id(message_id)
+            .header("X-Blast-Campaign", Text::new(self.identity.campaign.as_str()))
+            .header("X-Blast-Recipient", Text::new(recipient.id.to_string()));
+        if let Some(r) = &self.reply_to {
+            b = b.reply_to(Address::new_address(display_name(r).map(Cow::Owned), Cow::Borrowed(address_part(r))));
+        }
+        for (h, tpl) in &self.headers {
+            b = b.header(h.as_str(), Text::new(one_line(&render(tpl)?)));
+        }
+        if let Some(t) = &self.text {
+            b = b.text_body(render(t)?);
+        }
+        if let Some(h) = &self.html {
+            b = b.html_body(render(h)?);
+        }
+        // Writing into a Vec cannot fail.
+        let bytes = b.write_to_vec().unwrap_or_default();
+        Ok(Outgoing {
+            envelope: Envelope { recipient_id: recipient.id, from: envelope_from, to: rcpt },
+            email: recipient.email.clone(),
+            bytes,
+        })
+    }
+}
+
+/// Flattens a rendered header value to one line: CR, LF, tabs and other
+/// control characters become single spaces. This is what stops `"Bob\r\nBcc:
+/// x"` in a subscriber's name from adding a header.
+pub fn one_line(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    let mut space = false;
+    for c in s.trim().chars() {
+        if c.is_control() || c.is_whitespace() {
+            space = true;
+        } else {
+            if space && !out.is_empty() {
+                out.push(' ');
+            }
+            space = false;
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// `"Name" <a@b>` → `Name`; `a@b` → None.
+fn display_name(s: &str) -> Option<String> {
+    let lt = s.rfind('<')?;
+    let name = one_line(s[..lt].trim().trim_matches('"'));
+    (!name.is_empty()).then_some(name)
+}
+
+/// Validates an address for the SMTP envelope and returns its ASCII form:
+/// IDN domains become punycode (`bücher.example` → `xn--bcher-kva.example`).
+/// A non-ASCII local part would need SMTPUTF8 and is refused.
+pub fn ascii_address(s: &str) -> std::result::Result<String, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("empty".into());
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>') {
+        return Err("contains spaces, control characters or angle brackets".into());
+    }
+    let (local, domain) = s.rsplit_once('@').ok_or("no @")?;
+    if !local.is_ascii() {
+        return Err("non-ASCII local part needs SMTPUTF8, which blast does not send".into());
+    }
+    let domain = idna::domain_to_ascii(domain).map_err(|_| format!("bad domain {domain:?}"))?;
+    let addr = lettre::Address::new(local, &domain).map_err(|e| e.to_string())?;
+    let addr = addr.to_string();
+    if addr.len() > 254 {
+        return Err("longer than 254 characters".into());
+    }
+    Ok(addr)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::TemplateSource;
+
+    fn message(subject: &str, text: Option<&str>, html: Option<&str>) -> MessageConfig {
+        MessageConfig {
+            from: "Blast News <news@example.com>".into(),
+            reply_to: None,
+            to_name: Some("{{ name }}".into()),
+            subject: subject.into(),
+            text: text.map(|b| TemplateSource { name: "t.txt".into(), body: b.into() }),
+            html: html.map(|b| TemplateSource { name: "t.html".into(), body: b.into() }),
+            headers: vec![("X-Tag".into(), "tag-{{ id }}".into())],
+            envelope_from: "bounces+{{ id }}@example.com".into(),
+        }
+    }
+
+    fn recipient(id: i64, email: &str, name: &str) -> Recipient {
+        let mut vars = Map::new();
+        vars.insert("name".into(), Value::String(name.into()));
+        Recipient { id, email: email.into(), vars }
+    }
+
+    fn render(m: &MessageConfig, r: &Recipient) -> std::result::Result<Outgoing, RenderError> {
+        let vars = Map::new();
+        Renderer::compile(m, &vars, Identity { campaign: "c".into(), campaign_id: 1 })
+            .unwrap()
+            .render(r, crate::clock::now())
+    }
+
+    fn headers(bytes: &[u8]) -> String {
+        let s = String::from_utf8_lossy(bytes);
+        s.split("\r\n\r\n").next().unwrap().to_string()
+    }
+
+    #[test]
+    fn hostile_names_cannot_add_headers() {
+        let m = message("Hi {{ name }}", Some("Hello {{ name }}"), None);
+        let r = recipient(7, "a@example.com", "Eve\r\nBcc: victim@example.com\r\n\r\nbody");
+        let out = render(&m, &r).unwrap();
+        let h = headers(&out.bytes);
+        for line in h.split("\r\n") {
+            assert!(!line.to_ascii_lowercase().starts_with("bcc:"), "header injected: {h}");
+        }
+        assert_eq!(out.envelope.to, "a@example.com");
+        assert_eq!(out.envelope.from, "bounces+7@example.com");
+        assert!(h.contains("X-Tag: tag-7"), "{h}");
+    }
+
+    #[test]
+    fn template_syntax_in_data_is_printed_not_run() {
+        let m = message("Hi", Some("Hello {{ name }}"), None);
+        let out = render(&m, &recipient(1, "a@example.com", "{{ 7 * 6 }}{% raw %}")).unwrap();
+        let body = String::from_utf8_lossy(&out.bytes);
+        assert!(body.contains("{{ 7 * 6 }}{% raw %}"), "{body}");
+        assert!(!body.contains("42"));
+    }
+
+    #[test]
+    fn html_escapes_and_both_parts_make_alternative() {
+        let m = message("Hi", Some("Hi {{ name }}"), Some("<p>Hi {{ name }}</p>"));
+        let out = render(&m, &recipient(1, "a@example.com", "<script>x</script>")).unwrap();
+        let s = String::from_utf8_lossy(&out.bytes);
+        assert!(s.contains("multipart/alternative"), "{s}");
+        assert!(s.contains("&lt;script&gt;"), "{s}");
+        assert!(!s.contains("<p>Hi <script>"), "{s}");
+    }
+
+    #[test]
+    fn non_ascii_subjects_and_idn_domains() {
+        let m = message("Grüße, {{ name }}", Some("x"), None);
+        let out = render(&m, &recipient(1, "jose@bücher.example", "José")).unwrap();
+        assert_eq!(out.envelope.to, "jose@xn--bcher-kva.example");
+        let h = headers(&out.bytes);
+        assert!(h.is_ascii(), "headers must be 7-bit: {h}");
+        assert!(h.contains("Subject: =?utf-8?"), "{h}");
+    }
+
+    #[test]
+    fn missing_variable_is_a_per_recipient_error() {
+        let m = message("Hi {{ nickname }}", Some("x"), None);
+        let err = render(&m, &recipient(1, "a@example.com", "A")).unwrap_err();
+        assert!(matches!(err, RenderError::Template { .. }), "{err}");
+        assert!(err.to_string().contains("nickname"), "{err}");
+    }
+
+    #[test]
+    fn bad_addresses_are_rejected_before_smtp() {
+        for bad in ["", "no-at", "a b@example.com", "a@", "josé@example.com", "a@exa\r\nmple.com"] {
+            assert!(ascii_address(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    #[test]
+    fn syntax_errors_name_template_and_line() {
+        let m = message("Hi", Some("line one\n{% if %}\n"), None);
+        let err = Renderer::compile(&m, &Map::new(), Identity::default()).err().unwrap().to_string();
+        assert!(err.contains("t.txt") && err.contains('2'), "{err}");
+    }
+}

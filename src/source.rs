@@ -1,0 +1,215 @@
+//! The audience: streams recipient rows in id order by keyset pagination
+//! (`id > last AND id <= max_id ORDER BY id LIMIT batch`), skipping recipients
+//! that already have a final outcome in the ledger. Read-only SQL; knows
+//! nothing of templates or SMTP. Memory is one page, whatever the audience size.
+
+use std::future::Future;
+
+use serde_json::{Map, Value};
+use sqlx::any::AnyRow;
+use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
+
+use crate::config::Audience;
+use crate::db::{Backend, Db};
+use crate::error::{Error, Result};
+
+/// One row of the audience.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Recipient {
+    /// Unique, stable integer id (the ledger key).
+    pub id: i64,
+    /// Address as stored (validated at render time).
+    pub email: String,
+    /// Every other column, as template variables. JSON columns are nested
+    /// values, and the keys of an `attributes` JSON object are lifted to the
+    /// top level (a real column of the same name wins).
+    pub vars: Map<String, Value>,
+}
+
+/// Something that yields recipients page by page; an empty page means done.
+pub trait Source: Send + 'static {
+    /// The next page, in ascending id order.
+    fn next_page(&mut self) -> impl Future<Output = Result<Vec<Recipient>>> + Send;
+}
+
+/// Ledger statuses that end a recipient's campaign (never sent again).
+pub const FINAL_STATUSES: &str = "'sent', 'failed'";
+
+/// Reads the audience from SQL.
+#[derive(Debug)]
+pub struct SqlSource {
+    db: Db,
+    page_sql: String,
+    campaign_id: i64,
+    last_id: i64,
+    max_id: i64,
+    batch: i64,
+    remaining: Option<u64>,
+}
+
+impl SqlSource {
+    /// A source for `audience`, limited to ids `<= max_id` (fixed when the
+    /// campaign first started) and to recipients without a final outcome in
+    /// campaign `campaign_id`. `limit` caps how many are yielded.
+    pub fn new(db: Db, audience: &Audience, campaign_id: i64, max_id: i64, batch: usize, limit: Option<u64>) -> SqlSource {
+        let page_sql = page_sql(db.backend(), audience);
+        SqlSource { db, page_sql, campaign_id, last_id: i64::MIN, max_id, batch: batch as i64, remaining: limit }
+    }
+
+    async fn fetch(&mut self) -> Result<Vec<Recipient>> {
+        let mut limit = self.batch;
+        if let Some(r) = self.remaining {
+            limit = limit.min(r as i64);
+        }
+        if limit <= 0 || self.last_id >= self.max_id {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(AssertSqlSafe(self.page_sql.as_str()))
+            .bind(self.last_id)
+            .bind(self.max_id)
+            .bind(self.campaign_id)
+            .bind(limit)
+            .fetch_all(self.db.pool())
+            .await
+            .map_err(audience_error)?;
+        let page = rows.iter().map(|r| decode(self.db.backend(), r)).collect::<Result<Vec<_>>>()?;
+        if let Some(last) = page.last() {
+            self.last_id = last.id;
+        }
+        if let Some(r) = &mut self.remaining {
+            *r -= page.len() as u64;
+        }
+        Ok(page)
+    }
+}
+
+impl Source for SqlSource {
+    fn next_page(&mut self) -> impl Future<Output = Result<Vec<Recipient>>> + Send {
+        self.fetch()
+    }
+}
+
+/// The page query. PostgreSQL turns the whole row into JSON itself
+/// (`to_jsonb`), which handles every column type; SQLite has five storage
+/// classes, decoded one by one.
+fn page_sql(backend: Backend, audience: &Audience) -> String {
+    let inner = audience.select_sql();
+    let cols = match backend {
+        Backend::Postgres => "a.id::bigint AS id, a.email::text AS email, to_jsonb(a)::text AS blast_row",
+        Backend::Sqlite => "a.*",
+    };
+    format!(
+        "SELECT {cols} FROM ({inner}) AS a \
+         WHERE a.id > $1 AND a.id <= $2 \
+         AND NOT EXISTS (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $3 \
+                         AND d.recipient_id = a.id AND d.status IN ({FINAL_STATUSES})) \
+         ORDER BY a.id LIMIT $4"
+    )
+}
+
+/// The highest id in the audience (0 when empty): fixed at campaign start so
+/// rows added later are not part of this campaign.
+pub async fn max_id(db: &Db, audience: &Audience) -> Result<i64> {
+    let sql = format!("SELECT CAST(MAX(id) AS BIGINT) FROM ({}) AS a", audience.select_sql());
+    let max: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(db.pool()).await.map_err(audience_error)?;
+    Ok(max.unwrap_or(0))
+}
+
+/// How many recipients are still pending (for the progress bar's ETA).
+pub async fn pending_count(db: &Db, audience: &Audience, campaign_id: i64, max_id: i64) -> Result<i64> {
+    let sql = format!(
+        "SELECT COUNT(*) FROM ({}) AS a WHERE a.id <= $1 AND NOT EXISTS \
+         (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $2 AND d.recipient_id = a.id \
+          AND d.status IN ({FINAL_STATUSES}))",
+        audience.select_sql()
+    );
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).bind(max_id).bind(campaign_id).fetch_one(db.pool()).await.map_err(audience_error)?;
+    Ok(n)
+}
+
+/// One recipient by id, for `blast preview --id` (the first one when `id` is None).
+pub async fn fetch_one(db: &Db, audience: &Audience, id: Option<i64>) -> Result<Option<Recipient>> {
+    let sql = page_sql(db.backend(), audience);
+    let (after, upto) = match id {
+        Some(id) => (id - 1, id),
+        None => (i64::MIN, i64::MAX),
+    };
+    // Campaign id -1 never exists, so the ledger filter passes everyone.
+    let row = sqlx::query(AssertSqlSafe(sql)).bind(after).bind(upto).bind(-1_i64).bind(1_i64).fetch_optional(db.pool()).await.map_err(audience_error)?;
+    row.map(|r| decode(db.backend(), &r)).transpose()
+}
+
+/// SQL errors in the audience query are the operator's query's fault: say so.
+fn audience_error(e: sqlx::Error) -> Error {
+    match e {
+        sqlx::Error::Database(db) => Error::Audience(format!("the audience query failed: {db}")),
+        other => Error::Db(other),
+    }
+}
+
+/// A row → [`Recipient`].
+fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
+    let id: i64 = row.try_get("id").map_err(|e| Error::Audience(format!("column `id` must be an integer: {e}")))?;
+    let mut vars = Map::new();
+    let mut email = None;
+    match backend {
+        Backend::Postgres => {
+            email = row.try_get::<Option<String>, _>("email").map_err(|e| Error::Audience(format!("column `email`: {e}")))?;
+            let json: String = row.try_get("blast_row")?;
+            if let Ok(Value::Object(m)) = serde_json::from_str(&json) {
+                vars = m;
+            }
+        }
+        Backend::Sqlite => {
+            for (i, col) in row.columns().iter().enumerate() {
+                let name = col.name();
+                let value = sqlite_value(row, i, name)?;
+                if name == "email" {
+                    email = value.as_str().map(str::to_string);
+                }
+                vars.insert(name.to_string(), value);
+            }
+            if !row.columns().iter().any(|c| c.name() == "email") {
+                return Err(Error::Audience("the audience has no `email` column".into()));
+            }
+        }
+    }
+    vars.remove("id");
+    vars.remove("email");
+    lift_attributes(&mut vars);
+    Ok(Recipient { id, email: email.unwrap_or_default(), vars })
+}
+
+/// Decodes one SQLite value by its storage class. Text in a column named
+/// `attributes` or ending in `_json` is parsed as JSON (SQLite has no JSON type).
+fn sqlite_value(row: &AnyRow, i: usize, name: &str) -> Result<Value> {
+    let raw = row.try_get_raw(i)?;
+    if raw.is_null() {
+        return Ok(Value::Null);
+    }
+    let kind = raw.type_info().name().to_ascii_uppercase();
+    Ok(match kind.as_str() {
+        "BOOLEAN" => Value::Bool(row.try_get(i)?),
+        "SMALLINT" | "INTEGER" | "BIGINT" => Value::from(row.try_get::<i64, _>(i)?),
+        "REAL" | "DOUBLE" => Value::from(row.try_get::<f64, _>(i)?),
+        "BLOB" => Value::String(String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(i)?).into_owned()),
+        _ => {
+            let s: String = row.try_get(i)?;
+            if name == "attributes" || name.ends_with("_json") {
+                serde_json::from_str(&s).unwrap_or(Value::String(s))
+            } else {
+                Value::String(s)
+            }
+        }
+    })
+}
+
+/// Lifts the keys of an `attributes` object to the top level so templates say
+/// `{{ first_name }}`, not `{{ attributes.first_name }}`.
+fn lift_attributes(vars: &mut Map<String, Value>) {
+    if let Some(Value::Object(attrs)) = vars.get("attributes").cloned() {
+        for (k, v) in attrs {
+            vars.entry(k).or_insert(v);
+        }
+    }
+}

@@ -1,0 +1,57 @@
+//! `--dry-run`: each message is written to `DIR/<recipient id>.eml` instead of
+//! being sent, so an operator can inspect exactly what would leave.
+
+use std::path::PathBuf;
+
+use super::{Envelope, Outcome, Reply, SessionError, Transport};
+
+/// Writes messages into a folder.
+#[derive(Debug, Clone)]
+pub struct FileTransport {
+    dir: PathBuf,
+}
+
+impl FileTransport {
+    /// Creates `dir` if needed.
+    pub fn new(dir: PathBuf) -> std::io::Result<FileTransport> {
+        std::fs::create_dir_all(&dir)?;
+        Ok(FileTransport { dir })
+    }
+}
+
+/// A "session" is just the folder.
+#[derive(Debug)]
+pub struct FileSession {
+    dir: PathBuf,
+}
+
+impl Transport for FileTransport {
+    type Session = FileSession;
+
+    async fn connect(&self, _slot: usize) -> Result<FileSession, SessionError> {
+        Ok(FileSession { dir: self.dir.clone() })
+    }
+
+    fn describe(&self, _slot: usize) -> String {
+        format!("file://{}", self.dir.display())
+    }
+}
+
+impl super::Session for FileSession {
+    async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Outcome, SessionError> {
+        let path = self.dir.join(format!("{}.eml", envelope.recipient_id));
+        // The envelope is not part of the message; keep it visible like an MTA would.
+        let mut bytes = format!("Return-Path: <{}>\r\nDelivered-To: {}\r\n", envelope.from, envelope.to).into_bytes();
+        bytes.extend_from_slice(message);
+        tokio::fs::write(&path, bytes).await.map_err(|e| SessionError {
+            message: format!("{}: {e}", path.display()),
+            ambiguous: false,
+        })?;
+        Ok(Outcome::Sent {
+            reply: Reply { code: None, enhanced: None, text: format!("written to {}", path.display()) },
+            queue_id: None,
+        })
+    }
+
+    async fn close(self) {}
+}

@@ -1,0 +1,127 @@
+//! Where rendered messages go. One trait, [`Transport`], with three
+//! implementations: [`smtp::Smtp`] (a real relay, through lettre),
+//! [`stub::Stub`] (in memory, scripted outcomes, for tests) and
+//! [`file::FileTransport`] (`.eml` files, for `--dry-run`). Transports know
+//! nothing of campaigns or SQL; they turn one envelope plus bytes into one
+//! [`Outcome`], and [`classify`] is the single place that maps replies and
+//! errors to outcomes.
+
+use std::fmt;
+use std::future::Future;
+
+pub mod classify;
+pub mod file;
+pub mod smtp;
+pub mod stub;
+
+/// One recipient's SMTP envelope. blast always sends one recipient per
+/// envelope so each address gets its own outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Envelope {
+    /// The recipient's row id (used to name dry-run files and in logs).
+    pub recipient_id: i64,
+    /// `MAIL FROM` address (ASCII, validated): the bounce address.
+    pub from: String,
+    /// `RCPT TO` address (ASCII, validated).
+    pub to: String,
+}
+
+/// What an SMTP server said, kept verbatim for the ledger.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Reply {
+    /// Basic status code (250, 451, 550...); `None` when no server answered.
+    pub code: Option<u16>,
+    /// RFC 3463 enhanced status (`5.1.1`) when the reply carried one.
+    pub enhanced: Option<String>,
+    /// The reply text (lines joined with a space) or blast's own reason.
+    pub text: String,
+}
+
+/// The result of handing one message to a transport.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Accepted by the MTA (2xx), with the queue id it gave, if any.
+    Sent {
+        /// The 2xx reply.
+        reply: Reply,
+        /// The MTA's queue id, parsed from the reply.
+        queue_id: Option<String>,
+    },
+    /// Temporarily refused (4xx): try again later.
+    Deferred(Reply),
+    /// Permanently refused (5xx) or not sendable at all (bad address, render error).
+    Failed(Reply),
+}
+
+impl Outcome {
+    /// The ledger's fixed status tag.
+    pub fn status(&self) -> &'static str {
+        match self {
+            Outcome::Sent { .. } => "sent",
+            Outcome::Deferred(_) => "deferred",
+            Outcome::Failed(_) => "failed",
+        }
+    }
+
+    /// The reply behind the outcome.
+    pub fn reply(&self) -> &Reply {
+        match self {
+            Outcome::Sent { reply, .. } | Outcome::Deferred(reply) | Outcome::Failed(reply) => reply,
+        }
+    }
+
+    /// A failure decided by blast itself, with no SMTP round trip.
+    pub fn local_failure(text: impl Into<String>) -> Outcome {
+        Outcome::Failed(Reply { code: None, enhanced: None, text: text.into() })
+    }
+}
+
+/// The session could not carry the message: connection refused, dropped or
+/// timed out. The message was not answered and goes back to be retried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionError {
+    /// What happened.
+    pub message: String,
+    /// True when the connection was lost after the message data was sent but
+    /// before the reply: the MTA may have accepted it (a retry may duplicate).
+    pub ambiguous: bool,
+}
+
+impl fmt::Display for SessionError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)?;
+        if self.ambiguous {
+            f.write_str(" (after the message data: it may have been accepted)")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for SessionError {}
+
+/// A place messages can be sent to. Each injector opens its own session.
+pub trait Transport: Send + Sync + 'static {
+    /// One connection's worth of state.
+    type Session: Session;
+
+    /// Opens a session; `slot` is the injector number, used to spread
+    /// injectors over several relays.
+    fn connect(&self, slot: usize) -> impl Future<Output = Result<Self::Session, SessionError>> + Send;
+
+    /// Short description for logs ("smtp://127.0.0.1:25").
+    fn describe(&self, slot: usize) -> String;
+}
+
+/// An open connection that sends messages one envelope at a time.
+pub trait Session: Send + 'static {
+    /// Sends one message. `Ok` carries the server's verdict (sent, deferred or
+    /// failed); `Err` means the session is broken and the message unanswered.
+    fn send(
+        &mut self,
+        envelope: &Envelope,
+        message: &[u8],
+    ) -> impl Future<Output = Result<Outcome, SessionError>> + Send;
+
+    /// Ends the session politely (QUIT).
+    fn close(self) -> impl Future<Output = ()> + Send;
+}

@@ -1,0 +1,93 @@
+//! An in-memory transport for tests: records every message it is given and
+//! answers with outcomes scripted per address (default: sent). It can also
+//! refuse to connect, to test the unreachable-relay path.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use super::{classify, Envelope, Outcome, SessionError, Transport};
+
+/// A message the stub received.
+#[derive(Debug, Clone)]
+pub struct Delivered {
+    /// The envelope it came with.
+    pub envelope: Envelope,
+    /// The message bytes.
+    pub message: Vec<u8>,
+}
+
+/// Shared state behind a [`Stub`].
+#[derive(Debug, Default)]
+struct Inner {
+    delivered: Vec<Delivered>,
+    scripted: HashMap<String, Outcome>,
+    refuse_connect: bool,
+}
+
+/// The test double. Clones share state.
+#[derive(Debug, Clone, Default)]
+pub struct Stub {
+    inner: Arc<Mutex<Inner>>,
+}
+
+impl Stub {
+    /// A stub that accepts everything.
+    pub fn new() -> Stub {
+        Stub::default()
+    }
+
+    /// Answers `outcome` for `address` from now on.
+    pub fn script(&self, address: &str, outcome: Outcome) {
+        self.lock().scripted.insert(address.to_ascii_lowercase(), outcome);
+    }
+
+    /// Makes every `connect` fail (or succeed again).
+    pub fn refuse_connections(&self, refuse: bool) {
+        self.lock().refuse_connect = refuse;
+    }
+
+    /// Everything delivered so far, in order.
+    pub fn delivered(&self) -> Vec<Delivered> {
+        self.lock().delivered.clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panicking test thread must not hide the state from the others.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A session on the stub; shares its state.
+#[derive(Debug)]
+pub struct StubSession {
+    stub: Stub,
+}
+
+impl Transport for Stub {
+    type Session = StubSession;
+
+    async fn connect(&self, _slot: usize) -> Result<StubSession, SessionError> {
+        if self.lock().refuse_connect {
+            return Err(SessionError { message: "stub: connection refused".into(), ambiguous: false });
+        }
+        Ok(StubSession { stub: self.clone() })
+    }
+
+    fn describe(&self, _slot: usize) -> String {
+        "stub".into()
+    }
+}
+
+impl super::Session for StubSession {
+    async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Outcome, SessionError> {
+        let mut inner = self.stub.lock();
+        if let Some(o) = inner.scripted.get(&envelope.to.to_ascii_lowercase()) {
+            return Ok(o.clone());
+        }
+        inner.delivered.push(Delivered { envelope: envelope.clone(), message: message.to_vec() });
+        let id = format!("STUB{}", inner.delivered.len());
+        Ok(classify::outcome(classify::reply(250, &[&format!("2.0.0 Ok: queued as {id}")])))
+    }
+
+    async fn close(self) {}
+}
