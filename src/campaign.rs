@@ -70,7 +70,9 @@ impl Stats {
 
     /// Recipients with an outcome so far.
     pub fn done(&self) -> u64 {
-        self.sent.load(Ordering::Relaxed) + self.failed.load(Ordering::Relaxed) + self.deferred.load(Ordering::Relaxed)
+        self.sent.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.deferred.load(Ordering::Relaxed)
     }
 }
 
@@ -131,7 +133,8 @@ where
     let (job_tx, job_rx) = mpsc::channel::<Job>(concurrency * QUEUE_PER_INJECTOR);
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS * 4);
     let job_rx = Arc::new(Mutex::new(job_rx));
-    let limiter = NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
+    let limiter =
+        NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
 
     // A ledger failure must stop sending: nothing may go out unrecorded.
     let ledger_task = {
@@ -166,7 +169,9 @@ where
     injectors.wait().await;
     drop(rec_tx);
     let ledger_result = ledger_task.await.unwrap_or_else(|e| {
-        Err(crate::error::Error::Audience(format!("ledger task panicked: {e}")))
+        Err(crate::error::Error::Audience(format!(
+            "ledger task panicked: {e}"
+        )))
     });
     // Report the first fatal error: a source failure, else a ledger failure.
     let exhausted = produced?;
@@ -185,7 +190,11 @@ where
         deferred,
         retries: stats.retries.load(Ordering::Relaxed),
         seconds,
-        rate: if seconds > 0.0 { (sent + failed + deferred) as f64 / seconds } else { 0.0 },
+        rate: if seconds > 0.0 {
+            (sent + failed + deferred) as f64 / seconds
+        } else {
+            0.0
+        },
         interrupted: !exhausted || stop.is_cancelled(),
     })
 }
@@ -222,7 +231,12 @@ async fn produce<S: Source>(
                 Err(e) => {
                     let outcome = Outcome::local_failure(e.to_string());
                     stats.count(&outcome);
-                    let rec = Record { recipient_id: recipient.id, email: recipient.email, outcome, relay: None };
+                    let rec = Record {
+                        recipient_id: recipient.id,
+                        email: recipient.email,
+                        outcome,
+                        relay: None,
+                    };
                     if records.send(rec).await.is_err() {
                         return Ok(false);
                     }
@@ -312,9 +326,14 @@ impl<T: Transport> Injector<T> {
     async fn wait_retry(&self, relay: &str, e: &SessionError, backoff: &mut Duration) -> bool {
         self.stats.retries.fetch_add(1, Ordering::Relaxed);
         // Jitter keeps N injectors from reconnecting in lockstep.
-        let jitter = Duration::from_millis((self.slot as u64 * 37 + clock::now().nanosecond() as u64) % 100);
+        let jitter =
+            Duration::from_millis((self.slot as u64 * 37 + clock::now().nanosecond() as u64) % 100);
         let wait = *backoff + jitter;
-        tracing::warn!("injector {}: {relay} unreachable ({e}), retrying in {:.1}s", self.slot, wait.as_secs_f64());
+        tracing::warn!(
+            "injector {}: {relay} unreachable ({e}), retrying in {:.1}s",
+            self.slot,
+            wait.as_secs_f64()
+        );
         *backoff = (*backoff * 2).min(BACKOFF_MAX);
         tokio::select! {
             biased;

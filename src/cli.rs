@@ -127,7 +127,8 @@ pub struct SinkArgs {
     /// Refuse RCPTs containing TEXT with CODE: `TEXT=550` or `TEXT=451` (repeatable).
     #[arg(long, value_name = "TEXT=CODE")]
     pub reject: Vec<String>,
-    /// Drop each connection after N messages.
+    /// Fault: close each connection when its Nth message ends, without
+    /// answering it (the client cannot know whether it was accepted).
     #[arg(long)]
     pub drop_after: Option<u64>,
     /// Wait this many milliseconds before answering each message.

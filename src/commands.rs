@@ -26,14 +26,33 @@ use crate::transport::{Session, Transport};
 pub const SMTP_PASSWORD_ENV: &str = "BLAST_SMTP_PASSWORD";
 
 /// `blast send`: runs the campaign until done or until `stop` resolves.
-pub async fn send(cfg: &Config, mode: progress::Mode, stop: impl Future<Output = ()> + Send + 'static) -> Result<Summary> {
+pub async fn send(
+    cfg: &Config,
+    mode: progress::Mode,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<Summary> {
     // Templates first: a syntax error must abort before anything else happens.
-    let mut renderer = Renderer::compile(&cfg.message, &cfg.vars, Identity { campaign: cfg.name.clone(), campaign_id: 0 })?;
+    let mut renderer = Renderer::compile(
+        &cfg.message,
+        &cfg.vars,
+        Identity {
+            campaign: cfg.name.clone(),
+            campaign_id: 0,
+        },
+    )?;
     let db = Db::connect(&cfg.database).await?;
-    let campaign = ledger::open_campaign(&db, &cfg.name, source::max_id(&db, &cfg.audience)).await?;
+    let campaign =
+        ledger::open_campaign(&db, &cfg.name, source::max_id(&db, &cfg.audience)).await?;
     renderer.set_campaign_id(campaign.id);
     let renderer = Arc::new(renderer);
-    let source = SqlSource::new(db.clone(), &cfg.audience, campaign.id, campaign.max_recipient_id, cfg.batch_size, cfg.limit);
+    let source = SqlSource::new(
+        db.clone(),
+        &cfg.audience,
+        campaign.id,
+        campaign.max_recipient_id,
+        cfg.batch_size,
+        cfg.limit,
+    );
 
     let token = CancellationToken::new();
     let watcher = {
@@ -54,28 +73,62 @@ pub async fn send(cfg: &Config, mode: progress::Mode, stop: impl Future<Output =
         tokio::spawn(async move {
             if let Ok(n) = source::pending_count(&db, &audience, id, max).await {
                 let n = n.max(0) as u64;
-                stats.total.store(limit.map_or(n, |l| l.min(n)), Ordering::Relaxed);
+                stats
+                    .total
+                    .store(limit.map_or(n, |l| l.min(n)), Ordering::Relaxed);
             }
         })
     };
-    let opts = RunOptions { concurrency: cfg.delivery.concurrency, rate: cfg.delivery.rate };
+    let opts = RunOptions {
+        concurrency: cfg.delivery.concurrency,
+        rate: cfg.delivery.rate,
+    };
 
     let result = match &cfg.dry_run {
         Some(dir) => {
-            let dir = if dir.as_os_str().is_empty() { PathBuf::from("blast-dry-run").join(sanitize(&cfg.name)) } else { dir.clone() };
+            let dir = if dir.as_os_str().is_empty() {
+                PathBuf::from("blast-dry-run").join(sanitize(&cfg.name))
+            } else {
+                dir.clone()
+            };
             let transport = FileTransport::new(dir.clone()).map_err(|e| Error::io(dir, e))?;
             let progress = Progress::start(&cfg.name, stats.clone(), mode);
-            let r = campaign::run(&cfg.name, source, renderer, Arc::new(transport), MemoryLedger::new(), &opts, stats, token.clone()).await;
+            let r = campaign::run(
+                &cfg.name,
+                source,
+                renderer,
+                Arc::new(transport),
+                MemoryLedger::new(),
+                &opts,
+                stats,
+                token.clone(),
+            )
+            .await;
             progress.finish().await;
             r
         }
         None => {
             let password = std::env::var(SMTP_PASSWORD_ENV).ok();
-            let transport = Smtp::new(cfg.delivery.relays.clone(), cfg.delivery.helo.clone(), cfg.delivery.timeout, password);
+            let transport = Smtp::new(
+                cfg.delivery.relays.clone(),
+                cfg.delivery.helo.clone(),
+                cfg.delivery.timeout,
+                password,
+            );
             probe(&transport, cfg.delivery.relays.len()).await?;
             ledger::set_state(&db, campaign.id, "running").await?;
             let progress = Progress::start(&cfg.name, stats.clone(), mode);
-            let r = campaign::run(&cfg.name, source, renderer, Arc::new(transport), SqlLedger::new(db.clone(), campaign.id), &opts, stats, token.clone()).await;
+            let r = campaign::run(
+                &cfg.name,
+                source,
+                renderer,
+                Arc::new(transport),
+                SqlLedger::new(db.clone(), campaign.id),
+                &opts,
+                stats,
+                token.clone(),
+            )
+            .await;
             progress.finish().await;
             let state = match &r {
                 Ok(s) if !s.interrupted => "finished",
@@ -118,7 +171,14 @@ async fn probe<T: Transport>(transport: &T, relays: usize) -> Result<()> {
 
 /// `blast preview`: one recipient's complete message.
 pub async fn preview(cfg: &Config, id: Option<i64>) -> Result<Vec<u8>> {
-    let renderer = Renderer::compile(&cfg.message, &cfg.vars, Identity { campaign: cfg.name.clone(), campaign_id: 0 })?;
+    let renderer = Renderer::compile(
+        &cfg.message,
+        &cfg.vars,
+        Identity {
+            campaign: cfg.name.clone(),
+            campaign_id: 0,
+        },
+    )?;
     let db = Db::connect(&cfg.database).await?;
     let recipient = source::fetch_one(&db, &cfg.audience, id).await?;
     db.close().await;
@@ -126,7 +186,9 @@ pub async fn preview(cfg: &Config, id: Option<i64>) -> Result<Vec<u8>> {
         Some(id) => Error::Audience(format!("no recipient with id {id} in the audience")),
         None => Error::Audience("the audience is empty".into()),
     })?;
-    let out = renderer.render(&recipient, crate::clock::now()).map_err(|e| Error::Audience(format!("recipient {}: {e}", recipient.id)))?;
+    let out = renderer
+        .render(&recipient, crate::clock::now())
+        .map_err(|e| Error::Audience(format!("recipient {}: {e}", recipient.id)))?;
     let mut bytes = format!("Return-Path: <{}>\r\n", out.envelope.from).into_bytes();
     bytes.extend_from_slice(&out.bytes);
     Ok(bytes)
@@ -135,7 +197,9 @@ pub async fn preview(cfg: &Config, id: Option<i64>) -> Result<Vec<u8>> {
 /// `blast status`: counts per outcome plus recipients still pending.
 pub async fn status(cfg: &Config) -> Result<StatusCounts> {
     let db = Db::connect(&cfg.database).await?;
-    let row = ledger::find_campaign(&db, &cfg.name).await?.ok_or_else(|| Error::UnknownCampaign(cfg.name.clone()))?;
+    let row = ledger::find_campaign(&db, &cfg.name)
+        .await?
+        .ok_or_else(|| Error::UnknownCampaign(cfg.name.clone()))?;
     let pending = source::pending_count(&db, &cfg.audience, row.id, row.max_recipient_id).await?;
     let counts = ledger::status_counts(&db, &row, pending).await?;
     db.close().await;
@@ -144,5 +208,13 @@ pub async fn status(cfg: &Config) -> Result<StatusCounts> {
 
 /// A campaign name as a safe folder name.
 fn sanitize(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

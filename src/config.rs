@@ -109,8 +109,14 @@ impl Audience {
     /// The SELECT that yields every recipient row, before pagination.
     pub fn select_sql(&self) -> String {
         match self {
-            Audience::Table { table, filter: None } => format!("SELECT * FROM {table}"),
-            Audience::Table { table, filter: Some(f) } => {
+            Audience::Table {
+                table,
+                filter: None,
+            } => format!("SELECT * FROM {table}"),
+            Audience::Table {
+                table,
+                filter: Some(f),
+            } => {
                 format!("SELECT * FROM {table} WHERE ({f})")
             }
             Audience::Query(q) => q.trim().trim_end_matches(';').to_string(),
@@ -227,8 +233,19 @@ impl fmt::Debug for Config {
 
 /// Headers blast writes itself; a campaign may not override them.
 const RESERVED_HEADERS: &[&str] = &[
-    "from", "to", "cc", "bcc", "subject", "date", "message-id", "reply-to", "mime-version",
-    "content-type", "content-transfer-encoding", "return-path", "x-blast-campaign",
+    "from",
+    "to",
+    "cc",
+    "bcc",
+    "subject",
+    "date",
+    "message-id",
+    "reply-to",
+    "mime-version",
+    "content-type",
+    "content-transfer-encoding",
+    "return-path",
+    "x-blast-campaign",
     "x-blast-recipient",
 ];
 
@@ -268,7 +285,10 @@ impl Config {
                 resolve_sqlite_path(&db, base)
             }
             (None, None) => {
-                return Err(err("database", "missing: set `database = \"sqlite://blast.db\"` or pass --database".into()))
+                return Err(err(
+                    "database",
+                    "missing: set `database = \"sqlite://blast.db\"` or pass --database".into(),
+                ))
             }
         };
 
@@ -277,24 +297,46 @@ impl Config {
                 if !is_sql_identifier(&t) {
                     return Err(err("audience.table", format!("{t:?} is not a table name (letters, digits, _ and one optional schema.)")));
                 }
-                Audience::Table { table: t, filter: raw.audience.filter.filter(|f| !f.trim().is_empty()) }
+                Audience::Table {
+                    table: t,
+                    filter: raw.audience.filter.filter(|f| !f.trim().is_empty()),
+                }
             }
             (None, Some(q)) => {
                 if raw.audience.filter.is_some() {
-                    return Err(err("audience.where", "only valid with `table`; put the condition in `query`".into()));
+                    return Err(err(
+                        "audience.where",
+                        "only valid with `table`; put the condition in `query`".into(),
+                    ));
                 }
                 let lower = q.trim_start().to_ascii_lowercase();
                 if !(lower.starts_with("select") || lower.starts_with("with")) {
-                    return Err(err("audience.query", "must be a SELECT (or WITH ... SELECT) statement".into()));
+                    return Err(err(
+                        "audience.query",
+                        "must be a SELECT (or WITH ... SELECT) statement".into(),
+                    ));
                 }
                 Audience::Query(q)
             }
-            (Some(_), Some(_)) => return Err(err("audience", "set either `table` or `query`, not both".into())),
-            (None, None) => return Err(err("audience", "set `table = \"subscribers\"` or `query = \"SELECT id, email, ...\"`".into())),
+            (Some(_), Some(_)) => {
+                return Err(err(
+                    "audience",
+                    "set either `table` or `query`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(err(
+                    "audience",
+                    "set `table = \"subscribers\"` or `query = \"SELECT id, email, ...\"`".into(),
+                ))
+            }
         };
         let batch_size = raw.audience.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
         if !(1..=100_000).contains(&batch_size) {
-            return Err(err("audience.batch_size", "must be between 1 and 100000".into()));
+            return Err(err(
+                "audience.batch_size",
+                "must be between 1 and 100000".into(),
+            ));
         }
 
         let vars = match serde_json::to_value(&raw.vars) {
@@ -308,12 +350,18 @@ impl Config {
             let full = base.join(p);
             let body = std::fs::read_to_string(&full)
                 .map_err(|e| err(key, format!("cannot read {}: {e}", full.display())))?;
-            Ok(Some(TemplateSource { name: full.display().to_string(), body }))
+            Ok(Some(TemplateSource {
+                name: full.display().to_string(),
+                body,
+            }))
         };
         let text_t = read_template("message.text", &m.text)?;
         let html_t = read_template("message.html", &m.html)?;
         if text_t.is_none() && html_t.is_none() {
-            return Err(err("message", "set `text` and/or `html` (template paths)".into()));
+            return Err(err(
+                "message",
+                "set `text` and/or `html` (template paths)".into(),
+            ));
         }
         if m.subject.trim().is_empty() {
             return Err(err("message.subject", "must not be empty".into()));
@@ -321,16 +369,27 @@ impl Config {
         let mut headers = Vec::new();
         for (h, v) in m.headers {
             if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(err(&format!("message.headers.{h}"), "header names are letters, digits and '-'".into()));
+                return Err(err(
+                    &format!("message.headers.{h}"),
+                    "header names are letters, digits and '-'".into(),
+                ));
             }
             if RESERVED_HEADERS.contains(&h.to_ascii_lowercase().as_str()) {
-                return Err(err(&format!("message.headers.{h}"), "blast sets this header itself".into()));
+                return Err(err(
+                    &format!("message.headers.{h}"),
+                    "blast sets this header itself".into(),
+                ));
             }
             headers.push((h, v));
         }
 
         let d = raw.delivery.unwrap_or(DeliveryFile {
-            smtp: None, concurrency: None, rate: None, envelope_from: None, helo: None, timeout_secs: None,
+            smtp: None,
+            concurrency: None,
+            rate: None,
+            envelope_from: None,
+            helo: None,
+            timeout_secs: None,
         });
         let smtp_urls: Vec<String> = if !overrides.smtp.is_empty() {
             overrides.smtp.clone()
@@ -347,18 +406,30 @@ impl Config {
             relays.push(parse_relay(&u).map_err(|m| err("delivery.smtp", m))?);
         }
         if relays.is_empty() {
-            return Err(err("delivery.smtp", "needs at least one smtp:// URL".into()));
+            return Err(err(
+                "delivery.smtp",
+                "needs at least one smtp:// URL".into(),
+            ));
         }
-        let concurrency = overrides.concurrency.or(d.concurrency).unwrap_or(DEFAULT_CONCURRENCY);
+        let concurrency = overrides
+            .concurrency
+            .or(d.concurrency)
+            .unwrap_or(DEFAULT_CONCURRENCY);
         if !(1..=1024).contains(&concurrency) {
-            return Err(err("delivery.concurrency", "must be between 1 and 1024".into()));
+            return Err(err(
+                "delivery.concurrency",
+                "must be between 1 and 1024".into(),
+            ));
         }
         let envelope_from = d.envelope_from.unwrap_or_else(|| {
             // Default bounce address: the From address itself.
             address_part(&m.from).to_string()
         });
         let helo = d.helo.unwrap_or_else(|| "localhost".to_string());
-        let timeout = d.timeout_secs.map(Duration::from_secs).unwrap_or(DEFAULT_SMTP_TIMEOUT);
+        let timeout = d
+            .timeout_secs
+            .map(Duration::from_secs)
+            .unwrap_or(DEFAULT_SMTP_TIMEOUT);
         if timeout.is_zero() {
             return Err(err("delivery.timeout_secs", "must be at least 1".into()));
         }
@@ -393,13 +464,18 @@ impl Config {
 }
 
 /// Expands `${NAME}` from `env`; a missing variable is an error naming it.
-pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> std::result::Result<String, String> {
+pub fn expand_env(
+    s: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> std::result::Result<String, String> {
     let mut out = String::with_capacity(s.len());
     let mut rest = s;
     while let Some(start) = rest.find("${") {
         out.push_str(&rest[..start]);
         let after = &rest[start + 2..];
-        let end = after.find('}').ok_or_else(|| format!("unterminated ${{ in {:?}", crate::db::redact(s)))?;
+        let end = after
+            .find('}')
+            .ok_or_else(|| format!("unterminated ${{ in {:?}", crate::db::redact(s)))?;
         let name = &after[..end];
         let value = env(name).ok_or_else(|| format!("environment variable {name} is not set"))?;
         out.push_str(&value);
@@ -412,7 +488,10 @@ pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> std::result:
 /// Makes a relative `sqlite://file` relative to the campaign file, so cron jobs
 /// started from another directory open the same database.
 fn resolve_sqlite_path(url: &str, base: &Path) -> String {
-    let Some(rest) = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:")) else {
+    let Some(rest) = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))
+    else {
         return url.to_string();
     };
     if rest.starts_with('/') || rest.starts_with(":memory:") || rest.is_empty() {
@@ -438,7 +517,9 @@ fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
     };
     let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
         // [ipv6]:port
-        let (h, p) = h.split_once(']').ok_or_else(|| format!("{url:?}: bad IPv6 literal"))?;
+        let (h, p) = h
+            .split_once(']')
+            .ok_or_else(|| format!("{url:?}: bad IPv6 literal"))?;
         (h.to_string(), p.strip_prefix(':').unwrap_or("25"))
     } else {
         match hostport.rsplit_once(':') {
@@ -449,7 +530,9 @@ fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
     if host.is_empty() {
         return Err(format!("{url:?}: missing host"));
     }
-    let port = port.parse::<u16>().map_err(|_| format!("{url:?}: bad port {port:?}"))?;
+    let port = port
+        .parse::<u16>()
+        .map_err(|_| format!("{url:?}: bad port {port:?}"))?;
     Ok(Relay { host, port, user })
 }
 
@@ -507,27 +590,52 @@ text = "t.txt"
         let text = MINIMAL.replace("sqlite://t.db", "postgres://u:${PW}@h/db");
         let c = parse(&text, &|k| (k == "PW").then(|| "s3cret".into())).unwrap();
         assert_eq!(c.database, "postgres://u:s3cret@h/db");
-        assert!(!format!("{c:?}").contains("s3cret"), "Debug must hide secrets");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug must hide secrets"
+        );
         let e = parse(&text, &|_| None).unwrap_err().to_string();
-        assert!(e.contains("c.toml") && e.contains("database") && e.contains("PW"), "{e}");
+        assert!(
+            e.contains("c.toml") && e.contains("database") && e.contains("PW"),
+            "{e}"
+        );
     }
 
     #[test]
     fn unknown_keys_are_errors_naming_the_key() {
-        let e = parse(&format!("{MINIMAL}\n[delivery]\nconcurrensy = 3\n"), &|_| None)
-            .unwrap_err()
-            .to_string();
+        let e = parse(
+            &format!("{MINIMAL}\n[delivery]\nconcurrensy = 3\n"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("concurrensy") && e.contains("c.toml"), "{e}");
     }
 
     #[test]
     fn bad_values_name_their_key() {
         let cases = [
-            (MINIMAL.replace("table = \"subscribers\"", "table = \"x; drop\""), "audience.table"),
-            (format!("{MINIMAL}\n[delivery]\nconcurrency = 0\n"), "delivery.concurrency"),
-            (format!("{MINIMAL}\n[delivery]\nsmtp = \"http://x\"\n"), "delivery.smtp"),
-            (format!("{MINIMAL}\n[message.headers]\nBcc = \"x\"\n").replace("[message]\n", "[message]\n"), "message.headers.Bcc"),
-            (MINIMAL.replace("text = \"t.txt\"", "text = \"missing.txt\""), "message.text"),
+            (
+                MINIMAL.replace("table = \"subscribers\"", "table = \"x; drop\""),
+                "audience.table",
+            ),
+            (
+                format!("{MINIMAL}\n[delivery]\nconcurrency = 0\n"),
+                "delivery.concurrency",
+            ),
+            (
+                format!("{MINIMAL}\n[delivery]\nsmtp = \"http://x\"\n"),
+                "delivery.smtp",
+            ),
+            (
+                format!("{MINIMAL}\n[message.headers]\nBcc = \"x\"\n")
+                    .replace("[message]\n", "[message]\n"),
+                "message.headers.Bcc",
+            ),
+            (
+                MINIMAL.replace("text = \"t.txt\"", "text = \"missing.txt\""),
+                "message.text",
+            ),
         ];
         for (text, key) in cases {
             let e = parse(&text, &|_| None).unwrap_err().to_string();
@@ -539,7 +647,10 @@ text = "t.txt"
     fn relays_parse() {
         assert_eq!(parse_relay("smtp://[::1]:2525").unwrap().port, 2525);
         let r = parse_relay("smtp://bob@mx.example.com:587").unwrap();
-        assert_eq!((r.host.as_str(), r.port, r.user.as_deref()), ("mx.example.com", 587, Some("bob")));
+        assert_eq!(
+            (r.host.as_str(), r.port, r.user.as_deref()),
+            ("mx.example.com", 587, Some("bob"))
+        );
         assert!(parse_relay("smtp://bob:pw@h").is_err());
     }
 }

@@ -67,13 +67,24 @@ pub enum Error {
 
 impl Error {
     /// Shorthand for a [`Error::Config`] error.
-    pub fn config(file: impl Into<String>, key: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::Config { file: file.into(), key: key.into(), message: message.into() }
+    pub fn config(
+        file: impl Into<String>,
+        key: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
+        Error::Config {
+            file: file.into(),
+            key: key.into(),
+            message: message.into(),
+        }
     }
 
     /// Shorthand for an [`Error::Io`] error.
     pub fn io(path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { path: path.into(), source }
+        Error::Io {
+            path: path.into(),
+            source,
+        }
     }
 }
 

@@ -85,15 +85,19 @@ where
     .bind(&now)
     .execute(db.pool())
     .await?;
-    find_campaign(db, name).await?.ok_or_else(|| Error::UnknownCampaign(name.to_string()))
+    find_campaign(db, name)
+        .await?
+        .ok_or_else(|| Error::UnknownCampaign(name.to_string()))
 }
 
 /// Looks a campaign up by name.
 pub async fn find_campaign(db: &Db, name: &str) -> Result<Option<CampaignRow>> {
-    let row = sqlx::query("SELECT id, name, state, max_recipient_id FROM blast_campaigns WHERE name = $1")
-        .bind(name)
-        .fetch_optional(db.pool())
-        .await?;
+    let row = sqlx::query(
+        "SELECT id, name, state, max_recipient_id FROM blast_campaigns WHERE name = $1",
+    )
+    .bind(name)
+    .fetch_optional(db.pool())
+    .await?;
     Ok(match row {
         Some(r) => Some(CampaignRow {
             id: r.try_get("id")?,
@@ -135,11 +139,18 @@ pub struct StatusCounts {
 
 /// Counts per outcome for campaign `row`; `pending` comes from the caller.
 pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<StatusCounts> {
-    let rows = sqlx::query("SELECT status, COUNT(*) AS n FROM blast_deliveries WHERE campaign_id = $1 GROUP BY status")
-        .bind(row.id)
-        .fetch_all(db.pool())
-        .await?;
-    let mut c = StatusCounts { campaign: row.name.clone(), state: row.state.clone(), pending, ..Default::default() };
+    let rows = sqlx::query(
+        "SELECT status, COUNT(*) AS n FROM blast_deliveries WHERE campaign_id = $1 GROUP BY status",
+    )
+    .bind(row.id)
+    .fetch_all(db.pool())
+    .await?;
+    let mut c = StatusCounts {
+        campaign: row.name.clone(),
+        state: row.state.clone(),
+        pending,
+        ..Default::default()
+    };
     for r in rows {
         let status: String = r.try_get("status")?;
         let n: i64 = r.try_get("n")?;
@@ -242,13 +253,19 @@ impl MemoryLedger {
 
     /// Everything recorded so far.
     pub fn records(&self) -> Vec<Record> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
 impl Ledger for MemoryLedger {
     async fn record(&mut self, batch: &[Record]) -> Result<()> {
-        self.records.lock().unwrap_or_else(|p| p.into_inner()).extend_from_slice(batch);
+        self.records
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(batch);
         Ok(())
     }
 }

@@ -34,7 +34,7 @@ pub mod error;
 pub mod ledger;
 pub mod progress;
 pub mod render;
-// pub mod sink;
+pub mod sink;
 pub mod source;
 pub mod transport;
 

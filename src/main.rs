@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 
-use blast::cli::{Cli, Command, SendArgs};
+use blast::cli::{Cli, Command, SendArgs, SinkArgs};
 use blast::config::{Config, Overrides};
 use blast::progress::Mode;
 
@@ -17,7 +17,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("BLAST_LOG").unwrap_or_else(|_| "warn,blast=info".into()),
+            tracing_subscriber::EnvFilter::try_from_env("BLAST_LOG")
+                .unwrap_or_else(|_| "warn,blast=info".into()),
         )
         .with_writer(std::io::stderr)
         .with_target(false)
@@ -43,14 +44,28 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Send(args) => send(args).await,
         Command::Preview(args) => {
-            let cfg = load(&args.campaign.campaign, Overrides { database: args.campaign.database, ..Default::default() })?;
+            let cfg = load(
+                &args.campaign.campaign,
+                Overrides {
+                    database: args.campaign.database,
+                    ..Default::default()
+                },
+            )?;
             let bytes = blast::commands::preview(&cfg, args.id).await?;
             use std::io::Write;
-            std::io::stdout().write_all(&bytes).context("writing to stdout")?;
+            std::io::stdout()
+                .write_all(&bytes)
+                .context("writing to stdout")?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Status(args) => {
-            let cfg = load(&args.campaign.campaign, Overrides { database: args.campaign.database, ..Default::default() })?;
+            let cfg = load(
+                &args.campaign.campaign,
+                Overrides {
+                    database: args.campaign.database,
+                    ..Default::default()
+                },
+            )?;
             let c = blast::commands::status(&cfg).await?;
             if args.json {
                 println!("{}", serde_json::to_string(&c)?);
@@ -63,7 +78,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Import(_args) => anyhow::bail!("import: not wired yet"),
-        Command::Sink(_args) => anyhow::bail!("sink: not wired yet"),
+        Command::Sink(args) => sink(args).await,
     }
 }
 
@@ -98,10 +113,18 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
             summary.deferred,
             summary.seconds,
             summary.rate,
-            if summary.interrupted { " - stopped before the end; run again to continue" } else { "" }
+            if summary.interrupted {
+                " - stopped before the end; run again to continue"
+            } else {
+                ""
+            }
         );
     }
-    Ok(if summary.all_accepted() { ExitCode::SUCCESS } else { ExitCode::from(1) })
+    Ok(if summary.all_accepted() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// Resolves on the first SIGINT or SIGTERM.
@@ -109,13 +132,14 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
-            Err(_) => {
-                let _ = ctrl_c.await;
-                return;
-            }
-        };
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
@@ -124,4 +148,50 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
     eprintln!("blast: stopping: finishing in-flight messages and flushing the ledger");
+}
+
+async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
+    let mut faults = blast::sink::Faults {
+        drop_after: args.drop_after,
+        latency: args.latency_ms.map(std::time::Duration::from_millis),
+        ..Default::default()
+    };
+    for r in &args.reject {
+        let (text, code) = r
+            .rsplit_once('=')
+            .context("--reject takes TEXT=CODE, e.g. unknown=550")?;
+        let code: u16 = code
+            .parse()
+            .ok()
+            .filter(|c| (400..600).contains(c))
+            .context("--reject: CODE must be 4xx or 5xx")?;
+        let (enhanced, reason) = if code >= 500 {
+            (
+                "5.1.1",
+                "Recipient address rejected (blast sink fault injection)",
+            )
+        } else {
+            ("4.3.0", "Try again later (blast sink fault injection)")
+        };
+        faults
+            .rcpt_contains
+            .push((text.to_string(), code, enhanced.into(), reason.into()));
+    }
+    let config = blast::sink::SinkConfig {
+        listen: args.listen,
+        maildir: args.maildir,
+        pipelining: !args.no_pipelining,
+        eight_bit_mime: !args.no_8bitmime,
+        chunking: !args.no_chunking,
+        faults,
+        ..Default::default()
+    };
+    let stats = blast::sink::serve(config, shutdown_signal())
+        .await
+        .with_context(|| format!("sink on {}", args.listen))?;
+    eprintln!(
+        "blast sink: {} connections, {} messages, {} recipients, {} refused",
+        stats.connections, stats.messages, stats.recipients, stats.rejected_rcpts
+    );
+    Ok(ExitCode::SUCCESS)
 }

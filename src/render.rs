@@ -85,16 +85,23 @@ pub struct Renderer {
 impl Renderer {
     /// Compiles every template of `message`; any syntax error aborts here,
     /// before the first message, naming the file and line.
-    pub fn compile(message: &MessageConfig, vars: &Map<String, Value>, identity: Identity) -> Result<Renderer> {
+    pub fn compile(
+        message: &MessageConfig,
+        vars: &Map<String, Value>,
+        identity: Identity,
+    ) -> Result<Renderer> {
         let mut tera = Tera::new();
+        // A NULL column is "no value" to an operator: let `default` fill it.
+        tera.register_filter("default", default_filter);
         // Autoescape exactly the HTML template (whatever its file suffix).
         let html_name = message.html.as_ref().map(|t| format!("{} (html)", t.name));
         tera.autoescape_on(html_name.clone().into_iter().collect::<Vec<_>>());
         let mut add = |name: &str, body: &str| {
-            tera.add_raw_template(name, body).map_err(|e| Error::Template {
-                name: name.to_string(),
-                message: e.to_string(),
-            })
+            tera.add_raw_template(name, body)
+                .map_err(|e| Error::Template {
+                    name: name.to_string(),
+                    message: e.to_string(),
+                })
         };
         add(SUBJECT, &message.subject)?;
         add(ENVELOPE_FROM, &message.envelope_from)?;
@@ -125,10 +132,17 @@ impl Renderer {
 
         let from_addr = address_part(&message.from).to_string();
         let from_addr = ascii_address(&from_addr).map_err(|reason| {
-            Error::config("<campaign>", "message.from", format!("{from_addr:?}: {reason}"))
+            Error::config(
+                "<campaign>",
+                "message.from",
+                format!("{from_addr:?}: {reason}"),
+            )
         })?;
         let from_name = display_name(&message.from);
-        let msgid_domain = from_addr.rsplit_once('@').map(|(_, d)| d.to_string()).unwrap_or_default();
+        let msgid_domain = from_addr
+            .rsplit_once('@')
+            .map(|(_, d)| d.to_string())
+            .unwrap_or_default();
         Ok(Renderer {
             tera,
             text,
@@ -149,11 +163,16 @@ impl Renderer {
     }
 
     /// Builds `recipient`'s message.
-    pub fn render(&self, recipient: &Recipient, now: time::OffsetDateTime) -> std::result::Result<Outgoing, RenderError> {
-        let rcpt = ascii_address(&recipient.email).map_err(|reason| RenderError::InvalidAddress {
-            address: recipient.email.clone(),
-            reason,
-        })?;
+    pub fn render(
+        &self,
+        recipient: &Recipient,
+        now: time::OffsetDateTime,
+    ) -> std::result::Result<Outgoing, RenderError> {
+        let rcpt =
+            ascii_address(&recipient.email).map_err(|reason| RenderError::InvalidAddress {
+                address: recipient.email.clone(),
+                reason,
+            })?;
         let mut ctx = Context::new();
         for (k, v) in &recipient.vars {
             ctx.insert(k.clone(), v);
@@ -162,29 +181,54 @@ impl Renderer {
         ctx.insert("email", &recipient.email);
 
         let render = |name: &str| {
-            self.tera.render(name, &ctx).map_err(|e| RenderError::Template {
-                template: name.to_string(),
-                message: e.to_string(),
-            })
+            self.tera
+                .render(name, &ctx)
+                .map_err(|e| RenderError::Template {
+                    template: name.to_string(),
+                    message: e.to_string(),
+                })
         };
         let subject = one_line(&render(SUBJECT)?);
         let envelope_from = one_line(&render(ENVELOPE_FROM)?);
-        let envelope_from = ascii_address(&envelope_from).map_err(|_| RenderError::EnvelopeFrom(envelope_from))?;
-        let to_name = if self.has_to_name { Some(one_line(&render(TO_NAME)?)) } else { None };
+        let envelope_from =
+            ascii_address(&envelope_from).map_err(|_| RenderError::EnvelopeFrom(envelope_from))?;
+        let to_name = if self.has_to_name {
+            Some(one_line(&render(TO_NAME)?))
+        } else {
+            None
+        };
 
-        let message_id = format!("{}.{}.{}@{}", self.identity.campaign_id, recipient.id, now.unix_timestamp(), self.msgid_domain);
-        let from = Address::new_address(self.from_name.as_deref().map(Cow::Borrowed), Cow::Borrowed(self.from_addr.as_str()));
-        let to = Address::new_address(to_name.filter(|n| !n.is_empty()).map(Cow::Owned), Cow::Borrowed(rcpt.as_str()));
+        let message_id = format!(
+            "{}.{}.{}@{}",
+            self.identity.campaign_id,
+            recipient.id,
+            now.unix_timestamp(),
+            self.msgid_domain
+        );
+        let from = Address::new_address(
+            self.from_name.as_deref().map(Cow::Borrowed),
+            Cow::Borrowed(self.from_addr.as_str()),
+        );
+        let to = Address::new_address(
+            to_name.filter(|n| !n.is_empty()).map(Cow::Owned),
+            Cow::Borrowed(rcpt.as_str()),
+        );
         let mut b = MessageBuilder::new()
             .from(from)
             .to(to)
             .subject(subject)
             .date(Date::new(now.unix_timestamp()))
             .message_id(message_id)
-            .header("X-Blast-Campaign", Text::new(self.identity.campaign.as_str()))
+            .header(
+                "X-Blast-Campaign",
+                Text::new(self.identity.campaign.as_str()),
+            )
             .header("X-Blast-Recipient", Text::new(recipient.id.to_string()));
         if let Some(r) = &self.reply_to {
-            b = b.reply_to(Address::new_address(display_name(r).map(Cow::Owned), Cow::Borrowed(address_part(r))));
+            b = b.reply_to(Address::new_address(
+                display_name(r).map(Cow::Owned),
+                Cow::Borrowed(address_part(r)),
+            ));
         }
         for (h, tpl) in &self.headers {
             b = b.header(h.as_str(), Text::new(one_line(&render(tpl)?)));
@@ -198,11 +242,35 @@ impl Renderer {
         // Writing into a Vec cannot fail.
         let bytes = b.write_to_vec().unwrap_or_default();
         Ok(Outgoing {
-            envelope: Envelope { recipient_id: recipient.id, from: envelope_from, to: rcpt },
+            envelope: Envelope {
+                recipient_id: recipient.id,
+                from: envelope_from,
+                to: rcpt,
+            },
             email: recipient.email.clone(),
             bytes,
         })
     }
+}
+
+/// Tera's `default`, but a null value (a NULL column) counts as missing too,
+/// as it does for an operator writing `{{ city | default(value="") }}`.
+fn default_filter(
+    val: tera::Value,
+    kwargs: tera::Kwargs,
+    _: &tera::State<'_>,
+) -> tera::TeraResult<tera::Value> {
+    let fallback = kwargs.must_get::<tera::Value>("value")?;
+    let boolean = kwargs.get::<bool>("boolean")?.unwrap_or_default();
+    let missing = if boolean {
+        !val.is_truthy()
+    } else {
+        matches!(
+            val.kind(),
+            tera::value::ValueKind::Undefined | tera::value::ValueKind::None
+        )
+    };
+    Ok(if missing { fallback } else { val })
 }
 
 /// Flattens a rendered header value to one line: CR, LF, tabs and other
@@ -240,7 +308,9 @@ pub fn ascii_address(s: &str) -> std::result::Result<String, String> {
     if s.is_empty() {
         return Err("empty".into());
     }
-    if s.chars().any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>') {
+    if s.chars()
+        .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>')
+    {
         return Err("contains spaces, control characters or angle brackets".into());
     }
     let (local, domain) = s.rsplit_once('@').ok_or("no @")?;
@@ -267,8 +337,14 @@ mod tests {
             reply_to: None,
             to_name: Some("{{ name }}".into()),
             subject: subject.into(),
-            text: text.map(|b| TemplateSource { name: "t.txt".into(), body: b.into() }),
-            html: html.map(|b| TemplateSource { name: "t.html".into(), body: b.into() }),
+            text: text.map(|b| TemplateSource {
+                name: "t.txt".into(),
+                body: b.into(),
+            }),
+            html: html.map(|b| TemplateSource {
+                name: "t.html".into(),
+                body: b.into(),
+            }),
             headers: vec![("X-Tag".into(), "tag-{{ id }}".into())],
             envelope_from: "bounces+{{ id }}@example.com".into(),
         }
@@ -277,14 +353,25 @@ mod tests {
     fn recipient(id: i64, email: &str, name: &str) -> Recipient {
         let mut vars = Map::new();
         vars.insert("name".into(), Value::String(name.into()));
-        Recipient { id, email: email.into(), vars }
+        Recipient {
+            id,
+            email: email.into(),
+            vars,
+        }
     }
 
     fn render(m: &MessageConfig, r: &Recipient) -> std::result::Result<Outgoing, RenderError> {
         let vars = Map::new();
-        Renderer::compile(m, &vars, Identity { campaign: "c".into(), campaign_id: 1 })
-            .unwrap()
-            .render(r, crate::clock::now())
+        Renderer::compile(
+            m,
+            &vars,
+            Identity {
+                campaign: "c".into(),
+                campaign_id: 1,
+            },
+        )
+        .unwrap()
+        .render(r, crate::clock::now())
     }
 
     fn headers(bytes: &[u8]) -> String {
@@ -295,11 +382,18 @@ mod tests {
     #[test]
     fn hostile_names_cannot_add_headers() {
         let m = message("Hi {{ name }}", Some("Hello {{ name }}"), None);
-        let r = recipient(7, "a@example.com", "Eve\r\nBcc: victim@example.com\r\n\r\nbody");
+        let r = recipient(
+            7,
+            "a@example.com",
+            "Eve\r\nBcc: victim@example.com\r\n\r\nbody",
+        );
         let out = render(&m, &r).unwrap();
         let h = headers(&out.bytes);
         for line in h.split("\r\n") {
-            assert!(!line.to_ascii_lowercase().starts_with("bcc:"), "header injected: {h}");
+            assert!(
+                !line.to_ascii_lowercase().starts_with("bcc:"),
+                "header injected: {h}"
+            );
         }
         assert_eq!(out.envelope.to, "a@example.com");
         assert_eq!(out.envelope.from, "bounces+7@example.com");
@@ -345,7 +439,14 @@ mod tests {
 
     #[test]
     fn bad_addresses_are_rejected_before_smtp() {
-        for bad in ["", "no-at", "a b@example.com", "a@", "josé@example.com", "a@exa\r\nmple.com"] {
+        for bad in [
+            "",
+            "no-at",
+            "a b@example.com",
+            "a@",
+            "josé@example.com",
+            "a@exa\r\nmple.com",
+        ] {
             assert!(ascii_address(bad).is_err(), "{bad:?} accepted");
         }
     }
@@ -353,7 +454,10 @@ mod tests {
     #[test]
     fn syntax_errors_name_template_and_line() {
         let m = message("Hi", Some("line one\n{% if %}\n"), None);
-        let err = Renderer::compile(&m, &Map::new(), Identity::default()).err().unwrap().to_string();
+        let err = Renderer::compile(&m, &Map::new(), Identity::default())
+            .err()
+            .unwrap()
+            .to_string();
         assert!(err.contains("t.txt") && err.contains('2'), "{err}");
     }
 }

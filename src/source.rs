@@ -51,9 +51,24 @@ impl SqlSource {
     /// A source for `audience`, limited to ids `<= max_id` (fixed when the
     /// campaign first started) and to recipients without a final outcome in
     /// campaign `campaign_id`. `limit` caps how many are yielded.
-    pub fn new(db: Db, audience: &Audience, campaign_id: i64, max_id: i64, batch: usize, limit: Option<u64>) -> SqlSource {
+    pub fn new(
+        db: Db,
+        audience: &Audience,
+        campaign_id: i64,
+        max_id: i64,
+        batch: usize,
+        limit: Option<u64>,
+    ) -> SqlSource {
         let page_sql = page_sql(db.backend(), audience);
-        SqlSource { db, page_sql, campaign_id, last_id: i64::MIN, max_id, batch: batch as i64, remaining: limit }
+        SqlSource {
+            db,
+            page_sql,
+            campaign_id,
+            last_id: i64::MIN,
+            max_id,
+            batch: batch as i64,
+            remaining: limit,
+        }
     }
 
     async fn fetch(&mut self) -> Result<Vec<Recipient>> {
@@ -72,7 +87,10 @@ impl SqlSource {
             .fetch_all(self.db.pool())
             .await
             .map_err(audience_error)?;
-        let page = rows.iter().map(|r| decode(self.db.backend(), r)).collect::<Result<Vec<_>>>()?;
+        let page = rows
+            .iter()
+            .map(|r| decode(self.db.backend(), r))
+            .collect::<Result<Vec<_>>>()?;
         if let Some(last) = page.last() {
             self.last_id = last.id;
         }
@@ -95,7 +113,9 @@ impl Source for SqlSource {
 fn page_sql(backend: Backend, audience: &Audience) -> String {
     let inner = audience.select_sql();
     let cols = match backend {
-        Backend::Postgres => "a.id::bigint AS id, a.email::text AS email, to_jsonb(a)::text AS blast_row",
+        Backend::Postgres => {
+            "a.id::bigint AS id, a.email::text AS email, to_jsonb(a)::text AS blast_row"
+        }
         Backend::Sqlite => "a.*",
     };
     format!(
@@ -110,20 +130,36 @@ fn page_sql(backend: Backend, audience: &Audience) -> String {
 /// The highest id in the audience (0 when empty): fixed at campaign start so
 /// rows added later are not part of this campaign.
 pub async fn max_id(db: &Db, audience: &Audience) -> Result<i64> {
-    let sql = format!("SELECT CAST(MAX(id) AS BIGINT) FROM ({}) AS a", audience.select_sql());
-    let max: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql)).fetch_one(db.pool()).await.map_err(audience_error)?;
+    let sql = format!(
+        "SELECT CAST(MAX(id) AS BIGINT) FROM ({}) AS a",
+        audience.select_sql()
+    );
+    let max: Option<i64> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .fetch_one(db.pool())
+        .await
+        .map_err(audience_error)?;
     Ok(max.unwrap_or(0))
 }
 
 /// How many recipients are still pending (for the progress bar's ETA).
-pub async fn pending_count(db: &Db, audience: &Audience, campaign_id: i64, max_id: i64) -> Result<i64> {
+pub async fn pending_count(
+    db: &Db,
+    audience: &Audience,
+    campaign_id: i64,
+    max_id: i64,
+) -> Result<i64> {
     let sql = format!(
         "SELECT COUNT(*) FROM ({}) AS a WHERE a.id <= $1 AND NOT EXISTS \
          (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $2 AND d.recipient_id = a.id \
           AND d.status IN ({FINAL_STATUSES}))",
         audience.select_sql()
     );
-    let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql)).bind(max_id).bind(campaign_id).fetch_one(db.pool()).await.map_err(audience_error)?;
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(max_id)
+        .bind(campaign_id)
+        .fetch_one(db.pool())
+        .await
+        .map_err(audience_error)?;
     Ok(n)
 }
 
@@ -135,7 +171,14 @@ pub async fn fetch_one(db: &Db, audience: &Audience, id: Option<i64>) -> Result<
         None => (i64::MIN, i64::MAX),
     };
     // Campaign id -1 never exists, so the ledger filter passes everyone.
-    let row = sqlx::query(AssertSqlSafe(sql)).bind(after).bind(upto).bind(-1_i64).bind(1_i64).fetch_optional(db.pool()).await.map_err(audience_error)?;
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .bind(after)
+        .bind(upto)
+        .bind(-1_i64)
+        .bind(1_i64)
+        .fetch_optional(db.pool())
+        .await
+        .map_err(audience_error)?;
     row.map(|r| decode(db.backend(), &r)).transpose()
 }
 
@@ -149,12 +192,16 @@ fn audience_error(e: sqlx::Error) -> Error {
 
 /// A row → [`Recipient`].
 fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
-    let id: i64 = row.try_get("id").map_err(|e| Error::Audience(format!("column `id` must be an integer: {e}")))?;
+    let id: i64 = row
+        .try_get("id")
+        .map_err(|e| Error::Audience(format!("column `id` must be an integer: {e}")))?;
     let mut vars = Map::new();
     let mut email = None;
     match backend {
         Backend::Postgres => {
-            email = row.try_get::<Option<String>, _>("email").map_err(|e| Error::Audience(format!("column `email`: {e}")))?;
+            email = row
+                .try_get::<Option<String>, _>("email")
+                .map_err(|e| Error::Audience(format!("column `email`: {e}")))?;
             let json: String = row.try_get("blast_row")?;
             if let Ok(Value::Object(m)) = serde_json::from_str(&json) {
                 vars = m;
@@ -177,7 +224,11 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
     vars.remove("id");
     vars.remove("email");
     lift_attributes(&mut vars);
-    Ok(Recipient { id, email: email.unwrap_or_default(), vars })
+    Ok(Recipient {
+        id,
+        email: email.unwrap_or_default(),
+        vars,
+    })
 }
 
 /// Decodes one SQLite value by its storage class. Text in a column named
@@ -192,7 +243,9 @@ fn sqlite_value(row: &AnyRow, i: usize, name: &str) -> Result<Value> {
         "BOOLEAN" => Value::Bool(row.try_get(i)?),
         "SMALLINT" | "INTEGER" | "BIGINT" => Value::from(row.try_get::<i64, _>(i)?),
         "REAL" | "DOUBLE" => Value::from(row.try_get::<f64, _>(i)?),
-        "BLOB" => Value::String(String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(i)?).into_owned()),
+        "BLOB" => {
+            Value::String(String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(i)?).into_owned())
+        }
         _ => {
             let s: String = row.try_get(i)?;
             if name == "attributes" || name.ends_with("_json") {

@@ -8,7 +8,11 @@ use super::{Outcome, Reply};
 pub fn reply(code: u16, lines: &[&str]) -> Reply {
     let text = lines.join(" ");
     let enhanced = enhanced_status(&text).map(str::to_string);
-    Reply { code: Some(code), enhanced, text }
+    Reply {
+        code: Some(code),
+        enhanced,
+        text,
+    }
 }
 
 /// Maps a complete server reply to the message's outcome: 2xx sent, 4xx
@@ -36,7 +40,10 @@ pub fn enhanced_status(text: &str) -> Option<&str> {
     let ok = matches!(class, "2" | "4" | "5")
         && (1..=3).contains(&subject.len())
         && (1..=3).contains(&detail.len())
-        && subject.bytes().chain(detail.bytes()).all(|b| b.is_ascii_digit())
+        && subject
+            .bytes()
+            .chain(detail.bytes())
+            .all(|b| b.is_ascii_digit())
         && parts.next().is_none();
     ok.then_some(first)
 }
@@ -50,14 +57,24 @@ pub fn queue_id(text: &str) -> Option<&str> {
         (!id.is_empty()).then_some(id)
     }
     if let Some(i) = text.find("queued as ") {
-        return text[i + 10..].split_ascii_whitespace().next().and_then(clean);
+        return text[i + 10..]
+            .split_ascii_whitespace()
+            .next()
+            .and_then(clean);
     }
     if let Some(i) = text.find("id=") {
-        return text[i + 3..].split_ascii_whitespace().next().and_then(clean);
+        return text[i + 3..]
+            .split_ascii_whitespace()
+            .next()
+            .and_then(clean);
     }
     if let Some(i) = text.find(" Message accepted") {
         // "2.0.0 4B3C2D1E Message accepted for delivery"
-        return text[..i].split_ascii_whitespace().last().and_then(clean).filter(|id| enhanced_status(id).is_none());
+        return text[..i]
+            .split_ascii_whitespace()
+            .last()
+            .and_then(clean)
+            .filter(|id| enhanced_status(id).is_none());
     }
     None
 }
@@ -68,17 +85,66 @@ mod tests {
 
     #[test]
     fn replies_classify() {
-        // (code, text, status, enhanced, queue id)
-        let table: &[(u16, &str, &str, Option<&str>, Option<&str>)] = &[
-            (250, "2.0.0 Ok: queued as 4F1A2B3C4D", "sent", Some("2.0.0"), Some("4F1A2B3C4D")),
-            (250, "OK id=1uXyZa-000ABC-7Q", "sent", None, Some("1uXyZa-000ABC-7Q")),
-            (250, "2.0.0 5AT9x1Qp012345 Message accepted for delivery", "sent", Some("2.0.0"), Some("5AT9x1Qp012345")),
+        /// (code, text, status, enhanced, queue id)
+        type Row<'a> = (u16, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
+        let table: &[Row<'_>] = &[
+            (
+                250,
+                "2.0.0 Ok: queued as 4F1A2B3C4D",
+                "sent",
+                Some("2.0.0"),
+                Some("4F1A2B3C4D"),
+            ),
+            (
+                250,
+                "OK id=1uXyZa-000ABC-7Q",
+                "sent",
+                None,
+                Some("1uXyZa-000ABC-7Q"),
+            ),
+            (
+                250,
+                "2.0.0 5AT9x1Qp012345 Message accepted for delivery",
+                "sent",
+                Some("2.0.0"),
+                Some("5AT9x1Qp012345"),
+            ),
             (250, "Ok", "sent", None, None),
-            (451, "4.3.0 Try again later", "deferred", Some("4.3.0"), None),
-            (421, "4.7.0 Too many connections, slow down", "deferred", Some("4.7.0"), None),
-            (452, "4.5.3 Too many recipients", "deferred", Some("4.5.3"), None),
-            (550, "5.1.1 <x@y>: Recipient address rejected: User unknown", "failed", Some("5.1.1"), None),
-            (554, "5.7.1 Relay access denied", "failed", Some("5.7.1"), None),
+            (
+                451,
+                "4.3.0 Try again later",
+                "deferred",
+                Some("4.3.0"),
+                None,
+            ),
+            (
+                421,
+                "4.7.0 Too many connections, slow down",
+                "deferred",
+                Some("4.7.0"),
+                None,
+            ),
+            (
+                452,
+                "4.5.3 Too many recipients",
+                "deferred",
+                Some("4.5.3"),
+                None,
+            ),
+            (
+                550,
+                "5.1.1 <x@y>: Recipient address rejected: User unknown",
+                "failed",
+                Some("5.1.1"),
+                None,
+            ),
+            (
+                554,
+                "5.7.1 Relay access denied",
+                "failed",
+                Some("5.7.1"),
+                None,
+            ),
             (354, "End data with <CR><LF>.<CR><LF>", "failed", None, None),
             (550, "5.1.1.1 not an enhanced code", "failed", None, None),
         ];

@@ -29,7 +29,9 @@ impl Transport for FileTransport {
     type Session = FileSession;
 
     async fn connect(&self, _slot: usize) -> Result<FileSession, SessionError> {
-        Ok(FileSession { dir: self.dir.clone() })
+        Ok(FileSession {
+            dir: self.dir.clone(),
+        })
     }
 
     fn describe(&self, _slot: usize) -> String {
@@ -41,14 +43,24 @@ impl super::Session for FileSession {
     async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Outcome, SessionError> {
         let path = self.dir.join(format!("{}.eml", envelope.recipient_id));
         // The envelope is not part of the message; keep it visible like an MTA would.
-        let mut bytes = format!("Return-Path: <{}>\r\nDelivered-To: {}\r\n", envelope.from, envelope.to).into_bytes();
+        let mut bytes = format!(
+            "Return-Path: <{}>\r\nDelivered-To: {}\r\n",
+            envelope.from, envelope.to
+        )
+        .into_bytes();
         bytes.extend_from_slice(message);
-        tokio::fs::write(&path, bytes).await.map_err(|e| SessionError {
-            message: format!("{}: {e}", path.display()),
-            ambiguous: false,
-        })?;
+        tokio::fs::write(&path, bytes)
+            .await
+            .map_err(|e| SessionError {
+                message: format!("{}: {e}", path.display()),
+                ambiguous: false,
+            })?;
         Ok(Outcome::Sent {
-            reply: Reply { code: None, enhanced: None, text: format!("written to {}", path.display()) },
+            reply: Reply {
+                code: None,
+                enhanced: None,
+                text: format!("written to {}", path.display()),
+            },
             queue_id: None,
         })
     }

@@ -66,13 +66,19 @@ impl Outcome {
     /// The reply behind the outcome.
     pub fn reply(&self) -> &Reply {
         match self {
-            Outcome::Sent { reply, .. } | Outcome::Deferred(reply) | Outcome::Failed(reply) => reply,
+            Outcome::Sent { reply, .. } | Outcome::Deferred(reply) | Outcome::Failed(reply) => {
+                reply
+            }
         }
     }
 
     /// A failure decided by blast itself, with no SMTP round trip.
     pub fn local_failure(text: impl Into<String>) -> Outcome {
-        Outcome::Failed(Reply { code: None, enhanced: None, text: text.into() })
+        Outcome::Failed(Reply {
+            code: None,
+            enhanced: None,
+            text: text.into(),
+        })
     }
 }
 
@@ -106,7 +112,10 @@ pub trait Transport: Send + Sync + 'static {
 
     /// Opens a session; `slot` is the injector number, used to spread
     /// injectors over several relays.
-    fn connect(&self, slot: usize) -> impl Future<Output = Result<Self::Session, SessionError>> + Send;
+    fn connect(
+        &self,
+        slot: usize,
+    ) -> impl Future<Output = Result<Self::Session, SessionError>> + Send;
 
     /// Short description for logs ("smtp://127.0.0.1:25").
     fn describe(&self, slot: usize) -> String;

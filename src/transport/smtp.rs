@@ -30,8 +30,18 @@ pub struct Smtp {
 impl Smtp {
     /// A transport for `relays`. `password` (from `BLAST_SMTP_PASSWORD`) is
     /// used for relays whose URL names a user.
-    pub fn new(relays: Vec<Relay>, helo: String, timeout: Duration, password: Option<String>) -> Smtp {
-        Smtp { relays, helo, timeout, password }
+    pub fn new(
+        relays: Vec<Relay>,
+        helo: String,
+        timeout: Duration,
+        password: Option<String>,
+    ) -> Smtp {
+        Smtp {
+            relays,
+            helo,
+            timeout,
+            password,
+        }
     }
 
     fn relay(&self, slot: usize) -> &Relay {
@@ -75,12 +85,18 @@ impl Transport for Smtp {
                 ambiguous: false,
             })?;
             let creds = Credentials::new(user.clone(), password);
-            tokio::time::timeout(self.timeout, conn.auth(&[Mechanism::Plain, Mechanism::Login], &creds))
-                .await
-                .map_err(|_| fail("AUTH", &"timed out"))?
-                .map_err(|e| fail("AUTH", &lettre_text(&e)))?;
+            tokio::time::timeout(
+                self.timeout,
+                conn.auth(&[Mechanism::Plain, Mechanism::Login], &creds),
+            )
+            .await
+            .map_err(|_| fail("AUTH", &"timed out"))?
+            .map_err(|e| fail("AUTH", &lettre_text(&e)))?;
         }
-        Ok(SmtpSession { conn, timeout: self.timeout })
+        Ok(SmtpSession {
+            conn,
+            timeout: self.timeout,
+        })
     }
 
     fn describe(&self, slot: usize) -> String {
@@ -106,16 +122,21 @@ impl SmtpSession {
                 None => self.conn.command(command).await,
             }
         };
-        let result = tokio::time::timeout(self.timeout, fut).await.map_err(|_| SessionError {
-            message: format!("{} timed out after {:?}", command.trim_end(), self.timeout),
-            ambiguous: data.is_some(),
-        })?;
+        let result = tokio::time::timeout(self.timeout, fut)
+            .await
+            .map_err(|_| SessionError {
+                message: format!("{} timed out after {:?}", command.trim_end(), self.timeout),
+                ambiguous: data.is_some(),
+            })?;
         match result {
             Ok(resp) => Ok(Step::Ok(resp)),
             Err(e) => match e.status() {
                 Some(code) => {
                     let text = e.source().map(|s| s.to_string()).unwrap_or_default();
-                    Ok(Step::Refused(classify::outcome(classify::reply(code.into(), &[&text]))))
+                    Ok(Step::Refused(classify::outcome(classify::reply(
+                        code.into(),
+                        &[&text],
+                    ))))
                 }
                 None => Err(SessionError {
                     message: format!("{}: {}", command.trim_end(), lettre_text(&e)),
@@ -150,7 +171,10 @@ impl super::Session for SmtpSession {
         match self.step("end of data", Some(message)).await? {
             Step::Ok(resp) => {
                 let lines: Vec<&str> = resp.message().collect();
-                Ok(classify::outcome(classify::reply(resp.code().into(), &lines)))
+                Ok(classify::outcome(classify::reply(
+                    resp.code().into(),
+                    &lines,
+                )))
             }
             // A refusal after the data ends the transaction; no RSET needed.
             Step::Refused(outcome) => Ok(outcome),

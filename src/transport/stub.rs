@@ -38,7 +38,9 @@ impl Stub {
 
     /// Answers `outcome` for `address` from now on.
     pub fn script(&self, address: &str, outcome: Outcome) {
-        self.lock().scripted.insert(address.to_ascii_lowercase(), outcome);
+        self.lock()
+            .scripted
+            .insert(address.to_ascii_lowercase(), outcome);
     }
 
     /// Makes every `connect` fail (or succeed again).
@@ -68,7 +70,10 @@ impl Transport for Stub {
 
     async fn connect(&self, _slot: usize) -> Result<StubSession, SessionError> {
         if self.lock().refuse_connect {
-            return Err(SessionError { message: "stub: connection refused".into(), ambiguous: false });
+            return Err(SessionError {
+                message: "stub: connection refused".into(),
+                ambiguous: false,
+            });
         }
         Ok(StubSession { stub: self.clone() })
     }
@@ -84,9 +89,15 @@ impl super::Session for StubSession {
         if let Some(o) = inner.scripted.get(&envelope.to.to_ascii_lowercase()) {
             return Ok(o.clone());
         }
-        inner.delivered.push(Delivered { envelope: envelope.clone(), message: message.to_vec() });
+        inner.delivered.push(Delivered {
+            envelope: envelope.clone(),
+            message: message.to_vec(),
+        });
         let id = format!("STUB{}", inner.delivered.len());
-        Ok(classify::outcome(classify::reply(250, &[&format!("2.0.0 Ok: queued as {id}")])))
+        Ok(classify::outcome(classify::reply(
+            250,
+            &[&format!("2.0.0 Ok: queued as {id}")],
+        )))
     }
 
     async fn close(self) {}

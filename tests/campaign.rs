@@ -1,0 +1,272 @@
+use std::collections::HashMap;
+use std::future::pending;
+
+use blast::progress::Mode;
+use blast::sink::Faults;
+
+use crate::util::{self, header, header_names, ledger_rows, Backend, World};
+
+/// The full pipeline on `n` recipients: every recipient gets exactly one
+/// message carrying its own values, and the ledger holds the sink's queue ids.
+async fn ten_thousand(backend: Backend) {
+    let n = 10_000;
+    let w = World::new(backend).await;
+    w.seed(n).await;
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign(
+        "big",
+        "Hello {{ first_name }}",
+        "Your token is {{ token }} (id {{ id }}, {{ email }}).",
+        Some("<p>Hello {{ first_name }}, token {{ token }}</p>"),
+        "[delivery]\nenvelope_from = \"bounces+{{ id }}@example.com\"\n",
+    );
+    let cfg = w.config(&path, Some(&sink), 8);
+    let summary = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(
+        (summary.sent, summary.failed, summary.deferred),
+        (n as u64, 0, 0)
+    );
+    assert!(!summary.interrupted);
+
+    let received = sink.received();
+    assert_eq!(received.len(), n as usize, "one message per recipient");
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    for r in &received {
+        assert_eq!(r.rcpt_to.len(), 1, "one recipient per envelope");
+        *seen.entry(r.rcpt_to[0].clone()).or_default() += 1;
+        let id: i64 = header(&r.data, "X-Blast-Recipient")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(r.rcpt_to[0], format!("user{id}@example.com"));
+        assert_eq!(r.mail_from, format!("bounces+{id}@example.com"));
+        assert_eq!(
+            header(&r.data, "Subject").unwrap(),
+            format!("Hello Name{id}")
+        );
+        let body = String::from_utf8_lossy(&r.data);
+        assert!(
+            body.contains(&format!("Your token is tok-{id}-{}", id * 7)),
+            "{body}"
+        );
+        assert!(body.contains("multipart/alternative"));
+    }
+    assert_eq!(seen.len(), n as usize);
+    assert!(seen.values().all(|&c| c == 1));
+
+    let db = w.db().await;
+    let rows = ledger_rows(&db, "big").await;
+    assert_eq!(rows.len(), n as usize);
+    let queue_ids: HashMap<String, String> = received
+        .iter()
+        .map(|r| (r.rcpt_to[0].clone(), r.queue_id.clone()))
+        .collect();
+    for (id, status, code, enhanced, _reply, qid) in rows {
+        assert_eq!(status, "sent");
+        assert_eq!(code, Some(250));
+        assert_eq!(enhanced.as_deref(), Some("2.0.0"));
+        assert_eq!(
+            qid.as_ref(),
+            queue_ids.get(&format!("user{id}@example.com"))
+        );
+    }
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_recipients_sqlite() {
+    ten_thousand(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_recipients_postgres() {
+    ten_thousand(Backend::Postgres).await;
+}
+
+/// JSON columns become nested objects; `[vars]` reach every template.
+async fn columns_and_vars(backend: Backend) {
+    let w = World::new(backend).await;
+    let json_type = if backend == Backend::Postgres {
+        "JSONB"
+    } else {
+        "TEXT"
+    };
+    w.exec(&format!(
+        "CREATE TABLE members (id BIGINT PRIMARY KEY, email TEXT, city TEXT, score DOUBLE PRECISION, prefs_json {json_type})"
+    ))
+    .await;
+    w.exec("INSERT INTO members VALUES (1, 'a@example.com', 'Oslo', 2.5, '{\"topics\": [\"rust\", \"smtp\"]}')").await;
+    w.exec("INSERT INTO members VALUES (2, 'b@example.com', NULL, 1, '{\"topics\": []}')")
+        .await;
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign(
+        "cols",
+        "{{ week }}",
+        "{{ city | default(value='nowhere') }} {{ score }} {% for t in prefs_json.topics %}[{{ t }}]{% endfor %} {% for a in articles %}{{ a.title }};{% endfor %}",
+        None,
+        "[vars]\nweek = \"w48\"\narticles = [{ title = \"One\" }, { title = \"Two\" }]\n",
+    );
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path).unwrap().replace(
+            "table = \"subscribers\"",
+            "query = \"SELECT * FROM members\"",
+        ),
+    )
+    .unwrap();
+    let cfg = w.config(&path, Some(&sink), 2);
+    let summary = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(summary.sent, 2, "{summary:?}");
+    let mut bodies: Vec<(String, String)> = sink
+        .received()
+        .iter()
+        .map(|r| {
+            (
+                r.rcpt_to[0].clone(),
+                String::from_utf8_lossy(&r.data)
+                    .split("\r\n\r\n")
+                    .nth(1)
+                    .unwrap()
+                    .trim()
+                    .to_string(),
+            )
+        })
+        .collect();
+    bodies.sort();
+    assert_eq!(bodies[0].1, "Oslo 2.5 [rust][smtp] One;Two;");
+    // A float column: SQLite keeps 1.0, PostgreSQL's JSON says 1.
+    let score = if backend == Backend::Postgres {
+        "1"
+    } else {
+        "1.0"
+    };
+    assert_eq!(bodies[1].1, format!("nowhere {score}  One;Two;"));
+    assert_eq!(header(&sink.received()[0].data, "Subject").unwrap(), "w48");
+    sink.shutdown().await;
+}
+
+#[tokio::test]
+async fn columns_json_and_vars_sqlite() {
+    columns_and_vars(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn columns_json_and_vars_postgres() {
+    columns_and_vars(Backend::Postgres).await;
+}
+
+/// Hostile subscriber data end to end: no injected header, no extra RCPT,
+/// template syntax printed, HTML escaped, non-ASCII encoded.
+#[tokio::test]
+async fn hostile_subscriber_data_stays_data() {
+    let w = World::new(Backend::Sqlite).await;
+    let evil = [
+        (1, "a@example.com", "Eve\r\nBcc: victim@example.com"),
+        (2, "b@example.com", "{{ 7 * 6 }}{% include 'x' %}"),
+        (3, "c@example.com", "<script>alert(1)</script>"),
+        (4, "d@bücher.example", "Jürgen Größe"),
+        (
+            5,
+            "e@example.com",
+            "--boundary\r\nContent-Type: text/html\r\n\r\n<b>x</b>",
+        ),
+    ];
+    for (id, email, name) in evil {
+        let attrs = serde_json::json!({ "first_name": name })
+            .to_string()
+            .replace('\'', "''");
+        w.exec(&format!("INSERT INTO subscribers (id, email, attributes, created_at) VALUES ({id}, '{email}', '{attrs}', 'x')")).await;
+    }
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign(
+        "evil",
+        "Hi {{ first_name }}",
+        "Dear {{ first_name }},",
+        Some("<p>Dear {{ first_name }}</p>"),
+        "[message.headers]\nX-Name = \"{{ first_name }}\"\n",
+    );
+    std::fs::write(
+        &path,
+        std::fs::read_to_string(&path)
+            .unwrap()
+            .replace("[message]\n", "[message]\nto_name = \"{{ first_name }}\"\n"),
+    )
+    .unwrap();
+    let cfg = w.config(&path, Some(&sink), 2);
+    let summary = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(summary.sent, 5, "{summary:?}");
+    let received = sink.received();
+    assert_eq!(received.len(), 5);
+    for r in &received {
+        assert_eq!(r.rcpt_to.len(), 1);
+        let names = header_names(&r.data);
+        assert!(!names.iter().any(|h| h == "bcc"), "{names:?}");
+        assert_eq!(
+            names.iter().filter(|h| *h == "content-type").count(),
+            1,
+            "{names:?}"
+        );
+        let head = String::from_utf8_lossy(&r.data)
+            .split("\r\n\r\n")
+            .next()
+            .unwrap()
+            .to_string();
+        assert!(head.is_ascii(), "headers must be 7-bit: {head}");
+        let body = String::from_utf8_lossy(&r.data);
+        let html = body
+            .split("Content-Type: text/html")
+            .nth(1)
+            .expect("an HTML part");
+        assert!(!html.contains("<script>"), "HTML must be escaped: {html}");
+    }
+    assert!(received
+        .iter()
+        .any(|r| r.rcpt_to[0] == "d@xn--bcher-kva.example"));
+    let tpl = received
+        .iter()
+        .find(|r| r.rcpt_to[0] == "b@example.com")
+        .unwrap();
+    let tpl = String::from_utf8_lossy(&tpl.data);
+    assert!(
+        tpl.contains("Dear {{ 7 * 6 }}{% include 'x' %},"),
+        "template syntax in data is printed: {tpl}"
+    );
+    let script = received
+        .iter()
+        .find(|r| r.rcpt_to[0] == "c@example.com")
+        .unwrap();
+    assert!(String::from_utf8_lossy(&script.data).contains("&lt;script&gt;"));
+    sink.shutdown().await;
+}
+
+/// `--dry-run` writes one .eml per recipient and records nothing.
+#[tokio::test]
+async fn dry_run_writes_files_and_records_nothing() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(20).await;
+    let path = w.campaign("dry", "Hi {{ first_name }}", "x {{ token }}", None, "");
+    let mut cfg = w.config(&path, None, 2);
+    let out = w.path("out");
+    cfg.dry_run = Some(out.clone());
+    let summary = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(summary.sent, 20);
+    let eml = std::fs::read_to_string(out.join("7.eml")).unwrap();
+    assert!(
+        eml.contains("Subject: Hi Name7") && eml.contains("tok-7-49"),
+        "{eml}"
+    );
+    assert_eq!(std::fs::read_dir(&out).unwrap().count(), 20);
+    let db = w.db().await;
+    assert!(
+        ledger_rows(&db, "dry").await.is_empty(),
+        "dry-run must not mark anyone sent"
+    );
+}

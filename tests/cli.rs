@@ -1,0 +1,133 @@
+//! The binary as an operator runs it.
+
+use std::process::Command;
+
+use blast::sink::Faults;
+
+use crate::util::{self, Backend, World};
+
+fn blast() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blast"))
+}
+
+/// Exit 0 when everyone was accepted, a JSON summary on stdout, and status counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_status_and_exit_codes() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(30).await;
+    let mut faults = Faults::default();
+    faults.rcpt_replies.insert(
+        "user5@example.com".into(),
+        (550, "5.1.1".into(), "No such user".into()),
+    );
+    let sink = util::sink(faults).await;
+    let path = w.campaign("cli", "Hi {{ first_name }}", "x", None, "");
+    let smtp = format!("smtp://{}", sink.local_addr());
+
+    let out = tokio::task::spawn_blocking({
+        let (path, smtp) = (path.clone(), smtp.clone());
+        move || {
+            blast()
+                .arg("send")
+                .arg(&path)
+                .args(["--smtp", &smtp, "--limit", "4", "--json"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["sent"], 4);
+
+    // user5 is refused: exit code 1.
+    let out = tokio::task::spawn_blocking({
+        let (path, smtp) = (path.clone(), smtp.clone());
+        move || {
+            blast()
+                .arg("send")
+                .arg(&path)
+                .args(["--smtp", &smtp, "--progress", "plain"])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("sent 25 failed 1"), "{stderr}");
+
+    let out = blast()
+        .arg("status")
+        .arg(&path)
+        .arg("--json")
+        .output()
+        .unwrap();
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            status["sent"].as_i64(),
+            status["failed"].as_i64(),
+            status["pending"].as_i64()
+        ),
+        (Some(29), Some(1), Some(0))
+    );
+    assert_eq!(status["state"], "finished");
+}
+
+/// Fatal errors exit 2 with a message naming the problem.
+#[test]
+fn fatal_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bad.toml");
+    std::fs::write(&p, "name = \"x\"\ndatabase = \"sqlite://x.db\"\n[audience]\ntable = \"subscribers\"\n[message]\nfrom = \"a@b.c\"\nsubject = \"s\"\ntext = \"missing.txt\"\n").unwrap();
+    let out = blast().arg("send").arg(&p).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("bad.toml") && stderr.contains("message.text"),
+        "{stderr}"
+    );
+}
+
+/// `blast preview --id` prints that recipient's message.
+#[tokio::test]
+async fn preview_prints_one_recipient() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(5).await;
+    let path = w.campaign("pv", "Hi {{ first_name }}", "Token {{ token }}", None, "");
+    let out = blast()
+        .arg("preview")
+        .arg(&path)
+        .args(["--id", "3"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msg = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        msg.contains("Subject: Hi Name3")
+            && msg.contains("Token tok-3-21")
+            && msg.contains("user3@example.com"),
+        "{msg}"
+    );
+    let out = blast()
+        .arg("preview")
+        .arg(&path)
+        .args(["--id", "99"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("99"));
+}

@@ -1,0 +1,13 @@
+//! Integration tests: one binary, one `mod` per area. Every test gets its own
+//! database and an in-process sink on 127.0.0.1:0.
+
+mod util;
+
+/// Bad input: config, templates, broken rows, unreachable relays.
+mod bad_input;
+/// End-to-end campaigns against the built-in sink, on SQLite and PostgreSQL.
+mod campaign;
+/// The `blast` binary itself: exit codes, JSON summaries, preview, status.
+mod cli;
+/// Running a campaign again: stopped runs, deferred recipients.
+mod resume;

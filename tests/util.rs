@@ -1,0 +1,239 @@
+//! Test harness: a fresh database per test (SQLite file in a temp dir, or a new
+//! PostgreSQL database on the server named by `BLAST_TEST_PG_URL`), a campaign
+//! file writer, audience seeding, and an in-process sink.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use blast::config::{Config, Overrides};
+use blast::db::Db;
+use blast::sink::{Faults, Sink, SinkConfig};
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+/// One test's world: temp dir, database URL, campaign files.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub url: String,
+    pub backend: Backend,
+}
+
+impl World {
+    /// A fresh, migrated, empty database.
+    pub async fn new(backend: Backend) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let url = match backend {
+            Backend::Sqlite => format!("sqlite://{}", dir.path().join("blast.db").display()),
+            Backend::Postgres => fresh_pg_database().await,
+        };
+        Db::connect(&url).await.unwrap().close().await;
+        World { dir, url, backend }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub async fn db(&self) -> Db {
+        Db::connect(&self.url).await.unwrap()
+    }
+
+    /// Inserts `n` subscribers with ids 1..=n: `user{i}@example.com`, with
+    /// attributes first_name = `Name{i}` and token = `tok-{i}-{i*7}`.
+    pub async fn seed(&self, n: i64) {
+        let db = self.db().await;
+        let cast = if self.backend == Backend::Postgres {
+            "::jsonb"
+        } else {
+            ""
+        };
+        let mut i = 1;
+        while i <= n {
+            let end = (i + 499).min(n);
+            let mut sql =
+                String::from("INSERT INTO subscribers (id, email, attributes, created_at) VALUES ");
+            for k in i..=end {
+                if k > i {
+                    sql.push(',');
+                }
+                sql.push_str(&format!(
+                    "({k}, 'user{k}@example.com', '{{\"first_name\":\"Name{k}\",\"token\":\"tok-{k}-{}\"}}'{cast}, '2026-01-01T00:00:00.000Z')",
+                    k * 7
+                ));
+            }
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(db.pool())
+                .await
+                .unwrap();
+            i = end + 1;
+        }
+        db.close().await;
+    }
+
+    /// Runs one SQL statement.
+    pub async fn exec(&self, sql: &str) {
+        let db = self.db().await;
+        sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+            .execute(db.pool())
+            .await
+            .unwrap();
+        db.close().await;
+    }
+
+    /// Writes a campaign with the given templates and extra TOML, returns its path.
+    pub fn campaign(
+        &self,
+        name: &str,
+        subject: &str,
+        text: &str,
+        html: Option<&str>,
+        extra: &str,
+    ) -> PathBuf {
+        std::fs::write(self.path(&format!("{name}.txt")), text).unwrap();
+        let html_line = match html {
+            Some(h) => {
+                std::fs::write(self.path(&format!("{name}.html")), h).unwrap();
+                format!("html = \"{name}.html\"\n")
+            }
+            None => String::new(),
+        };
+        let toml = format!(
+            "name = \"{name}\"\ndatabase = \"{url}\"\n[audience]\ntable = \"subscribers\"\n\
+             [message]\nfrom = \"Test <news@example.com>\"\nsubject = \"{subject}\"\ntext = \"{name}.txt\"\n{html_line}{extra}",
+            url = self.url
+        );
+        let p = self.path(&format!("{name}.toml"));
+        std::fs::write(&p, toml).unwrap();
+        p
+    }
+
+    /// Loads a campaign with overrides pointing at `sink`.
+    pub fn config(&self, path: &Path, sink: Option<&Sink>, concurrency: usize) -> Config {
+        let overrides = Overrides {
+            smtp: sink
+                .map(|s| vec![format!("smtp://{}", s.local_addr())])
+                .unwrap_or_default(),
+            concurrency: Some(concurrency),
+            ..Default::default()
+        };
+        Config::load(path, &overrides).unwrap()
+    }
+}
+
+/// A sink on 127.0.0.1:0 that keeps messages.
+pub async fn sink(faults: Faults) -> Sink {
+    Sink::start(SinkConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        keep_messages: true,
+        faults,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// The PostgreSQL server for tests. Required: `scripts/test.sh` starts one.
+pub fn pg_url() -> String {
+    std::env::var("BLAST_TEST_PG_URL").expect(
+        "BLAST_TEST_PG_URL is not set: run the suite with scripts/test.sh, which starts a throwaway PostgreSQL",
+    )
+}
+
+/// Creates a uniquely named database and returns its URL.
+async fn fresh_pg_database() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static N: AtomicU32 = AtomicU32::new(0);
+    let base = pg_url();
+    let name = format!(
+        "blast_t_{}_{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    );
+    let admin = Db::connect(&base).await.unwrap();
+    sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(admin.pool())
+        .await
+        .unwrap();
+    admin.close().await;
+    match base.rsplit_once('/') {
+        Some((server, _)) => format!("{server}/{name}"),
+        None => panic!("BLAST_TEST_PG_URL must end in /database"),
+    }
+}
+
+/// The value of header `name` in a raw message (first occurrence, unfolded).
+pub fn header(msg: &[u8], name: &str) -> Option<String> {
+    let text = String::from_utf8_lossy(msg);
+    let head = text.split("\r\n\r\n").next().unwrap_or("");
+    let mut lines = head.split("\r\n").peekable();
+    while let Some(line) = lines.next() {
+        if let Some((h, v)) = line.split_once(':') {
+            if h.eq_ignore_ascii_case(name) {
+                let mut v = v.trim().to_string();
+                while let Some(next) = lines.peek() {
+                    if next.starts_with(' ') || next.starts_with('\t') {
+                        v.push(' ');
+                        v.push_str(next.trim());
+                        lines.next();
+                    } else {
+                        break;
+                    }
+                }
+                return Some(v);
+            }
+        }
+    }
+    None
+}
+
+/// All header names of a raw message, lower-cased.
+pub fn header_names(msg: &[u8]) -> Vec<String> {
+    let text = String::from_utf8_lossy(msg);
+    let head = text.split("\r\n\r\n").next().unwrap_or("").to_string();
+    head.split("\r\n")
+        .filter(|l| !l.starts_with(' ') && !l.starts_with('\t'))
+        .filter_map(|l| l.split_once(':').map(|(h, _)| h.to_ascii_lowercase()))
+        .collect()
+}
+
+/// Ledger rows of a campaign: (recipient_id, status, smtp_code, enhanced, reply, queue_id).
+pub async fn ledger_rows(
+    db: &Db,
+    campaign: &str,
+) -> Vec<(
+    i64,
+    String,
+    Option<i32>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+)> {
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT d.recipient_id, d.status, d.smtp_code, d.enhanced_status, d.reply, d.queue_id \
+         FROM blast_deliveries d JOIN blast_campaigns c ON c.id = d.campaign_id \
+         WHERE c.name = $1 ORDER BY d.recipient_id",
+    )
+    .bind(campaign)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    rows.iter()
+        .map(|r| {
+            (
+                r.get::<i64, _>(0),
+                r.get::<String, _>(1),
+                r.get::<Option<i32>, _>(2),
+                r.get::<Option<String>, _>(3),
+                r.get::<Option<String>, _>(4),
+                r.get::<Option<String>, _>(5),
+            )
+        })
+        .collect()
+}
