@@ -59,7 +59,7 @@ pub struct SendArgs {
     #[arg(long)]
     pub limit: Option<u64>,
     /// Render and write .eml files into DIR instead of sending (default
-    /// ./blast-dry-run/<campaign>); records nothing in the ledger.
+    /// `./blast-dry-run/<campaign>`); records nothing in the ledger.
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
     pub dry_run: Option<PathBuf>,
     /// Print the summary as one JSON object on stdout.

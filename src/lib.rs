@@ -30,7 +30,7 @@ pub mod commands;
 pub mod config;
 pub mod db;
 pub mod error;
-// pub mod import;
+pub mod import;
 pub mod ledger;
 pub mod progress;
 pub mod render;

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 
-use blast::cli::{Cli, Command, SendArgs, SinkArgs};
+use blast::cli::{Cli, Command, ImportArgs, SendArgs, SinkArgs};
 use blast::config::{Config, Overrides};
 use blast::progress::Mode;
 
@@ -77,7 +77,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Import(_args) => anyhow::bail!("import: not wired yet"),
+        Command::Import(args) => import(args).await,
         Command::Sink(args) => sink(args).await,
     }
 }
@@ -194,4 +194,41 @@ async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         stats.connections, stats.messages, stats.recipients, stats.rejected_rcpts
     );
     Ok(ExitCode::SUCCESS)
+}
+
+async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(&args.database).await?;
+    let opts = blast::import::ImportOptions {
+        upsert: args.upsert,
+        ..Default::default()
+    };
+    let mut on_error =
+        |e: &blast::import::RowError| eprintln!("blast import: {}: {e}", args.csv.display());
+    let mut on_progress = |r: &blast::import::ImportReport| {
+        eprintln!(
+            "blast import: {} rows read: {} imported, {} updated, {} duplicates, {} invalid",
+            r.rows, r.imported, r.updated, r.duplicates, r.invalid
+        )
+    };
+    let report =
+        blast::import::import_file(&db, &args.csv, &opts, &mut on_error, &mut on_progress).await?;
+    db.close().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    eprintln!(
+        "blast import: {}: {} rows: {} imported, {} updated, {} skipped as duplicates, {} invalid",
+        args.csv.display(),
+        report.rows,
+        report.imported,
+        report.updated,
+        report.duplicates,
+        report.invalid
+    );
+    // Bad rows are reported, not fatal: exit 1 so scripts notice them.
+    Ok(if report.invalid + report.duplicates == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -131,3 +131,48 @@ async fn preview_prints_one_recipient() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("99"));
 }
+
+/// SIGTERM stops gracefully: in-flight transactions finish, every message the
+/// sink accepted is in the ledger, the summary says the run was stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_the_ledger() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(2000).await;
+    let sink = util::sink(Faults {
+        latency: Some(std::time::Duration::from_millis(2)),
+        ..Default::default()
+    })
+    .await;
+    let path = w.campaign("term", "Hi", "x", None, "");
+    let smtp = format!("smtp://{}", sink.local_addr());
+    let child = blast()
+        .arg("send")
+        .arg(&path)
+        .args(["--smtp", &smtp, "--concurrency", "4", "--progress", "plain"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    while sink.stats().messages < 200 {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("stopped before the end"), "{stderr}");
+    let accepted = sink.stats().messages;
+    assert!(accepted < 2000, "stopped early");
+    let db = w.db().await;
+    let rows = crate::util::ledger_rows(&db, "term").await;
+    assert_eq!(
+        rows.len() as u64,
+        accepted,
+        "every accepted message is recorded"
+    );
+}

@@ -9,5 +9,7 @@ mod bad_input;
 mod campaign;
 /// The `blast` binary itself: exit codes, JSON summaries, preview, status.
 mod cli;
+/// `blast import` on both backends, and imported columns in templates.
+mod import;
 /// Running a campaign again: stopped runs, deferred recipients.
 mod resume;

@@ -1,0 +1,1506 @@
+//! `blast import`: loads a CSV file into the built-in `subscribers` table.
+//!
+//! This module owns CSV parsing (header rules, per-row validation, line
+//! numbers) and the batched, streaming insert into `subscribers`. It does not
+//! own the schema (see `schema/`), the connection pool ([`Db`]), printing or
+//! exit codes (the CLI does that through the `on_error`/`on_progress`
+//! callbacks), and it never sends mail.
+//!
+//! Parsing is pure and synchronous ([`parse_header`], [`parse_record`]) so it is
+//! unit-tested with byte literals; [`import_from`] adds the database writes.
+//!
+//! Memory does not grow with the file: records are read one chunk of
+//! `batch_size` at a time, and duplicates are found by the database's unique
+//! index on `lower(email)` (`ON CONFLICT DO NOTHING ... RETURNING`) rather than
+//! by a set of every address seen. With `upsert`, an existing row no longer
+//! tells "in the table before" from "earlier in this file", so each import
+//! claims its addresses in a temporary table first. Either way "same address,
+//! different case" means whatever `lower()` means on the backend, which in
+//! SQLite folds ASCII letters only.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::fmt;
+use std::io::Read;
+use std::path::Path;
+use std::str::FromStr;
+
+use csv::ByteRecord;
+use serde_json::{Map, Value};
+use sqlx::{AnyConnection, AssertSqlSafe, Connection, Row};
+
+use crate::clock;
+use crate::db::{Backend, Db};
+use crate::error::{Error, Result};
+
+/// Columns the table stores itself; a CSV column with one of these names would
+/// shadow them when templates see a subscriber.
+const RESERVED: &[&str] = &["id", "created_at", "attributes"];
+
+/// RFC 5321's limit on a forward path, in octets.
+const MAX_EMAIL_LEN: usize = 254;
+
+/// Rows per transaction: short enough that a reader or a second writer is
+/// never blocked for long, long enough that commits (fsyncs) don't dominate.
+const COMMIT_EVERY: u64 = 10_000;
+
+/// Upper bound for [`ImportOptions::batch_size`]: each row takes two bind
+/// parameters, and SQLite allows 32,766 per statement (PostgreSQL 65,535).
+const MAX_BATCH: usize = 10_000;
+
+/// A record longer than this is almost certainly a quote left open that is
+/// swallowing the rest of the file; stop instead of buffering it all.
+const MAX_RECORD_BYTES: u64 = 1 << 20;
+
+/// How an import treats addresses that are already in the table.
+#[derive(Debug, Clone)]
+pub struct ImportOptions {
+    /// Replace the attributes of addresses already in the table (counted as
+    /// `updated`) instead of reporting them as duplicates. An address repeated
+    /// within the file is a duplicate either way. Defaults to `false`.
+    pub upsert: bool,
+    /// Rows per multi-row `INSERT`. Defaults to 500; clamped to 1..=10,000.
+    pub batch_size: usize,
+}
+
+impl Default for ImportOptions {
+    fn default() -> Self {
+        ImportOptions {
+            upsert: false,
+            batch_size: 500,
+        }
+    }
+}
+
+/// Running totals of an import. Every data record ends up in exactly one of
+/// `imported`, `updated`, `duplicates` or `invalid`, so they sum to `rows`.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ImportReport {
+    /// Data records read (the header is not counted).
+    pub rows: u64,
+    /// New subscribers inserted.
+    pub imported: u64,
+    /// Existing subscribers whose attributes were replaced (upsert only).
+    pub updated: u64,
+    /// Records skipped because the address was already in the table or
+    /// earlier in the file.
+    pub duplicates: u64,
+    /// Records skipped for any other reason (see [`RowProblem`]).
+    pub invalid: u64,
+}
+
+/// One skipped record: where it is, whose it is, and why it was skipped.
+#[derive(Debug, Clone)]
+pub struct RowError {
+    /// 1-based physical line where the record starts; the header is line 1.
+    pub line: u64,
+    /// The address as written (trimmed), when the record had a readable one.
+    pub email: Option<String>,
+    /// Why the record was skipped.
+    pub reason: RowProblem,
+}
+
+/// Why a record was skipped.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RowProblem {
+    /// The `email` field is empty.
+    MissingEmail,
+    /// The `email` field is not a usable address; the string says why.
+    InvalidEmail(String),
+    /// The record has a different number of fields than the header.
+    WrongColumnCount {
+        /// Fields in the header.
+        expected: usize,
+        /// Fields in this record.
+        found: usize,
+    },
+    /// A field is not valid UTF-8.
+    BadUtf8 {
+        /// The header name of the offending column.
+        column: String,
+    },
+    /// The address is already in the table or earlier in this file
+    /// (case-insensitively).
+    Duplicate,
+    /// The CSV reader rejected the record. Rare: it is lenient about quotes,
+    /// and a quote left open is caught as a whole-file error instead.
+    Csv(String),
+}
+
+impl fmt::Display for RowProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RowProblem::MissingEmail => f.write_str("missing email"),
+            RowProblem::InvalidEmail(why) => write!(f, "invalid email: {why}"),
+            RowProblem::WrongColumnCount { expected, found } => {
+                write!(f, "expected {expected} columns, found {found}")
+            }
+            RowProblem::BadUtf8 { column } => write!(f, "column {column:?} is not valid UTF-8"),
+            RowProblem::Duplicate => f.write_str("duplicate address"),
+            RowProblem::Csv(message) => write!(f, "malformed CSV: {message}"),
+        }
+    }
+}
+
+impl fmt::Display for RowError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "line {}: ", self.line)?;
+        // The address goes next to the words it qualifies; for other problems
+        // it is an aid for finding the record, so it trails in parentheses.
+        match (&self.reason, &self.email) {
+            (RowProblem::InvalidEmail(why), Some(email)) => {
+                write!(f, "invalid email {email:?}: {why}")
+            }
+            (RowProblem::Duplicate, Some(email)) => write!(f, "duplicate address {email:?}"),
+            (reason, Some(email)) => write!(f, "{reason} (email {email:?})"),
+            (reason, None) => write!(f, "{reason}"),
+        }
+    }
+}
+
+/// A validated header: column names and which one holds the address.
+#[derive(Debug, Clone)]
+pub struct Header {
+    /// Trimmed names, in file order.
+    columns: Vec<String>,
+    /// Index of the `email` column in `columns`.
+    email: usize,
+}
+
+impl Header {
+    /// The column names, trimmed, in file order.
+    pub fn columns(&self) -> &[String] {
+        &self.columns
+    }
+
+    /// The index of the `email` column.
+    pub fn email_column(&self) -> usize {
+        self.email
+    }
+}
+
+/// A record that passed validation and is ready to insert.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewSubscriber {
+    /// 1-based line where the record starts.
+    pub line: u64,
+    /// The address, trimmed, case preserved.
+    pub email: String,
+    /// Every other column: header name → field as written (may be `""`).
+    pub attributes: Map<String, Value>,
+}
+
+/// Validates the header record of `file` (the name is only used in messages).
+///
+/// Fails if a name is not UTF-8 or empty, a name repeats, a name is reserved
+/// (`id`, `created_at`, `attributes`), or there is no `email` column (matched
+/// case-insensitively). A UTF-8 BOM before the first name is ignored.
+pub fn parse_header(file: &str, record: &ByteRecord) -> Result<Header> {
+    let fail = |message: String| Error::Csv {
+        file: file.to_string(),
+        message,
+    };
+    let mut columns = Vec::with_capacity(record.len());
+    // Name → 1-based column number, to point at both copies of a duplicate.
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut email = None;
+    for (i, raw) in record.iter().enumerate() {
+        let number = i + 1;
+        // csv strips a BOM at the start of a stream, but not one handed to
+        // us in a record built some other way.
+        let raw = if i == 0 {
+            raw.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(raw)
+        } else {
+            raw
+        };
+        let name = std::str::from_utf8(raw)
+            .map_err(|_| {
+                fail(format!(
+                    "header column {number} is not valid UTF-8; save the file as UTF-8"
+                ))
+            })?
+            .trim();
+        if name.is_empty() {
+            return Err(fail(format!(
+                "header column {number} has no name; name it or remove the column"
+            )));
+        }
+        if let Some(first) = seen.insert(name.to_string(), number) {
+            return Err(fail(format!(
+                "column {name:?} appears twice in the header (columns {first} and {number}); \
+                 rename or remove one"
+            )));
+        }
+        let lower = name.to_ascii_lowercase();
+        if lower == "email" {
+            if let Some(first) = email {
+                return Err(fail(format!(
+                    "two email columns in the header (columns {} and {number}); \
+                     keep one and rename the other",
+                    first + 1
+                )));
+            }
+            email = Some(i);
+        } else if RESERVED.contains(&lower.as_str()) {
+            return Err(fail(format!(
+                "column {name:?} is reserved (blast stores it itself); \
+                 rename it, e.g. to \"csv_{name}\""
+            )));
+        }
+        columns.push(name.to_string());
+    }
+    let Some(email) = email else {
+        return Err(fail(format!(
+            "no email column in the header (found: {}); name the address column \"email\"",
+            columns.join(", ")
+        )));
+    };
+    Ok(Header { columns, email })
+}
+
+/// Validates one data record starting at `line` against `header`.
+///
+/// Checks, in order: the field count, UTF-8 in every field, then the address
+/// (trimmed; non-empty; no whitespace or control characters; at most 254
+/// bytes; accepted by `lettre::Address`).
+pub fn parse_record(
+    header: &Header,
+    record: &ByteRecord,
+    line: u64,
+) -> Result<NewSubscriber, RowError> {
+    // The address, if readable, makes every report easier to act on.
+    let email_hint = record
+        .get(header.email)
+        .and_then(|raw| std::str::from_utf8(raw).ok())
+        .map(str::trim)
+        .filter(|email| !email.is_empty())
+        .map(str::to_string);
+    let reject = |reason| RowError {
+        line,
+        email: email_hint.clone(),
+        reason,
+    };
+
+    let (expected, found) = (header.columns.len(), record.len());
+    if found != expected {
+        return Err(reject(RowProblem::WrongColumnCount { expected, found }));
+    }
+    let mut email = "";
+    let mut attributes = Map::new();
+    for (i, (raw, name)) in record.iter().zip(&header.columns).enumerate() {
+        let Ok(value) = std::str::from_utf8(raw) else {
+            return Err(reject(RowProblem::BadUtf8 {
+                column: name.clone(),
+            }));
+        };
+        if i == header.email {
+            email = value;
+        } else {
+            attributes.insert(name.clone(), Value::String(value.to_string()));
+        }
+    }
+    let email = check_email(email).map_err(reject)?;
+    Ok(NewSubscriber {
+        line,
+        email,
+        attributes,
+    })
+}
+
+/// Trims and validates an address, returning it with its case preserved.
+fn check_email(raw: &str) -> Result<String, RowProblem> {
+    let email = raw.trim();
+    if email.is_empty() {
+        return Err(RowProblem::MissingEmail);
+    }
+    // lettre accepts quoted local parts with spaces; an MTA or a spreadsheet
+    // will mangle those, so they are rejected outright.
+    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(RowProblem::InvalidEmail(
+            "contains whitespace or a control character".into(),
+        ));
+    }
+    if email.len() > MAX_EMAIL_LEN {
+        return Err(RowProblem::InvalidEmail(format!(
+            "longer than {MAX_EMAIL_LEN} bytes"
+        )));
+    }
+    lettre::Address::from_str(email).map_err(|e| {
+        use lettre::address::AddressError as E;
+        RowProblem::InvalidEmail(match e {
+            E::MissingParts => "expected user@domain".to_string(),
+            E::InvalidUser => "the part before @ is not valid".to_string(),
+            E::InvalidDomain => "the domain is not valid".to_string(),
+            // AddressError is non_exhaustive: later lettre versions may add kinds.
+            other => other.to_string(),
+        })
+    })?;
+    Ok(email.to_string())
+}
+
+/// Opens `path` and calls [`import_from`], using the path in messages.
+pub async fn import_file(
+    db: &Db,
+    path: &Path,
+    opts: &ImportOptions,
+    on_error: &mut (dyn FnMut(&RowError) + Send),
+    on_progress: &mut (dyn FnMut(&ImportReport) + Send),
+) -> Result<ImportReport> {
+    let reader = std::fs::File::open(path).map_err(|e| Error::io(path, e))?;
+    let file = path.display().to_string();
+    import_from(db, &file, reader, opts, on_error, on_progress).await
+}
+
+/// Imports CSV from `reader` into `subscribers`; `file` names it in messages.
+///
+/// Header problems fail with [`Error::Csv`] before the database is touched.
+/// Each skipped record is passed to `on_error`, in line order. Rows are
+/// written in batches of `opts.batch_size` and committed about every 10,000
+/// records; `on_progress` gets the running totals after each commit.
+///
+/// If the import fails part-way (database error, unreadable input, a record
+/// over 1 MiB), the commits made so far stay and the open one is rolled back;
+/// re-running reports the rows already imported as duplicates.
+pub async fn import_from<R: Read + Send>(
+    db: &Db,
+    file: &str,
+    reader: R,
+    opts: &ImportOptions,
+    on_error: &mut (dyn FnMut(&RowError) + Send),
+    on_progress: &mut (dyn FnMut(&ImportReport) + Send),
+) -> Result<ImportReport> {
+    let mut records = Records::open(file, reader)?;
+    // One connection throughout: upsert keeps state in a temporary table.
+    let mut conn = db.pool().acquire().await?;
+    let mut import = Importer {
+        file: file.to_string(),
+        backend: db.backend(),
+        upsert: opts.upsert,
+        batch_size: opts.batch_size.clamp(1, MAX_BATCH),
+        report: ImportReport::default(),
+    };
+    if import.upsert {
+        create_seen_table(&mut conn).await?;
+    }
+    let result = import
+        .run(&mut conn, &mut records, on_error, on_progress)
+        .await;
+    if import.upsert && drop_seen_table(&mut conn).await.is_err() {
+        // Don't hand a connection with a stale temporary table back to the pool.
+        conn.close_on_drop();
+    }
+    result.map(|()| import.report)
+}
+
+/// What the database did with one valid record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Inserted as a new subscriber.
+    Imported,
+    /// An existing subscriber's attributes were replaced.
+    Updated,
+    /// Skipped: the address was already present.
+    Duplicate,
+}
+
+/// The state of one import: settings plus running totals.
+struct Importer {
+    /// The file name, for messages.
+    file: String,
+    /// Which SQL dialect to write.
+    backend: Backend,
+    /// See [`ImportOptions::upsert`].
+    upsert: bool,
+    /// Rows per statement, already clamped.
+    batch_size: usize,
+    /// Totals so far, including the uncommitted transaction.
+    report: ImportReport,
+}
+
+impl Importer {
+    /// Reads and writes the whole file, one transaction per ~10,000 records.
+    async fn run<R: Read>(
+        &mut self,
+        conn: &mut AnyConnection,
+        records: &mut Records<R>,
+        on_error: &mut (dyn FnMut(&RowError) + Send),
+        on_progress: &mut (dyn FnMut(&ImportReport) + Send),
+    ) -> Result<()> {
+        let mut committed = 0;
+        // Read before BEGIN so an empty file never opens a transaction.
+        let mut chunk = self.read_chunk(records, committed)?;
+        while !chunk.is_empty() {
+            let mut tx = match self.backend {
+                // Take the write lock up front. A deferred transaction that
+                // reads first (upsert does) gets SQLITE_BUSY, without waiting,
+                // if another connection writes before its first write.
+                Backend::Sqlite => conn.begin_with("BEGIN IMMEDIATE").await?,
+                Backend::Postgres => conn.begin().await?,
+            };
+            let mut in_tx = 0;
+            while !chunk.is_empty() && in_tx < COMMIT_EVERY {
+                in_tx += chunk.len() as u64;
+                self.write_chunk(&mut tx, chunk, on_error).await?;
+                chunk = self.read_chunk(records, committed)?;
+            }
+            tx.commit().await?;
+            committed = self.report.rows;
+            on_progress(&self.report);
+        }
+        Ok(())
+    }
+
+    /// Reads up to `batch_size` records; a fatal error says how far the
+    /// import got, since commits before it are kept.
+    fn read_chunk<R: Read>(&self, records: &mut Records<R>, committed: u64) -> Result<Chunk> {
+        records.read_chunk(self.batch_size).map_err(|e| match e {
+            Error::Csv { file, message } => Error::Csv {
+                file,
+                message: format!("{message} (import stopped; {committed} records were committed)"),
+            },
+            other => other,
+        })
+    }
+
+    /// Writes the valid records of `chunk`, then reports every skipped record
+    /// of the chunk in line order and updates the totals.
+    async fn write_chunk(
+        &mut self,
+        conn: &mut AnyConnection,
+        chunk: Chunk,
+        on_error: &mut (dyn FnMut(&RowError) + Send),
+    ) -> Result<()> {
+        self.report.rows += chunk.len() as u64;
+        // `None` marks where a valid record sits, so errors can be merged
+        // back in line order once the database has judged the valid ones.
+        let mut slots = Vec::with_capacity(chunk.len());
+        let mut valid = Vec::with_capacity(chunk.len());
+        for parsed in chunk {
+            match parsed {
+                Ok(row) => {
+                    valid.push(row);
+                    slots.push(None);
+                }
+                Err(err) => slots.push(Some(err)),
+            }
+        }
+        let fates = if valid.is_empty() {
+            Vec::new()
+        } else if self.upsert {
+            self.upsert_rows(conn, &valid).await?
+        } else {
+            self.insert_rows(conn, &valid).await?
+        };
+        let mut judged = valid.into_iter().zip(fates);
+        for slot in slots {
+            if let Some(err) = slot {
+                self.report.invalid += 1;
+                on_error(&err);
+            } else if let Some((row, fate)) = judged.next() {
+                match fate {
+                    Fate::Imported => self.report.imported += 1,
+                    Fate::Updated => self.report.updated += 1,
+                    Fate::Duplicate => {
+                        self.report.duplicates += 1;
+                        on_error(&RowError {
+                            line: row.line,
+                            email: Some(row.email),
+                            reason: RowProblem::Duplicate,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts `rows`, skipping addresses already present (in the table or
+    /// earlier in the batch).
+    async fn insert_rows(
+        &self,
+        conn: &mut AnyConnection,
+        rows: &[NewSubscriber],
+    ) -> Result<Vec<Fate>> {
+        let sql = self.insert_sql(rows.len(), "ON CONFLICT DO NOTHING RETURNING email");
+        let inserted = self
+            .bind_subscribers(sqlx::query(AssertSqlSafe(sql)), rows.iter())?
+            .persistent(rows.len() == self.batch_size)
+            .fetch_all(&mut *conn)
+            .await?;
+        let inserted = strings(&inserted, 0)?;
+        Ok(first_occurrences(rows, &inserted)
+            .into_iter()
+            .map(|new| if new { Fate::Imported } else { Fate::Duplicate })
+            .collect())
+    }
+
+    /// Inserts `rows`, replacing the attributes of addresses already in the
+    /// table, unless this import has already written that address.
+    async fn upsert_rows(
+        &self,
+        conn: &mut AnyConnection,
+        rows: &[NewSubscriber],
+    ) -> Result<Vec<Fate>> {
+        // 1. Claim each address for this import. The table keys on the
+        //    database's own lower(), so it agrees with the unique index, and
+        //    returns the address as written so we can find the record again.
+        let mut sql = String::from("INSERT INTO blast_import_seen (key, email) VALUES ");
+        for i in 0..rows.len() {
+            let p = 2 * i;
+            sql.push_str(&format!("{}(lower(${}), ${})", sep(i), p + 1, p + 2));
+        }
+        sql.push_str(" ON CONFLICT DO NOTHING RETURNING key, email");
+        let mut claim = sqlx::query(AssertSqlSafe(sql));
+        for row in rows {
+            claim = claim.bind(row.email.as_str()).bind(row.email.as_str());
+        }
+        let claimed = claim
+            .persistent(rows.len() == self.batch_size)
+            .fetch_all(&mut *conn)
+            .await?;
+        let (keys, emails) = (strings(&claimed, 0)?, strings(&claimed, 1)?);
+        // Address as written → its key. An address is returned at most once,
+        // and taking it out on first use gives it to the first record with it;
+        // the records left over lost the claim: duplicates within the file.
+        let mut key_of: HashMap<&str, &str> = emails
+            .iter()
+            .map(String::as_str)
+            .zip(keys.iter().map(String::as_str))
+            .collect();
+        let mut fates = vec![Fate::Duplicate; rows.len()];
+        let mut fresh = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            if let Some(key) = key_of.remove(row.email.as_str()) {
+                fresh.push((i, row, key));
+            }
+        }
+        if fresh.is_empty() {
+            return Ok(fates);
+        }
+
+        // 2. Which of the claimed addresses exist already: those are updates.
+        let mut sql = String::from("SELECT lower(email) FROM subscribers WHERE lower(email) IN (");
+        for i in 0..fresh.len() {
+            sql.push_str(&format!("{}${}", sep(i), i + 1));
+        }
+        sql.push(')');
+        let mut lookup = sqlx::query(AssertSqlSafe(sql));
+        for (_, _, key) in &fresh {
+            lookup = lookup.bind(*key);
+        }
+        let full = fresh.len() == self.batch_size;
+        let existing = strings(&lookup.persistent(full).fetch_all(&mut *conn).await?, 0)?;
+        let existing: HashSet<&str> = existing.iter().map(String::as_str).collect();
+
+        // 3. Write them all. The claims guarantee no two rows of this
+        //    statement hit the same subscriber, which PostgreSQL requires.
+        let sql = self.insert_sql(
+            fresh.len(),
+            "ON CONFLICT (lower(email)) DO UPDATE SET attributes = excluded.attributes",
+        );
+        let fresh_rows = fresh.iter().map(|(_, row, _)| *row);
+        self.bind_subscribers(sqlx::query(AssertSqlSafe(sql)), fresh_rows)?
+            .persistent(full)
+            .execute(&mut *conn)
+            .await?;
+        for (i, _, key) in fresh {
+            fates[i] = if existing.contains(key) {
+                Fate::Updated
+            } else {
+                Fate::Imported
+            };
+        }
+        Ok(fates)
+    }
+
+    /// `INSERT INTO subscribers ... VALUES` for `n` rows, then `tail`.
+    /// `$1` is the shared `created_at`; row `i` binds `$2i+2` (email) and
+    /// `$2i+3` (attributes).
+    fn insert_sql(&self, n: usize, tail: &str) -> String {
+        // The Any driver sends text; PostgreSQL needs it cast to the column's type.
+        let cast = match self.backend {
+            Backend::Sqlite => "",
+            Backend::Postgres => "::jsonb",
+        };
+        let mut sql =
+            String::from("INSERT INTO subscribers (email, attributes, created_at) VALUES ");
+        for i in 0..n {
+            let p = 2 * i + 2;
+            sql.push_str(&format!("{}(${p}, ${}{cast}, $1)", sep(i), p + 1));
+        }
+        sql.push(' ');
+        sql.push_str(tail);
+        sql
+    }
+
+    /// Binds the parameters [`Importer::insert_sql`] expects.
+    fn bind_subscribers<'q>(
+        &self,
+        mut query: sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>,
+        rows: impl Iterator<Item = &'q NewSubscriber>,
+    ) -> Result<sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>> {
+        query = query.bind(clock::db_timestamp(clock::now()));
+        for row in rows {
+            let attributes = serde_json::to_string(&row.attributes).map_err(|e| Error::Csv {
+                file: self.file.clone(),
+                message: format!("line {}: cannot encode attributes: {e}", row.line),
+            })?;
+            query = query.bind(row.email.as_str()).bind(attributes);
+        }
+        Ok(query)
+    }
+}
+
+/// `", "` before every item but the first of a SQL list.
+fn sep(i: usize) -> &'static str {
+    if i == 0 {
+        ""
+    } else {
+        ", "
+    }
+}
+
+/// Column `index` of every row, as text.
+fn strings(rows: &[sqlx::any::AnyRow], index: usize) -> Result<Vec<String>> {
+    Ok(rows
+        .iter()
+        .map(|row| row.try_get::<String, _>(index))
+        .collect::<Result<_, _>>()?)
+}
+
+/// For each row, whether it is the one the database accepted: `accepted`
+/// holds the addresses it returned, exactly as bound. Rows are written in
+/// order, so when one address appears twice in a batch the first is the one
+/// that went in; matching exact strings (not our own lowercase) keeps us out
+/// of any disagreement with the database's `lower()`.
+fn first_occurrences(rows: &[NewSubscriber], accepted: &[String]) -> Vec<bool> {
+    let mut left: HashMap<&str, usize> = HashMap::new();
+    for email in accepted {
+        *left.entry(email.as_str()).or_default() += 1;
+    }
+    rows.iter()
+        .map(|row| match left.get_mut(row.email.as_str()) {
+            Some(n) if *n > 0 => {
+                *n -= 1;
+                true
+            }
+            _ => false,
+        })
+        .collect()
+}
+
+/// Creates the per-import set of addresses written, for upsert. It lives in
+/// the database (temporary, this connection only) so memory stays flat.
+async fn create_seen_table(conn: &mut AnyConnection) -> Result<()> {
+    drop_seen_table(conn).await?;
+    sqlx::query(
+        "CREATE TEMPORARY TABLE blast_import_seen (key TEXT PRIMARY KEY, email TEXT NOT NULL)",
+    )
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Drops the table made by [`create_seen_table`], if any. Both dialects look
+/// in the temporary schema first, so this never touches a real table.
+async fn drop_seen_table(conn: &mut AnyConnection) -> Result<()> {
+    sqlx::query("DROP TABLE IF EXISTS blast_import_seen")
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Records parsed from one chunk of the file, in line order.
+type Chunk = Vec<Result<NewSubscriber, RowError>>;
+
+/// A CSV stream positioned after a valid header.
+struct Records<R> {
+    /// The file name, for messages.
+    file: String,
+    /// The reader, over input that remembers the current record's bytes.
+    csv: csv::Reader<Window<R>>,
+    /// The validated header.
+    header: Header,
+    /// Reused for every record, so reading allocates only for long records.
+    record: ByteRecord,
+}
+
+impl<R: Read> Records<R> {
+    /// Reads and validates the header.
+    fn open(file: &str, reader: R) -> Result<Self> {
+        let window = Window {
+            inner: reader,
+            bytes: VecDeque::new(),
+            start: 0,
+            line: 1,
+            after_cr: false,
+            tripped: false,
+        };
+        let csv = csv::ReaderBuilder::new()
+            // We read the header ourselves and report ragged rows ourselves.
+            .has_headers(false)
+            .flexible(true)
+            .from_reader(window);
+        let mut records = Records {
+            file: file.to_string(),
+            csv,
+            header: Header {
+                columns: Vec::new(),
+                email: 0,
+            },
+            record: ByteRecord::new(),
+        };
+        match records.read_raw() {
+            Ok(Some(_)) => {}
+            Ok(None) => {
+                return Err(records
+                    .fatal("the file is empty; expected a header row with an email column".into()))
+            }
+            Err((line, RowOrFatal::Row(message) | RowOrFatal::Fatal(message))) => {
+                return Err(records.fatal(format!("line {line}: {message}")))
+            }
+        }
+        records.header = parse_header(file, &records.record)?;
+        Ok(records)
+    }
+
+    /// Reads up to `n` records; an empty chunk means end of file.
+    fn read_chunk(&mut self, n: usize) -> Result<Chunk> {
+        let mut chunk = Vec::with_capacity(n);
+        while chunk.len() < n {
+            match self.next()? {
+                Some(parsed) => chunk.push(parsed),
+                None => break,
+            }
+        }
+        Ok(chunk)
+    }
+
+    /// The next record, parsed, or `None` at end of file.
+    fn next(&mut self) -> Result<Option<Result<NewSubscriber, RowError>>> {
+        let before = self.csv.position().byte();
+        match self.read_raw() {
+            Ok(None) => Ok(None),
+            Ok(Some(line)) => Ok(Some(parse_record(&self.header, &self.record, line))),
+            // Skip a record the reader rejects, but only if it moved past
+            // it; otherwise the next read would fail the same way forever.
+            Err((line, RowOrFatal::Row(message))) if self.csv.position().byte() > before => {
+                let reason = RowProblem::Csv(message);
+                Ok(Some(Err(RowError {
+                    line,
+                    email: None,
+                    reason,
+                })))
+            }
+            Err((line, RowOrFatal::Row(message) | RowOrFatal::Fatal(message))) => {
+                Err(self.fatal(format!("line {line}: {message}")))
+            }
+        }
+    }
+
+    /// Reads the next raw record into `self.record` and returns the line it
+    /// starts on, or `None` at end of file. Errors carry the line too.
+    fn read_raw(&mut self) -> Result<Option<u64>, (u64, RowOrFatal)> {
+        let before = self.csv.position().byte();
+        self.csv.get_mut().forget_before(before);
+        let read = self.csv.read_byte_record(&mut self.record);
+        // Not the reader's own record position: that points just past the
+        // previous record, a line early after a CRLF or a blank line, and it
+        // counts LFs only, so a file with CR line ends would be all line 1.
+        let line = self.csv.get_ref().record_line();
+        match read {
+            Ok(found) => Ok(found.then_some(line)),
+            Err(_) if self.csv.get_ref().tripped => Err((
+                line,
+                RowOrFatal::Fatal(format!(
+                    "a record starting here is longer than {} MiB; is a quote (\") left open?",
+                    MAX_RECORD_BYTES >> 20
+                )),
+            )),
+            Err(e) => match e.kind() {
+                csv::ErrorKind::Io(io) => {
+                    Err((line, RowOrFatal::Fatal(format!("cannot read: {io}"))))
+                }
+                _ => Err((line, RowOrFatal::Row(e.to_string()))),
+            },
+        }
+    }
+
+    /// A whole-file error for this file.
+    fn fatal(&self, message: String) -> Error {
+        Error::Csv {
+            file: self.file.clone(),
+            message,
+        }
+    }
+}
+
+/// Whether a CSV read error can be skipped or ends the import.
+enum RowOrFatal {
+    /// The reader rejected one record and can go on.
+    Row(String),
+    /// Input can no longer be read.
+    Fatal(String),
+}
+
+/// The input, keeping the bytes from the start of the current record, so
+/// [`Records`] can tell on which line the record really starts. It also
+/// fails once a record passes [`MAX_RECORD_BYTES`], so an unbalanced quote
+/// cannot make the CSV reader buffer the rest of a 10-million-row file.
+struct Window<R> {
+    /// The real input.
+    inner: R,
+    /// Bytes read from `inner`, from stream offset `start` on: the current
+    /// record plus the CSV reader's read-ahead (8 KiB).
+    bytes: VecDeque<u8>,
+    /// Stream offset of `bytes[0]`.
+    start: u64,
+    /// Line number of `bytes[0]`. CR, LF and CRLF each end a line, as they
+    /// each end a record for the CSV reader.
+    line: u64,
+    /// Whether the byte before `bytes[0]` is a CR, so a following LF is the
+    /// second half of a CRLF rather than another line.
+    after_cr: bool,
+    /// Set when the cap was hit, to tell this apart from a real I/O error.
+    tripped: bool,
+}
+
+impl<R> Window<R> {
+    /// Drops the bytes before stream offset `offset`, which the CSV reader
+    /// has finished with, counting the lines they end.
+    fn forget_before(&mut self, offset: u64) {
+        let n = usize::try_from(offset.saturating_sub(self.start))
+            .unwrap_or(usize::MAX)
+            .min(self.bytes.len());
+        for b in self.bytes.drain(..n) {
+            self.line += line_ends(b, self.after_cr);
+            self.after_cr = b == b'\r';
+        }
+        self.start += n as u64;
+    }
+
+    /// The line of the first byte that is not CR or LF: where the record read
+    /// since [`Window::forget_before`] starts, as the CSV reader skips blank
+    /// lines (and the LF of a CRLF) before a record.
+    fn record_line(&self) -> u64 {
+        let (mut line, mut after_cr) = (self.line, self.after_cr);
+        for &b in self.bytes.iter().take_while(|&&b| b == b'\r' || b == b'\n') {
+            line += line_ends(b, after_cr);
+            after_cr = b == b'\r';
+        }
+        line
+    }
+}
+
+/// 1 if byte `b` ends a line, given whether the byte before it was a CR.
+fn line_ends(b: u8, after_cr: bool) -> u64 {
+    u64::from(b == b'\r' || (b == b'\n' && !after_cr))
+}
+
+impl<R: Read> Read for Window<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.bytes.len() as u64 > MAX_RECORD_BYTES {
+            self.tripped = true;
+            return Err(std::io::Error::other("record too long"));
+        }
+        let n = self.inner.read(buf)?;
+        self.bytes.extend(&buf[..n]);
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Cursor;
+    use std::path::PathBuf;
+
+    use super::*;
+
+    /// A header record from string literals.
+    fn rec(fields: &[&[u8]]) -> ByteRecord {
+        ByteRecord::from(fields.to_vec())
+    }
+
+    /// The header most tests use.
+    fn header() -> Header {
+        parse_header("t.csv", &rec(&[b"email", b"name", b"city"])).unwrap()
+    }
+
+    /// The message of a whole-file error.
+    fn csv_message(err: Error) -> String {
+        match err {
+            Error::Csv { message, .. } => message,
+            other => panic!("expected a CSV error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn header_needs_an_email_column() {
+        let err = parse_header("t.csv", &rec(&[b"name", b"mail"])).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.csv: no email column in the header (found: name, mail); \
+             name the address column \"email\""
+        );
+    }
+
+    #[test]
+    fn header_email_is_matched_case_insensitively_after_trimming() {
+        let h = parse_header("t.csv", &rec(&[b" Name ", b" EMail "])).unwrap();
+        assert_eq!(h.columns(), ["Name", "EMail"]);
+        assert_eq!(h.email_column(), 1);
+    }
+
+    #[test]
+    fn header_rejects_reserved_columns_and_suggests_a_rename() {
+        for name in ["id", "created_at", "attributes", "ID"] {
+            let header = rec(&[b"email", name.as_bytes()]);
+            let message = csv_message(parse_header("t.csv", &header).unwrap_err());
+            assert!(
+                message.contains(&format!("column {name:?} is reserved")),
+                "{message}"
+            );
+            assert!(
+                message.contains(&format!("rename it, e.g. to \"csv_{name}\"")),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn header_rejects_duplicate_and_empty_names() {
+        let message =
+            csv_message(parse_header("t.csv", &rec(&[b"email", b"name", b" name"])).unwrap_err());
+        assert!(
+            message.contains("\"name\" appears twice") && message.contains("2 and 3"),
+            "{message}"
+        );
+        let message = csv_message(parse_header("t.csv", &rec(&[b"Email", b"email"])).unwrap_err());
+        assert!(message.contains("two email columns"), "{message}");
+        let message = csv_message(parse_header("t.csv", &rec(&[b"email", b""])).unwrap_err());
+        assert!(message.contains("header column 2 has no name"), "{message}");
+    }
+
+    #[test]
+    fn header_rejects_bad_utf8() {
+        let message =
+            csv_message(parse_header("t.csv", &rec(&[b"email", b"n\xFFme"])).unwrap_err());
+        assert!(
+            message.contains("header column 2 is not valid UTF-8"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn header_ignores_a_bom() {
+        let h = parse_header("t.csv", &rec(&[b"\xEF\xBB\xBFemail", b"name"])).unwrap();
+        assert_eq!(h.columns(), ["email", "name"]);
+        assert_eq!(h.email_column(), 0);
+    }
+
+    #[test]
+    fn record_becomes_trimmed_email_and_string_attributes() {
+        let row = parse_record(&header(), &rec(&[b" Ann@Example.com ", b" Ann ", b""]), 7).unwrap();
+        assert_eq!(row.line, 7);
+        assert_eq!(row.email, "Ann@Example.com");
+        // Values are kept as written, including spaces and empty strings.
+        assert_eq!(
+            Value::Object(row.attributes),
+            serde_json::json!({"name": " Ann ", "city": ""})
+        );
+    }
+
+    #[test]
+    fn record_with_wrong_column_count_is_reported_with_its_address() {
+        let err =
+            parse_record(&header(), &rec(&[b"a@example.com", b"A", b"B", b"C"]), 4).unwrap_err();
+        assert_eq!(
+            err.reason,
+            RowProblem::WrongColumnCount {
+                expected: 3,
+                found: 4
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "line 4: expected 3 columns, found 4 (email \"a@example.com\")"
+        );
+        let err = parse_record(&header(), &rec(&[b"a@example.com"]), 5).unwrap_err();
+        assert_eq!(
+            err.reason,
+            RowProblem::WrongColumnCount {
+                expected: 3,
+                found: 1
+            }
+        );
+    }
+
+    #[test]
+    fn record_with_bad_utf8_names_the_column() {
+        let err =
+            parse_record(&header(), &rec(&[b"a@example.com", b"Caf\xE9", b"x"]), 3).unwrap_err();
+        assert_eq!(
+            err.reason,
+            RowProblem::BadUtf8 {
+                column: "name".into()
+            }
+        );
+        assert_eq!(err.email.as_deref(), Some("a@example.com"));
+        let err = parse_record(&header(), &rec(&[b"\xFF@example.com", b"x", b"y"]), 3).unwrap_err();
+        assert_eq!(
+            err.reason,
+            RowProblem::BadUtf8 {
+                column: "email".into()
+            }
+        );
+        assert_eq!(err.email, None);
+    }
+
+    #[test]
+    fn record_without_email_is_missing_email() {
+        let err = parse_record(&header(), &rec(&[b"  ", b"x", b"y"]), 2).unwrap_err();
+        assert_eq!(err.reason, RowProblem::MissingEmail);
+        assert_eq!(err.to_string(), "line 2: missing email");
+    }
+
+    #[test]
+    fn record_with_invalid_email_says_why() {
+        let err = parse_record(&header(), &rec(&[b"foo@", b"x", b"y"]), 17).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "line 17: invalid email \"foo@\": the domain is not valid"
+        );
+        let long = format!("{}@example.com", "a".repeat(250));
+        let cases: &[(&str, &str)] = &[
+            ("foo", "expected user@domain"),
+            ("a b@example.com", "whitespace"),
+            ("a\u{7}b@example.com", "control character"),
+            ("a..b@example.com", "before @"),
+            (&long, "longer than 254 bytes"),
+        ];
+        for (email, why) in cases {
+            let err = parse_record(&header(), &rec(&[email.as_bytes(), b"", b""]), 2).unwrap_err();
+            match &err.reason {
+                RowProblem::InvalidEmail(reason) => {
+                    assert!(reason.contains(why), "{email}: {reason}")
+                }
+                other => panic!("{email}: {other:?}"),
+            }
+        }
+        // International domains are fine.
+        assert!(parse_record(
+            &header(),
+            &rec(&["jose@bücher.example".as_bytes(), b"", b""]),
+            2
+        )
+        .is_ok());
+    }
+
+    /// Parses a whole CSV from bytes without a database.
+    fn parse_all(bytes: &[u8]) -> Result<Vec<Result<NewSubscriber, RowError>>> {
+        let mut records = Records::open("t.csv", Cursor::new(bytes.to_vec()))?;
+        let mut all = Vec::new();
+        loop {
+            let chunk = records.read_chunk(2)?;
+            if chunk.is_empty() {
+                return Ok(all);
+            }
+            all.extend(chunk);
+        }
+    }
+
+    #[test]
+    fn file_with_bom_reads_the_email_column() {
+        let rows = parse_all(b"\xEF\xBB\xBFemail,name\na@example.com,A\n").unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].as_ref().unwrap().email, "a@example.com");
+    }
+
+    #[test]
+    fn empty_files_are_rejected() {
+        for bytes in [&b""[..], b"\n\n", b"\xEF\xBB\xBF"] {
+            let message = csv_message(parse_all(bytes).unwrap_err());
+            assert!(message.contains("the file is empty"), "{message}");
+        }
+    }
+
+    #[test]
+    fn line_numbers_are_where_records_start_whatever_the_line_ends() {
+        let csv =
+            "email,note\na@example.com,\"two\nlines\"\n\n\nb@example.com,x,y\nc@example.com,\n";
+        for eol in ["\n", "\r\n", "\r"] {
+            let rows = parse_all(csv.replace('\n', eol).as_bytes()).unwrap();
+            let lines: Vec<u64> = rows
+                .iter()
+                .map(|r| r.as_ref().map_or_else(|e| e.line, |s| s.line))
+                .collect();
+            // Blank lines 4 and 5 are skipped, not counted as records.
+            assert_eq!(lines, [2, 6, 7], "line end {eol:?}");
+            let note = &rows[0].as_ref().unwrap().attributes["note"];
+            assert_eq!(note, &format!("two{eol}lines"), "line end {eol:?}");
+        }
+    }
+
+    #[test]
+    fn an_unclosed_quote_stops_the_import_instead_of_eating_memory() {
+        let mut bytes = b"email,note\na@example.com,ok\nb@example.com,\"open\n".to_vec();
+        for _ in 0..40_000 {
+            bytes.extend_from_slice(b"c@example.com,this line is inside the quote\n");
+        }
+        let message = csv_message(parse_all(&bytes).unwrap_err());
+        assert!(
+            message.starts_with("line 3: a record starting here is longer than 1 MiB"),
+            "{message}"
+        );
+    }
+
+    // ---- With a database ----
+
+    /// A migrated SQLite database in a fresh temporary directory.
+    async fn fresh_db() -> (tempfile::TempDir, Db) {
+        let dir = tempfile::tempdir().unwrap();
+        let db = Db::connect(&format!("sqlite://{}", dir.path().join("t.db").display()))
+            .await
+            .unwrap();
+        (dir, db)
+    }
+
+    /// What an import reported: the result, each row error, each progress call.
+    struct Run {
+        report: ImportReport,
+        errors: Vec<RowError>,
+        progress: Vec<ImportReport>,
+    }
+
+    /// Imports `bytes` with `opts`, collecting everything the callbacks saw.
+    async fn import_bytes(db: &Db, bytes: &[u8], opts: &ImportOptions) -> Result<Run> {
+        let (mut errors, mut progress) = (Vec::new(), Vec::new());
+        let report = import_from(
+            db,
+            "t.csv",
+            Cursor::new(bytes.to_vec()),
+            opts,
+            &mut |e: &RowError| errors.push(e.clone()),
+            &mut |r: &ImportReport| progress.push(r.clone()),
+        )
+        .await?;
+        Ok(Run {
+            report,
+            errors,
+            progress,
+        })
+    }
+
+    /// The fixture with good, bad and duplicate rows.
+    fn mixed_fixture() -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/csv/subscribers_mixed.csv")
+    }
+
+    /// Imports the mixed fixture through `import_file`.
+    async fn import_fixture(db: &Db, opts: &ImportOptions) -> Run {
+        let (mut errors, mut progress) = (Vec::new(), Vec::new());
+        let report = import_file(
+            db,
+            &mixed_fixture(),
+            opts,
+            &mut |e: &RowError| errors.push(e.clone()),
+            &mut |r: &ImportReport| progress.push(r.clone()),
+        )
+        .await
+        .unwrap();
+        Run {
+            report,
+            errors,
+            progress,
+        }
+    }
+
+    /// `(line, email, problem)` of each error, for one-line assertions.
+    fn summary(errors: &[RowError]) -> Vec<(u64, Option<&str>, RowProblem)> {
+        errors
+            .iter()
+            .map(|e| (e.line, e.email.as_deref(), e.reason.clone()))
+            .collect()
+    }
+
+    /// The attributes stored for `email`, parsed.
+    async fn attributes(db: &Db, email: &str) -> Value {
+        let text: String =
+            sqlx::query_scalar("SELECT attributes FROM subscribers WHERE email = $1")
+                .bind(email)
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        serde_json::from_str(&text).unwrap()
+    }
+
+    /// Addresses in the table, in insertion order.
+    async fn emails(db: &Db) -> Vec<String> {
+        sqlx::query_scalar("SELECT email FROM subscribers ORDER BY id")
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+    }
+
+    /// `ImportReport` as a tuple: rows, imported, updated, duplicates, invalid.
+    fn counts(r: &ImportReport) -> (u64, u64, u64, u64, u64) {
+        (r.rows, r.imported, r.updated, r.duplicates, r.invalid)
+    }
+
+    #[tokio::test]
+    async fn mixed_fixture_imports_good_rows_and_reports_bad_ones_by_line() {
+        // Batch sizes that split duplicates across batches and within one.
+        for batch_size in [1, 4, 500] {
+            let (_dir, db) = fresh_db().await;
+            let run = import_fixture(
+                &db,
+                &ImportOptions {
+                    upsert: false,
+                    batch_size,
+                },
+            )
+            .await;
+            assert_eq!(counts(&run.report), (13, 7, 0, 2, 4), "batch {batch_size}");
+            let invalid = |why: &str| RowProblem::InvalidEmail(why.into());
+            assert_eq!(
+                summary(&run.errors),
+                [
+                    (5, None, RowProblem::MissingEmail),
+                    (6, Some("not-an-email"), invalid("expected user@domain")),
+                    (
+                        9,
+                        Some("extra@example.com"),
+                        RowProblem::WrongColumnCount {
+                            expected: 3,
+                            found: 4
+                        }
+                    ),
+                    (10, Some("ALICE@Example.com"), RowProblem::Duplicate),
+                    (13, Some("foo@"), invalid("the domain is not valid")),
+                    (15, Some("carol@example.net"), RowProblem::Duplicate),
+                ],
+                "batch {batch_size}"
+            );
+            assert_eq!(
+                emails(&db).await,
+                [
+                    "alice@example.com",
+                    "zoe@example.org",
+                    "jose@bücher.example",
+                    "carol@example.net",
+                    "dave@example.com",
+                    "erin@example.com",
+                    "frank@example.com",
+                ]
+            );
+            assert_eq!(
+                attributes(&db, "carol@example.net").await,
+                serde_json::json!({"name": "Carol, the \"Great\"", "city": "Line one\nline two"})
+            );
+            assert_eq!(
+                attributes(&db, "zoe@example.org").await,
+                serde_json::json!({"name": "Zoë Ångström", "city": "Zürich"})
+            );
+            assert_eq!(
+                attributes(&db, "dave@example.com").await,
+                serde_json::json!({"name": "Dave", "city": ""})
+            );
+            // Few rows: one commit, one progress report, equal to the result.
+            assert_eq!(run.progress.len(), 1);
+            assert_eq!(counts(&run.progress[0]), counts(&run.report));
+            let created: String = sqlx::query_scalar("SELECT created_at FROM subscribers LIMIT 1")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+            assert!(created.ends_with('Z') && created.len() == 24, "{created}");
+        }
+    }
+
+    #[tokio::test]
+    async fn reimporting_reports_every_good_row_as_duplicate() {
+        let (_dir, db) = fresh_db().await;
+        import_fixture(&db, &ImportOptions::default()).await;
+        let run = import_fixture(&db, &ImportOptions::default()).await;
+        assert_eq!(counts(&run.report), (13, 0, 0, 9, 4));
+        let duplicates = run
+            .errors
+            .iter()
+            .filter(|e| e.reason == RowProblem::Duplicate)
+            .map(|e| e.line);
+        assert_eq!(
+            duplicates.collect::<Vec<_>>(),
+            [2, 3, 4, 7, 10, 11, 12, 14, 15]
+        );
+        assert_eq!(emails(&db).await.len(), 7);
+    }
+
+    #[tokio::test]
+    async fn upsert_replaces_attributes_but_a_repeat_in_the_file_is_a_duplicate() {
+        let csv = "email,name,city\n\
+                   Alice@example.com,Alice Updated,Hamburg\n\
+                   new@example.com,New,Graz\n\
+                   NEW@example.com,New Again,Graz\n\
+                   zoe@example.org,Zoë,Wien\n\
+                   ZOE@example.org,Zoe again,Linz\n";
+        for batch_size in [1, 2, 500] {
+            let (_dir, db) = fresh_db().await;
+            import_fixture(&db, &ImportOptions::default()).await;
+            let opts = ImportOptions {
+                upsert: true,
+                batch_size,
+            };
+            let run = import_bytes(&db, csv.as_bytes(), &opts).await.unwrap();
+            assert_eq!(counts(&run.report), (5, 1, 2, 2, 0), "batch {batch_size}");
+            assert_eq!(
+                summary(&run.errors),
+                [
+                    (4, Some("NEW@example.com"), RowProblem::Duplicate),
+                    (6, Some("ZOE@example.org"), RowProblem::Duplicate)
+                ]
+            );
+            // The stored address keeps its case; only the attributes change.
+            assert_eq!(
+                attributes(&db, "alice@example.com").await,
+                serde_json::json!({"name": "Alice Updated", "city": "Hamburg"})
+            );
+            assert_eq!(
+                attributes(&db, "zoe@example.org").await,
+                serde_json::json!({"name": "Zoë", "city": "Wien"})
+            );
+            assert_eq!(
+                attributes(&db, "new@example.com").await,
+                serde_json::json!({"name": "New", "city": "Graz"})
+            );
+            assert_eq!(emails(&db).await.len(), 8);
+            // The claims table is gone, and a second upsert starts afresh.
+            let run = import_bytes(&db, csv.as_bytes(), &opts).await.unwrap();
+            assert_eq!(counts(&run.report), (5, 0, 3, 2, 0), "batch {batch_size}");
+        }
+    }
+
+    #[tokio::test]
+    async fn bad_utf8_skips_the_row_not_the_file() {
+        let (dir, db) = fresh_db().await;
+        let path = dir.path().join("latin1.csv");
+        std::fs::write(
+            &path,
+            b"email,name\nok@example.com,Good\nbad@example.com,Caf\xE9\n\xFF@example.com,X\nlast@example.com,Last\n",
+        )
+        .unwrap();
+        let mut errors = Vec::new();
+        let report = import_file(
+            &db,
+            &path,
+            &ImportOptions::default(),
+            &mut |e| errors.push(e.clone()),
+            &mut |_| {},
+        )
+        .await
+        .unwrap();
+        assert_eq!(counts(&report), (4, 2, 0, 0, 2));
+        assert_eq!(
+            summary(&errors),
+            [
+                (
+                    3,
+                    Some("bad@example.com"),
+                    RowProblem::BadUtf8 {
+                        column: "name".into()
+                    }
+                ),
+                (
+                    4,
+                    None,
+                    RowProblem::BadUtf8 {
+                        column: "email".into()
+                    }
+                ),
+            ]
+        );
+        assert_eq!(
+            errors[0].to_string(),
+            "line 3: column \"name\" is not valid UTF-8 (email \"bad@example.com\")"
+        );
+    }
+
+    #[tokio::test]
+    async fn header_errors_import_nothing() {
+        let (dir, db) = fresh_db().await;
+        let path = dir.path().join("bad.csv");
+        std::fs::write(&path, b"email,id\na@example.com,1\n").unwrap();
+        let err = import_file(
+            &db,
+            &path,
+            &ImportOptions::default(),
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+        let message = err.to_string();
+        assert!(
+            message.starts_with(&format!("{}: column \"id\" is reserved", path.display())),
+            "{message}"
+        );
+        std::fs::write(&path, b"").unwrap();
+        assert!(import_file(
+            &db,
+            &path,
+            &ImportOptions::default(),
+            &mut |_| {},
+            &mut |_| {}
+        )
+        .await
+        .is_err());
+        assert!(emails(&db).await.is_empty());
+        // A missing file is an I/O error naming the path.
+        let err = import_file(
+            &db,
+            &dir.path().join("nope.csv"),
+            &ImportOptions::default(),
+            &mut |_| {},
+            &mut |_| {},
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn large_files_commit_in_steps_and_report_progress_after_each() {
+        let (_dir, db) = fresh_db().await;
+        let mut csv = String::from("email,n\n");
+        for i in 0..21_000 {
+            csv.push_str(&format!("user{i}@example.com,{i}\n"));
+        }
+        // One repeat far from its original: found through the table, not memory.
+        csv.push_str("USER7@example.com,again\n");
+        let run = import_bytes(&db, csv.as_bytes(), &ImportOptions::default())
+            .await
+            .unwrap();
+        assert_eq!(counts(&run.report), (21_001, 21_000, 0, 1, 0));
+        let committed: Vec<u64> = run.progress.iter().map(|r| r.rows).collect();
+        assert_eq!(committed, [10_000, 20_000, 21_001]);
+        assert_eq!(
+            summary(&run.errors),
+            [(21_002, Some("USER7@example.com"), RowProblem::Duplicate)]
+        );
+    }
+
+    #[test]
+    fn import_futures_are_send() {
+        /// Compiles only for `Send` values.
+        fn assert_send<T: Send>(_: &T) {}
+        let db: Option<Db> = None;
+        if let Some(db) = &db {
+            let opts = ImportOptions::default();
+            let (mut on_error, mut on_progress) = (|_: &RowError| {}, |_: &ImportReport| {});
+            assert_send(&import_file(
+                db,
+                Path::new("x"),
+                &opts,
+                &mut on_error,
+                &mut on_progress,
+            ));
+        }
+    }
+}
