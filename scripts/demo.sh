@@ -37,6 +37,7 @@ echo "== status"
 "$bin" status templates/newsletter/campaign.toml --database "$db"
 echo "== $(ls "$out/maildir/new" | wc -l) messages in $out/maildir/new; one of them:"
 head -c 1500 "$(ls -d "$out"/maildir/new/* | head -n 1)"; echo
-echo "== preview of recipient 31 (hostile name in the data):"
-"$bin" preview templates/newsletter/campaign.toml --database "$db" --id 31 | sed -n '1,12p'
+mallory=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select id from subscribers where attributes like ?", ("%Mallory%",)).fetchone()[0])' "$out/demo.db")
+echo "== preview of recipient $mallory, whose first_name is \"Mallory\r\nBcc: everyone@example.com\" in the data:"
+"$bin" preview templates/newsletter/campaign.toml --database "$db" --id "$mallory" | sed -n '1,6p'
 exit $status
