@@ -44,8 +44,16 @@ pub struct RunOptions {
 }
 
 /// Live counters, shared with the progress display.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Stats {
+    /// When the command started (for the time to the first message).
+    pub started: Instant,
+    /// Microseconds from `started` to the first outcome (0 = none yet).
+    pub first_outcome_us: AtomicU64,
+    /// SMTP transaction latency over all injectors.
+    pub latency: Histogram,
+    /// Per-injector counters, indexed by slot.
+    pub injectors: Vec<InjectorStats>,
     /// Accepted by the MTA.
     pub sent: AtomicU64,
     /// Refused for good (5xx, bad address, render error).
@@ -58,8 +66,87 @@ pub struct Stats {
     pub total: AtomicU64,
 }
 
+/// One injector's counters: what an operator needs to see whether adding
+/// connections still adds throughput.
+#[derive(Debug, Default)]
+pub struct InjectorStats {
+    /// Transactions completed.
+    pub messages: AtomicU64,
+    /// Total time spent waiting on the server, in microseconds.
+    pub busy_us: AtomicU64,
+}
+
+/// A latency histogram with power-of-two microsecond buckets (bucket `i`
+/// holds durations in `[2^i, 2^(i+1))` us), lock-free to update.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 26],
+}
+
+impl Histogram {
+    /// Adds one sample.
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().max(1) as u64;
+        let i = (63 - us.leading_zeros() as usize).min(self.buckets.len() - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..=1) as the upper bound of its bucket; zero when empty.
+    pub fn quantile(&self, q: f64) -> Duration {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Duration::from_micros(1u64 << (i + 1));
+            }
+        }
+        Duration::from_micros(1u64 << counts.len())
+    }
+}
+
 impl Stats {
+    /// Counters for `injectors` injectors, starting the clock now.
+    pub fn new(injectors: usize) -> Stats {
+        Stats {
+            started: Instant::now(),
+            first_outcome_us: AtomicU64::new(0),
+            latency: Histogram::default(),
+            injectors: (0..injectors).map(|_| InjectorStats::default()).collect(),
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+        }
+    }
+
+    /// Records one SMTP transaction by injector `slot`.
+    fn transaction(&self, slot: usize, latency: Duration) {
+        self.latency.record(latency);
+        if let Some(i) = self.injectors.get(slot) {
+            i.messages.fetch_add(1, Ordering::Relaxed);
+            i.busy_us
+                .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
     fn count(&self, outcome: &Outcome) {
+        if self.first_outcome_us.load(Ordering::Relaxed) == 0 {
+            let us = (self.started.elapsed().as_micros() as u64).max(1);
+            let _ =
+                self.first_outcome_us
+                    .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
+        }
         let c = match outcome {
             Outcome::Sent { .. } => &self.sent,
             Outcome::Deferred(_) => &self.deferred,
@@ -95,6 +182,46 @@ pub struct Summary {
     pub rate: f64,
     /// True when the run was stopped before the audience was exhausted.
     pub interrupted: bool,
+    /// Milliseconds from the start of the command to the first outcome.
+    pub first_message_ms: f64,
+    /// SMTP transaction latency quantiles in milliseconds (bucket upper bounds).
+    pub latency_ms: LatencySummary,
+    /// Per-injector transactions and mean latency.
+    pub injectors: Vec<InjectorSummary>,
+}
+
+/// Latency quantiles, milliseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// One injector's share of the work.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InjectorSummary {
+    /// Injector number.
+    pub slot: usize,
+    /// Transactions completed.
+    pub messages: u64,
+    /// Mean transaction latency, milliseconds.
+    pub mean_ms: f64,
+}
+
+impl Stats {
+    /// Latency quantiles so far.
+    pub fn latency_summary(&self) -> LatencySummary {
+        let ms = |q| self.latency.quantile(q).as_secs_f64() * 1000.0;
+        LatencySummary {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+        }
+    }
 }
 
 impl Summary {
@@ -196,6 +323,22 @@ where
             0.0
         },
         interrupted: !exhausted || stop.is_cancelled(),
+        first_message_ms: stats.first_outcome_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        latency_ms: stats.latency_summary(),
+        injectors: stats
+            .injectors
+            .iter()
+            .enumerate()
+            .map(|(slot, i)| {
+                let n = i.messages.load(Ordering::Relaxed);
+                let busy = i.busy_us.load(Ordering::Relaxed) as f64 / 1000.0;
+                InjectorSummary {
+                    slot,
+                    messages: n,
+                    mean_ms: if n > 0 { busy / n as f64 } else { 0.0 },
+                }
+            })
+            .collect(),
     })
 }
 
@@ -294,6 +437,7 @@ impl<T: Transport> Injector<T> {
                 };
                 match s.send(&job.out.envelope, &job.out.bytes).await {
                     Ok(outcome) => {
+                        self.stats.transaction(self.slot, s.latency());
                         backoff = BACKOFF_MIN;
                         break outcome;
                     }

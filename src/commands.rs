@@ -31,6 +31,7 @@ pub async fn send(
     mode: progress::Mode,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Summary> {
+    let stats = Arc::new(Stats::new(cfg.delivery.concurrency));
     // Templates first: a syntax error must abort before anything else happens.
     let mut renderer = Renderer::compile(
         &cfg.message,
@@ -64,7 +65,6 @@ pub async fn send(
             }
         })
     };
-    let stats = Arc::new(Stats::default());
     // Counting a large audience can take a while: do it beside the first sends.
     let counter = {
         let (db, audience, stats) = (db.clone(), cfg.audience.clone(), stats.clone());

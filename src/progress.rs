@@ -78,7 +78,11 @@ async fn show_bar(name: String, stats: Arc<Stats>, stop: CancellationToken) {
         }
         let (sent, failed, deferred, retries) = counts(&stats);
         bar.set_position(sent + failed + deferred);
-        let mut msg = format!("sent {sent} failed {failed} deferred {deferred}");
+        let lat = stats.latency_summary();
+        let mut msg = format!(
+            "sent {sent} failed {failed} deferred {deferred} smtp p50 {:.1}ms p99 {:.1}ms",
+            lat.p50, lat.p99
+        );
         if retries > 0 {
             msg.push_str(&format!(" reconnects {retries}"));
         }
@@ -109,8 +113,11 @@ async fn show_lines(name: String, stats: Arc<Stats>, stop: CancellationToken) {
         } else {
             String::new()
         };
+        let lat = stats.latency_summary();
         eprintln!(
-            "blast: {name}: {done}/{total} sent={sent} failed={failed} deferred={deferred} reconnects={retries} rate={rate:.0}/s elapsed={}s{eta}",
+            "blast: {name}: {done}/{total} sent={sent} failed={failed} deferred={deferred} reconnects={retries} rate={rate:.0}/s smtp_p50={:.1}ms smtp_p99={:.1}ms elapsed={}s{eta}",
+            lat.p50,
+            lat.p99,
             start.elapsed().as_secs()
         );
     }

@@ -13,3 +13,5 @@ mod cli;
 mod import;
 /// Running a campaign again: stopped runs, deferred recipients.
 mod resume;
+/// The SMTP injector's protocol modes (PIPELINING, CHUNKING, lock-step).
+mod smtp;

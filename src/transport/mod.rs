@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::future::Future;
+use std::time::Duration;
 
 pub mod classify;
 pub mod file;
@@ -130,6 +131,11 @@ pub trait Session: Send + 'static {
         envelope: &Envelope,
         message: &[u8],
     ) -> impl Future<Output = Result<Outcome, SessionError>> + Send;
+
+    /// How long the last `send` waited on the server (zero if not measured).
+    fn latency(&self) -> Duration {
+        Duration::ZERO
+    }
 
     /// Ends the session politely (QUIT).
     fn close(self) -> impl Future<Output = ()> + Send;

@@ -1,0 +1,162 @@
+//! The SMTP injector against the sink in each protocol mode: outcomes stay
+//! with their own recipient and a refusal does not cost the connection.
+
+use std::time::Duration;
+
+use blast::config::Relay;
+use blast::sink::{Faults, Sink, SinkConfig};
+use blast::transport::smtp::Smtp;
+use blast::transport::{Envelope, Outcome, Session, Transport};
+
+async fn sink(pipelining: bool, chunking: bool, faults: Faults) -> Sink {
+    Sink::start(SinkConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        pipelining,
+        chunking,
+        keep_messages: true,
+        faults,
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn transport(sink: &Sink) -> Smtp {
+    let relay = Relay {
+        host: "127.0.0.1".into(),
+        port: sink.local_addr().port(),
+        user: None,
+    };
+    Smtp::new(
+        vec![relay],
+        "test.example".into(),
+        Duration::from_secs(5),
+        None,
+    )
+}
+
+/// One session, 30 messages, every third refused (550 or 451) in turn.
+async fn mode(pipelining: bool, chunking: bool) {
+    let mut faults = Faults::default();
+    for i in (0..30).step_by(3) {
+        let (code, enh) = if i % 2 == 0 {
+            (550, "5.1.1")
+        } else {
+            (451, "4.3.0")
+        };
+        faults.rcpt_replies.insert(
+            format!("r{i}@example.com"),
+            (code, enh.into(), format!("refused r{i}")),
+        );
+    }
+    let sink = sink(pipelining, chunking, faults).await;
+    let t = transport(&sink);
+    let mut s = t.connect(0).await.unwrap();
+    assert_eq!(s.capabilities().pipelining, pipelining);
+    assert_eq!(s.capabilities().chunking, chunking);
+    for i in 0..30 {
+        let env = Envelope {
+            recipient_id: i,
+            from: "b@example.com".into(),
+            to: format!("r{i}@example.com"),
+        };
+        // A leading dot and a bare "." line test dot-stuffing in DATA mode.
+        let msg = format!("Subject: m{i}\r\n\r\n.hidden line\r\n.\r\nbody {i}\r\n");
+        let outcome = s.send(&env, msg.as_bytes()).await.unwrap();
+        match (i % 3, i % 2) {
+            (0, 0) => {
+                assert_eq!(outcome.status(), "failed", "{i}: {outcome:?}");
+                assert_eq!(outcome.reply().code, Some(550));
+                assert!(outcome.reply().text.contains(&format!("refused r{i}")));
+            }
+            (0, _) => {
+                assert_eq!(outcome.status(), "deferred", "{i}: {outcome:?}");
+                assert_eq!(outcome.reply().enhanced.as_deref(), Some("4.3.0"));
+            }
+            _ => match &outcome {
+                Outcome::Sent { queue_id, .. } => assert!(queue_id.is_some(), "{outcome:?}"),
+                other => panic!("{i}: {other:?}"),
+            },
+        }
+    }
+    s.close().await;
+    let received = sink.received();
+    assert_eq!(received.len(), 20);
+    for r in &received {
+        let i: usize = r.rcpt_to[0]
+            .trim_start_matches('r')
+            .trim_end_matches("@example.com")
+            .parse()
+            .unwrap();
+        assert_ne!(i % 3, 0, "a refused recipient was delivered");
+        let expected = format!("Subject: m{i}\r\n\r\n.hidden line\r\n.\r\nbody {i}\r\n");
+        assert_eq!(
+            String::from_utf8_lossy(&r.data),
+            expected,
+            "content survives the mode"
+        );
+    }
+    assert_eq!(sink.stats().connections, 1, "refusals keep the connection");
+}
+
+#[tokio::test]
+async fn pipelining_and_chunking() {
+    mode(true, true).await;
+}
+
+#[tokio::test]
+async fn pipelining_with_data() {
+    mode(true, false).await;
+}
+
+#[tokio::test]
+async fn lock_step() {
+    mode(false, false).await;
+}
+
+#[tokio::test]
+async fn chunking_without_pipelining_is_lock_step() {
+    mode(false, true).await;
+}
+
+/// A connection dropped after the data was sent is ambiguous: the message may
+/// have been accepted.
+#[tokio::test]
+async fn drop_after_data_is_ambiguous() {
+    let sink = sink(
+        true,
+        true,
+        Faults {
+            drop_after: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    let t = transport(&sink);
+    let mut s = t.connect(0).await.unwrap();
+    let env = Envelope {
+        recipient_id: 1,
+        from: "b@example.com".into(),
+        to: "x@example.com".into(),
+    };
+    let err = s.send(&env, b"Subject: x\r\n\r\nx\r\n").await.unwrap_err();
+    assert!(err.ambiguous, "{err}");
+}
+
+/// A refused MAIL FROM (e.g. 530 authentication required) is the outcome.
+#[tokio::test]
+async fn refused_mail_from() {
+    let faults = Faults {
+        mail_reply: Some((530, "5.7.0".into(), "Authentication required".into())),
+        ..Default::default()
+    };
+    let sink = sink(true, true, faults).await;
+    let mut s = transport(&sink).connect(0).await.unwrap();
+    let env = Envelope {
+        recipient_id: 1,
+        from: "b@example.com".into(),
+        to: "x@example.com".into(),
+    };
+    let o = s.send(&env, b"Subject: x\r\n\r\nx\r\n").await.unwrap();
+    assert_eq!((o.status(), o.reply().code), ("failed", Some(530)));
+}
