@@ -24,7 +24,7 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::mpsc;
 
 use crate::clock;
-use crate::db::Db;
+use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
 use crate::transport::Outcome;
 
@@ -32,6 +32,8 @@ use crate::transport::Outcome;
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// ... or when this many records are waiting.
 pub const FLUSH_ROWS: usize = 1000;
+/// Rows per multi-row INSERT (10 parameters each) inside a flush.
+const ROWS_PER_STATEMENT: usize = 100;
 
 /// One recipient's outcome, on its way to the database.
 #[derive(Debug, Clone, PartialEq)]
@@ -181,8 +183,11 @@ impl SqlLedger {
         const COLS: usize = 10;
         let now = clock::db_timestamp(clock::now());
         let mut tx = self.db.pool().begin().await?;
-        // 10 parameters per row keeps a 1000-row chunk under SQLite's limit.
-        for chunk in batch.chunks(FLUSH_ROWS) {
+        // Anonymous `?` on SQLite: sqlx looks up each parameter's name, and
+        // SQLite's name lookup is a linear scan, so 10,000 `$N` parameters
+        // in one statement cost O(n^2) (64% of blast's CPU when measured).
+        let positional = self.db.backend() == Backend::Sqlite;
+        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
             let mut sql = String::from(
                 "INSERT INTO blast_deliveries (campaign_id, recipient_id, email, status, smtp_code, \
                  enhanced_status, reply, queue_id, relay, updated_at) VALUES ",
@@ -196,7 +201,11 @@ impl SqlLedger {
                     if c > 0 {
                         sql.push(',');
                     }
-                    sql.push_str(&format!("${}", i * COLS + c + 1));
+                    if positional {
+                        sql.push('?');
+                    } else {
+                        sql.push_str(&format!("${}", i * COLS + c + 1));
+                    }
                 }
                 sql.push(')');
             }
