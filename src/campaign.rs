@@ -24,12 +24,14 @@ use crate::clock;
 use crate::error::Result;
 use crate::ledger::{self, Ledger, Record};
 use crate::render::{Outgoing, Renderer};
-use crate::source::Source;
+use crate::source::{Recipient, Source};
 use crate::transport::{Outcome, Session, SessionError, Transport};
 
 /// Messages rendered ahead of the injectors, per injector. Bounded so that
 /// rendering waits for the MTA instead of filling memory.
 const QUEUE_PER_INJECTOR: usize = 64;
+/// Chunks of recipients waiting for a render worker.
+const RENDER_QUEUE_CHUNKS: usize = 8;
 /// Reconnect backoff bounds after a lost connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -290,9 +292,29 @@ where
     }
     injectors.close();
 
-    // The renderer runs here: it is the producer, slowed by `job_tx.send`.
-    let produced = produce(&mut source, &renderer, &job_tx, &rec_tx, &stats, &stop).await;
+    // Render workers, one per core: the channel to the injectors is what
+    // slows them down when the MTA is the bottleneck.
+    let (chunk_tx, chunk_rx) = mpsc::channel::<Vec<Recipient>>(RENDER_QUEUE_CHUNKS);
+    let chunk_rx = Arc::new(Mutex::new(chunk_rx));
+    let renderers = TaskTracker::new();
+    let workers = std::thread::available_parallelism().map_or(2, |n| n.get());
+    for _ in 0..workers {
+        renderers.spawn(render_worker(
+            chunk_rx.clone(),
+            renderer.clone(),
+            job_tx.clone(),
+            rec_tx.clone(),
+            stats.clone(),
+            stop.clone(),
+        ));
+    }
+    renderers.close();
     drop(job_tx);
+
+    // The source is read here, slowed by `chunk_tx.send`.
+    let produced = produce(&mut source, &chunk_tx, &stop).await;
+    drop(chunk_tx);
+    renderers.wait().await;
     injectors.wait().await;
     drop(rec_tx);
     let ledger_result = ledger_task.await.unwrap_or_else(|e| {
@@ -342,14 +364,16 @@ where
     })
 }
 
-/// Pages through the source, renders, and queues jobs. Render failures are
-/// recorded directly. Returns Ok(true) when the source was exhausted.
+/// Recipients per unit of render work: small enough that a render task
+/// never holds a runtime worker for long (about 1 ms), large enough to keep
+/// channel traffic low.
+const RENDER_CHUNK: usize = 32;
+
+/// Pages through the source and hands chunks of recipients to the render
+/// workers. Returns Ok(true) when the source was exhausted.
 async fn produce<S: Source>(
     source: &mut S,
-    renderer: &Renderer,
-    jobs: &mpsc::Sender<Job>,
-    records: &mpsc::Sender<Record>,
-    stats: &Stats,
+    chunks: &mpsc::Sender<Vec<Recipient>>,
     stop: &CancellationToken,
 ) -> Result<bool> {
     loop {
@@ -361,14 +385,46 @@ async fn produce<S: Source>(
         if page.is_empty() {
             return Ok(true);
         }
+        let mut page = page.into_iter().peekable();
+        while page.peek().is_some() {
+            let chunk: Vec<Recipient> = page.by_ref().take(RENDER_CHUNK).collect();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(false),
+                sent = chunks.send(chunk) => if sent.is_err() { return Ok(false) },
+            }
+        }
+    }
+}
+
+/// A render worker: recipients in, finished messages out. Several run in
+/// parallel so rendering and MIME building use every core. A recipient whose
+/// message cannot be built is recorded as failed here.
+async fn render_worker(
+    chunks: Arc<Mutex<mpsc::Receiver<Vec<Recipient>>>>,
+    renderer: Arc<Renderer>,
+    jobs: mpsc::Sender<Job>,
+    records: mpsc::Sender<Record>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    loop {
+        let chunk = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return,
+            chunk = async { chunks.lock().await.recv().await } => match chunk {
+                Some(c) => c,
+                None => return,
+            },
+        };
         let now = clock::now();
-        for recipient in page {
+        for recipient in chunk {
             match renderer.render(&recipient, now) {
                 Ok(out) => {
                     tokio::select! {
                         biased;
-                        _ = stop.cancelled() => return Ok(false),
-                        sent = jobs.send(Job { out }) => if sent.is_err() { return Ok(false) },
+                        _ = stop.cancelled() => return,
+                        sent = jobs.send(Job { out }) => if sent.is_err() { return },
                     }
                 }
                 Err(e) => {
@@ -381,7 +437,7 @@ async fn produce<S: Source>(
                         relay: None,
                     };
                     if records.send(rec).await.is_err() {
-                        return Ok(false);
+                        return;
                     }
                 }
             }
