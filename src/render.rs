@@ -34,6 +34,26 @@ pub struct Outgoing {
     pub bytes: Vec<u8>,
 }
 
+/// One recipient's rendered templates, before MIME encoding. Header values
+/// are already flattened to one line.
+#[derive(Debug, Clone)]
+pub struct Parts {
+    /// Envelope recipient, ASCII form.
+    pub rcpt: String,
+    /// Envelope sender, ASCII form.
+    pub envelope_from: String,
+    /// Display name for `To:`, if any.
+    pub to_name: Option<String>,
+    /// Subject.
+    pub subject: String,
+    /// Extra headers.
+    pub headers: Vec<(String, String)>,
+    /// Plain-text part.
+    pub text: Option<String>,
+    /// HTML part.
+    pub html: Option<String>,
+}
+
 /// Why one recipient's message could not be built. Recorded as that
 /// recipient's failure; the campaign continues.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -162,12 +182,19 @@ impl Renderer {
         self.identity.campaign_id = id;
     }
 
-    /// Builds `recipient`'s message.
+    /// Builds `recipient`'s message: [`Renderer::render_parts`] then
+    /// [`Renderer::build`].
     pub fn render(
         &self,
         recipient: &Recipient,
         now: time::OffsetDateTime,
     ) -> std::result::Result<Outgoing, RenderError> {
+        let parts = self.render_parts(recipient)?;
+        Ok(self.build(recipient, parts, now))
+    }
+
+    /// Runs the templates for `recipient` (no MIME yet).
+    pub fn render_parts(&self, recipient: &Recipient) -> std::result::Result<Parts, RenderError> {
         let rcpt =
             ascii_address(&recipient.email).map_err(|reason| RenderError::InvalidAddress {
                 address: recipient.email.clone(),
@@ -192,12 +219,34 @@ impl Renderer {
         let envelope_from = one_line(&render(ENVELOPE_FROM)?);
         let envelope_from =
             ascii_address(&envelope_from).map_err(|_| RenderError::EnvelopeFrom(envelope_from))?;
-        let to_name = if self.has_to_name {
-            Some(one_line(&render(TO_NAME)?))
-        } else {
-            None
+        let to_name = match self.has_to_name {
+            true => Some(one_line(&render(TO_NAME)?)).filter(|n| !n.is_empty()),
+            false => None,
         };
+        let mut headers = Vec::with_capacity(self.headers.len());
+        for (h, tpl) in &self.headers {
+            headers.push((h.clone(), one_line(&render(tpl)?)));
+        }
+        let text = self.text.as_deref().map(render).transpose()?;
+        let html = self.html.as_deref().map(render).transpose()?;
+        Ok(Parts {
+            rcpt,
+            envelope_from,
+            to_name,
+            subject,
+            headers,
+            text,
+            html,
+        })
+    }
 
+    /// Builds the MIME message from rendered parts.
+    pub fn build(
+        &self,
+        recipient: &Recipient,
+        parts: Parts,
+        now: time::OffsetDateTime,
+    ) -> Outgoing {
         let message_id = format!(
             "{}.{}.{}@{}",
             self.identity.campaign_id,
@@ -210,13 +259,13 @@ impl Renderer {
             Cow::Borrowed(self.from_addr.as_str()),
         );
         let to = Address::new_address(
-            to_name.filter(|n| !n.is_empty()).map(Cow::Owned),
-            Cow::Borrowed(rcpt.as_str()),
+            parts.to_name.map(Cow::Owned),
+            Cow::Borrowed(parts.rcpt.as_str()),
         );
         let mut b = MessageBuilder::new()
             .from(from)
             .to(to)
-            .subject(subject)
+            .subject(parts.subject)
             .date(Date::new(now.unix_timestamp()))
             .message_id(message_id)
             .header(
@@ -230,26 +279,26 @@ impl Renderer {
                 Cow::Borrowed(address_part(r)),
             ));
         }
-        for (h, tpl) in &self.headers {
-            b = b.header(h.as_str(), Text::new(one_line(&render(tpl)?)));
+        for (h, v) in parts.headers {
+            b = b.header(h, Text::new(v));
         }
-        if let Some(t) = &self.text {
-            b = b.text_body(render(t)?);
+        if let Some(t) = parts.text {
+            b = b.text_body(t);
         }
-        if let Some(h) = &self.html {
-            b = b.html_body(render(h)?);
+        if let Some(h) = parts.html {
+            b = b.html_body(h);
         }
         // Writing into a Vec cannot fail.
         let bytes = b.write_to_vec().unwrap_or_default();
-        Ok(Outgoing {
+        Outgoing {
             envelope: Envelope {
                 recipient_id: recipient.id,
-                from: envelope_from,
-                to: rcpt,
+                from: parts.envelope_from,
+                to: parts.rcpt,
             },
             email: recipient.email.clone(),
             bytes,
-        })
+        }
     }
 }
 

@@ -1,0 +1,774 @@
+#!/usr/bin/env bash
+# Sets up, starts and stops a Postfix instance tuned for bulk injection by
+# blast, separate from the system's default Postfix instance. Everything
+# (configuration, queue, data, log) lives under one directory, on tmpfs by
+# default. See docs/postfix.md.
+#
+#   postfix.sh start  [--dir DIR] [--port 2526] [--relay HOST:PORT | --discard] [--in-flow-delay 1s] [--set NAME=VALUE]...
+#   postfix.sh stop   [--dir DIR] [--purge]
+#   postfix.sh status [--dir DIR]
+#   postfix.sh flush-wait [--dir DIR] [--timeout 600]
+#   postfix.sh queue-size [--dir DIR]
+#
+# Environment (the command line wins): BLAST_MTA_DIR, BLAST_MTA_PORT,
+# BLAST_MTA_RELAY (HOST:PORT, or "discard"), BLAST_MTA_IN_FLOW_DELAY.
+#
+# Needs root (Postfix's master must start as root) and Debian's postfix
+# package, which it installs when missing. It never reads or writes
+# /etc/postfix/main.cf and does not need the default instance.
+set -euo pipefail
+
+export PATH="/usr/sbin:/usr/bin:/sbin:/bin:${PATH:-}"
+export LC_ALL=C
+prog=postfix.sh
+
+# The queue directories that hold messages (one file per message).
+queue_dirs=(maildrop incoming active deferred hold)
+# Written into main.cf; stop --purge only removes a directory that has it.
+marker="# Written by blast scripts/mta/postfix.sh"
+# smtpd answers 452 (try again later) to new mail when less than this is free
+# on the queue's file system; start refuses to run with less than twice this.
+queue_minfree=268435456
+
+usage() {
+  cat <<'EOF'
+Usage: postfix.sh COMMAND [OPTIONS]
+
+Commands:
+  start       write the configuration, start the instance, wait for its 220 greeting
+  stop        stop the instance (clean "postfix stop"), wait for every process to exit
+  status      print whether master runs and the number of queued messages
+  flush-wait  wait until the queue is empty and print how long that took
+  queue-size  print the number of queued messages (a bare number)
+
+Options:
+  --dir DIR            instance directory (default /dev/shm/blast-postfix; env BLAST_MTA_DIR)
+  --port PORT          smtpd port on 127.0.0.1 (default 2526; env BLAST_MTA_PORT)
+  --relay HOST:PORT    next hop for all mail over SMTP (default 127.0.0.1:2527; env BLAST_MTA_RELAY)
+  --discard            discard all mail after queueing it (env BLAST_MTA_RELAY=discard)
+  --in-flow-delay T    Postfix in_flow_delay, 0 to 10 seconds (default 1s; env BLAST_MTA_IN_FLOW_DELAY)
+  --timeout SECONDS    flush-wait: give up after this long (default 600)
+  --set NAME=VALUE     start: add a main.cf line after the tuned ones (repeatable;
+                       checked with postconf like the rest)
+  --purge              stop: remove DIR afterwards (queued mail is lost)
+
+start on a running instance with the same configuration does nothing; with a
+changed configuration it rewrites main.cf/master.cf and reloads Postfix.
+status exits 0 when master runs and 3 when it does not.
+EOF
+}
+
+die() {
+  echo "$prog: error: $*" >&2
+  exit 1
+}
+say() { echo "$prog: $*"; }
+warn() { echo "$prog: warning: $*" >&2; }
+
+# ---------------------------------------------------------------- options --
+
+command=${1:-}
+case "$command" in
+  start | stop | status | flush-wait | queue-size) shift ;;
+  -h | --help | help)
+    usage
+    exit 0
+    ;;
+  "")
+    usage >&2
+    exit 2
+    ;;
+  *)
+    echo "$prog: error: unknown command '$command'" >&2
+    usage >&2
+    exit 2
+    ;;
+esac
+
+dir=${BLAST_MTA_DIR:-/dev/shm/blast-postfix}
+port=${BLAST_MTA_PORT:-2526}
+relay=${BLAST_MTA_RELAY:-127.0.0.1:2527}
+in_flow_delay=${BLAST_MTA_IN_FLOW_DELAY:-1s}
+timeout=600
+purge=
+overrides=()
+
+need_arg() {
+  [ "$2" -ge 2 ] || die "option $1 needs a value"
+}
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --dir) need_arg "$1" $#; dir=$2; shift 2 ;;
+    --dir=*) dir=${1#*=}; shift ;;
+    --port) need_arg "$1" $#; port=$2; shift 2 ;;
+    --port=*) port=${1#*=}; shift ;;
+    --relay) need_arg "$1" $#; relay=$2; shift 2 ;;
+    --relay=*) relay=${1#*=}; shift ;;
+    --discard) relay=discard; shift ;;
+    --in-flow-delay) need_arg "$1" $#; in_flow_delay=$2; shift 2 ;;
+    --in-flow-delay=*) in_flow_delay=${1#*=}; shift ;;
+    --timeout) need_arg "$1" $#; timeout=$2; shift 2 ;;
+    --timeout=*) timeout=${1#*=}; shift ;;
+    --purge) purge=1; shift ;;
+    --set) need_arg "$1" $#; overrides+=("$2"); shift 2 ;;
+    --set=*) overrides+=("${1#*=}"); shift ;;
+    -h | --help)
+      usage
+      exit 0
+      ;;
+    *) die "unknown option '$1' (see $prog --help)" ;;
+  esac
+done
+
+for o in ${overrides[@]+"${overrides[@]}"}; do
+  [[ "$o" =~ ^[a-z0-9_]+\ *=\ *[^[:cntrl:]]*$ ]] || die "--set takes NAME=VALUE (one main.cf line), got '$o'"
+done
+
+# The directory ends up in main.cf, whose syntax has no quoting: keep it to
+# characters that need none.
+[[ "$dir" == /* ]] || die "--dir must be an absolute path, got '$dir'"
+[[ "$dir" =~ ^[A-Za-z0-9._/-]+$ ]] || die "--dir may only contain letters, digits and . _ / -, got '$dir'"
+while [[ "$dir" == */ && "$dir" != / ]]; do dir=${dir%/}; done
+case "$dir" in
+  / | /etc | /etc/* | /usr | /usr/* | /var/spool/postfix | /var/lib/postfix | /bin | /sbin | /lib | /boot | /root | /home | /tmp | /dev | /dev/shm | /var | /proc | /sys | /run)
+    die "refusing to use '$dir' as the instance directory: give a directory of its own, such as /dev/shm/blast-postfix"
+    ;;
+esac
+etc=$dir/etc
+spool=$dir/spool
+data=$dir/data
+maillog=$dir/maillog
+
+valid_port() { [[ "$1" =~ ^[0-9]{1,5}$ ]] && [ "$((10#$1))" -ge 1 ] && [ "$((10#$1))" -le 65535 ]; }
+valid_port "$port" || die "--port must be a TCP port number, got '$port'"
+port=$((10#$port))
+[ "$port" -ne 25 ] || die "--port 25 is the system MTA's port; pick another (default 2526)"
+[[ "$timeout" =~ ^[0-9]+$ ]] || die "--timeout must be a whole number of seconds, got '$timeout'"
+
+[[ "$in_flow_delay" =~ ^([0-9]+)s?$ ]] || die "--in-flow-delay must be whole seconds such as 1s or 0, got '$in_flow_delay'"
+[ "${BASH_REMATCH[1]}" -le 10 ] || die "--in-flow-delay must be between 0 and 10 seconds (Postfix's range), got '$in_flow_delay'"
+in_flow_delay="$((10#${BASH_REMATCH[1]}))s"
+
+# relayhost is "[host]:port": the brackets turn off MX lookups; the host is an
+# IPv4 address or a name from /etc/hosts (DNS is off, see main.cf).
+relayhost=
+if [ "$relay" != discard ]; then
+  r=$relay
+  [[ "$r" == *:* ]] || r="$r:25"
+  rhost=${r%:*}
+  rport=${r##*:}
+  rhost=${rhost#[}
+  rhost=${rhost%]}
+  [[ "$rhost" =~ ^[A-Za-z0-9._-]+$ ]] || die "--relay must be HOST:PORT with an IPv4 address or a host name (IPv6 is not set up), got '$relay'"
+  valid_port "$rport" || die "--relay port must be a TCP port number, got '$relay'"
+  rport=$((10#$rport))
+  if [[ "$rhost" == 127.* || "$rhost" == localhost ]] && [ "$rport" -eq "$port" ]; then
+    die "--relay $relay is this instance's own smtpd port: mail would loop"
+  fi
+  relayhost="[$rhost]:$rport"
+fi
+
+# ---------------------------------------------------------------- helpers --
+
+require_root() {
+  [ "$(id -u)" -eq 0 ] || die "'$command' needs root: Postfix's master daemon must be started and stopped as root"
+}
+
+# Debian's postfix package brings the programs, the postfix user and the
+# postdrop group. Installed with "No configuration" it writes no
+# /etc/postfix/main.cf and starts no default instance.
+ensure_postfix() {
+  if command -v postfix >/dev/null && command -v postconf >/dev/null &&
+    [ -x "$(postconf -dh daemon_directory 2>/dev/null)/master" ]; then
+    :
+  else
+    require_root
+    command -v apt-get >/dev/null || die "Postfix is not installed and there is no apt-get: install Postfix (3.4 or later) first"
+    say "Postfix is not installed; installing Debian's postfix package (No configuration)"
+    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends postfix >/dev/null ||
+      die "apt-get install postfix failed"
+  fi
+  getent passwd postfix >/dev/null || die "there is no 'postfix' user (Debian's postfix package creates it)"
+  getent group postdrop >/dev/null || die "there is no 'postdrop' group (Debian's postfix package creates it)"
+}
+
+# True when the process exists and is not a zombie.
+alive() {
+  local state
+  state=$(awk '{ sub(/^.*\) /, ""); print $1 }' "/proc/$1/stat" 2>/dev/null) || return 1
+  [ -n "$state" ] && [ "$state" != Z ] && [ "$state" != X ]
+}
+
+# Every process of this instance: Postfix passes the configuration directory
+# to all its daemons in the environment (MAIL_CONFIG), not on the command line.
+instance_pids() {
+  local p env
+  for p in /proc/[0-9]*; do
+    env=$(tr '\0' '\n' 2>/dev/null <"$p/environ") || continue
+    if grep -qxF "MAIL_CONFIG=$etc" <<<"$env"; then
+      alive "${p#/proc/}" && echo "${p#/proc/}"
+    fi
+  done
+  return 0
+}
+
+# Prints the pid of this instance's master when it runs.
+master_pid() {
+  local pid
+  pid=$(awk 'NR == 1 { print $1 }' "$spool/pid/master.pid" 2>/dev/null) || return 1
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  alive "$pid" || return 1
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = master ] || return 1
+  tr '\0' '\n' 2>/dev/null <"/proc/$pid/environ" | grep -qxF "MAIL_CONFIG=$etc" || return 1
+  echo "$pid"
+}
+
+# Reads the SMTP greeting from 127.0.0.1:PORT; fails when nothing listens.
+smtp_greeting() {
+  local port=$1
+  (
+    exec 3<>"/dev/tcp/127.0.0.1/$port" || exit 1
+    line=
+    IFS= read -r -t 3 line <&3 || true
+    printf 'QUIT\r\n' >&3 || true
+    printf '%s\n' "${line%$'\r'}"
+  ) 2>/dev/null
+}
+
+# True when HOST:PORT accepts a TCP connection (within 3 s).
+port_open() {
+  # shellcheck disable=SC2016 # $1 and $2 expand in the inner bash
+  timeout 3 bash -c 'exec 3<>"/dev/tcp/$1/$2"' _ "$1" "$2" 2>/dev/null
+}
+
+# Prints "total maildrop incoming active deferred hold".
+queue_counts() {
+  local q n total=0 out=
+  for q in "${queue_dirs[@]}"; do
+    n=0
+    if [ -d "$spool/$q" ]; then
+      n=$(find "$spool/$q" -type f 2>/dev/null | wc -l) || n=0
+    fi
+    total=$((total + n))
+    out="$out $n"
+  done
+  echo "$total$out"
+}
+
+describe_counts() {
+  local -a c
+  read -r -a c <<<"$1"
+  echo "${c[0]} messages (maildrop ${c[1]}, incoming ${c[2]}, active ${c[3]}, deferred ${c[4]}, hold ${c[5]})"
+}
+
+# The postfix command reports a bad main.cf to syslog (there is none here) or
+# to a terminal, not to a pipe: rerun its check under script(1), which gives
+# it a terminal, so that the reason reaches the user.
+explain_failure() {
+  local out cf=${1:-$etc} what=${2:-check}
+  if command -v script >/dev/null; then
+    out=$(script -qec "postfix -c '$cf' $what" /dev/null </dev/null 2>&1 | tr -d '\r') || true
+    [ -z "$out" ] || printf '%s\n' "$out" >&2
+  fi
+  [ "$cf" != "$etc" ] || show_log_tail
+}
+
+show_log_tail() {
+  if [ -s "$maillog" ]; then
+    echo "--- last lines of $maillog:" >&2
+    tail -n 15 "$maillog" >&2
+  fi
+}
+
+# ------------------------------------------------------------ configuration --
+
+write_main_cf() {
+  local transport_block
+  if [ -n "$relayhost" ]; then
+    transport_block="# All mail, for any domain, goes over SMTP to this next hop. The brackets
+# turn off MX lookups.
+relayhost = $relayhost
+default_transport = smtp
+# Keep the connections to the next hop in the connection cache even when there
+# is no backlog (default: empty, i.e. only on demand, see below).
+smtp_connection_cache_destinations = \$relayhost"
+  else
+    transport_block="# --discard: every message is accepted, queued and then thrown away by the
+# discard transport, which logs it as sent. For measuring the injection side.
+relayhost =
+default_transport = discard"
+  fi
+  cat <<EOF
+$marker
+# from its options; rewritten on every start, so do not edit it here: change
+# the script (see docs/postfix.md). Each tuned parameter gives its Postfix 3.7
+# default.
+
+compatibility_level = 3.6
+
+# ---- This instance's own files; nothing is shared with /etc/postfix's. ----
+# The configuration directory itself is given by "postfix -c $etc".
+queue_directory = $spool
+data_directory = $data
+# There is no syslogd: postlogd (the postlog service in master.cf) writes the
+# log to this file. maillog_file_prefixes (default: /var, /dev/stdout) must
+# allow the path.
+maillog_file = $maillog
+maillog_file_prefixes = $dir
+# A name of its own in the log, distinct from the default instance's "postfix".
+syslog_name = postfix-blast
+
+# ---- Network: loopback only, no local delivery, relay for loopback. ----
+# smtpd listens on 127.0.0.1:$port only (see master.cf); never on port 25.
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+# No local delivery: no domain is local, so no passwd or alias lookups.
+mydestination =
+local_recipient_maps =
+alias_maps =
+alias_database =
+# Loopback clients may relay to any domain; everything else is refused.
+mynetworks = 127.0.0.0/8 [::1]/128
+smtpd_relay_restrictions = permit_mynetworks, reject
+# No TLS on loopback (and no tlsmgr service in master.cf).
+smtpd_tls_security_level = none
+smtp_tls_security_level = none
+
+$transport_block
+
+# No DNS anywhere: the smtp client resolves the next hop with the system
+# resolver (/etc/hosts), so an example.com recipient never causes a lookup.
+# smtp_dns_support_level default: empty (DNS on); disable_dns_lookups is its
+# deprecated predecessor. smtp_host_lookup default: dns.
+smtp_dns_support_level = disabled
+smtp_host_lookup = native
+# smtpd does no reverse lookup of the client (127.0.0.1). Default: yes.
+smtpd_peername_lookup = no
+
+# ---- Tuning for bulk injection ----
+
+# Upper bound on processes per service (smtpd, smtp, cleanup, ...): with 100,
+# more than 100 injector connections wait in the listen backlog and the smtp
+# client cannot go beyond 100 deliveries at once. Default: 100.
+default_process_limit = 200
+
+# Per-client limits kept by anvil. Loopback is exempt from them by default
+# (smtpd_client_event_limit_exceptions defaults to \$mynetworks), but they are
+# set to 0 (off) so that a changed mynetworks cannot bring back the default of
+# 50 simultaneous connections per client. With every limit 0, smtpd does not
+# talk to anvil at all.
+# Default: 50.
+smtpd_client_connection_count_limit = 0
+# Default: 0 (off).
+smtpd_client_connection_rate_limit = 0
+# Default: 0 (off).
+smtpd_client_message_rate_limit = 0
+# Default: 0 (off).
+smtpd_client_recipient_rate_limit = 0
+# Default: \${smtpd_client_connection_limit_exceptions:\$mynetworks}.
+smtpd_client_event_limit_exceptions = \$mynetworks
+
+# A daemon process exits after this many connections (smtpd) or delivery
+# requests (smtp, cleanup, ...), and master forks a new one. 100 means a fork
+# every 100 messages per process when injecting one message per connection,
+# and smtp client processes that drop their warm state often. Default: 100.
+max_use = 10000
+
+# Reuse SMTP connections to the next hop: on demand (when a destination has a
+# backlog) is the default; smtp_connection_cache_destinations above makes it
+# unconditional for the relay. Default: yes.
+smtp_connection_cache_on_demand = yes
+# How many times a cached connection may be reused; 0 is no limit (the
+# connection is still closed after smtp_connection_reuse_time_limit, 300s).
+# Default: 0.
+smtp_connection_reuse_count_limit = 0
+
+# Parallel deliveries to one destination. With a relayhost every message has
+# the same destination, so this is the number of SMTP connections to the next
+# hop (smtp_destination_concurrency_limit and discard_... inherit it).
+# Default: 20.
+default_destination_concurrency_limit = 50
+# Recipients per delivery transaction. blast sends one recipient per message,
+# so the default does not limit anything; kept as is. Default: 50.
+default_destination_recipient_limit = 50
+
+# Messages qmgr holds in memory (the active queue). Beyond this, new mail waits
+# in the incoming queue on disk; delivery speed does not improve with more.
+# Default: 20000.
+qmgr_message_active_limit = 20000
+
+# When mail arrives faster than qmgr moves it out, each new message is delayed
+# up to this long before smtpd/cleanup accept it: back pressure on the
+# injectors. With 0, 32 injectors once filled the tmpfs queue with 70-80
+# thousand messages (~400 MB) and delivery got slower for the same end-to-end
+# rate. Default: 1s.
+in_flow_delay = $in_flow_delay
+
+# Drop an idle or stuck client after this long instead of keeping an smtpd
+# process busy. Injectors on loopback answer in microseconds. Default: 300s.
+smtpd_timeout = 60s
+
+# Largest accepted message, headers included. Default: 10240000 (10 MB);
+# raised to 25 MiB, the usual limit of large mailbox providers.
+message_size_limit = 26214400
+
+# smtpd refuses new mail with 452 (try again) when less than this is free on
+# the queue's file system, so a full tmpfs queue pushes back on blast instead
+# of failing messages. Postfix also always keeps 1.5 x message_size_limit.
+# Default: 0 (only the 1.5 x message_size_limit rule).
+queue_minfree = $queue_minfree
+
+# Client, HELO and sender restrictions are evaluated at RCPT time by default;
+# there are none here, so this costs nothing either way. Default: yes (kept).
+smtpd_delay_reject = yes
+
+# No "new mail" notifications to local users. Default: yes.
+biff = no
+
+# Do not wait for the next hop's reply to QUIT at the end of a session.
+# Default: yes (smtp), no (lmtp).
+smtp_skip_quit_response = yes
+lmtp_skip_quit_response = yes
+
+# Queue IDs that are unique over time (the default short IDs derive from the
+# inode number, which tmpfs reuses). blast records the ID from the 250 reply in
+# its ledger; a unique ID finds the message in the log. Default: no.
+enable_long_queue_ids = yes
+
+# The next hop is local: when it was briefly down, retry deferred mail after
+# seconds rather than minutes. Defaults: 300s, 300s, 4000s.
+queue_run_delay = 30s
+minimal_backoff_time = 30s
+maximal_backoff_time = 300s
+EOF
+}
+
+# Applies the --set NAME=VALUE lines to main.cf on stdin: a parameter that is
+# already there gets its value replaced in place (postconf warns about a
+# parameter set twice), any other is appended.
+apply_overrides() {
+  if [ ${#overrides[@]} -eq 0 ]; then
+    cat
+    return
+  fi
+  awk '
+    FNR == NR {
+      name = $0; sub(/[ ]*=.*/, "", name)
+      value = $0; sub(/^[^=]*=[ ]*/, "", value)
+      if (!(name in set)) order[++n] = name
+      set[name] = value
+      next
+    }
+    {
+      name = $0; sub(/[ ]*=.*/, "", name)
+      if ($0 ~ /^[a-z0-9_]+ *=/ && (name in set)) {
+        print "# --set replaced: " $0
+        print name " = " set[name]
+        done[name] = 1
+        next
+      }
+      print
+    }
+    END {
+      header = 0
+      for (i = 1; i <= n; i++) {
+        if (order[i] in done) continue
+        if (!header) { print ""; print "# ---- Added with --set ----"; header = 1 }
+        print order[i] " = " set[order[i]]
+      }
+    }' <(printf '%s\n' "${overrides[@]}") -
+}
+
+write_master_cf() {
+  cat <<EOF
+$marker; rewritten on every start.
+# Only the services this instance needs. No daemon runs chrooted (chroot
+# column n), so nothing has to be copied into the queue directory.
+# ==========================================================================
+# service type  private unpriv  chroot  wakeup  maxproc command + args
+# ==========================================================================
+127.0.0.1:$port inet n  -       n       -       -       smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+lmtp      unix  -       -       n       -       -       lmtp
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+}
+
+# Writes main.cf and master.cf into DIR (a temporary directory), and checks
+# them with postconf: any warning (an unknown or unused parameter, a bad
+# value) is an error.
+generate_config() {
+  local out=$1 warnings
+  write_main_cf | apply_overrides >"$out/main.cf"
+  write_master_cf >"$out/master.cf"
+  # Postfix re-reads a configuration file until its mtime is at least a
+  # second older than the start of the read ("pausing to let ... settle"):
+  # a file written just now costs every program that reads it up to 2 s.
+  touch -m -d "@$((EPOCHSECONDS - 10))" "$out/main.cf" "$out/master.cf"
+  warnings=$(postconf -c "$out" -n 2>&1 >/dev/null) || die "postconf rejects the generated main.cf: $warnings"
+  [ -z "$warnings" ] || die "postconf warns about the generated main.cf: $warnings"
+  warnings=$(postconf -c "$out" -M 2>&1 >/dev/null) || die "postconf rejects the generated master.cf: $warnings"
+  [ -z "$warnings" ] || die "postconf warns about the generated master.cf: $warnings"
+}
+
+print_summary() {
+  local pid=$1 greeting=$2 fs
+  fs=$(df --output=fstype "$spool" 2>/dev/null | awk 'NR == 2') || fs=$(stat -f -c %T "$spool" 2>/dev/null) || fs=unknown
+  echo "  smtpd:         127.0.0.1:$port ($greeting)"
+  if [ -n "$relayhost" ]; then
+    echo "  relay:         all mail to $relayhost over SMTP"
+  else
+    echo "  relay:         none: all mail is discarded (--discard)"
+  fi
+  echo "  queue:         $spool ($fs)"
+  echo "  config:        $etc"
+  echo "  log:           $maillog"
+  echo "  in_flow_delay: $in_flow_delay"
+  echo "  master pid:    $pid"
+}
+
+wait_greeting() {
+  local deadline=$((SECONDS + 10)) greeting
+  while :; do
+    greeting=$(smtp_greeting "$port") || greeting=
+    if [[ "$greeting" == 220\ * ]]; then
+      echo "$greeting"
+      return 0
+    fi
+    [ "$SECONDS" -lt "$deadline" ] || return 1
+    sleep 0.2
+  done
+}
+
+# ---------------------------------------------------------------- commands --
+
+cmd_start() {
+  require_root
+  ensure_postfix
+  local tmp pid greeting avail
+  tmp=$(mktemp -d "${TMPDIR:-/tmp}/blast-postfix-cf.XXXXXX")
+  # shellcheck disable=SC2064 # expand $tmp now
+  trap "rm -rf '$tmp'" EXIT
+  generate_config "$tmp"
+
+  if pid=$(master_pid); then
+    if cmp -s "$tmp/main.cf" "$etc/main.cf" && cmp -s "$tmp/master.cf" "$etc/master.cf"; then
+      say "already running (master pid $pid) with this configuration; nothing to do"
+      return 0
+    fi
+    local old_listen
+    old_listen=$(awk '$2 == "inet" { print $1; exit }' "$etc/master.cf" 2>/dev/null) || old_listen=
+    if [ "$old_listen" != "127.0.0.1:$port" ] && port_open 127.0.0.1 "$port"; then
+      die "127.0.0.1:$port already accepts connections: stop whatever listens there (ss -ltnp 'sport = :$port') or use another --port"
+    fi
+    # Let the postfix command parse every parameter of the new main.cf before
+    # it replaces the running one: "status" exits 0 only if it could, and
+    # the master it finds still runs.
+    if ! postfix -c "$tmp" status >/dev/null 2>&1; then
+      explain_failure "$tmp" status
+      die "the new configuration is not valid; the running instance keeps its old one"
+    fi
+    say "already running (master pid $pid) with another configuration: rewriting it and reloading"
+    install -p -m 0644 "$tmp/main.cf" "$etc/main.cf"
+    install -p -m 0644 "$tmp/master.cf" "$etc/master.cf"
+    postfix -c "$etc" reload || {
+      explain_failure
+      die "postfix reload failed"
+    }
+    greeting=$(wait_greeting) || {
+      show_log_tail
+      die "reloaded, but no 220 greeting on 127.0.0.1:$port within 10 s"
+    }
+    say "reloaded Postfix $(postconf -c "$etc" -dh mail_version 2>/dev/null) instance"
+    print_summary "$pid" "$greeting"
+    return 0
+  fi
+
+  if port_open 127.0.0.1 "$port"; then
+    die "127.0.0.1:$port already accepts connections, and not from this instance ($dir): stop whatever listens there (ss -ltnp 'sport = :$port') or use --port"
+  fi
+
+  # Directories: root owns the instance, config and queue directories (Postfix
+  # checks that); postfix owns the data directory. "postfix start" creates the
+  # queue's subdirectories itself (post-install create-missing).
+  mkdir -p "$dir" "$etc" "$spool" "$data"
+  chown root:root "$dir" "$etc" "$spool"
+  chmod 0755 "$dir" "$etc" "$spool"
+  chown postfix:postfix "$data"
+  chmod 0700 "$data"
+
+  avail=$(($(df -Pk "$spool" | awk 'NR == 2 { print $4 }') * 1024))
+  if [ "$avail" -lt $((2 * queue_minfree)) ]; then
+    die "only $((avail / 1048576)) MiB free on the file system of $spool; this instance refuses mail below $((queue_minfree / 1048576)) MiB free (queue_minfree): use --dir on a larger file system"
+  fi
+
+  install -p -m 0644 "$tmp/main.cf" "$etc/main.cf"
+  install -p -m 0644 "$tmp/master.cf" "$etc/master.cf"
+
+  # A master.pid left by a master that died is harmless: "postfix start"
+  # checks with master -t, which locks the file.
+  if ! postfix -c "$etc" start; then
+    explain_failure
+    die "postfix -c $etc start failed"
+  fi
+  if ! greeting=$(wait_greeting); then
+    show_log_tail
+    die "Postfix started, but 127.0.0.1:$port gave no 220 greeting within 10 s"
+  fi
+  pid=$(master_pid) || die "Postfix answered on port $port, but its master process is gone"
+  if [ ! -s "$maillog" ]; then
+    warn "the log $maillog is still empty"
+  fi
+  if [ -n "$relayhost" ] && ! port_open "$rhost" "$rport"; then
+    warn "nothing accepts connections on $rhost:$rport yet: mail will be deferred and retried every 30-300 s"
+  fi
+  say "started Postfix $(postconf -c "$etc" -dh mail_version 2>/dev/null) instance"
+  print_summary "$pid" "$greeting"
+}
+
+cmd_stop() {
+  require_root
+  local pid left deadline counts
+  if pid=$(master_pid); then
+    say "stopping master pid $pid"
+    # "postfix stop" sends SIGTERM to master, which stops its children, and
+    # waits up to 5 s before killing the process group.
+    postfix -c "$etc" stop || warn "postfix -c $etc stop reported an error"
+    deadline=$((SECONDS + 15))
+    while alive "$pid"; do
+      if [ "$SECONDS" -ge "$deadline" ]; then
+        warn "master pid $pid still runs after 15 s: killing its process group"
+        kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
+        sleep 0.5
+        break
+      fi
+      sleep 0.1
+    done
+    # The exited master is a zombie until its parent (init) reaps it; wait a
+    # little so that ps/pgrep right after stop show nothing.
+    deadline=$((SECONDS + 3))
+    while [ -e "/proc/$pid" ] && [ "$SECONDS" -lt "$deadline" ]; do sleep 0.1; done
+  else
+    say "not running ($dir)"
+  fi
+
+  # Children normally exit with master; wait briefly, then kill stragglers.
+  deadline=$((SECONDS + 5))
+  while left=$(instance_pids) && [ -n "$left" ]; do
+    if [ "$SECONDS" -ge "$deadline" ]; then
+      warn "killing leftover processes of $dir: $(echo "$left" | tr '\n' ' ')"
+      # shellcheck disable=SC2086 # one pid per word
+      kill -KILL $left 2>/dev/null || true
+      sleep 0.5
+      break
+    fi
+    sleep 0.1
+  done
+  left=$(instance_pids)
+  [ -z "$left" ] || die "processes of $dir survive: $(echo "$left" | tr '\n' ' ')"
+  [ -z "${pid:-}" ] || say "stopped"
+
+  if [ -n "$purge" ]; then
+    if [ -d "$dir" ]; then
+      if ! { [ -f "$etc/main.cf" ] && head -n 1 "$etc/main.cf" | grep -qxF "$marker"; }; then
+        die "not purging $dir: it has no main.cf written by this script"
+      fi
+      rm -rf -- "$dir"
+      say "removed $dir"
+    fi
+  elif [ -d "$spool" ]; then
+    counts=$(queue_counts)
+    if [ "${counts%% *}" -gt 0 ]; then
+      say "the queue still holds $(describe_counts "$counts"); they go out on the next start (stop --purge deletes them)"
+    fi
+  fi
+}
+
+cmd_status() {
+  local pid n counts rc=0
+  if pid=$(master_pid); then
+    n=$(instance_pids | wc -l)
+    echo "master: running (pid $pid, $n processes)"
+  else
+    echo "master: not running"
+    rc=3
+  fi
+  if [ -f "$etc/main.cf" ]; then
+    local listen transport relayh
+    listen=$(awk '$2 == "inet" { print $1; exit }' "$etc/master.cf" 2>/dev/null) || listen=
+    transport=$(postconf -c "$etc" -h default_transport 2>/dev/null) || transport=
+    relayh=$(postconf -c "$etc" -h relayhost 2>/dev/null) || relayh=
+    echo "smtpd: ${listen:-?}; transport: ${transport:-?}${relayh:+ to $relayh}"
+  fi
+  if [ -d "$spool" ]; then
+    counts=$(queue_counts)
+    echo "queue: $(describe_counts "$counts") in $spool"
+  else
+    echo "queue: none ($spool does not exist)"
+  fi
+  return "$rc"
+}
+
+cmd_queue_size() {
+  local counts
+  [ -d "$spool" ] || die "no queue at $spool"
+  counts=$(queue_counts)
+  echo "${counts%% *}"
+}
+
+cmd_flush_wait() {
+  [ -d "$spool" ] || die "no queue at $spool"
+  local start now elapsed counts total peak=0 next_report=5
+  start=$EPOCHREALTIME
+  while :; do
+    counts=$(queue_counts)
+    total=${counts%% *}
+    [ "$total" -le "$peak" ] || peak=$total
+    now=$EPOCHREALTIME
+    elapsed=$(awk -v a="$start" -v b="$now" 'BEGIN { printf "%.1f", b - a }')
+    if [ "$total" -eq 0 ]; then
+      say "queue empty after $elapsed s (largest queue seen: $peak messages)"
+      return 0
+    fi
+    if ! master_pid >/dev/null; then
+      die "master is not running: $(describe_counts "$counts") will not drain"
+    fi
+    if [ "${elapsed%.*}" -ge "$timeout" ]; then
+      echo "$prog: timeout after $elapsed s: $(describe_counts "$counts") still queued" >&2
+      return 1
+    fi
+    if [ "${elapsed%.*}" -ge "$next_report" ]; then
+      echo "$prog: $elapsed s: $(describe_counts "$counts")" >&2
+      next_report=$((next_report + 5))
+    fi
+    sleep 0.2
+  done
+}
+
+case "$command" in
+  start) cmd_start ;;
+  stop) cmd_stop ;;
+  status) cmd_status ;;
+  flush-wait) cmd_flush_wait ;;
+  queue-size) cmd_queue_size ;;
+esac
