@@ -1,0 +1,155 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: blast against Postfix's smtp-source, side by side, in
+# one run, with the same number of messages, the same size and the same
+# concurrency, into the same sink.
+#
+#   scripts/bench.sh                      # 1,000,000 recipients, SQLite, 16 connections, into blast's sink
+#   scripts/bench.sh -n 200000 -c 8       # other size / concurrency
+#   scripts/bench.sh --pg                 # audience and ledger in a throwaway PostgreSQL
+#   scripts/bench.sh --postfix            # through the tuned Postfix (scripts/mta/postfix.sh) to the sink
+#   scripts/bench.sh --sweep "1 2 4 8 16 32 64" -n 200000 [--postfix]
+#
+# Prints, per run: messages/s for blast and for smtp-source and their ratio,
+# blast's peak RSS, its time to the first message; with --postfix also the
+# end-to-end rate (accepted by Postfix and delivered to the sink).
+# Needs: python3, /usr/bin/time, and Postfix's smtp-source (apt-get install postfix).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+n=1000000
+conc=16
+sweep=""
+use_pg=0
+use_postfix=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n) n=$2; shift 2 ;;
+    -c) conc=$2; shift 2 ;;
+    --sweep) sweep=$2; shift 2 ;;
+    --pg) use_pg=1; shift ;;
+    --postfix) use_postfix=1; shift ;;
+    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
+  esac
+done
+[ -n "$sweep" ] || sweep=$conc
+command -v smtp-source >/dev/null || { echo "bench.sh: smtp-source missing: apt-get install postfix" >&2; exit 2; }
+[ -x /usr/bin/time ] || { echo "bench.sh: /usr/bin/time missing: apt-get install time" >&2; exit 2; }
+
+work=${BLAST_BENCH_DIR:-/tmp/blast-bench}
+mkdir -p "$work"
+cargo build --release --quiet
+bin=$PWD/target/release/blast
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+now() { date +%s.%N; }
+
+# --- the audience ------------------------------------------------------------
+schema="CREATE TABLE IF NOT EXISTS subscribers (id BIGINT PRIMARY KEY, email TEXT NOT NULL, attributes TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL)"
+if [ $use_pg -eq 1 ]; then
+  source scripts/pg.sh
+  db_url=$BLAST_TEST_PG_URL
+  echo "bench: generating $n subscribers in PostgreSQL"
+  psql -q "$db_url" -c "${schema/attributes TEXT/attributes JSONB}" \
+    -c "INSERT INTO subscribers SELECT i, 'user' || i || '@example.com', jsonb_build_object('first_name', 'Name' || i, 'last_name', 'Doe', 'city', 'Oslo', 'plan', 'pro'), '2026-01-01T00:00:00.000Z' FROM generate_series(1, $n) AS i"
+  clear_ledger() { psql -q "$db_url" -c "DELETE FROM blast_deliveries" -c "DELETE FROM blast_campaigns" 2>/dev/null || true; }
+else
+  db_file=$work/audience-$n.db
+  db_url=sqlite://$db_file
+  if [ ! -f "$db_file" ]; then
+    echo "bench: generating $n subscribers in $db_file"
+    python3 - "$db_file" "$n" "$schema" <<'PY'
+import json, sqlite3, sys
+path, n, schema = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+c = sqlite3.connect(path)
+c.execute(schema)
+rows = ((i, f"user{i}@example.com",
+         json.dumps({"first_name": f"Name{i}", "last_name": "Doe", "city": "Oslo", "plan": "pro"}),
+         "2026-01-01T00:00:00.000Z") for i in range(1, n + 1))
+c.executemany("INSERT INTO subscribers VALUES (?,?,?,?)", rows)
+c.commit()
+PY
+  fi
+  clear_ledger() {
+    python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); [c.execute(q) for q in ("DELETE FROM blast_deliveries","DELETE FROM blast_campaigns") if c.execute("SELECT 1 FROM sqlite_master WHERE name=?", (q.split()[2],)).fetchone()]; c.commit()' "$db_file"
+  }
+fi
+
+campaign=$work/campaign.toml
+cp templates/newsletter/newsletter.txt templates/newsletter/newsletter.html "$work/"
+size=$("$bin" preview templates/newsletter/campaign.toml --database "$db_url" --id 1 | wc -c)
+echo "bench: message size ${size} bytes (the example newsletter, personalized); audience $n; $([ $use_pg -eq 1 ] && echo PostgreSQL || echo SQLite)"
+
+# --- the sink and (optionally) Postfix ---------------------------------------
+sink_pid=""
+start_sink() {
+  sink_port=$(free_port)
+  "$bin" sink --listen "127.0.0.1:$sink_port" 2>"$work/sink.log" &
+  sink_pid=$!
+  for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$sink_port") 2>/dev/null && return; sleep 0.05; done
+  echo "bench: sink did not start" >&2; exit 1
+}
+stop_sink() {
+  [ -n "$sink_pid" ] || return 0
+  kill "$sink_pid" 2>/dev/null || true; wait "$sink_pid" 2>/dev/null || true; sink_pid=""
+  sink_msgs=$(sed -n 's/.*blast sink: [0-9]* connections, \([0-9]*\) messages.*/\1/p' "$work/sink.log" | tail -n 1)
+}
+mta_dir=$work/postfix
+start_postfix() {
+  mta_port=$(free_port)
+  scripts/mta/postfix.sh start --dir "$mta_dir" --port "$mta_port" --relay "127.0.0.1:$sink_port" >/dev/null
+}
+stop_postfix() { scripts/mta/postfix.sh stop --dir "$mta_dir" >/dev/null 2>&1 || true; }
+cleanup() { stop_sink; [ $use_postfix -eq 1 ] && stop_postfix; true; }
+trap cleanup EXIT
+
+# --- one measurement ---------------------------------------------------------
+run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_secs
+  clear_ledger
+  sed "s/^name = .*/name = \"bench-$1-$(date +%s%N)\"/" templates/newsletter/campaign.toml > "$campaign"
+  local t0 t1
+  t0=$(now)
+  /usr/bin/time -v -o "$work/time.log" "$bin" send "$campaign" --database "$db_url" \
+    --smtp "smtp://127.0.0.1:$2" --concurrency "$1" --progress none --json > "$work/summary.json"
+  t1=$(now)
+  b_secs=$(python3 -c "print($t1 - $t0)")
+  b_rate=$(python3 -c "import json; d=json.load(open('$work/summary.json')); print(round(d['sent']/$b_secs))")
+  b_first=$(python3 -c "import json; print(json.load(open('$work/summary.json'))['first_message_ms'])")
+  b_rss=$(awk '/Maximum resident/ {print int($6/1024)}' "$work/time.log")
+}
+run_source() { # $1 = concurrency, $2 = target port; sets s_rate s_secs
+  local t0 t1
+  t0=$(now)
+  smtp-source -s "$1" -m "$n" -l "$size" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
+  t1=$(now)
+  s_secs=$(python3 -c "print($t1 - $t0)")
+  s_rate=$(python3 -c "print(round($n/$s_secs))")
+}
+drain() { # waits for Postfix's queue to empty; prints nothing, sets d_secs since $1
+  scripts/mta/postfix.sh flush-wait --dir "$mta_dir" --timeout 3600 >/dev/null
+  d_secs=$(python3 -c "print($(now) - $1)")
+}
+
+if [ $use_postfix -eq 0 ]; then
+  printf '%-5s %12s %12s %7s %9s %10s\n' conc blast/s smtp-src/s ratio rss_MB first_ms
+  for c in $sweep; do
+    start_sink; run_blast "$c" "$sink_port"; stop_sink; got_b=$sink_msgs
+    start_sink; run_source "$c" "$sink_port"; stop_sink; got_s=$sink_msgs
+    [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
+    printf '%-5s %12s %12s %7s %9s %10s\n' "$c" "$b_rate" "$s_rate" \
+      "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_rss" "$b_first"
+  done
+else
+  printf '%-5s %12s %12s %7s %12s %12s %7s %9s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB
+  for c in $sweep; do
+    start_sink; start_postfix
+    t0=$(now); run_blast "$c" "$mta_port"; drain "$t0"; b_e2e=$(python3 -c "print(round($n/$d_secs))")
+    stop_postfix; stop_sink; got_b=$sink_msgs
+    start_sink; start_postfix
+    t0=$(now); run_source "$c" "$mta_port"; drain "$t0"; s_e2e=$(python3 -c "print(round($n/$d_secs))")
+    stop_postfix; stop_sink; got_s=$sink_msgs
+    [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
+    printf '%-5s %12s %12s %7s %12s %12s %7s %9s\n' "$c" "$b_rate" "$s_rate" \
+      "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_e2e" "$s_e2e" \
+      "$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")" "$b_rss"
+  done
+fi
