@@ -11,6 +11,8 @@ mod campaign;
 mod cli;
 /// `blast import` on both backends, and imported columns in templates.
 mod import;
+/// Through a real, tuned Postfix.
+mod mta;
 /// Running a campaign again: stopped runs, deferred recipients.
 mod resume;
 /// The SMTP injector's protocol modes (PIPELINING, CHUNKING, lock-step).
