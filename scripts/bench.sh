@@ -9,6 +9,7 @@
 #   scripts/bench.sh --postfix            # through the tuned Postfix (scripts/mta/postfix.sh) to the sink
 #   scripts/bench.sh --sweep "1 2 4 8 16 32 64" -n 200000 [--postfix]
 #
+# smtp-source runs with -d (many messages per connection, as blast does).
 # Prints, per run: messages/s for blast and for smtp-source and their ratio,
 # blast's peak RSS, its time to the first message; with --postfix also the
 # end-to-end rate (accepted by Postfix and delivered to the sink).
@@ -119,7 +120,7 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
 run_source() { # $1 = concurrency, $2 = target port; sets s_rate s_secs
   local t0 t1
   t0=$(now)
-  smtp-source -s "$1" -m "$n" -l "$size" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
+  smtp-source -d -s "$1" -m "$n" -l "$size" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
   t1=$(now)
   s_secs=$(python3 -c "print($t1 - $t0)")
   s_rate=$(python3 -c "print(round($n/$s_secs))")

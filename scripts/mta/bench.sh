@@ -73,7 +73,10 @@ cleanup() {
   if [ -z "$keep" ]; then
     "$pf" stop --dir "$dir" --purge >/dev/null || true
   fi
-  [ -z "$sink_pid" ] || kill "$sink_pid" 2>/dev/null || true
+  if [ -n "$sink_pid" ]; then
+    kill "$sink_pid" 2>/dev/null || true
+    wait "$sink_pid" 2>/dev/null || true
+  fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -180,3 +183,10 @@ if [ -z "$discard" ]; then
 fi
 echo "  maillog:        $log_lines lines, $sent with status=sent"
 echo "  probe reply:    $reply"
+
+bad=
+[ "$sent" = "$messages" ] || bad="$bad the log has $sent status=sent lines, not $messages;"
+[ -n "$discard" ] || [ "$got" = "$messages" ] || bad="$bad smtp-sink counted $got messages, not $messages;"
+[[ "$reply" == "250 "*"queued as "* ]] || bad="$bad the probe's reply has no 'queued as';"
+[ -z "$bad" ] || die "${bad%;}"
+echo "  checks:         all $messages delivered$([ -z "$discard" ] && echo " and counted by smtp-sink"), queue ID in the 250 reply"

@@ -4,14 +4,16 @@
 # (configuration, queue, data, log) lives under one directory, on tmpfs by
 # default. See docs/postfix.md.
 #
-#   postfix.sh start  [--dir DIR] [--port 2526] [--relay HOST:PORT | --discard] [--in-flow-delay 1s] [--set NAME=VALUE]...
+#   postfix.sh start  [--dir DIR] [--port 2526] [--relay HOST:PORT | --discard]
+#                     [--in-flow-delay 1s] [--log FILE] [--set NAME=VALUE]...
 #   postfix.sh stop   [--dir DIR] [--purge]
 #   postfix.sh status [--dir DIR]
 #   postfix.sh flush-wait [--dir DIR] [--timeout 600]
 #   postfix.sh queue-size [--dir DIR]
 #
 # Environment (the command line wins): BLAST_MTA_DIR, BLAST_MTA_PORT,
-# BLAST_MTA_RELAY (HOST:PORT, or "discard"), BLAST_MTA_IN_FLOW_DELAY.
+# BLAST_MTA_RELAY (HOST:PORT, or "discard"), BLAST_MTA_IN_FLOW_DELAY,
+# BLAST_MTA_LOG.
 #
 # Needs root (Postfix's master must start as root) and Debian's postfix
 # package, which it installs when missing. It never reads or writes
@@ -48,9 +50,12 @@ Options:
   --discard            discard all mail after queueing it (env BLAST_MTA_RELAY=discard)
   --in-flow-delay T    Postfix in_flow_delay, 0 to 10 seconds (default 1s; env BLAST_MTA_IN_FLOW_DELAY)
   --timeout SECONDS    flush-wait: give up after this long (default 600)
-  --set NAME=VALUE     start: add a main.cf line after the tuned ones (repeatable;
-                       checked with postconf like the rest)
-  --purge              stop: remove DIR afterwards (queued mail is lost)
+  --set NAME=VALUE     start: set a main.cf parameter, replacing the script's value
+                       if it has one (repeatable; checked with postconf like the rest)
+  --log FILE           start: the log file (default DIR/maillog; env BLAST_MTA_LOG).
+                       Put it on a disk to keep it through a crash (docs/postfix.md)
+  --purge              stop: remove DIR afterwards (queued mail is lost; a --log
+                       outside DIR is kept)
 
 start on a running instance with the same configuration does nothing; with a
 changed configuration it rewrites main.cf/master.cf and reloads Postfix.
@@ -89,6 +94,7 @@ dir=${BLAST_MTA_DIR:-/dev/shm/blast-postfix}
 port=${BLAST_MTA_PORT:-2526}
 relay=${BLAST_MTA_RELAY:-127.0.0.1:2527}
 in_flow_delay=${BLAST_MTA_IN_FLOW_DELAY:-1s}
+maillog=${BLAST_MTA_LOG:-}
 timeout=600
 purge=
 overrides=()
@@ -109,6 +115,8 @@ while [ $# -gt 0 ]; do
     --in-flow-delay=*) in_flow_delay=${1#*=}; shift ;;
     --timeout) need_arg "$1" $#; timeout=$2; shift 2 ;;
     --timeout=*) timeout=${1#*=}; shift ;;
+    --log) need_arg "$1" $#; maillog=$2; shift 2 ;;
+    --log=*) maillog=${1#*=}; shift ;;
     --purge) purge=1; shift ;;
     --set) need_arg "$1" $#; overrides+=("$2"); shift 2 ;;
     --set=*) overrides+=("${1#*=}"); shift ;;
@@ -137,7 +145,15 @@ esac
 etc=$dir/etc
 spool=$dir/spool
 data=$dir/data
-maillog=$dir/maillog
+if [ -z "$maillog" ]; then
+  maillog=$dir/maillog
+else
+  [[ "$maillog" == /* && "$maillog" != */ ]] || die "--log must be an absolute file name, got '$maillog'"
+  [[ "$maillog" =~ ^[A-Za-z0-9._/-]+$ ]] || die "--log may only contain letters, digits and . _ / -, got '$maillog'"
+fi
+# postlogd only writes below these prefixes.
+log_prefixes=$dir
+[[ "$maillog" == "$dir"/* ]] || log_prefixes="$dir, $(dirname "$maillog")"
 
 valid_port() { [[ "$1" =~ ^[0-9]{1,5}$ ]] && [ "$((10#$1))" -ge 1 ] && [ "$((10#$1))" -le 65535 ]; }
 valid_port "$port" || die "--port must be a TCP port number, got '$port'"
@@ -171,7 +187,7 @@ fi
 # ---------------------------------------------------------------- helpers --
 
 require_root() {
-  [ "$(id -u)" -eq 0 ] || die "'$command' needs root: Postfix's master daemon must be started and stopped as root"
+  [ "$(id -u)" -eq 0 ] || die "'$command' needs root: Postfix's master daemon must be started and stopped as root, and only root (or postfix) can read its queue and processes"
 }
 
 # Debian's postfix package brings the programs, the postfix user and the
@@ -192,6 +208,11 @@ ensure_postfix() {
   fi
   getent passwd postfix >/dev/null || die "there is no 'postfix' user (Debian's postfix package creates it)"
   getent group postdrop >/dev/null || die "there is no 'postdrop' group (Debian's postfix package creates it)"
+}
+
+# True when DIR holds a configuration written by this script.
+ours() {
+  [ -f "$etc/main.cf" ] && head -n 1 "$etc/main.cf" | grep -qxF "$marker"
 }
 
 # True when the process exists and is not a zombie.
@@ -316,7 +337,7 @@ data_directory = $data
 # log to this file. maillog_file_prefixes (default: /var, /dev/stdout) must
 # allow the path.
 maillog_file = $maillog
-maillog_file_prefixes = $dir
+maillog_file_prefixes = $log_prefixes
 # A name of its own in the log, distinct from the default instance's "postfix".
 syslog_name = postfix-blast
 
@@ -370,10 +391,10 @@ smtpd_client_recipient_rate_limit = 0
 # Default: \${smtpd_client_connection_limit_exceptions:\$mynetworks}.
 smtpd_client_event_limit_exceptions = \$mynetworks
 
-# A daemon process exits after this many connections (smtpd) or delivery
-# requests (smtp, cleanup, ...), and master forks a new one. 100 means a fork
-# every 100 messages per process when injecting one message per connection,
-# and smtp client processes that drop their warm state often. Default: 100.
+# A daemon process exits after serving this many requests, and master forks a
+# new one. A request is a client connection for smtpd, one message for
+# cleanup, one delivery for smtp. With 100, cleanup and smtp processes are
+# replaced every 100 messages each. Default: 100.
 max_use = 10000
 
 # Reuse SMTP connections to the next hop: on demand (when a destination has a
@@ -608,10 +629,14 @@ cmd_start() {
     die "127.0.0.1:$port already accepts connections, and not from this instance ($dir): stop whatever listens there (ss -ltnp 'sport = :$port') or use --port"
   fi
 
+  if [ -d "$dir" ] && [ -n "$(ls -A "$dir")" ] && ! ours; then
+    die "$dir exists and was not set up by this script (no $etc/main.cf written by it): give an empty or new --dir"
+  fi
+
   # Directories: root owns the instance, config and queue directories (Postfix
   # checks that); postfix owns the data directory. "postfix start" creates the
   # queue's subdirectories itself (post-install create-missing).
-  mkdir -p "$dir" "$etc" "$spool" "$data"
+  mkdir -p "$dir" "$etc" "$spool" "$data" "$(dirname "$maillog")"
   chown root:root "$dir" "$etc" "$spool"
   chmod 0755 "$dir" "$etc" "$spool"
   chown postfix:postfix "$data"
@@ -690,7 +715,7 @@ cmd_stop() {
 
   if [ -n "$purge" ]; then
     if [ -d "$dir" ]; then
-      if ! { [ -f "$etc/main.cf" ] && head -n 1 "$etc/main.cf" | grep -qxF "$marker"; }; then
+      if ! ours; then
         die "not purging $dir: it has no main.cf written by this script"
       fi
       rm -rf -- "$dir"
@@ -705,6 +730,7 @@ cmd_stop() {
 }
 
 cmd_status() {
+  require_root
   local pid n counts rc=0
   if pid=$(master_pid); then
     n=$(instance_pids | wc -l)
@@ -730,6 +756,7 @@ cmd_status() {
 }
 
 cmd_queue_size() {
+  require_root
   local counts
   [ -d "$spool" ] || die "no queue at $spool"
   counts=$(queue_counts)
@@ -737,6 +764,7 @@ cmd_queue_size() {
 }
 
 cmd_flush_wait() {
+  require_root
   [ -d "$spool" ] || die "no queue at $spool"
   local start now elapsed counts total peak=0 next_report=5
   start=$EPOCHREALTIME
