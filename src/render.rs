@@ -328,12 +328,16 @@ fn body_part(content_type: &'static str, text: &str) -> MimePart<'static> {
 /// Copies `text` with CRLF line ends if it can travel as `7bit` (RFC 2045:
 /// ASCII, no NUL, no lone CR, lines of at most 998 octets); false otherwise.
 fn seven_bit(text: &str, out: &mut Vec<u8>) -> bool {
-    for line in text.as_bytes().split(|&b| b == b'\n') {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if line.len() > 998 || line.iter().any(|&b| b == 0 || b == b'\r' || b >= 0x80) {
+    // Whole-text checks first: both are vectorised/memchr-based in std.
+    if !text.is_ascii() || text.contains('\0') {
+        return false;
+    }
+    for line in text.split('\n') {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.len() > 998 || line.contains('\r') {
             return false;
         }
-        out.extend_from_slice(line);
+        out.extend_from_slice(line.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
     true
