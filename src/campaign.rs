@@ -31,12 +31,12 @@ use crate::transport::{Outcome, Session, SessionError, Transport};
 /// [`QUEUE_MIN`] and [`QUEUE_MAX`] in all. Bounded so that rendering waits
 /// for the MTA instead of filling memory: 32 per injector kept 16 injectors
 /// busy (16 per injector lost 15% of the rate); the cap keeps memory flat at
-/// high concurrency (1024 messages of 8 KB = 8 MB).
+/// high concurrency (512 messages of 8 KB = 4 MB).
 const QUEUE_PER_INJECTOR: usize = 32;
 /// Smallest rendered-message queue.
 const QUEUE_MIN: usize = 64;
 /// Largest rendered-message queue.
-const QUEUE_MAX: usize = 1024;
+const QUEUE_MAX: usize = 512;
 /// Chunks of recipients waiting for a render worker.
 const RENDER_QUEUE_CHUNKS: usize = 8;
 /// Reconnect backoff bounds after a lost connection.

@@ -132,7 +132,16 @@ pub struct SmtpSession {
     stuffed: Vec<u8>,
     /// Time of the last complete transaction, for latency figures.
     last_latency: Duration,
+    /// ACK replies at once: switched on for the session after a transaction
+    /// as slow as a delayed ACK (see `pipelined_bdat`). Off by default
+    /// because the extra ACK packets cost 20% of the rate into a server that
+    /// does not need them.
+    quickack: bool,
 }
+
+/// A transaction at least this slow on loopback suggests the server's Nagle
+/// is waiting for our delayed ACK (40 ms on Linux).
+const DELAYED_ACK_STALL: Duration = Duration::from_millis(30);
 
 /// A raw server reply: code and text lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -183,6 +192,7 @@ impl Transport for Smtp {
             line: Vec::with_capacity(512),
             stuffed: Vec::new(),
             last_latency: Duration::ZERO,
+            quickack: false,
         };
         let greeting = s
             .read_reply()
@@ -427,7 +437,16 @@ impl SmtpSession {
         Ok(first_refusal(m, r, d).into_outcome())
     }
 
-    /// RFC 3030: [RSET,] MAIL, RCPT and `BDAT n LAST` + message in one write.
+    /// RFC 3030 with RFC 2920: [RSET,] MAIL, RCPT and `BDAT n LAST` with the
+    /// message, all in one write.
+    ///
+    /// Against Postfix this needs TCP_QUICKACK (switched on by the first slow
+    /// transaction): smtpd answers MAIL and RCPT in
+    /// one small packet while it waits for the rest of the chunk, then BDAT in
+    /// a second one that Nagle's algorithm holds until we ACK the first, and a
+    /// delayed ACK takes 40 ms (23 msg/s per connection, measured here).
+    /// Waiting for the RCPT reply before sending the chunk also avoids the
+    /// stall but cost 25% of the rate into blast's sink.
     async fn pipelined_bdat(
         &mut self,
         mail: &str,
@@ -447,6 +466,9 @@ impl SmtpSession {
             ambiguous: true,
             ..e
         })?;
+        if self.quickack {
+            self.quick_ack();
+        }
         if rset {
             self.read_rset().await?;
         }
@@ -459,6 +481,16 @@ impl SmtpSession {
         }
         self.needs_rset = true;
         Ok(first_refusal(m, r, b).into_outcome())
+    }
+
+    /// Asks the kernel to ACK the next segment at once (Linux only; the mode
+    /// is not sticky, so this is done once per transaction).
+    fn quick_ack(&self) {
+        #[cfg(target_os = "linux")]
+        {
+            let stream: &TcpStream = self.reader.get_ref().as_ref();
+            let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+        }
     }
 }
 
@@ -517,6 +549,9 @@ impl super::Session for SmtpSession {
             _ => self.lock_step(&mail, &rcpt, message).await,
         };
         self.last_latency = started.elapsed();
+        if self.last_latency >= DELAYED_ACK_STALL && self.use_chunking && self.use_pipelining {
+            self.quickack = true;
+        }
         outcome
     }
 
