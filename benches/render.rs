@@ -24,11 +24,11 @@ fn setup() -> (Renderer, Recipient) {
         "first_name": "Jürgen", "last_name": "Müller", "city": "München", "plan": "pro",
         "created_at": "2026-01-01T00:00:00.000Z",
     });
-    let recipient = Recipient {
-        id: 424242,
-        email: "juergen.mueller424242@example.com".into(),
-        vars: vars.as_object().cloned().unwrap_or_default(),
-    };
+    let recipient = Recipient::new(
+        424242,
+        "juergen.mueller424242@example.com",
+        vars.as_object().cloned().unwrap_or_default(),
+    );
     (renderer, recipient)
 }
 

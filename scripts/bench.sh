@@ -9,7 +9,8 @@
 #   scripts/bench.sh --postfix            # through the tuned Postfix (scripts/mta/postfix.sh) to the sink
 #   scripts/bench.sh --sweep "1 2 4 8 16 32 64" -n 200000 [--postfix]
 #
-# smtp-source runs with -d (many messages per connection, as blast does).
+# smtp-source runs with -d (many messages per connection, as blast does), -N
+# (distinct recipients) and -F (one of blast's rendered messages as content).
 # Prints, per run: messages/s for blast and for smtp-source and their ratio,
 # blast's peak RSS, its time to the first message; with --postfix also the
 # end-to-end rate (accepted by Postfix and delivered to the sink).
@@ -77,7 +78,11 @@ fi
 
 campaign=$work/campaign.toml
 cp templates/newsletter/newsletter.txt templates/newsletter/newsletter.html "$work/"
-size=$("$bin" preview templates/newsletter/campaign.toml --database "$db_url" --id 1 | wc -c)
+# smtp-source sends one of blast's own messages (-F), so both push the same
+# bytes and the same MIME structure through the MTA; -N gives it distinct
+# recipients, as blast has.
+"$bin" preview templates/newsletter/campaign.toml --database "$db_url" --id 1 | tail -n +2 > "$work/message.eml"
+size=$(wc -c < "$work/message.eml")
 echo "bench: message size ${size} bytes (the example newsletter, personalized); audience $n; $([ $use_pg -eq 1 ] && echo PostgreSQL || echo SQLite)"
 
 # --- the sink and (optionally) Postfix ---------------------------------------
@@ -99,7 +104,7 @@ start_postfix() {
   mta_port=$(free_port)
   scripts/mta/postfix.sh start --dir "$mta_dir" --port "$mta_port" --relay "127.0.0.1:$sink_port" >/dev/null
 }
-stop_postfix() { scripts/mta/postfix.sh stop --dir "$mta_dir" >/dev/null 2>&1 || true; }
+stop_postfix() { scripts/mta/postfix.sh stop --purge --dir "$mta_dir" >/dev/null 2>&1 || true; }
 cleanup() { stop_sink; [ $use_postfix -eq 1 ] && stop_postfix; true; }
 trap cleanup EXIT
 
@@ -120,7 +125,7 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
 run_source() { # $1 = concurrency, $2 = target port; sets s_rate s_secs
   local t0 t1
   t0=$(now)
-  smtp-source -d -s "$1" -m "$n" -l "$size" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
+  smtp-source -d -N -s "$1" -m "$n" -F "$work/message.eml" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
   t1=$(now)
   s_secs=$(python3 -c "print($t1 - $t0)")
   s_rate=$(python3 -c "print(round($n/$s_secs))")

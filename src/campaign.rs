@@ -50,6 +50,9 @@ pub struct RunOptions {
     pub concurrency: usize,
     /// Max messages per second over all injectors; 0 = unlimited.
     pub rate: u32,
+    /// Consecutive 5xx (over at least three domains) that trip the breaker;
+    /// 0 = never.
+    pub breaker_threshold: u32,
 }
 
 /// Live counters, shared with the progress display.
@@ -71,6 +74,8 @@ pub struct Stats {
     pub deferred: AtomicU64,
     /// Connections lost or refused mid-campaign (the message was retried).
     pub retries: AtomicU64,
+    /// Recipients skipped because their address is suppressed.
+    pub suppressed: AtomicU64,
     /// Pending recipients at start, once known (0 = unknown).
     pub total: AtomicU64,
 }
@@ -135,6 +140,7 @@ impl Stats {
             failed: AtomicU64::new(0),
             deferred: AtomicU64::new(0),
             retries: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
             total: AtomicU64::new(0),
         }
     }
@@ -169,6 +175,7 @@ impl Stats {
         self.sent.load(Ordering::Relaxed)
             + self.failed.load(Ordering::Relaxed)
             + self.deferred.load(Ordering::Relaxed)
+            + self.suppressed.load(Ordering::Relaxed)
     }
 }
 
@@ -185,6 +192,14 @@ pub struct Summary {
     pub deferred: u64,
     /// Connection-level retries.
     pub retries: u64,
+    /// Skipped: address on the suppression list.
+    pub suppressed: u64,
+    /// Why the circuit breaker paused the campaign, if it did.
+    pub breaker: Option<String>,
+    /// Recipients whose refusals the breaker attributes to the relay (to be
+    /// sent again when the campaign resumes).
+    #[serde(skip)]
+    pub breaker_streak: Vec<(i64, String)>,
     /// Wall time in seconds.
     pub seconds: f64,
     /// Messages with an outcome per second.
@@ -236,13 +251,120 @@ impl Stats {
 impl Summary {
     /// True when every recipient of this run was accepted.
     pub fn all_accepted(&self) -> bool {
-        self.failed == 0 && self.deferred == 0 && !self.interrupted
+        self.failed == 0 && self.deferred == 0 && !self.interrupted && self.breaker.is_none()
     }
+}
+
+/// The per-campaign circuit breaker: when the relay refuses everything (it
+/// wants AUTH, it denies relaying, or N refusals in a row across different
+/// domains), the campaign pauses with the reason instead of burning the
+/// list. Refusals that look like the relay's (auth, relay denied) are
+/// recorded as deferred, and the streak that tripped the breaker is
+/// requeued by the caller, so `blast resume` sends them again.
+#[derive(Debug)]
+pub struct Breaker {
+    threshold: u32,
+    state: std::sync::Mutex<BreakerState>,
+}
+
+#[derive(Debug, Default)]
+struct BreakerState {
+    streak: Vec<(i64, String)>,
+    domains: std::collections::HashSet<String>,
+    tripped: Option<String>,
+}
+
+impl Breaker {
+    /// A breaker tripping after `threshold` refusals; 0 = never (relay
+    /// refusals still trip it).
+    pub fn new(threshold: u32) -> Breaker {
+        Breaker {
+            threshold,
+            state: std::sync::Mutex::new(BreakerState::default()),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Looks at one SMTP outcome; returns the outcome to record (a relay
+    /// refusal becomes a deferral: it says nothing about the recipient).
+    pub fn observe(&self, id: i64, email: &str, outcome: Outcome) -> Outcome {
+        let mut st = self.lock();
+        let reply = match &outcome {
+            Outcome::Failed(r) if r.code.is_some() => r.clone(),
+            _ => {
+                // Anything accepted or deferred ends a streak of refusals.
+                st.streak.clear();
+                st.domains.clear();
+                return outcome;
+            }
+        };
+        st.streak.push((id, email.to_string()));
+        if let Some((_, domain)) = email.rsplit_once('@') {
+            st.domains.insert(domain.to_ascii_lowercase());
+        }
+        if relay_refusal(&reply) {
+            st.tripped.get_or_insert_with(|| {
+                format!(
+                    "the relay refuses to take mail: {} {}",
+                    reply.code.unwrap_or(0),
+                    reply.text
+                )
+            });
+            return Outcome::Deferred(reply);
+        }
+        if self.threshold > 0 && st.streak.len() as u32 >= self.threshold && st.domains.len() >= 3 {
+            let reason = format!(
+                "{} refusals in a row across {} domains, last: {} {}",
+                st.streak.len(),
+                st.domains.len(),
+                reply.code.unwrap_or(0),
+                reply.text
+            );
+            st.tripped.get_or_insert(reason);
+        }
+        outcome
+    }
+
+    /// True once tripped.
+    pub fn tripped(&self) -> bool {
+        self.lock().tripped.is_some()
+    }
+
+    /// Why it tripped.
+    pub fn reason(&self) -> Option<String> {
+        self.lock().tripped.clone()
+    }
+
+    /// The refused recipients of the current streak, when tripped.
+    pub fn streak(&self) -> Vec<(i64, String)> {
+        let st = self.lock();
+        if st.tripped.is_some() {
+            st.streak.clone()
+        } else {
+            Vec::new()
+        }
+    }
+}
+
+/// A refusal that is about the relay or the session, not the recipient.
+pub fn relay_refusal(reply: &crate::transport::Reply) -> bool {
+    let text = reply.text.to_ascii_lowercase();
+    matches!(reply.code, Some(530) | Some(535) | Some(538))
+        || reply.enhanced.as_deref() == Some("5.7.0")
+        || text.contains("relay access denied")
+        || text.contains("relaying denied")
+        || text.contains("relay not permitted")
+        || text.contains("authentication required")
 }
 
 /// A rendered message on its way to an injector.
 struct Job {
     out: Outgoing,
+    attempts: u32,
+    first_attempt_at: Option<String>,
 }
 
 /// Runs the pipeline until the source is exhausted or `stop` is cancelled.
@@ -268,10 +390,11 @@ where
     let concurrency = opts.concurrency.max(1);
     let (job_tx, job_rx) =
         mpsc::channel::<Job>((concurrency * QUEUE_PER_INJECTOR).clamp(QUEUE_MIN, QUEUE_MAX));
-    let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS * 4);
+    let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
     let job_rx = Arc::new(Mutex::new(job_rx));
     let limiter =
         NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
+    let breaker = Arc::new(Breaker::new(opts.breaker_threshold));
 
     // A ledger failure must stop sending: nothing may go out unrecorded.
     let ledger_task = {
@@ -294,6 +417,7 @@ where
             records: rec_tx.clone(),
             stats: stats.clone(),
             limiter: limiter.clone(),
+            breaker: breaker.clone(),
             stop: stop.clone(),
         };
         injectors.spawn(inj.run());
@@ -346,6 +470,9 @@ where
         failed,
         deferred,
         retries: stats.retries.load(Ordering::Relaxed),
+        suppressed: stats.suppressed.load(Ordering::Relaxed),
+        breaker: breaker.reason(),
+        breaker_streak: breaker.streak(),
         seconds,
         rate: if seconds > 0.0 {
             (sent + failed + deferred) as f64 / seconds
@@ -427,22 +554,40 @@ async fn render_worker(
         };
         let now = clock::now();
         for recipient in chunk {
-            match renderer.render(&recipient, now) {
+            // A suppressed address gets nothing; the ledger says why.
+            let failure = match &recipient.suppressed {
+                Some(reason) => Err(format!("address is suppressed: {reason}")),
+                None => renderer.render(&recipient, now).map_err(|e| e.to_string()),
+            };
+            match failure {
                 Ok(out) => {
+                    let job = Job {
+                        out,
+                        attempts: recipient.attempts,
+                        first_attempt_at: recipient.first_attempt_at,
+                    };
                     tokio::select! {
                         biased;
                         _ = stop.cancelled() => return,
-                        sent = jobs.send(Job { out }) => if sent.is_err() { return },
+                        sent = jobs.send(job) => if sent.is_err() { return },
                     }
                 }
-                Err(e) => {
-                    let outcome = Outcome::local_failure(e.to_string());
-                    stats.count(&outcome);
+                Err(reason) => {
+                    let suppressed = recipient.suppressed.is_some();
+                    let outcome = Outcome::local_failure(reason);
+                    if suppressed {
+                        stats.suppressed.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        stats.count(&outcome);
+                    }
                     let rec = Record {
                         recipient_id: recipient.id,
                         email: recipient.email,
                         outcome,
                         relay: None,
+                        attempts: recipient.attempts,
+                        first_attempt_at: recipient.first_attempt_at,
+                        suppressed,
                     };
                     if records.send(rec).await.is_err() {
                         return;
@@ -461,6 +606,7 @@ struct Injector<T: Transport> {
     records: mpsc::Sender<Record>,
     stats: Arc<Stats>,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    breaker: Arc<Breaker>,
     stop: CancellationToken,
 }
 
@@ -513,12 +659,21 @@ impl<T: Transport> Injector<T> {
                     }
                 }
             };
+            let outcome =
+                self.breaker
+                    .observe(job.out.envelope.recipient_id, &job.out.email, outcome);
+            if self.breaker.tripped() {
+                self.stop.cancel();
+            }
             self.stats.count(&outcome);
             let rec = Record {
                 recipient_id: job.out.envelope.recipient_id,
                 email: job.out.email,
                 outcome,
                 relay: Some(relay.clone()),
+                attempts: job.attempts,
+                first_attempt_at: job.first_attempt_at,
+                suppressed: false,
             };
             if self.records.send(rec).await.is_err() {
                 break;

@@ -29,6 +29,38 @@ pub enum Command {
     Import(ImportArgs),
     /// Run the built-in SMTP sink (for demos, tests and benchmarks).
     Sink(SinkArgs),
+    /// Pause a campaign (a running sender stops within a second).
+    Pause(ControlArgs),
+    /// Clear a pause (or a hold) and, given a campaign file, send the rest.
+    Resume(ResumeArgs),
+    /// Cancel a campaign for good (a running sender stops within a second).
+    Cancel(ControlArgs),
+}
+
+/// `blast pause|cancel`
+#[derive(Debug, Args)]
+pub struct ControlArgs {
+    /// A campaign file, or a campaign name (then --database is needed).
+    pub campaign: String,
+    /// Database URL (default: the campaign file's).
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: Option<String>,
+    /// Why (shown by `blast status`).
+    #[arg(long)]
+    pub reason: Option<String>,
+}
+
+/// `blast resume`
+#[derive(Debug, Args)]
+pub struct ResumeArgs {
+    /// A campaign file (resumed and sent), or a campaign name (resumed only).
+    pub campaign: String,
+    /// Database URL (default: the campaign file's).
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: Option<String>,
+    /// Print the summary as one JSON object on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Overrides shared by commands that read a campaign file.

@@ -24,6 +24,13 @@ pub fn db_timestamp(t: OffsetDateTime) -> String {
         .unwrap_or_default()
 }
 
+/// Parses a [`db_timestamp`] back; None for anything else.
+pub fn parse_db_timestamp(s: &str) -> Option<OffsetDateTime> {
+    time::PrimitiveDateTime::parse(s, DB_FORMAT)
+        .ok()
+        .map(|t| t.assume_utc())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -34,5 +41,7 @@ mod tests {
         assert_eq!(db_timestamp(t), "2026-11-29T18:00:00.123Z");
         let t = time::macros::datetime!(2026-11-29 18:00:00 UTC);
         assert_eq!(db_timestamp(t), "2026-11-29T18:00:00.000Z");
+        assert_eq!(parse_db_timestamp("2026-11-29T18:00:00.000Z"), Some(t));
+        assert_eq!(parse_db_timestamp("yesterday"), None);
     }
 }

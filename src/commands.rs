@@ -14,6 +14,7 @@ use crate::campaign::{self, RunOptions, Stats, Summary};
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::lease::{Interruption, Lease};
 use crate::ledger::{self, MemoryLedger, SqlLedger, StatusCounts};
 use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
@@ -82,6 +83,7 @@ pub async fn send(
     let opts = RunOptions {
         concurrency: cfg.delivery.concurrency,
         rate: cfg.delivery.rate,
+        breaker_threshold: cfg.delivery.breaker_threshold,
     };
 
     let result = match &cfg.dry_run {
@@ -115,27 +117,67 @@ pub async fn send(
                 cfg.delivery.timeout,
                 password,
             );
-            probe(&transport, cfg.delivery.relays.len()).await?;
-            ledger::set_state(&db, campaign.id, "running").await?;
-            let progress = Progress::start(&cfg.name, stats.clone(), mode);
-            let r = campaign::run(
-                &cfg.name,
-                source,
-                renderer,
-                Arc::new(transport),
-                SqlLedger::new(db.clone(), campaign.id),
-                &opts,
-                stats,
-                token.clone(),
-            )
+            sendable(&campaign)?;
+            // One sender per campaign: take the lease before the first message.
+            let lease = Arc::new(Lease::acquire(&db, campaign.id, &cfg.name).await?);
+            let result = async {
+                probe(&transport, cfg.delivery.relays.len()).await?;
+                ledger::set_state(&db, campaign.id, "running", None).await?;
+                let why = Arc::new(std::sync::Mutex::new(None));
+                let done = CancellationToken::new();
+                let keeper = lease.keep(token.clone(), done.clone(), why.clone());
+                let progress = Progress::start(&cfg.name, stats.clone(), mode);
+                let ledger = SqlLedger::new(db.clone(), campaign.id, cfg.delivery.retry.clone());
+                let r = campaign::run(
+                    &cfg.name,
+                    source,
+                    renderer,
+                    Arc::new(transport),
+                    ledger,
+                    &opts,
+                    stats,
+                    token.clone(),
+                )
+                .await;
+                progress.finish().await;
+                done.cancel();
+                let _ = keeper.await;
+                let why = why.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                let mut summary = r?;
+                match (&summary.breaker, why) {
+                    (Some(reason), _) => {
+                        ledger::requeue(&db, campaign.id, &summary.breaker_streak).await?;
+                        ledger::set_state(
+                            &db,
+                            campaign.id,
+                            "paused",
+                            Some(&format!("circuit breaker: {reason}")),
+                        )
+                        .await?;
+                    }
+                    // Paused or cancelled from outside: that state stays.
+                    (None, Some(Interruption::Paused(_) | Interruption::Cancelled(_))) => {}
+                    (None, Some(Interruption::LeaseLost(m))) => {
+                        summary.interrupted = true;
+                        tracing::warn!("{m}");
+                    }
+                    (None, None) => {
+                        let state = if summary.interrupted {
+                            "stopped"
+                        } else {
+                            "finished"
+                        };
+                        ledger::set_state(&db, campaign.id, state, None).await?;
+                    }
+                }
+                Ok(summary)
+            }
             .await;
-            progress.finish().await;
-            let state = match &r {
-                Ok(s) if !s.interrupted => "finished",
-                _ => "stopped",
-            };
-            ledger::set_state(&db, campaign.id, state).await?;
-            r
+            // Release even after an error, so a re-run needs no cleanup.
+            if let Err(e) = lease.release().await {
+                tracing::warn!("releasing the campaign lease: {e}");
+            }
+            result
         }
     };
     token.cancel();
@@ -143,6 +185,22 @@ pub async fn send(
     counter.abort();
     db.close().await;
     result
+}
+
+/// Refuses campaigns an operator stopped (paused, cancelled, held).
+fn sendable(c: &ledger::CampaignRow) -> Result<()> {
+    let hint = match c.state.as_str() {
+        "paused" => "`blast resume` continues it",
+        "held" => "it was overdue; `blast resume` sends it anyway",
+        "cancelled" => "a cancelled campaign is not sent again; use a new name",
+        _ => return Ok(()),
+    };
+    Err(Error::NotSendable {
+        campaign: c.name.clone(),
+        state: c.state.clone(),
+        reason: c.reason.clone(),
+        hint: hint.into(),
+    })
 }
 
 /// Checks every relay answers before the campaign starts, so an unreachable
@@ -204,6 +262,70 @@ pub async fn status(cfg: &Config) -> Result<StatusCounts> {
     let counts = ledger::status_counts(&db, &row, pending).await?;
     db.close().await;
     Ok(counts)
+}
+
+/// What `blast pause|resume|cancel` do to a campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// State `paused`.
+    Pause,
+    /// From `paused` or `held` back to `ready`.
+    Resume,
+    /// State `cancelled` (final).
+    Cancel,
+}
+
+/// Changes a campaign's state in the database; a sender running anywhere
+/// notices within [`crate::lease::POLL`]. Returns the campaign as it is now.
+pub async fn control(
+    database: &str,
+    name: &str,
+    action: Control,
+    reason: Option<&str>,
+) -> Result<ledger::CampaignRow> {
+    let db = Db::connect(database).await?;
+    let row = ledger::find_campaign(&db, name)
+        .await?
+        .ok_or_else(|| Error::UnknownCampaign(name.to_string()))?;
+    let refuse = |hint: &str| Error::NotSendable {
+        campaign: name.to_string(),
+        state: row.state.clone(),
+        reason: row.reason.clone(),
+        hint: hint.to_string(),
+    };
+    match (action, row.state.as_str()) {
+        (_, "cancelled") => return Err(refuse("it cannot be changed any more")),
+        (Control::Pause, "finished") | (Control::Cancel, "finished") => {
+            return Err(refuse("there is nothing left to stop"))
+        }
+        (Control::Resume, "paused" | "held") => {
+            ledger::set_state(&db, row.id, "ready", None).await?
+        }
+        (Control::Resume, _) => {}
+        (Control::Pause, _) => {
+            ledger::set_state(
+                &db,
+                row.id,
+                "paused",
+                Some(reason.unwrap_or("paused by the operator")),
+            )
+            .await?
+        }
+        (Control::Cancel, _) => {
+            ledger::set_state(
+                &db,
+                row.id,
+                "cancelled",
+                Some(reason.unwrap_or("cancelled by the operator")),
+            )
+            .await?
+        }
+    }
+    let row = ledger::find_campaign(&db, name)
+        .await?
+        .ok_or_else(|| Error::UnknownCampaign(name.to_string()))?;
+    db.close().await;
+    Ok(row)
 }
 
 /// A campaign name as a safe folder name.

@@ -55,7 +55,7 @@ struct MessageFile {
     headers: BTreeMap<String, String>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct DeliveryFile {
     smtp: Option<OneOrMany>,
@@ -64,6 +64,9 @@ struct DeliveryFile {
     envelope_from: Option<String>,
     helo: Option<String>,
     timeout_secs: Option<u64>,
+    retry: Option<Vec<String>>,
+    give_up_after: Option<String>,
+    breaker_threshold: Option<u32>,
 }
 
 /// `smtp = "smtp://..."` or `smtp = ["smtp://...", ...]`.
@@ -193,6 +196,60 @@ pub struct DeliveryConfig {
     pub helo: String,
     /// Per-command SMTP timeout.
     pub timeout: Duration,
+    /// When deferred recipients are tried again.
+    pub retry: RetryPolicy,
+    /// Consecutive 5xx refusals (over at least three domains) that pause the
+    /// campaign; 0 turns the breaker off.
+    pub breaker_threshold: u32,
+}
+
+/// The schedule for deferred (4xx) recipients.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Wait before attempt 2, 3, ...; the last delay repeats.
+    pub delays: Vec<Duration>,
+    /// After this long since the first deferral, a deferred recipient fails.
+    pub give_up_after: Duration,
+}
+
+impl Default for RetryPolicy {
+    /// 5 min, 30 min, 2 h, then every 6 h; give up after 2 days.
+    fn default() -> Self {
+        let m = |n: u64| Duration::from_secs(n * 60);
+        RetryPolicy {
+            delays: vec![m(5), m(30), m(120), m(360)],
+            give_up_after: m(2 * 24 * 60),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// The wait after a recipient's `attempts`-th deferral (1-based).
+    pub fn delay_after(&self, attempts: u32) -> Duration {
+        let i = (attempts.max(1) as usize - 1).min(self.delays.len().saturating_sub(1));
+        self.delays.get(i).copied().unwrap_or_default()
+    }
+}
+
+/// Default for `delivery.breaker_threshold`.
+pub const DEFAULT_BREAKER_THRESHOLD: u32 = 25;
+
+/// Parses `90s`, `5m`, `2h`, `2d` (a bare number is seconds).
+pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 5m, 2h or 2d"))?;
+    let secs = match unit.trim() {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("{s:?}: unknown unit (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n * secs))
 }
 
 /// A validated campaign, ready to build pools, transports and templates from.
@@ -383,14 +440,25 @@ impl Config {
             headers.push((h, v));
         }
 
-        let d = raw.delivery.unwrap_or(DeliveryFile {
-            smtp: None,
-            concurrency: None,
-            rate: None,
-            envelope_from: None,
-            helo: None,
-            timeout_secs: None,
-        });
+        let d = raw.delivery.unwrap_or_default();
+        let mut retry = RetryPolicy::default();
+        if let Some(list) = &d.retry {
+            retry.delays = list
+                .iter()
+                .map(|s| parse_duration(s))
+                .collect::<std::result::Result<_, _>>()
+                .map_err(|m| err("delivery.retry", m))?;
+            if retry.delays.is_empty() {
+                return Err(err(
+                    "delivery.retry",
+                    "needs at least one delay, e.g. [\"5m\"]".into(),
+                ));
+            }
+        }
+        if let Some(g) = &d.give_up_after {
+            retry.give_up_after =
+                parse_duration(g).map_err(|m| err("delivery.give_up_after", m))?;
+        }
         let smtp_urls: Vec<String> = if !overrides.smtp.is_empty() {
             overrides.smtp.clone()
         } else {
@@ -456,6 +524,8 @@ impl Config {
                 rate: overrides.rate.or(d.rate).unwrap_or(0),
                 helo,
                 timeout,
+                retry,
+                breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),
@@ -641,6 +711,35 @@ text = "t.txt"
             let e = parse(&text, &|_| None).unwrap_err().to_string();
             assert!(e.contains(key), "expected {key} in {e}");
         }
+    }
+
+    #[test]
+    fn durations_and_retry_schedule() {
+        assert_eq!(parse_duration("90s").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
+        assert!(parse_duration("5 parsecs").is_err());
+        let c = parse(
+            &format!("{MINIMAL}\n[delivery]\nretry = [\"1m\", \"10m\"]\ngive_up_after = \"1h\"\n"),
+            &|_| None,
+        )
+        .unwrap();
+        let r = &c.delivery.retry;
+        assert_eq!(
+            (r.delay_after(1), r.delay_after(2), r.delay_after(9)),
+            (
+                Duration::from_secs(60),
+                Duration::from_secs(600),
+                Duration::from_secs(600)
+            )
+        );
+        assert_eq!(r.give_up_after, Duration::from_secs(3600));
+        let e = parse(
+            &format!("{MINIMAL}\n[delivery]\nretry = [\"soon\"]\n"),
+            &|_| None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("delivery.retry"), "{e}");
     }
 
     #[test]

@@ -29,11 +29,23 @@ pub struct Db {
 }
 
 /// Migrations embedded in the binary, so an installed `blast` needs no `schema/` folder.
-const SQLITE_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../schema/sqlite/0001_init.sql"))];
+const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../schema/sqlite/0001_init.sql")),
+    (
+        2,
+        "reliability",
+        include_str!("../schema/sqlite/0002_reliability.sql"),
+    ),
+];
 /// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
-const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] =
-    &[(1, "init", include_str!("../schema/postgres/0001_init.sql"))];
+const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "init", include_str!("../schema/postgres/0001_init.sql")),
+    (
+        2,
+        "reliability",
+        include_str!("../schema/postgres/0002_reliability.sql"),
+    ),
+];
 
 impl Db {
     /// Connects to `url` (`sqlite://path`, `postgres://...`) and applies pending

@@ -52,6 +52,28 @@ pub enum Error {
         /// The connection error.
         message: String,
     },
+    /// Another process holds the campaign's lease.
+    #[error("campaign {campaign:?} is being sent by another process ({owner}); its lease runs until {until} and is renewed while it runs. If that process is gone, the lease expires by itself (on this host at once)")]
+    Busy {
+        /// The campaign name.
+        campaign: String,
+        /// The lease holder (`host/pid/nonce`).
+        owner: String,
+        /// Lease expiry.
+        until: String,
+    },
+    /// The campaign is paused, cancelled or held and cannot be sent as is.
+    #[error("campaign {campaign:?} is {state}{}: {hint}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]
+    NotSendable {
+        /// The campaign name.
+        campaign: String,
+        /// Its state.
+        state: String,
+        /// Why, if recorded.
+        reason: Option<String>,
+        /// What the operator can do.
+        hint: String,
+    },
     /// A campaign name was not found in the ledger.
     #[error("no campaign named {0:?} in this database")]
     UnknownCampaign(String),

@@ -24,15 +24,17 @@ use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::mpsc;
 
 use crate::clock;
+use crate::config::RetryPolicy;
 use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
-use crate::transport::Outcome;
+use crate::transport::{classify, Outcome, Reply};
+use time::OffsetDateTime;
 
 /// Flush at least this often.
 pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 /// ... or when this many records are waiting.
 pub const FLUSH_ROWS: usize = 1000;
-/// Rows per multi-row INSERT (10 parameters each) inside a flush.
+/// Rows per multi-row INSERT (up to 12 parameters each) inside a flush.
 const ROWS_PER_STATEMENT: usize = 100;
 
 /// One recipient's outcome, on its way to the database.
@@ -46,6 +48,12 @@ pub struct Record {
     pub outcome: Outcome,
     /// Which relay answered (None for local failures).
     pub relay: Option<String>,
+    /// Earlier attempts (deferrals) of this recipient in this campaign.
+    pub attempts: u32,
+    /// When it was first deferred, if it was.
+    pub first_attempt_at: Option<String>,
+    /// The address is on the suppression list: nothing was sent.
+    pub suppressed: bool,
 }
 
 /// Where records are stored.
@@ -65,6 +73,8 @@ pub struct CampaignRow {
     pub state: String,
     /// Highest audience id included, fixed at the first run.
     pub max_recipient_id: i64,
+    /// Why it is paused, held or cancelled.
+    pub reason: Option<String>,
 }
 
 /// Finds campaign `name`, or creates it with `max_id` (computed by the caller
@@ -95,7 +105,7 @@ where
 /// Looks a campaign up by name.
 pub async fn find_campaign(db: &Db, name: &str) -> Result<Option<CampaignRow>> {
     let row = sqlx::query(
-        "SELECT id, name, state, max_recipient_id FROM blast_campaigns WHERE name = $1",
+        "SELECT id, name, state, max_recipient_id, reason FROM blast_campaigns WHERE name = $1",
     )
     .bind(name)
     .fetch_optional(db.pool())
@@ -106,19 +116,23 @@ pub async fn find_campaign(db: &Db, name: &str) -> Result<Option<CampaignRow>> {
             name: r.try_get("name")?,
             state: r.try_get("state")?,
             max_recipient_id: r.try_get("max_recipient_id")?,
+            reason: r.try_get("reason")?,
         }),
         None => None,
     })
 }
 
-/// Records the campaign's run state.
-pub async fn set_state(db: &Db, campaign_id: i64, state: &str) -> Result<()> {
-    sqlx::query("UPDATE blast_campaigns SET state = $1, updated_at = $2 WHERE id = $3")
-        .bind(state)
-        .bind(clock::db_timestamp(clock::now()))
-        .bind(campaign_id)
-        .execute(db.pool())
-        .await?;
+/// Records the campaign's run state and why (for paused, held, cancelled).
+pub async fn set_state(db: &Db, campaign_id: i64, state: &str, reason: Option<&str>) -> Result<()> {
+    sqlx::query(
+        "UPDATE blast_campaigns SET state = $1, reason = $2, updated_at = $3 WHERE id = $4",
+    )
+    .bind(state)
+    .bind(reason)
+    .bind(clock::db_timestamp(clock::now()))
+    .bind(campaign_id)
+    .execute(db.pool())
+    .await?;
     Ok(())
 }
 
@@ -135,6 +149,8 @@ pub struct StatusCounts {
     pub failed: i64,
     /// Recipients temporarily refused (sent again by the next run).
     pub deferred: i64,
+    /// Recipients skipped because their address is suppressed.
+    pub suppressed: i64,
     /// Audience rows (up to the campaign's max id) without a final outcome.
     pub pending: i64,
 }
@@ -160,6 +176,7 @@ pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<S
             "sent" => c.sent += n,
             "failed" => c.failed += n,
             "deferred" => c.deferred += n,
+            "suppressed" => c.suppressed += n,
             _ => {}
         }
     }
@@ -171,74 +188,221 @@ pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<S
 pub struct SqlLedger {
     db: Db,
     campaign_id: i64,
+    retry: RetryPolicy,
 }
 
 impl SqlLedger {
-    /// A ledger writing into `blast_deliveries` for `campaign_id`.
-    pub fn new(db: Db, campaign_id: i64) -> SqlLedger {
-        SqlLedger { db, campaign_id }
+    /// A ledger writing into `blast_deliveries` for `campaign_id`, scheduling
+    /// deferred recipients by `retry`.
+    pub fn new(db: Db, campaign_id: i64, retry: RetryPolicy) -> SqlLedger {
+        SqlLedger {
+            db,
+            campaign_id,
+            retry,
+        }
     }
 
     async fn write(&mut self, batch: &[Record]) -> Result<()> {
-        const COLS: usize = 10;
-        let now = clock::db_timestamp(clock::now());
+        let now = clock::now();
+        let stamp = clock::db_timestamp(now);
+        let rows: Vec<Stored<'_>> = batch.iter().map(|r| stored(r, &self.retry, now)).collect();
         let mut tx = self.db.pool().begin().await?;
-        // Anonymous `?` on SQLite: sqlx looks up each parameter's name, and
-        // SQLite's name lookup is a linear scan, so 10,000 `$N` parameters
-        // in one statement cost O(n^2) (64% of blast's CPU when measured).
-        let positional = self.db.backend() == Backend::Sqlite;
-        for chunk in batch.chunks(ROWS_PER_STATEMENT) {
-            let mut sql = String::from(
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let sql = insert_sql(
+                self.db.backend(),
                 "INSERT INTO blast_deliveries (campaign_id, recipient_id, email, status, smtp_code, \
-                 enhanced_status, reply, queue_id, relay, updated_at) VALUES ",
-            );
-            for i in 0..chunk.len() {
-                if i > 0 {
-                    sql.push(',');
-                }
-                sql.push('(');
-                for c in 0..COLS {
-                    if c > 0 {
-                        sql.push(',');
-                    }
-                    if positional {
-                        sql.push('?');
-                    } else {
-                        sql.push_str(&format!("${}", i * COLS + c + 1));
-                    }
-                }
-                sql.push(')');
-            }
-            sql.push_str(
+                 enhanced_status, reply, queue_id, relay, updated_at, first_attempt_at, next_attempt_at) VALUES ",
+                12,
+                chunk.len(),
                 " ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET status = excluded.status, \
                  smtp_code = excluded.smtp_code, enhanced_status = excluded.enhanced_status, \
                  reply = excluded.reply, queue_id = excluded.queue_id, relay = excluded.relay, \
-                 attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at",
+                 attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at, \
+                 first_attempt_at = COALESCE(blast_deliveries.first_attempt_at, excluded.first_attempt_at), \
+                 next_attempt_at = excluded.next_attempt_at",
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for r in chunk {
-                let reply = r.outcome.reply();
-                let queue_id = match &r.outcome {
-                    Outcome::Sent { queue_id, .. } => queue_id.clone(),
-                    _ => None,
-                };
                 q = q
                     .bind(self.campaign_id)
-                    .bind(r.recipient_id)
-                    .bind(r.email.clone())
-                    .bind(r.outcome.status())
-                    .bind(reply.code.map(i32::from))
-                    .bind(reply.enhanced.clone())
-                    .bind(reply.text.clone())
-                    .bind(queue_id)
-                    .bind(r.relay.clone())
-                    .bind(now.clone());
+                    .bind(r.record.recipient_id)
+                    .bind(r.record.email.as_str())
+                    .bind(r.status)
+                    .bind(r.reply.code.map(i32::from))
+                    .bind(r.reply.enhanced.as_deref())
+                    .bind(r.text.as_str())
+                    .bind(r.queue_id)
+                    .bind(r.record.relay.as_deref())
+                    .bind(stamp.as_str())
+                    .bind(r.first_attempt_at.as_deref())
+                    .bind(r.next_attempt_at.as_deref());
             }
             q.execute(&mut *tx).await?;
+
+            // The history: one row per answer.
+            let sql = insert_sql(
+                self.db.backend(),
+                "INSERT INTO blast_attempts (campaign_id, recipient_id, status, smtp_code, \
+                 enhanced_status, reply, queue_id, relay, at) VALUES ",
+                9,
+                chunk.len(),
+                "",
+            );
+            let mut q = sqlx::query(AssertSqlSafe(sql));
+            for r in chunk {
+                q = q
+                    .bind(self.campaign_id)
+                    .bind(r.record.recipient_id)
+                    .bind(r.status)
+                    .bind(r.reply.code.map(i32::from))
+                    .bind(r.reply.enhanced.as_deref())
+                    .bind(r.text.as_str())
+                    .bind(r.queue_id)
+                    .bind(r.record.relay.as_deref())
+                    .bind(stamp.as_str());
+            }
+            q.execute(&mut *tx).await?;
+
+            // A synchronous hard bounce puts the address on the suppression list.
+            let hard: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.suppress).collect();
+            if !hard.is_empty() {
+                let sql = insert_sql(
+                    self.db.backend(),
+                    "INSERT INTO blast_suppressions (address, reason, source, created_at) VALUES ",
+                    4,
+                    hard.len(),
+                    " ON CONFLICT (address) DO NOTHING",
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for r in hard {
+                    q = q
+                        .bind(r.record.email.trim().to_lowercase())
+                        .bind(r.text.as_str())
+                        .bind("smtp")
+                        .bind(stamp.as_str());
+                }
+                q.execute(&mut *tx).await?;
+            }
         }
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A record as stored: its final status and schedule worked out.
+struct Stored<'a> {
+    record: &'a Record,
+    status: &'static str,
+    reply: &'a Reply,
+    text: String,
+    queue_id: Option<&'a str>,
+    first_attempt_at: Option<String>,
+    next_attempt_at: Option<String>,
+    suppress: bool,
+}
+
+/// Decides what a record means for the ledger: a deferral is scheduled by
+/// `retry`, or turns into a failure once `give_up_after` has passed since the
+/// first one; a hard bounce also suppresses the address.
+fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored<'a> {
+    let reply = r.outcome.reply();
+    let mut out = Stored {
+        record: r,
+        status: r.outcome.status(),
+        reply,
+        text: reply.text.clone(),
+        queue_id: None,
+        first_attempt_at: None,
+        next_attempt_at: None,
+        suppress: false,
+    };
+    if r.suppressed {
+        out.status = "suppressed";
+        return out;
+    }
+    match &r.outcome {
+        Outcome::Sent { queue_id, .. } => out.queue_id = queue_id.as_deref(),
+        Outcome::Failed(reply) => out.suppress = classify::is_hard_bounce(reply),
+        Outcome::Deferred(reply) => {
+            let first = r
+                .first_attempt_at
+                .as_deref()
+                .and_then(clock::parse_db_timestamp)
+                .unwrap_or(now);
+            out.first_attempt_at = Some(clock::db_timestamp(first));
+            if now - first >= retry.give_up_after {
+                out.status = "failed";
+                out.text = format!(
+                    "gave up after {} deferred attempts over {}: {}",
+                    r.attempts + 1,
+                    humanize(retry.give_up_after),
+                    reply.text
+                );
+            } else {
+                let wait = retry.delay_after(r.attempts + 1);
+                out.next_attempt_at = Some(clock::db_timestamp(now + wait));
+            }
+        }
+    }
+    out
+}
+
+/// `2d`, `6h`, `30m`, `45s`: how durations are written in campaign files.
+pub fn humanize(d: Duration) -> String {
+    let s = d.as_secs();
+    match s {
+        _ if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
+        _ if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
+        _ if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        _ => format!("{s}s"),
+    }
+}
+
+/// `prefix (?,?,..),(..) suffix` with `rows` tuples of `cols` parameters.
+/// Anonymous `?` on SQLite: sqlx looks up each parameter's name, and SQLite's
+/// name lookup is a linear scan, so thousands of `$N` parameters in one
+/// statement cost O(n^2) (64% of blast's CPU when measured).
+fn insert_sql(backend: Backend, prefix: &str, cols: usize, rows: usize, suffix: &str) -> String {
+    let mut sql = String::with_capacity(prefix.len() + suffix.len() + rows * cols * 5);
+    sql.push_str(prefix);
+    for i in 0..rows {
+        sql.push_str(if i > 0 { ",(" } else { "(" });
+        for c in 0..cols {
+            if c > 0 {
+                sql.push(',');
+            }
+            match backend {
+                Backend::Sqlite => sql.push('?'),
+                Backend::Postgres => sql.push_str(&format!("${}", i * cols + c + 1)),
+            }
+        }
+        sql.push(')');
+    }
+    sql.push_str(suffix);
+    sql
+}
+
+/// After the circuit breaker tripped: the refusals of the streak were the
+/// relay's, not the recipients'. They become deferred (due at once) and lose
+/// the suppressions they caused.
+pub async fn requeue(db: &Db, campaign_id: i64, recipients: &[(i64, String)]) -> Result<()> {
+    let mut tx = db.pool().begin().await?;
+    for (id, email) in recipients {
+        sqlx::query(
+            "UPDATE blast_deliveries SET status = 'deferred', next_attempt_at = NULL \
+             WHERE campaign_id = $1 AND recipient_id = $2 AND status IN ('failed', 'deferred')",
+        )
+        .bind(campaign_id)
+        .bind(id)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query("DELETE FROM blast_suppressions WHERE address = $1 AND source = 'smtp'")
+            .bind(email.trim().to_lowercase())
+            .execute(&mut *tx)
+            .await?;
+    }
+    tx.commit().await?;
+    Ok(())
 }
 
 impl Ledger for SqlLedger {

@@ -31,6 +31,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod import;
+pub mod lease;
 pub mod ledger;
 pub mod progress;
 pub mod render;

@@ -9,7 +9,8 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 
-use blast::cli::{Cli, Command, ImportArgs, SendArgs, SinkArgs};
+use blast::cli::{Cli, Command, ControlArgs, ImportArgs, ResumeArgs, SendArgs, SinkArgs};
+use blast::commands::Control;
 use blast::config::{Config, Overrides};
 use blast::progress::Mode;
 
@@ -84,6 +85,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Import(args) => import(args).await,
         Command::Sink(args) => sink(args).await,
+        Command::Pause(args) => control(args, Control::Pause).await,
+        Command::Cancel(args) => control(args, Control::Cancel).await,
+        Command::Resume(args) => resume(args).await,
     }
 }
 
@@ -107,15 +111,21 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         _ => Mode::Auto,
     };
     let summary = blast::commands::send(&cfg, mode, shutdown_signal()).await?;
-    if args.json {
+    report(&summary, args.json)
+}
+
+/// Prints the end-of-run summary and picks the exit code.
+fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         eprintln!(
-            "blast: {}: sent {} failed {} deferred {} in {:.1}s ({:.0} msg/s){}",
+            "blast: {}: sent {} failed {} deferred {} suppressed {} in {:.1}s ({:.0} msg/s){}",
             summary.campaign,
             summary.sent,
             summary.failed,
             summary.deferred,
+            summary.suppressed,
             summary.seconds,
             summary.rate,
             if summary.interrupted {
@@ -124,6 +134,9 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
                 ""
             }
         );
+        if let Some(reason) = &summary.breaker {
+            eprintln!("blast: {}: PAUSED by the circuit breaker: {reason}; fix the relay, then `blast resume`", summary.campaign);
+        }
     }
     Ok(if summary.all_accepted() {
         ExitCode::SUCCESS
@@ -236,4 +249,46 @@ async fn import(args: ImportArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// A campaign named by file (database and name from it) or by name.
+fn campaign_ref(
+    campaign: &str,
+    database: Option<String>,
+) -> anyhow::Result<(String, String, Option<Config>)> {
+    let path = std::path::Path::new(campaign);
+    if path.is_file() {
+        let cfg = load(
+            path,
+            Overrides {
+                database,
+                ..Default::default()
+            },
+        )?;
+        return Ok((cfg.database.clone(), cfg.name.clone(), Some(cfg)));
+    }
+    let db = database.context(format!(
+        "{campaign:?} is not a campaign file; to name a campaign, also give --database (or BLAST_DATABASE)"
+    ))?;
+    Ok((db, campaign.to_string(), None))
+}
+
+async fn control(args: ControlArgs, action: Control) -> anyhow::Result<ExitCode> {
+    let (db, name, _) = campaign_ref(&args.campaign, args.database)?;
+    let row = blast::commands::control(&db, &name, action, args.reason.as_deref()).await?;
+    eprintln!("blast: campaign {}: {}", row.name, row.state);
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let (db, name, cfg) = campaign_ref(&args.campaign, args.database)?;
+    let row = blast::commands::control(&db, &name, Control::Resume, None).await?;
+    eprintln!("blast: campaign {}: {}", row.name, row.state);
+    match cfg {
+        Some(cfg) => {
+            let summary = blast::commands::send(&cfg, Mode::Auto, shutdown_signal()).await?;
+            report(&summary, args.json)
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
 }

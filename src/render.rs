@@ -482,11 +482,7 @@ mod tests {
     fn recipient(id: i64, email: &str, name: &str) -> Recipient {
         let mut vars = Map::new();
         vars.insert("name".into(), Value::String(name.into()));
-        Recipient {
-            id,
-            email: email.into(),
-            vars,
-        }
+        Recipient::new(id, email, vars)
     }
 
     fn render(m: &MessageConfig, r: &Recipient) -> std::result::Result<Outgoing, RenderError> {

@@ -24,6 +24,26 @@ pub struct Recipient {
     /// values, and the keys of an `attributes` JSON object are lifted to the
     /// top level (a real column of the same name wins).
     pub vars: Map<String, Value>,
+    /// Earlier attempts in this campaign (deferrals), 0 for a first send.
+    pub attempts: u32,
+    /// When this recipient was first deferred, if it was.
+    pub first_attempt_at: Option<String>,
+    /// Why the address is on the suppression list, if it is.
+    pub suppressed: Option<String>,
+}
+
+impl Recipient {
+    /// A recipient that has never been tried and is not suppressed.
+    pub fn new(id: i64, email: impl Into<String>, vars: Map<String, Value>) -> Recipient {
+        Recipient {
+            id,
+            email: email.into(),
+            vars,
+            attempts: 0,
+            first_attempt_at: None,
+            suppressed: None,
+        }
+    }
 }
 
 /// Something that yields recipients page by page; an empty page means done.
@@ -33,7 +53,7 @@ pub trait Source: Send + 'static {
 }
 
 /// Ledger statuses that end a recipient's campaign (never sent again).
-pub const FINAL_STATUSES: &str = "'sent', 'failed'";
+pub const FINAL_STATUSES: &str = "'sent', 'failed', 'suppressed'";
 
 /// Reads the audience from SQL.
 #[derive(Debug)]
@@ -84,6 +104,7 @@ impl SqlSource {
             .bind(self.max_id)
             .bind(self.campaign_id)
             .bind(limit)
+            .bind(crate::clock::db_timestamp(crate::clock::now()))
             .fetch_all(self.db.pool())
             .await
             .map_err(audience_error)?;
@@ -118,11 +139,16 @@ fn page_sql(backend: Backend, audience: &Audience) -> String {
         }
         Backend::Sqlite => "a.*",
     };
+    // A recipient is due unless it has a final outcome or is deferred with
+    // its next attempt still in the future ($5 = now).
     format!(
-        "SELECT {cols} FROM ({inner}) AS a \
+        "SELECT {cols}, CAST(d.attempts AS BIGINT) AS blast_attempts, d.first_attempt_at AS blast_first_attempt, \
+         s.reason AS blast_suppressed FROM ({inner}) AS a \
+         LEFT JOIN blast_deliveries d ON d.campaign_id = $3 AND d.recipient_id = a.id \
+         LEFT JOIN blast_suppressions s ON s.address = lower(a.email) \
          WHERE a.id > $1 AND a.id <= $2 \
-         AND NOT EXISTS (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $3 \
-                         AND d.recipient_id = a.id AND d.status IN ({FINAL_STATUSES})) \
+         AND (d.status IS NULL OR (d.status NOT IN ({FINAL_STATUSES}) \
+              AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $5))) \
          ORDER BY a.id LIMIT $4"
     )
 }
@@ -176,6 +202,7 @@ pub async fn fetch_one(db: &Db, audience: &Audience, id: Option<i64>) -> Result<
         .bind(upto)
         .bind(-1_i64)
         .bind(1_i64)
+        .bind(crate::clock::db_timestamp(crate::clock::now()))
         .fetch_optional(db.pool())
         .await
         .map_err(audience_error)?;
@@ -223,11 +250,18 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
     }
     vars.remove("id");
     vars.remove("email");
+    for k in ["blast_attempts", "blast_first_attempt", "blast_suppressed"] {
+        vars.remove(k);
+    }
     lift_attributes(&mut vars);
+    let attempts: Option<i64> = row.try_get("blast_attempts")?;
     Ok(Recipient {
         id,
         email: email.unwrap_or_default(),
         vars,
+        attempts: attempts.unwrap_or(0).max(0) as u32,
+        first_attempt_at: row.try_get("blast_first_attempt")?,
+        suppressed: row.try_get("blast_suppressed")?,
     })
 }
 

@@ -121,7 +121,7 @@ async fn audience_is_fixed_at_first_start() {
         .any(|r| r.rcpt_to[0] == "late@example.com"));
 }
 
-/// 5xx is final, 4xx is retried by the next run; the reply is kept.
+/// 5xx is final, 4xx is retried by the next run once due; the reply is kept.
 #[tokio::test]
 async fn refusals_are_recorded_and_deferred_are_retried() {
     let w = World::new(Backend::Sqlite).await;
@@ -136,7 +136,8 @@ async fn refusals_are_recorded_and_deferred_are_retried() {
         (451, "4.3.0".into(), "Try again later".into()),
     );
     let sink = util::sink(faults).await;
-    let path = w.campaign("refuse", "Hi", "x", None, "");
+    // Retry deferred recipients at once (the default waits 5 minutes).
+    let path = w.campaign("refuse", "Hi", "x", None, "[delivery]\nretry = [\"0s\"]\n");
     let cfg = w.config(&path, Some(&sink), 2);
     let s = blast::commands::send(&cfg, Mode::Quiet, pending())
         .await

@@ -13,6 +13,8 @@ mod cli;
 mod import;
 /// Through a real, tuned Postfix.
 mod mta;
+/// Leases, SIGKILL, retries, suppression, breaker, pause/resume/cancel, outages.
+mod reliability;
 /// Running a campaign again: stopped runs, deferred recipients.
 mod resume;
 /// The SMTP injector's protocol modes (PIPELINING, CHUNKING, lock-step).

@@ -79,6 +79,30 @@ pub fn queue_id(text: &str) -> Option<&str> {
     None
 }
 
+/// A permanent refusal that says the address itself is gone (RFC 3463
+/// 5.1.x: bad mailbox, bad domain, moved; or the usual wording without an
+/// enhanced code). Such an address is suppressed at once.
+pub fn is_hard_bounce(reply: &Reply) -> bool {
+    if !matches!(reply.code, Some(500..=599)) {
+        return false;
+    }
+    if let Some(e) = &reply.enhanced {
+        return e.starts_with("5.1.") && e != "5.1.0";
+    }
+    let text = reply.text.to_ascii_lowercase();
+    [
+        "user unknown",
+        "unknown user",
+        "no such user",
+        "does not exist",
+        "mailbox unavailable",
+        "invalid recipient",
+        "no mailbox",
+    ]
+    .iter()
+    .any(|p| text.contains(p))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +181,27 @@ mod tests {
                 _ => None,
             };
             assert_eq!(got_qid, qid, "{code} {text}");
+        }
+    }
+
+    #[test]
+    fn hard_bounces() {
+        let table: &[(u16, &str, bool)] = &[
+            (
+                550,
+                "5.1.1 <a@b>: Recipient address rejected: User unknown",
+                true,
+            ),
+            (550, "5.1.10 Null MX", true),
+            (553, "5.1.3 Bad recipient address syntax", true),
+            (550, "Requested action not taken: mailbox unavailable", true),
+            (550, "5.7.1 Relay access denied", false),
+            (552, "5.2.2 Mailbox full", false),
+            (450, "4.1.1 User unknown (try later)", false),
+            (550, "5.1.0 Address rejected", false),
+        ];
+        for &(code, text, hard) in table {
+            assert_eq!(is_hard_bounce(&reply(code, &[text])), hard, "{code} {text}");
         }
     }
 

@@ -549,6 +549,15 @@ impl super::Session for SmtpSession {
             _ => self.lock_step(&mail, &rcpt, message).await,
         };
         self.last_latency = started.elapsed();
+        // 421: the server is closing the session. That says nothing about
+        // the recipient: the message goes back to be retried on a new
+        // connection (it was not accepted, so this is not ambiguous).
+        let outcome = match outcome {
+            Ok(o) if o.reply().code == Some(421) => {
+                Err(lost(&format!("421 {}", o.reply().text), false))
+            }
+            other => other,
+        };
         if self.last_latency >= DELAYED_ACK_STALL && self.use_chunking && self.use_pipelining {
             self.quickack = true;
         }
