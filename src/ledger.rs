@@ -443,19 +443,16 @@ impl Ledger for MemoryLedger {
     }
 }
 
-/// Drains `rx` into `ledger` in batches until every sender is gone, then
-/// flushes what is left. Returns the first write error (after which the
-/// runner stops the campaign: it must not send what it cannot record).
+/// Drains `rx` into `ledger` in batches until every sender is gone: a batch
+/// is written when [`FLUSH_ROWS`] records are waiting or [`FLUSH_EVERY`] after
+/// its first record, whichever comes first. Returns the first write error
+/// (after which the runner stops the campaign: it must not send what it
+/// cannot record).
 pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>) -> Result<u64> {
     let mut batch = Vec::with_capacity(FLUSH_ROWS);
     let mut written = 0u64;
-    loop {
-        // Wait for the first record of a batch without a deadline...
-        match rx.recv().await {
-            Some(r) => batch.push(r),
-            None => break,
-        }
-        // ...then collect more until the batch is full or FLUSH_EVERY passed.
+    while let Some(first) = rx.recv().await {
+        batch.push(first);
         let deadline = tokio::time::Instant::now() + FLUSH_EVERY;
         while batch.len() < FLUSH_ROWS {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -466,10 +463,6 @@ pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>
         ledger.record(&batch).await?;
         written += batch.len() as u64;
         batch.clear();
-    }
-    if !batch.is_empty() {
-        ledger.record(&batch).await?;
-        written += batch.len() as u64;
     }
     Ok(written)
 }

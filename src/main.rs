@@ -14,11 +14,6 @@ use blast::commands::Control;
 use blast::config::{Config, Overrides};
 use blast::progress::Mode;
 
-/// The per-message path allocates many short-lived buffers on several
-/// threads; mimalloc handles that pattern with less contention than glibc.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
