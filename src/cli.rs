@@ -35,6 +35,49 @@ pub enum Command {
     Resume(ResumeArgs),
     /// Cancel a campaign for good (a running sender stops within a second).
     Cancel(ControlArgs),
+    /// Send only the deferred recipients whose next attempt is due.
+    Retry(SendArgs),
+    /// Store a campaign (file and templates) to be sent later by `run-due`.
+    Schedule(ScheduleArgs),
+    /// Send every stored campaign that is due, then exit (for cron/systemd).
+    RunDue(RunDueArgs),
+    /// Show campaigns with state, counts and next due time.
+    List(ListArgs),
+}
+
+/// `blast schedule`
+#[derive(Debug, Args)]
+pub struct ScheduleArgs {
+    #[command(flatten)]
+    pub campaign: CampaignArgs,
+    /// When to send (RFC 3339, e.g. 2026-12-01T09:00:00Z); default: `send_at` in the file.
+    #[arg(long)]
+    pub at: Option<String>,
+}
+
+/// `blast run-due`
+#[derive(Debug, Args)]
+pub struct RunDueArgs {
+    /// Database URL.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: String,
+    /// Print one JSON object per campaign on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Progress display: auto, plain, none.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "plain", "none"])]
+    pub progress: String,
+}
+
+/// `blast list`
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Database URL.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: String,
+    /// Print as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blast pause|cancel`

@@ -43,8 +43,14 @@ pub async fn send(
         },
     )?;
     let db = Db::connect(&cfg.database).await?;
-    let campaign =
+    let mut campaign =
         ledger::open_campaign(&db, &cfg.name, source::max_id(&db, &cfg.audience)).await?;
+    if campaign.max_recipient_id < 0 {
+        // A scheduled campaign fixes its audience when it first runs.
+        let max = source::max_id(&db, &cfg.audience).await?;
+        ledger::fix_max_id(&db, campaign.id, max).await?;
+        campaign.max_recipient_id = max;
+    }
     renderer.set_campaign_id(campaign.id);
     let renderer = Arc::new(renderer);
     let source = SqlSource::new(
@@ -54,7 +60,8 @@ pub async fn send(
         campaign.max_recipient_id,
         cfg.batch_size,
         cfg.limit,
-    );
+    )
+    .retries_only(cfg.retries_only);
 
     let token = CancellationToken::new();
     let watcher = {

@@ -25,6 +25,8 @@ pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(60);
 struct CampaignFile {
     name: String,
     database: Option<String>,
+    send_at: Option<String>,
+    max_delay: Option<String>,
     audience: AudienceFile,
     #[serde(default)]
     vars: toml::Table,
@@ -92,6 +94,8 @@ pub struct Overrides {
     pub limit: Option<u64>,
     /// `--dry-run DIR`
     pub dry_run: Option<PathBuf>,
+    /// `blast retry`: only deferred recipients that are due.
+    pub retries_only: bool,
 }
 
 /// Who receives the campaign.
@@ -273,7 +277,19 @@ pub struct Config {
     pub limit: Option<u64>,
     /// Write `.eml` files here instead of sending.
     pub dry_run: Option<PathBuf>,
+    /// Send only deferred recipients that are due (`blast retry`).
+    pub retries_only: bool,
+    /// When a scheduled campaign is due (`send_at`).
+    pub send_at: Option<time::OffsetDateTime>,
+    /// A scheduled campaign later than this is held for the operator.
+    pub max_delay: Duration,
+    /// The template files as written in the campaign file, with their text
+    /// (what `blast schedule` freezes into the database).
+    pub template_files: Vec<(String, String)>,
 }
+
+/// Default for `max_delay`.
+pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(6 * 3600);
 
 impl fmt::Debug for Config {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -414,6 +430,28 @@ impl Config {
         };
         let text_t = read_template("message.text", &m.text)?;
         let html_t = read_template("message.html", &m.html)?;
+        let template_files = [(&m.text, &text_t), (&m.html, &html_t)]
+            .into_iter()
+            .filter_map(|(p, t)| {
+                Some((p.as_ref()?.display().to_string(), t.as_ref()?.body.clone()))
+            })
+            .collect();
+        let send_at = match &raw.send_at {
+            Some(t) => Some(
+                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
+                    .map_err(|e| {
+                        err(
+                            "send_at",
+                            format!("{t:?} is not an RFC 3339 time like 2026-12-01T09:00:00Z: {e}"),
+                        )
+                    })?,
+            ),
+            None => None,
+        };
+        let max_delay = match &raw.max_delay {
+            Some(d) => parse_duration(d).map_err(|m| err("max_delay", m))?,
+            None => DEFAULT_MAX_DELAY,
+        };
         if text_t.is_none() && html_t.is_none() {
             return Err(err(
                 "message",
@@ -529,6 +567,10 @@ impl Config {
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),
+            retries_only: overrides.retries_only,
+            send_at,
+            max_delay,
+            template_files,
         })
     }
 }

@@ -102,6 +102,76 @@ where
         .ok_or_else(|| Error::UnknownCampaign(name.to_string()))
 }
 
+/// Fixes a scheduled campaign's audience (`max_recipient_id` is -1 until its
+/// first run).
+pub async fn fix_max_id(db: &Db, campaign_id: i64, max_id: i64) -> Result<()> {
+    sqlx::query(
+        "UPDATE blast_campaigns SET max_recipient_id = $1 WHERE id = $2 AND max_recipient_id < 0",
+    )
+    .bind(max_id)
+    .bind(campaign_id)
+    .execute(db.pool())
+    .await?;
+    Ok(())
+}
+
+/// One line of `blast list`.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct ListRow {
+    /// Campaign name.
+    pub campaign: String,
+    /// State.
+    pub state: String,
+    /// Why (paused, held, cancelled).
+    pub reason: Option<String>,
+    /// Recipients sent.
+    pub sent: i64,
+    /// Recipients failed.
+    pub failed: i64,
+    /// Recipients deferred.
+    pub deferred: i64,
+    /// Recipients suppressed.
+    pub suppressed: i64,
+    /// When something is next due: the scheduled time, or the earliest retry.
+    pub next_due: Option<String>,
+}
+
+/// Every campaign in the database with its counts, newest first.
+pub async fn list(db: &Db) -> Result<Vec<ListRow>> {
+    let rows = sqlx::query(
+        "SELECT c.name, c.state, c.reason, c.send_at, \
+           (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'sent') AS sent, \
+           (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'failed') AS failed, \
+           (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'deferred') AS deferred, \
+           (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'suppressed') AS suppressed, \
+           (SELECT MIN(d.next_attempt_at) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'deferred') AS retry_at \
+         FROM blast_campaigns c ORDER BY c.id DESC",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in rows {
+        let state: String = r.try_get("state")?;
+        let send_at: Option<String> = r.try_get("send_at")?;
+        let retry_at: Option<String> = r.try_get("retry_at")?;
+        out.push(ListRow {
+            campaign: r.try_get("name")?,
+            next_due: if state == "scheduled" {
+                send_at
+            } else {
+                retry_at
+            },
+            state,
+            reason: r.try_get("reason")?,
+            sent: r.try_get("sent")?,
+            failed: r.try_get("failed")?,
+            deferred: r.try_get("deferred")?,
+            suppressed: r.try_get("suppressed")?,
+        });
+    }
+    Ok(out)
+}
+
 /// Looks a campaign up by name.
 pub async fn find_campaign(db: &Db, name: &str) -> Result<Option<CampaignRow>> {
     let row = sqlx::query(

@@ -13,6 +13,8 @@
 //! - [`render`]: compiled templates → finished messages; pure.
 //! - [`transport`]: the `Transport` trait with SMTP, stub and file implementations.
 //! - [`ledger`]: the sole writer of delivery status.
+//! - [`lease`]: one sender per campaign; pause/cancel from other processes.
+//! - [`schedule`]: stored campaigns, `run-due` for cron.
 //! - [`campaign`]: the runner that connects the pipeline.
 //! - [`commands`]: each subcommand's orchestration, callable from tests.
 //! - [`import`]: CSV → `subscribers`.
@@ -35,6 +37,7 @@ pub mod lease;
 pub mod ledger;
 pub mod progress;
 pub mod render;
+pub mod schedule;
 pub mod sink;
 pub mod source;
 pub mod transport;

@@ -9,7 +9,10 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::Parser;
 
-use blast::cli::{Cli, Command, ControlArgs, ImportArgs, ResumeArgs, SendArgs, SinkArgs};
+use blast::cli::{
+    Cli, Command, ControlArgs, ImportArgs, ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs,
+    SendArgs, SinkArgs,
+};
 use blast::commands::Control;
 use blast::config::{Config, Overrides};
 use blast::progress::Mode;
@@ -43,7 +46,7 @@ fn main() -> ExitCode {
 /// Runs one subcommand; `Ok` carries the exit code for non-fatal endings.
 async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
-        Command::Send(args) => send(args).await,
+        Command::Send(args) => send(args, false).await,
         Command::Preview(args) => {
             let cfg = load(
                 &args.campaign.campaign,
@@ -83,6 +86,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Pause(args) => control(args, Control::Pause).await,
         Command::Cancel(args) => control(args, Control::Cancel).await,
         Command::Resume(args) => resume(args).await,
+        Command::Retry(args) => send(args, true).await,
+        Command::Schedule(args) => schedule(args).await,
+        Command::RunDue(args) => run_due(args).await,
+        Command::List(args) => list(args).await,
     }
 }
 
@@ -90,7 +97,7 @@ fn load(path: &std::path::Path, overrides: Overrides) -> anyhow::Result<Config> 
     Ok(Config::load(path, &overrides)?)
 }
 
-async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
+async fn send(args: SendArgs, retries_only: bool) -> anyhow::Result<ExitCode> {
     let overrides = Overrides {
         database: args.campaign.database,
         smtp: args.smtp,
@@ -98,13 +105,10 @@ async fn send(args: SendArgs) -> anyhow::Result<ExitCode> {
         rate: args.rate,
         limit: args.limit,
         dry_run: args.dry_run,
+        retries_only,
     };
     let cfg = load(&args.campaign.campaign, overrides)?;
-    let mode = match args.progress.as_str() {
-        "plain" => Mode::Plain,
-        "none" => Mode::Quiet,
-        _ => Mode::Auto,
-    };
+    let mode = progress_mode(&args.progress);
     let summary = blast::commands::send(&cfg, mode, shutdown_signal()).await?;
     report(&summary, args.json)
 }
@@ -286,4 +290,120 @@ async fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
         }
         None => Ok(ExitCode::SUCCESS),
     }
+}
+
+fn progress_mode(s: &str) -> Mode {
+    match s {
+        "plain" => Mode::Plain,
+        "none" => Mode::Quiet,
+        _ => Mode::Auto,
+    }
+}
+
+async fn schedule(args: ScheduleArgs) -> anyhow::Result<ExitCode> {
+    let path = args.campaign.campaign;
+    let cfg = load(
+        &path,
+        Overrides {
+            database: args.campaign.database,
+            ..Default::default()
+        },
+    )?;
+    let at = match (&args.at, cfg.send_at) {
+        (Some(at), _) => {
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                .with_context(|| format!("--at {at:?}: use RFC 3339, e.g. 2026-12-01T09:00:00Z"))?
+        }
+        (None, Some(at)) => at,
+        (None, None) => anyhow::bail!(
+            "no time given: pass --at 2026-12-01T09:00:00Z or set send_at in {}",
+            path.display()
+        ),
+    };
+    let row = blast::schedule::schedule(&cfg, &path, at).await?;
+    eprintln!(
+        "blast: campaign {} scheduled for {} (frozen: later edits to its files do not change it); `blast run-due` sends it",
+        row.name,
+        blast::clock::db_timestamp(at)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
+    let report = blast::schedule::run_due(
+        &args.database,
+        progress_mode(&args.progress),
+        shutdown_signal(),
+    )
+    .await?;
+    let mut code = ExitCode::SUCCESS;
+    for due in &report {
+        if args.json {
+            println!("{}", serde_json::to_string(due)?);
+        }
+        match due {
+            blast::schedule::Due::Sent { summary, .. } => {
+                if report_line(summary) {
+                    code = ExitCode::from(1);
+                }
+            }
+            blast::schedule::Due::Held { campaign, reason } => {
+                eprintln!("blast: {campaign}: HELD: {reason}");
+                code = ExitCode::from(1);
+            }
+            blast::schedule::Due::Busy { campaign } => {
+                eprintln!("blast: {campaign}: being sent by another process; skipped")
+            }
+            blast::schedule::Due::Failed { campaign, error } => {
+                eprintln!("blast: {campaign}: error: {error}");
+                code = ExitCode::from(2);
+            }
+        }
+    }
+    if report.is_empty() {
+        eprintln!("blast: nothing is due");
+    }
+    Ok(code)
+}
+
+/// Prints a summary line; true when not every recipient was accepted.
+fn report_line(summary: &blast::campaign::Summary) -> bool {
+    eprintln!(
+        "blast: {}: sent {} failed {} deferred {} suppressed {} in {:.1}s",
+        summary.campaign,
+        summary.sent,
+        summary.failed,
+        summary.deferred,
+        summary.suppressed,
+        summary.seconds
+    );
+    !summary.all_accepted()
+}
+
+async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(&args.database).await?;
+    let rows = blast::ledger::list(&db).await?;
+    db.close().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<10} {:>9} {:>7} {:>8} {:>10}  {:<24} reason",
+        "campaign", "state", "sent", "failed", "deferred", "suppressed", "next due"
+    );
+    for r in rows {
+        println!(
+            "{:<28} {:<10} {:>9} {:>7} {:>8} {:>10}  {:<24} {}",
+            r.campaign,
+            r.state,
+            r.sent,
+            r.failed,
+            r.deferred,
+            r.suppressed,
+            r.next_due.unwrap_or_default(),
+            r.reason.unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
 }

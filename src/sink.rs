@@ -221,11 +221,13 @@ impl Sink {
     }
 
     /// Stops accepting, closes every connection (sending `421 4.3.2` to
-    /// clients mid-session) and waits for all tasks to end.
-    pub async fn shutdown(self) {
+    /// clients mid-session), waits for all tasks to end, and returns
+    /// everything it accepted.
+    pub async fn shutdown(self) -> Vec<Received> {
         self.cancel.cancel();
         self.tracker.close();
         self.tracker.wait().await;
+        self.shared.received().clone()
     }
 }
 

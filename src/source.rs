@@ -59,6 +59,7 @@ pub const FINAL_STATUSES: &str = "'sent', 'failed', 'suppressed'";
 #[derive(Debug)]
 pub struct SqlSource {
     db: Db,
+    audience: Audience,
     page_sql: String,
     campaign_id: i64,
     last_id: i64,
@@ -79,9 +80,10 @@ impl SqlSource {
         batch: usize,
         limit: Option<u64>,
     ) -> SqlSource {
-        let page_sql = page_sql(db.backend(), audience);
+        let page_sql = page_sql(db.backend(), audience, false);
         SqlSource {
             db,
+            audience: audience.clone(),
             page_sql,
             campaign_id,
             last_id: i64::MIN,
@@ -122,6 +124,14 @@ impl SqlSource {
     }
 }
 
+impl SqlSource {
+    /// Only deferred recipients whose next attempt is due (`blast retry`).
+    pub fn retries_only(mut self, only: bool) -> SqlSource {
+        self.page_sql = page_sql(self.db.backend(), &self.audience, only);
+        self
+    }
+}
+
 impl Source for SqlSource {
     fn next_page(&mut self) -> impl Future<Output = Result<Vec<Recipient>>> + Send {
         self.fetch()
@@ -131,7 +141,7 @@ impl Source for SqlSource {
 /// The page query. PostgreSQL turns the whole row into JSON itself
 /// (`to_jsonb`), which handles every column type; SQLite has five storage
 /// classes, decoded one by one.
-fn page_sql(backend: Backend, audience: &Audience) -> String {
+fn page_sql(backend: Backend, audience: &Audience, retries_only: bool) -> String {
     let inner = audience.select_sql();
     let cols = match backend {
         Backend::Postgres => {
@@ -148,8 +158,9 @@ fn page_sql(backend: Backend, audience: &Audience) -> String {
          LEFT JOIN blast_suppressions s ON s.address = lower(a.email) \
          WHERE a.id > $1 AND a.id <= $2 \
          AND (d.status IS NULL OR (d.status NOT IN ({FINAL_STATUSES}) \
-              AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $5))) \
-         ORDER BY a.id LIMIT $4"
+              AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $5))) {only} \
+         ORDER BY a.id LIMIT $4",
+        only = if retries_only { "AND d.status = 'deferred'" } else { "" }
     )
 }
 
@@ -191,7 +202,7 @@ pub async fn pending_count(
 
 /// One recipient by id, for `blast preview --id` (the first one when `id` is None).
 pub async fn fetch_one(db: &Db, audience: &Audience, id: Option<i64>) -> Result<Option<Recipient>> {
-    let sql = page_sql(db.backend(), audience);
+    let sql = page_sql(db.backend(), audience, false);
     let (after, upto) = match id {
         Some(id) => (id - 1, id),
         None => (i64::MIN, i64::MAX),

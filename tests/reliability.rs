@@ -497,8 +497,7 @@ async fn mta_outage_stalls_then_finishes() {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let mut seen: Vec<String> = Vec::new();
-    let before = first.received();
-    first.shutdown().await;
+    let before = first.shutdown().await;
     // Down for three seconds (the backoff doubles from 0.1 s: several failed
     // reconnects), then back on the same port.
     tokio::time::sleep(Duration::from_secs(3)).await;

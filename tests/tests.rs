@@ -17,5 +17,7 @@ mod mta;
 mod reliability;
 /// Running a campaign again: stopped runs, deferred recipients.
 mod resume;
+/// Scheduled campaigns and run-due.
+mod schedule;
 /// The SMTP injector's protocol modes (PIPELINING, CHUNKING, lock-step).
 mod smtp;

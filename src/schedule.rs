@@ -1,0 +1,259 @@
+//! Scheduled campaigns. `blast schedule` freezes a campaign (its file and its
+//! templates) into the database with a due time, so later edits to the files
+//! do not change what is sent. `blast run-due` (for cron or a systemd timer)
+//! sends every campaign that is due, including due retries of stored
+//! campaigns, and exits when nothing is due. It never sends a campaign twice:
+//! `commands::send` takes the campaign's lease, so a second `run-due` started
+//! at the same moment skips it, and recipient-level resumption means a late
+//! second run finds nobody left. A campaign more than `max_delay` overdue is
+//! held for the operator instead of going out late without anyone noticing.
+
+use std::collections::HashSet;
+use std::future::Future;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use sqlx::Row;
+use time::OffsetDateTime;
+
+use crate::campaign::Summary;
+use crate::clock;
+use crate::config::{Config, Overrides};
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::ledger::{self, humanize, CampaignRow};
+use crate::progress;
+
+/// A campaign as frozen by `blast schedule`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Spec {
+    /// The campaign file's name.
+    pub file_name: String,
+    /// Its text.
+    pub campaign_toml: String,
+    /// Template files as named in it, with their text.
+    pub templates: Vec<(String, String)>,
+}
+
+impl Spec {
+    /// Writes the frozen files into `dir` and loads them as a campaign on
+    /// `database` (the database the spec came from).
+    pub fn load(&self, dir: &Path, database: &str) -> Result<Config> {
+        for (name, body) in &self.templates {
+            let path = dir.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
+            }
+            std::fs::write(&path, body).map_err(|e| Error::io(&path, e))?;
+        }
+        let file = dir.join(&self.file_name);
+        std::fs::write(&file, &self.campaign_toml).map_err(|e| Error::io(&file, e))?;
+        Config::load(
+            &file,
+            &Overrides {
+                database: Some(database.to_string()),
+                ..Default::default()
+            },
+        )
+    }
+}
+
+/// Stores `cfg` (read from `path`) to be sent at `at`. Refuses a campaign
+/// that has already started.
+pub async fn schedule(cfg: &Config, path: &Path, at: OffsetDateTime) -> Result<CampaignRow> {
+    let campaign_toml = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    let file_name = path
+        .file_name()
+        .map(|f| f.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "campaign.toml".into());
+    let spec = Spec {
+        file_name,
+        campaign_toml,
+        templates: cfg.template_files.clone(),
+    };
+    let spec = serde_json::to_string(&spec).unwrap_or_default();
+    let db = Db::connect(&cfg.database).await?;
+    let now = clock::db_timestamp(clock::now());
+    let n = sqlx::query(
+        "INSERT INTO blast_campaigns (name, state, max_recipient_id, created_at, updated_at, send_at, spec) \
+         VALUES ($1, 'scheduled', -1, $2, $2, $3, $4) \
+         ON CONFLICT (name) DO UPDATE SET send_at = excluded.send_at, spec = excluded.spec, \
+         state = 'scheduled', reason = NULL, updated_at = excluded.updated_at \
+         WHERE blast_campaigns.state IN ('new', 'scheduled', 'held')",
+    )
+    .bind(&cfg.name)
+    .bind(&now)
+    .bind(clock::db_timestamp(at))
+    .bind(spec)
+    .execute(db.pool())
+    .await?
+    .rows_affected();
+    let row = ledger::find_campaign(&db, &cfg.name)
+        .await?
+        .ok_or_else(|| Error::UnknownCampaign(cfg.name.clone()))?;
+    db.close().await;
+    if n == 0 {
+        return Err(Error::NotSendable {
+            campaign: cfg.name.clone(),
+            state: row.state,
+            reason: row.reason,
+            hint: "it has already started; schedule a copy under a new name".into(),
+        });
+    }
+    Ok(row)
+}
+
+/// What `run-due` did with one campaign.
+#[derive(Debug, Clone, Serialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Due {
+    /// Sent (or continued); the run's summary.
+    Sent {
+        /// Campaign.
+        campaign: String,
+        /// Summary.
+        summary: Summary,
+    },
+    /// Overdue by more than `max_delay`: held.
+    Held {
+        /// Campaign.
+        campaign: String,
+        /// Why.
+        reason: String,
+    },
+    /// Another process is sending it.
+    Busy {
+        /// Campaign.
+        campaign: String,
+    },
+    /// It could not be sent.
+    Failed {
+        /// Campaign.
+        campaign: String,
+        /// The error.
+        error: String,
+    },
+}
+
+/// Sends every due stored campaign once, then returns what it did.
+pub async fn run_due(
+    database: &str,
+    mode: progress::Mode,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<Due>> {
+    let db = Db::connect(database).await?;
+    let stop_token = tokio_util::sync::CancellationToken::new();
+    let watcher = {
+        let t = stop_token.clone();
+        tokio::spawn(async move {
+            stop.await;
+            t.cancel();
+        })
+    };
+    let stop = stop_token;
+    let mut done = HashSet::new();
+    let mut report = Vec::new();
+    loop {
+        let now = clock::now();
+        let stamp = clock::db_timestamp(now);
+        let due = sqlx::query(
+            "SELECT c.name, c.state, c.send_at, c.spec FROM blast_campaigns c \
+             WHERE c.spec IS NOT NULL AND ( \
+               (c.state IN ('scheduled', 'ready') AND c.send_at <= $1) OR \
+               (c.state IN ('finished', 'stopped') AND EXISTS (SELECT 1 FROM blast_deliveries d \
+                  WHERE d.campaign_id = c.id AND d.status = 'deferred' \
+                  AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $1)))) \
+             ORDER BY c.send_at, c.id",
+        )
+        .bind(&stamp)
+        .fetch_all(db.pool())
+        .await?;
+        let next = due.iter().find_map(|r| {
+            let name: String = r.try_get("name").ok()?;
+            (!done.contains(&name)).then_some((name, r))
+        });
+        let Some((name, row)) = next else { break };
+        done.insert(name.clone());
+        if stop.is_cancelled() {
+            break;
+        }
+        let state: String = row.try_get("state")?;
+        let send_at: Option<String> = row.try_get("send_at")?;
+        let spec: String = row.try_get("spec")?;
+        let spec: Spec = serde_json::from_str(&spec).map_err(|e| {
+            Error::Audience(format!("campaign {name}: stored spec unreadable: {e}"))
+        })?;
+        let dir = tempfile_dir()?;
+        let cfg = match spec.load(dir.path(), database) {
+            Ok(c) => c,
+            Err(e) => {
+                report.push(Due::Failed {
+                    campaign: name,
+                    error: e.to_string(),
+                });
+                continue;
+            }
+        };
+        let late = send_at
+            .as_deref()
+            .and_then(clock::parse_db_timestamp)
+            .map(|t| now - t);
+        if state == "scheduled" && late.is_some_and(|l| l > cfg.max_delay) {
+            let reason = format!(
+                "overdue by {} (max_delay {}); `blast resume {name} --database ...` sends it anyway",
+                humanize(std::time::Duration::from_secs(late.map_or(0, |l| l.whole_seconds().max(0) as u64))),
+                humanize(cfg.max_delay)
+            );
+            if let Some(c) = ledger::find_campaign(&db, &name).await? {
+                ledger::set_state(&db, c.id, "held", Some(&reason)).await?;
+            }
+            tracing::warn!("campaign {name}: held: {reason}");
+            report.push(Due::Held {
+                campaign: name,
+                reason,
+            });
+            continue;
+        }
+        let token = stop.clone();
+        match crate::commands::send(&cfg, mode, async move { token.cancelled().await }).await {
+            Ok(summary) => report.push(Due::Sent {
+                campaign: name,
+                summary,
+            }),
+            Err(Error::Busy { .. }) => report.push(Due::Busy { campaign: name }),
+            Err(e) => report.push(Due::Failed {
+                campaign: name,
+                error: e.to_string(),
+            }),
+        }
+    }
+    watcher.abort();
+    db.close().await;
+    Ok(report)
+}
+
+/// A private temporary folder for a spec's files, removed on drop.
+fn tempfile_dir() -> Result<TempDir> {
+    let base = std::env::temp_dir().join(format!(
+        "blast-spec-{}-{}",
+        std::process::id(),
+        clock::now().unix_timestamp_nanos()
+    ));
+    std::fs::create_dir_all(&base).map_err(|e| Error::io(&base, e))?;
+    Ok(TempDir(base))
+}
+
+/// Removes its folder on drop.
+struct TempDir(std::path::PathBuf);
+
+impl TempDir {
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}

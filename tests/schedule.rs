@@ -1,0 +1,164 @@
+//! Scheduled campaigns: frozen specs, run-due, concurrent run-due, holds.
+
+use std::collections::HashMap;
+use std::future::pending;
+use std::time::Duration;
+
+use blast::commands::Control;
+use blast::progress::Mode;
+use blast::schedule::{self, Due};
+use blast::sink::Faults;
+
+use crate::util::{self, header, Backend, World};
+
+fn at(s: &str) -> time::OffsetDateTime {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339).unwrap()
+}
+
+/// Past due: run-due sends it, with the templates as they were when it was
+/// scheduled; not yet due: nothing happens.
+#[tokio::test]
+async fn run_due_sends_frozen_campaigns_when_due() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(20).await;
+    let sink = util::sink(Faults::default()).await;
+    let due = w.campaign("due", "Version one {{ first_name }}", "x", None, "");
+    let later = w.campaign("later", "Later", "x", None, "");
+    for (path, when) in [
+        (&due, "2026-01-01T00:00:00Z"),
+        (&later, "2099-01-01T00:00:00Z"),
+    ] {
+        // The relay is part of the frozen file.
+        let text = std::fs::read_to_string(path).unwrap()
+            + &format!("[delivery]\nsmtp = \"smtp://{}\"\n", sink.local_addr());
+        std::fs::write(
+            path,
+            text.replace("name = ", "max_delay = \"100000d\"\nname = "),
+        )
+        .unwrap();
+        let cfg = w.config(path, None, 2);
+        schedule::schedule(&cfg, path, at(when)).await.unwrap();
+    }
+    // Edits after scheduling change nothing.
+    std::fs::write(
+        &due,
+        std::fs::read_to_string(&due)
+            .unwrap()
+            .replace("Version one", "Version two"),
+    )
+    .unwrap();
+
+    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(report.len(), 1, "{report:?}");
+    assert!(
+        matches!(&report[0], Due::Sent { campaign, summary } if campaign == "due" && summary.sent == 20),
+        "{report:?}"
+    );
+    assert!(sink.received().iter().all(|r| header(&r.data, "Subject")
+        .unwrap()
+        .starts_with("Version one")));
+
+    let db = w.db().await;
+    let list = blast::ledger::list(&db).await.unwrap();
+    let later_row = list.iter().find(|r| r.campaign == "later").unwrap();
+    assert_eq!(later_row.state, "scheduled");
+    assert_eq!(
+        later_row.next_due.as_deref(),
+        Some("2099-01-01T00:00:00.000Z")
+    );
+    assert_eq!(
+        list.iter().find(|r| r.campaign == "due").unwrap().state,
+        "finished"
+    );
+
+    // Nothing due any more.
+    assert!(schedule::run_due(&w.url, Mode::Quiet, pending())
+        .await
+        .unwrap()
+        .is_empty());
+}
+
+/// Two run-due started at the same moment send each recipient once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_run_due_never_double_sends() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(1000).await;
+    let sink = util::sink(Faults {
+        latency: Some(Duration::from_millis(1)),
+        ..Default::default()
+    })
+    .await;
+    let path = w.campaign("race", "Hi", "x", None, "");
+    let text = std::fs::read_to_string(&path).unwrap()
+        + &format!("[delivery]\nsmtp = \"smtp://{}\"\n", sink.local_addr());
+    std::fs::write(
+        &path,
+        text.replace("name = ", "max_delay = \"100000d\"\nname = "),
+    )
+    .unwrap();
+    schedule::schedule(&w.config(&path, None, 2), &path, at("2026-01-01T00:00:00Z"))
+        .await
+        .unwrap();
+    let (a, b) = tokio::join!(
+        schedule::run_due(&w.url, Mode::Quiet, pending()),
+        schedule::run_due(&w.url, Mode::Quiet, pending())
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let sent: u64 = a
+        .iter()
+        .chain(b.iter())
+        .map(|d| {
+            if let Due::Sent { summary, .. } = d {
+                summary.sent
+            } else {
+                0
+            }
+        })
+        .sum();
+    assert_eq!(sent, 1000, "{a:?} {b:?}");
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for r in sink.received() {
+        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
+    }
+    assert_eq!(count.len(), 1000);
+    assert!(count.values().all(|&c| c == 1));
+}
+
+/// Far overdue: held and reported, not sent; `resume` releases it.
+#[tokio::test]
+async fn overdue_campaigns_are_held() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(5).await;
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign("old", "Hi", "x", None, "");
+    let text = std::fs::read_to_string(&path).unwrap()
+        + &format!("[delivery]\nsmtp = \"smtp://{}\"\n", sink.local_addr());
+    std::fs::write(
+        &path,
+        text.replace("name = ", "max_delay = \"1h\"\nname = "),
+    )
+    .unwrap();
+    schedule::schedule(&w.config(&path, None, 1), &path, at("2020-01-01T00:00:00Z"))
+        .await
+        .unwrap();
+    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report[..], [Due::Held { reason, .. }] if reason.contains("overdue")),
+        "{report:?}"
+    );
+    assert_eq!(sink.stats().messages, 0);
+    blast::commands::control(&w.url, "old", Control::Resume, None)
+        .await
+        .unwrap();
+    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert!(
+        matches!(&report[..], [Due::Sent { summary, .. }] if summary.sent == 5),
+        "{report:?}"
+    );
+}
