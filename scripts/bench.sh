@@ -52,7 +52,8 @@ if [ $use_pg -eq 1 ]; then
   db_url=$BLAST_TEST_PG_URL
   echo "bench: generating $n subscribers in PostgreSQL"
   psql -q "$db_url" -c "${schema/attributes TEXT/attributes JSONB}" \
-    -c "INSERT INTO subscribers SELECT i, 'user' || i || '@example.com', jsonb_build_object('first_name', 'Name' || i, 'last_name', 'Doe', 'city', 'Oslo', 'plan', 'pro'), '2026-01-01T00:00:00.000Z' FROM generate_series(1, $n) AS i"
+    -c "INSERT INTO subscribers SELECT i, 'user' || i || '@example.com', jsonb_build_object('first_name', 'Name' || i, 'last_name', 'Doe', 'city', 'Oslo', 'plan', 'pro'), '2026-01-01T00:00:00.000Z' FROM generate_series(1, $n) AS i" \
+    -c "ANALYZE subscribers"
   clear_ledger() { psql -q "$db_url" -c "DELETE FROM blast_deliveries" -c "DELETE FROM blast_campaigns" 2>/dev/null || true; }
 else
   db_file=$work/audience-$n.db

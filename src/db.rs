@@ -75,6 +75,13 @@ impl Db {
                              PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;",
                         )
                         .await?;
+                    } else {
+                        // Plan the audience page with the actual key range each
+                        // time: a generic plan for `id > $1 AND id <= $2` chose a
+                        // full scan and sort, 1-2.6 s per page at 200K rows,
+                        // against 2.5 ms for the custom plan.
+                        conn.execute("SET plan_cache_mode = force_custom_plan")
+                            .await?;
                     }
                     Ok(())
                 })

@@ -309,17 +309,30 @@ impl SqlLedger {
             }
             q.execute(&mut *tx).await?;
 
-            // The history: one row per answer.
+            // The history, for recipients tried more than once: every answer
+            // of a recipient that was deferred at least once. A recipient
+            // answered at the first try has that one answer in
+            // blast_deliveries; writing it twice cost ~15% of the rate.
+            let history: Vec<&Stored<'_>> = chunk
+                .iter()
+                .filter(|r| {
+                    r.record.attempts > 0 || matches!(r.record.outcome, Outcome::Deferred(_))
+                })
+                .collect();
+            if history.is_empty() {
+                record_suppressions(&self.db, &mut tx, chunk, &stamp).await?;
+                continue;
+            }
             let sql = insert_sql(
                 self.db.backend(),
                 "INSERT INTO blast_attempts (campaign_id, recipient_id, status, smtp_code, \
                  enhanced_status, reply, queue_id, relay, at) VALUES ",
                 9,
-                chunk.len(),
+                history.len(),
                 "",
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
-            for r in chunk {
+            for r in history {
                 q = q
                     .bind(self.campaign_id)
                     .bind(r.record.recipient_id)
@@ -332,31 +345,41 @@ impl SqlLedger {
                     .bind(stamp.as_str());
             }
             q.execute(&mut *tx).await?;
-
-            // A synchronous hard bounce puts the address on the suppression list.
-            let hard: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.suppress).collect();
-            if !hard.is_empty() {
-                let sql = insert_sql(
-                    self.db.backend(),
-                    "INSERT INTO blast_suppressions (address, reason, source, created_at) VALUES ",
-                    4,
-                    hard.len(),
-                    " ON CONFLICT (address) DO NOTHING",
-                );
-                let mut q = sqlx::query(AssertSqlSafe(sql));
-                for r in hard {
-                    q = q
-                        .bind(r.record.email.trim().to_lowercase())
-                        .bind(r.text.as_str())
-                        .bind("smtp")
-                        .bind(stamp.as_str());
-                }
-                q.execute(&mut *tx).await?;
-            }
+            record_suppressions(&self.db, &mut tx, chunk, &stamp).await?;
         }
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// A synchronous hard bounce puts the address on the suppression list.
+async fn record_suppressions(
+    db: &Db,
+    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+    chunk: &[Stored<'_>],
+    stamp: &str,
+) -> Result<()> {
+    let hard: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.suppress).collect();
+    if hard.is_empty() {
+        return Ok(());
+    }
+    let sql = insert_sql(
+        db.backend(),
+        "INSERT INTO blast_suppressions (address, reason, source, created_at) VALUES ",
+        4,
+        hard.len(),
+        " ON CONFLICT (address) DO NOTHING",
+    );
+    let mut q = sqlx::query(AssertSqlSafe(sql));
+    for r in hard {
+        q = q
+            .bind(r.record.email.trim().to_lowercase())
+            .bind(r.text.as_str())
+            .bind("smtp")
+            .bind(stamp);
+    }
+    q.execute(&mut **tx).await?;
+    Ok(())
 }
 
 /// A record as stored: its final status and schedule worked out.
