@@ -42,13 +42,8 @@ async fn second_sender_is_refused() {
     );
     let path = w.campaign("lease", "Hi", "x", None, "");
     let cfg = w.config(&path, Some(&sink), 2);
-    let first = tokio::spawn({
-        let cfg = cfg.clone();
-        async move { blast::commands::send(&cfg, Mode::Quiet, pending()).await }
-    });
-    while sink.stats().messages < 20 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let first = util::spawn_send(&cfg);
+    util::wait_for(&sink, 20).await;
     let err = blast::commands::send(&cfg, Mode::Quiet, pending())
         .await
         .unwrap_err();
@@ -385,13 +380,8 @@ async fn pause_and_resume_across_processes() {
     );
     let path = w.campaign("pause", "Hi", "x", None, "");
     let cfg = w.config(&path, Some(&sink), 2);
-    let run = tokio::spawn({
-        let cfg = cfg.clone();
-        async move { blast::commands::send(&cfg, Mode::Quiet, pending()).await }
-    });
-    while sink.stats().messages < 100 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let run = util::spawn_send(&cfg);
+    util::wait_for(&sink, 100).await;
     let out = blast().arg("pause").arg(&path).output().unwrap();
     assert!(
         out.status.success(),
@@ -444,13 +434,8 @@ async fn cancel_is_final() {
     );
     let path = w.campaign("cancel", "Hi", "x", None, "");
     let cfg = w.config(&path, Some(&sink), 2);
-    let run = tokio::spawn({
-        let cfg = cfg.clone();
-        async move { blast::commands::send(&cfg, Mode::Quiet, pending()).await }
-    });
-    while sink.stats().messages < 50 {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let run = util::spawn_send(&cfg);
+    util::wait_for(&sink, 50).await;
     blast::commands::control(&w.url, "cancel", Control::Cancel, Some("wrong list"))
         .await
         .unwrap();
@@ -489,13 +474,8 @@ async fn mta_outage_stalls_then_finishes() {
     let addr = first.local_addr();
     let path = w.campaign("outage", "Hi", "x", None, "");
     let cfg = w.config(&path, Some(&first), 4);
-    let run = tokio::spawn({
-        let cfg = cfg.clone();
-        async move { blast::commands::send(&cfg, Mode::Quiet, pending()).await }
-    });
-    while first.stats().messages < 300 {
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+    let run = util::spawn_send(&cfg);
+    util::wait_for(&first, 300).await;
     let mut seen: Vec<String> = Vec::new();
     let before = first.shutdown().await;
     // Down for three seconds (the backoff doubles from 0.1 s: several failed

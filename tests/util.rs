@@ -237,3 +237,20 @@ pub async fn ledger_rows(
         })
         .collect()
 }
+
+/// Runs `blast send` for `cfg` in a task (as another process would).
+pub fn spawn_send(
+    cfg: &Config,
+) -> tokio::task::JoinHandle<blast::Result<blast::campaign::Summary>> {
+    let cfg = cfg.clone();
+    tokio::spawn(async move {
+        blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending()).await
+    })
+}
+
+/// Waits until `sink` has accepted at least `n` messages.
+pub async fn wait_for(sink: &Sink, n: u64) {
+    while sink.stats().messages < n {
+        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+    }
+}

@@ -393,6 +393,18 @@ impl SmtpSession {
         Ok(r.into_outcome())
     }
 
+    /// Buffers [RSET,] MAIL and RCPT for a pipelined write; returns whether
+    /// an RSET went first (its reply must be read first).
+    async fn write_envelope(&mut self, mail: &str, rcpt: &str) -> Result<bool, SessionError> {
+        let rset = std::mem::take(&mut self.needs_rset);
+        if rset {
+            self.write(b"RSET\r\n").await?;
+        }
+        self.write(mail.as_bytes()).await?;
+        self.write(rcpt.as_bytes()).await?;
+        Ok(rset)
+    }
+
     /// RFC 2920: [RSET,] MAIL, RCPT and DATA in one write, then the data.
     async fn pipelined_data(
         &mut self,
@@ -400,12 +412,7 @@ impl SmtpSession {
         rcpt: &str,
         message: &[u8],
     ) -> Result<Outcome, SessionError> {
-        let rset = std::mem::take(&mut self.needs_rset);
-        if rset {
-            self.write(b"RSET\r\n").await?;
-        }
-        self.write(mail.as_bytes()).await?;
-        self.write(rcpt.as_bytes()).await?;
+        let rset = self.write_envelope(mail, rcpt).await?;
         self.write(b"DATA\r\n").await?;
         self.flush().await?;
         if rset {
@@ -453,12 +460,7 @@ impl SmtpSession {
         rcpt: &str,
         message: &[u8],
     ) -> Result<Outcome, SessionError> {
-        let rset = std::mem::take(&mut self.needs_rset);
-        if rset {
-            self.write(b"RSET\r\n").await?;
-        }
-        self.write(mail.as_bytes()).await?;
-        self.write(rcpt.as_bytes()).await?;
+        let rset = self.write_envelope(mail, rcpt).await?;
         self.write(format!("BDAT {} LAST\r\n", message.len()).as_bytes())
             .await?;
         self.write(message).await?;
