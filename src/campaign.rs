@@ -53,6 +53,11 @@ pub struct RunOptions {
     /// Consecutive 5xx (over at least three domains) that trip the breaker;
     /// 0 = never.
     pub breaker_threshold: u32,
+    /// The operator's second SIGINT: abandon transactions in flight (their
+    /// messages are not recorded and go out again on the next run, so an
+    /// MTA that had already accepted one sends it twice). The ledger still
+    /// flushes everything answered.
+    pub abort: CancellationToken,
 }
 
 /// Live counters, shared with the progress display.
@@ -419,6 +424,7 @@ where
             limiter: limiter.clone(),
             breaker: breaker.clone(),
             stop: stop.clone(),
+            abort: opts.abort.clone(),
         };
         injectors.spawn(inj.run());
     }
@@ -608,6 +614,7 @@ struct Injector<T: Transport> {
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
     breaker: Arc<Breaker>,
     stop: CancellationToken,
+    abort: CancellationToken,
 }
 
 impl<T: Transport> Injector<T> {
@@ -645,7 +652,12 @@ impl<T: Transport> Injector<T> {
                         }
                     },
                 };
-                match s.send(&job.out.envelope, &job.out.bytes).await {
+                let sent = tokio::select! {
+                    biased;
+                    _ = self.abort.cancelled() => break 'jobs,
+                    sent = s.send(&job.out.envelope, &job.out.bytes) => sent,
+                };
+                match sent {
                     Ok(outcome) => {
                         self.stats.transaction(self.slot, s.latency());
                         backoff = BACKOFF_MIN;
@@ -679,7 +691,8 @@ impl<T: Transport> Injector<T> {
                 break;
             }
         }
-        if let Some(s) = session {
+        // After an abort the session is mid-transaction: drop it, no QUIT.
+        if let Some(s) = session.filter(|_| !self.abort.is_cancelled()) {
             s.close().await;
         }
     }

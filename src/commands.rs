@@ -32,6 +32,17 @@ pub async fn send(
     mode: progress::Mode,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Summary> {
+    send_with_abort(cfg, mode, stop, CancellationToken::new()).await
+}
+
+/// [`send`], plus `abort`: when cancelled after `stop`, transactions in
+/// flight are abandoned instead of finished (the operator's second SIGINT).
+pub async fn send_with_abort(
+    cfg: &Config,
+    mode: progress::Mode,
+    stop: impl Future<Output = ()> + Send + 'static,
+    abort: CancellationToken,
+) -> Result<Summary> {
     let stats = Arc::new(Stats::new(cfg.delivery.concurrency));
     // Templates first: a syntax error must abort before anything else happens.
     let mut renderer = Renderer::compile(
@@ -91,6 +102,7 @@ pub async fn send(
         concurrency: cfg.delivery.concurrency,
         rate: cfg.delivery.rate,
         breaker_threshold: cfg.delivery.breaker_threshold,
+        abort,
     };
 
     let result = match &cfg.dry_run {

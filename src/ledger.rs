@@ -4,16 +4,21 @@
 //! [`FLUSH_ROWS`] records, whichever comes first).
 //!
 //! # States and the guarantee
-//! A recipient's row goes `queued → sending → sent | deferred | failed`. This
-//! version writes a row only once the MTA has answered (or blast itself has
-//! refused the message: bad address, render error), so rows are only ever
-//! `sent`, `deferred` or `failed`; `queued` and `sending` are reserved for the
-//! crash-window bookkeeping of a later release and are treated as *not final*.
-//! `sent` and `failed` are final: a re-run skips those recipients. Everything
-//! else (no row, `deferred`, and any row left in `sending`) is sent again by
-//! the next run. Nothing is recorded at fetch time, so a crash can never make
-//! blast skip a recipient; it can only re-send the messages the MTA accepted
-//! in the last unflushed batch.
+//! A recipient's row goes `queued → sending → sent | deferred | failed |
+//! suppressed`. blast writes a row only once the MTA has answered (or blast
+//! itself has refused the message: bad address, render error, suppressed
+//! address), so rows are only ever `sent`, `deferred`, `failed` or
+//! `suppressed`; `queued` and `sending` are reserved and, like a missing row,
+//! mean "not done": a crash can never leave a row in `sending`. `sent`,
+//! `failed` and `suppressed` are final; a `deferred` row is sent again once
+//! its `next_attempt_at` has passed. Nothing is recorded at fetch time, so a
+//! crash never makes blast skip a recipient. What a crash can do is re-send
+//! the messages the MTA accepted whose outcome was not yet committed: at most
+//! one per injector, plus the [`FLUSH_ROWS`] outcomes the input channel holds,
+//! plus the batch being written: `concurrency + 2 × FLUSH_ROWS`, and at most
+//! [`FLUSH_EVERY`] of accepted mail plus one write. docs/reliability.md states
+//! this for operators; tests/reliability.rs kills blast with SIGKILL to check
+//! it.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};

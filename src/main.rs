@@ -109,8 +109,32 @@ async fn send(args: SendArgs, retries_only: bool) -> anyhow::Result<ExitCode> {
     };
     let cfg = load(&args.campaign.campaign, overrides)?;
     let mode = progress_mode(&args.progress);
-    let summary = blast::commands::send(&cfg, mode, shutdown_signal()).await?;
+    // First SIGINT/SIGTERM: graceful stop. Second: abandon transactions in
+    // flight (the ledger still flushes what was answered).
+    let (first, second) = signals();
+    let summary =
+        blast::commands::send_with_abort(&cfg, mode, first.cancelled_owned(), second).await?;
     report(&summary, args.json)
+}
+
+/// Tokens cancelled by the first and the second SIGINT/SIGTERM.
+fn signals() -> (
+    tokio_util::sync::CancellationToken,
+    tokio_util::sync::CancellationToken,
+) {
+    let first = tokio_util::sync::CancellationToken::new();
+    let second = tokio_util::sync::CancellationToken::new();
+    let (f, s) = (first.clone(), second.clone());
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        f.cancel();
+        shutdown_signal().await;
+        eprintln!(
+            "blast: second signal: abandoning transactions in flight (they will be sent again)"
+        );
+        s.cancel();
+    });
+    (first, second)
 }
 
 /// Prints the end-of-run summary and picks the exit code.

@@ -176,3 +176,57 @@ async fn sigterm_flushes_the_ledger() {
         "every accepted message is recorded"
     );
 }
+
+/// A second SIGINT abandons transactions in flight instead of waiting for a
+/// slow MTA, and the ledger is still flushed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_sigint_stops_faster() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(200).await;
+    let sink = util::sink(Faults {
+        latency: Some(std::time::Duration::from_secs(3)),
+        ..Default::default()
+    })
+    .await;
+    let path = w.campaign("twice", "Hi", "x", None, "");
+    let smtp = format!("smtp://{}", sink.local_addr());
+    let child = blast()
+        .arg("send")
+        .arg(&path)
+        .args(["--smtp", &smtp, "--concurrency", "4", "--progress", "none"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Let the first transactions reach the slow end of DATA.
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    let pid = child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(Command::new("kill")
+        .args(["-INT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let asked = std::time::Instant::now();
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        asked.elapsed() < std::time::Duration::from_millis(2000),
+        "{:?} {stderr}",
+        asked.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("second signal"), "{stderr}");
+    let db = w.db().await;
+    let rows = crate::util::ledger_rows(&db, "twice").await;
+    assert!(
+        rows.is_empty(),
+        "nothing was answered, nothing recorded: {rows:?}"
+    );
+}
