@@ -218,6 +218,8 @@ pub struct StatusCounts {
     pub campaign: String,
     /// Run state.
     pub state: String,
+    /// Why it is paused, held or cancelled.
+    pub reason: Option<String>,
     /// Recipients accepted by the MTA.
     pub sent: i64,
     /// Recipients refused for good.
@@ -241,6 +243,7 @@ pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<S
     let mut c = StatusCounts {
         campaign: row.name.clone(),
         state: row.state.clone(),
+        reason: row.reason.clone(),
         pending,
         ..Default::default()
     };

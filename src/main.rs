@@ -75,9 +75,12 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 println!("{}", serde_json::to_string(&c)?);
             } else {
                 println!(
-                    "campaign {}: {}\n  sent      {}\n  failed    {}\n  deferred  {}\n  pending   {}",
-                    c.campaign, c.state, c.sent, c.failed, c.deferred, c.pending
+                    "campaign {}: {}\n  sent        {}\n  failed      {}\n  deferred    {}\n  suppressed  {}\n  pending     {}",
+                    c.campaign, c.state, c.sent, c.failed, c.deferred, c.suppressed, c.pending
                 );
+                if let Some(reason) = &c.reason {
+                    println!("  reason      {reason}");
+                }
             }
             Ok(ExitCode::SUCCESS)
         }
