@@ -130,12 +130,13 @@ pub async fn send_with_abort(
         }
         None => {
             let password = std::env::var(SMTP_PASSWORD_ENV).ok();
-            let transport = Smtp::new(
+            let mut transport = Smtp::new(
                 cfg.delivery.relays.clone(),
                 cfg.delivery.helo.clone(),
                 cfg.delivery.timeout,
                 password,
             );
+            transport.extensions.chunking = cfg.delivery.chunking;
             sendable(&campaign)?;
             // One sender per campaign: take the lease before the first message.
             let lease = Arc::new(Lease::acquire(&db, campaign.id, &cfg.name).await?);

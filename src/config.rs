@@ -69,6 +69,7 @@ struct DeliveryFile {
     retry: Option<Vec<String>>,
     give_up_after: Option<String>,
     breaker_threshold: Option<u32>,
+    chunking: Option<bool>,
 }
 
 /// `smtp = "smtp://..."` or `smtp = ["smtp://...", ...]`.
@@ -205,6 +206,8 @@ pub struct DeliveryConfig {
     /// Consecutive 5xx refusals (over at least three domains) that pause the
     /// campaign; 0 turns the breaker off.
     pub breaker_threshold: u32,
+    /// Use BDAT when the relay offers CHUNKING (else DATA).
+    pub chunking: bool,
 }
 
 /// The schedule for deferred (4xx) recipients.
@@ -564,6 +567,7 @@ impl Config {
                 timeout,
                 retry,
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
+                chunking: d.chunking.unwrap_or(true),
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),
@@ -775,6 +779,13 @@ text = "t.txt"
             )
         );
         assert_eq!(r.give_up_after, Duration::from_secs(3600));
+        assert!(c.delivery.chunking, "BDAT by default");
+        let c = parse(
+            &format!("{MINIMAL}\n[delivery]\nchunking = false\n"),
+            &|_| None,
+        )
+        .unwrap();
+        assert!(!c.delivery.chunking);
         let e = parse(
             &format!("{MINIMAL}\n[delivery]\nretry = [\"soon\"]\n"),
             &|_| None,
