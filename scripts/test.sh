@@ -9,3 +9,6 @@ cargo fmt --all -- --check
 cargo clippy --all-targets -- -D warnings
 source scripts/pg.sh
 cargo test --all-targets
+# Explicitly, so the cluster goes even where the shell would exec the last command.
+pg_stop
+trap - EXIT
