@@ -322,23 +322,12 @@ pub async fn control(
             ledger::set_state(&db, row.id, "ready", None).await?
         }
         (Control::Resume, _) => {}
-        (Control::Pause, _) => {
-            ledger::set_state(
-                &db,
-                row.id,
-                "paused",
-                Some(reason.unwrap_or("paused by the operator")),
-            )
-            .await?
-        }
-        (Control::Cancel, _) => {
-            ledger::set_state(
-                &db,
-                row.id,
-                "cancelled",
-                Some(reason.unwrap_or("cancelled by the operator")),
-            )
-            .await?
+        (Control::Pause | Control::Cancel, _) => {
+            let (state, default) = match action {
+                Control::Pause => ("paused", "paused by the operator"),
+                _ => ("cancelled", "cancelled by the operator"),
+            };
+            ledger::set_state(&db, row.id, state, Some(reason.unwrap_or(default))).await?
         }
     }
     let row = ledger::find_campaign(&db, name)

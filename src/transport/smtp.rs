@@ -361,6 +361,19 @@ impl SmtpSession {
         r
     }
 
+    /// After a 354: the dot-stuffed message, then its final reply. From the
+    /// first byte of data on, a lost connection is ambiguous.
+    async fn finish_data(&mut self, message: &[u8]) -> Result<Outcome, SessionError> {
+        self.write_data(message).await?;
+        self.flush().await.map_err(|e| SessionError {
+            ambiguous: true,
+            ..e
+        })?;
+        let r = self.read_final().await?;
+        self.needs_rset = !r.positive();
+        Ok(r.into_outcome())
+    }
+
     /// MAIL, RCPT, then the data, each waiting for its reply.
     async fn lock_step(
         &mut self,
@@ -383,14 +396,7 @@ impl SmtpSession {
                 return Ok(r.into_outcome());
             }
         }
-        self.write_data(message).await?;
-        self.flush().await.map_err(|e| SessionError {
-            ambiguous: true,
-            ..e
-        })?;
-        let r = self.read_final().await?;
-        self.needs_rset = !r.positive();
-        Ok(r.into_outcome())
+        self.finish_data(message).await
     }
 
     /// Buffers [RSET,] MAIL and RCPT for a pipelined write; returns whether
@@ -431,14 +437,7 @@ impl SmtpSession {
                 self.needs_rset = true;
                 return Ok(if m.positive() { r } else { m }.into_outcome());
             }
-            self.write_data(message).await?;
-            self.flush().await.map_err(|e| SessionError {
-                ambiguous: true,
-                ..e
-            })?;
-            let f = self.read_final().await?;
-            self.needs_rset = !f.positive();
-            return Ok(f.into_outcome());
+            return self.finish_data(message).await;
         }
         self.needs_rset = true;
         Ok(first_refusal(m, r, d).into_outcome())
