@@ -18,6 +18,7 @@ fn setup() -> (Renderer, Recipient) {
     let identity = Identity {
         campaign: cfg.name.clone(),
         campaign_id: 1,
+        key: None,
     };
     let renderer = Renderer::compile(&cfg.message, &cfg.vars, identity).expect("templates compile");
     let vars = serde_json::json!({

@@ -18,10 +18,16 @@ use crate::lease::{Interruption, Lease};
 use crate::ledger::{self, MemoryLedger, SqlLedger, StatusCounts};
 use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
+use crate::sign::Key;
+use crate::suppress::{self, Live};
 use crate::source::{self, SqlSource};
 use crate::transport::file::FileTransport;
 use crate::transport::smtp::Smtp;
 use crate::transport::{Session, Transport};
+
+/// How far before its start a run looks for new suppressions (clock skew
+/// between the hosts that write them).
+const SUPPRESSION_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Environment variable holding the SMTP AUTH password.
 pub const SMTP_PASSWORD_ENV: &str = "BLAST_SMTP_PASSWORD";
@@ -51,6 +57,7 @@ pub async fn send_with_abort(
         Identity {
             campaign: cfg.name.clone(),
             campaign_id: 0,
+            key: None,
         },
     )?;
     let db = Db::connect(&cfg.database).await?;
@@ -62,7 +69,7 @@ pub async fn send_with_abort(
         ledger::fix_max_id(&db, campaign.id, max).await?;
         campaign.max_recipient_id = max;
     }
-    renderer.set_campaign_id(campaign.id);
+    renderer.set_campaign(campaign.id, Key::load(&db).await?);
     let renderer = Arc::new(renderer);
     let source = SqlSource::new(
         db.clone(),
@@ -103,7 +110,15 @@ pub async fn send_with_abort(
         rate: cfg.delivery.rate,
         breaker_threshold: cfg.delivery.breaker_threshold,
         abort,
+        suppressions: Live::default(),
     };
+    // Watch for unsubscribes and bounces arriving while this run sends.
+    let suppression_watch = tokio::spawn(suppress::watch(
+        db.clone(),
+        opts.suppressions.clone(),
+        crate::clock::now() - SUPPRESSION_SKEW,
+        token.clone(),
+    ));
 
     let result = match &cfg.dry_run {
         Some(dir) => {
@@ -202,6 +217,7 @@ pub async fn send_with_abort(
     };
     token.cancel();
     let _ = watcher.await;
+    let _ = suppression_watch.await;
     counter.abort();
     db.close().await;
     result
@@ -249,15 +265,20 @@ async fn probe<T: Transport>(transport: &T, relays: usize) -> Result<()> {
 
 /// `blast preview`: one recipient's complete message.
 pub async fn preview(cfg: &Config, id: Option<i64>) -> Result<Vec<u8>> {
-    let renderer = Renderer::compile(
+    let mut renderer = Renderer::compile(
         &cfg.message,
         &cfg.vars,
         Identity {
             campaign: cfg.name.clone(),
             campaign_id: 0,
+            key: None,
         },
     )?;
     let db = Db::connect(&cfg.database).await?;
+    // Sign as the campaign will (id 0 until its first run), so the
+    // preview's unsubscribe link can be tried against `blast serve`.
+    let campaign_id = ledger::find_campaign(&db, &cfg.name).await?.map_or(0, |c| c.id);
+    renderer.set_campaign(campaign_id, Key::load(&db).await?);
     let recipient = source::fetch_one(&db, &cfg.audience, id).await?;
     db.close().await;
     let recipient = recipient.ok_or_else(|| match id {

@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::Deserialize;
 
 use crate::error::{Error, Result};
+use crate::sign::{Pattern, Var};
 
 /// Default number of parallel SMTP injectors.
 pub const DEFAULT_CONCURRENCY: usize = 8;
@@ -32,6 +33,21 @@ struct CampaignFile {
     vars: toml::Table,
     message: MessageFile,
     delivery: Option<DeliveryFile>,
+    bounces: Option<BouncesFile>,
+    unsubscribe: Option<UnsubscribeFile>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BouncesFile {
+    verp: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UnsubscribeFile {
+    url: String,
+    mailto: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -158,8 +174,22 @@ pub struct MessageConfig {
     pub html: Option<TemplateSource>,
     /// Extra headers: name → value template.
     pub headers: Vec<(String, String)>,
-    /// Envelope sender template (the bounce address).
+    /// Envelope sender template (the bounce address), used when `verp` is unset.
     pub envelope_from: String,
+    /// VERP envelope sender: `{campaign}`, `{recipient}` and `{sig}` filled
+    /// per message, so a bounce names its recipient even when its text does not.
+    pub verp: Option<Pattern>,
+    /// `List-Unsubscribe` targets (RFC 2369/8058).
+    pub unsubscribe: Unsubscribe,
+}
+
+/// Where recipients unsubscribe: both carry a signed `{token}`.
+#[derive(Debug, Clone)]
+pub struct Unsubscribe {
+    /// `https://` one-click URL answered by `blast serve`.
+    pub url: Pattern,
+    /// Address whose mail `blast bounce ingest` treats as an unsubscribe.
+    pub mailto: Pattern,
 }
 
 /// A relay blast injects into.
@@ -323,6 +353,9 @@ const RESERVED_HEADERS: &[&str] = &[
     "return-path",
     "x-blast-campaign",
     "x-blast-recipient",
+    "x-blast-sig",
+    "list-unsubscribe",
+    "list-unsubscribe-post",
 ];
 
 impl Config {
@@ -530,10 +563,26 @@ impl Config {
                 "must be between 1 and 1024".into(),
             ));
         }
+        let verp = match raw.bounces.and_then(|b| b.verp) {
+            Some(v) => {
+                if d.envelope_from.is_some() {
+                    return Err(err(
+                        "bounces.verp",
+                        "set either bounces.verp or delivery.envelope_from, not both".into(),
+                    ));
+                }
+                let p = Pattern::parse(&v, &[Var::Campaign, Var::Recipient, Var::Sig])
+                    .map_err(|m| err("bounces.verp", m))?;
+                check_address_pattern(&p).map_err(|m| err("bounces.verp", m))?;
+                Some(p)
+            }
+            None => None,
+        };
         let envelope_from = d.envelope_from.unwrap_or_else(|| {
             // Default bounce address: the From address itself.
             address_part(&m.from).to_string()
         });
+        let unsubscribe = parse_unsubscribe(raw.unsubscribe, &m.from).map_err(|(k, m)| err(k, m))?;
         let helo = d.helo.unwrap_or_else(|| "localhost".to_string());
         let timeout = d
             .timeout_secs
@@ -558,6 +607,8 @@ impl Config {
                 html: html_t,
                 headers,
                 envelope_from,
+                verp,
+                unsubscribe,
             },
             delivery: DeliveryConfig {
                 relays,
@@ -576,6 +627,63 @@ impl Config {
             max_delay,
             template_files,
         })
+    }
+}
+
+/// Validates `[unsubscribe]`: an `https://` URL and a mailto address, each
+/// with one `{token}`. The mailto defaults to `unsubscribe+{token}@` the
+/// From domain. Errors are (key, message).
+fn parse_unsubscribe(
+    raw: Option<UnsubscribeFile>,
+    from: &str,
+) -> std::result::Result<Unsubscribe, (&'static str, String)> {
+    let raw = raw.ok_or((
+        "unsubscribe",
+        "missing: every campaign message carries List-Unsubscribe (RFC 8058); add \
+         [unsubscribe] with url = \"https://lists.example.com/unsubscribe/{token}\" \
+         (answered by `blast serve`)"
+            .to_string(),
+    ))?;
+    let url = Pattern::parse(raw.url.trim(), &[Var::Token]).map_err(|m| ("unsubscribe.url", m))?;
+    let rest = url.as_str().strip_prefix("https://").unwrap_or_default();
+    if rest.is_empty() || rest.starts_with('{') || url.as_str().contains(char::is_whitespace) {
+        return Err((
+            "unsubscribe.url",
+            format!(
+                "{:?} must be an https:// URL with a host (RFC 8058)",
+                url.as_str()
+            ),
+        ));
+    }
+    let mailto = match raw.mailto {
+        Some(m) => m.trim().trim_start_matches("mailto:").to_string(),
+        None => {
+            let domain = address_part(from).rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+            format!("unsubscribe+{{token}}@{domain}")
+        }
+    };
+    let mailto = Pattern::parse(&mailto, &[Var::Token]).map_err(|m| ("unsubscribe.mailto", m))?;
+    check_address_pattern(&mailto).map_err(|m| ("unsubscribe.mailto", m))?;
+    Ok(Unsubscribe { url, mailto })
+}
+
+/// An address pattern must fill to `local@domain` with placeholders in the
+/// local part only.
+fn check_address_pattern(p: &Pattern) -> std::result::Result<(), String> {
+    let raw = p.as_str();
+    match raw.rsplit_once('@') {
+        Some((local, domain))
+            if !local.is_empty()
+                && !domain.is_empty()
+                && !domain.contains('{')
+                && raw.is_ascii()
+                && !raw.contains(|c: char| c.is_whitespace() || "<>,;\"".contains(c)) =>
+        {
+            Ok(())
+        }
+        _ => Err(format!(
+            "{raw:?} must be an ASCII address local@domain with the placeholders in the local part"
+        )),
     }
 }
 
@@ -680,6 +788,8 @@ name = "t"
 database = "sqlite://t.db"
 [audience]
 table = "subscribers"
+[unsubscribe]
+url = "https://lists.example.com/unsubscribe/{token}"
 [message]
 from = "News <news@example.com>"
 subject = "Hi {{ name }}"
@@ -715,6 +825,51 @@ text = "t.txt"
             e.contains("c.toml") && e.contains("database") && e.contains("PW"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn verp_and_unsubscribe_are_validated() {
+        let c = parse(
+            &format!("{MINIMAL}[bounces]\nverp = \"b+{{campaign}}-{{recipient}}-{{sig}}@bounce.example.com\"\n"),
+            &|_| None,
+        )
+        .unwrap();
+        assert_eq!(
+            c.message.verp.unwrap().as_str(),
+            "b+{campaign}-{recipient}-{sig}@bounce.example.com"
+        );
+        // The mailto defaults to the From domain.
+        assert_eq!(
+            c.message.unsubscribe.mailto.as_str(),
+            "unsubscribe+{token}@example.com"
+        );
+        let bad = [
+            ("verp = \"b+{campaign}-{recipient}@x.com\"", "bounces.verp", "{sig} is missing"),
+            ("verp = \"b+{campaign}-{recipient}-{sig}\"", "bounces.verp", "local@domain"),
+        ];
+        for (line, key, want) in bad {
+            let e = parse(&format!("{MINIMAL}[bounces]\n{line}\n"), &|_| None)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key) && e.contains(want), "{line}: {e}");
+        }
+        let http = MINIMAL.replace("https://lists", "http://lists");
+        let e = parse(&http, &|_| None).unwrap_err().to_string();
+        assert!(e.contains("unsubscribe.url") && e.contains("https://"), "{e}");
+        let no_token = MINIMAL.replace("/{token}", "/");
+        let e = parse(&no_token, &|_| None).unwrap_err().to_string();
+        assert!(e.contains("{token} is missing"), "{e}");
+        let missing = MINIMAL.replace(
+            "[unsubscribe]\nurl = \"https://lists.example.com/unsubscribe/{token}\"\n",
+            "",
+        );
+        let e = parse(&missing, &|_| None).unwrap_err().to_string();
+        assert!(e.contains("unsubscribe") && e.contains("RFC 8058"), "{e}");
+        let both = format!(
+            "{MINIMAL}[delivery]\nenvelope_from = \"x@example.com\"\n[bounces]\nverp = \"b+{{campaign}}-{{recipient}}-{{sig}}@x.com\"\n"
+        );
+        let e = parse(&both, &|_| None).unwrap_err().to_string();
+        assert!(e.contains("not both"), "{e}");
     }
 
     #[test]

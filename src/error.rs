@@ -77,6 +77,13 @@ pub enum Error {
     /// A campaign name was not found in the ledger.
     #[error("no campaign named {0:?} in this database")]
     UnknownCampaign(String),
+    /// Stored state that blast itself wrote is unusable (for example a
+    /// damaged signing key), or the OS could not provide randomness.
+    #[error("internal: {0}")]
+    Internal(String),
+    /// A suppression-list or inbound-mail operation was given bad input.
+    #[error("{0}")]
+    Invalid(String),
     /// A CSV file could not be read at all (not a per-row problem).
     #[error("{file}: {message}")]
     Csv {

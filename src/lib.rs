@@ -9,6 +9,7 @@
 //! - [`cli`]: clap types; no I/O.
 //! - [`config`]: campaign file + env + flags → validated [`config::Config`].
 //! - [`db`]: pools and migrations; the only code that sees connection URLs.
+//! - [`suppress`]: the suppression list and its live view for running campaigns.
 //! - [`source`]: keyset-paginated audience rows; read-only SQL.
 //! - [`render`]: compiled templates → finished messages; pure.
 //! - [`transport`]: the `Transport` trait with SMTP, stub and file implementations.
@@ -19,6 +20,7 @@
 //! - [`commands`]: each subcommand's orchestration, callable from tests.
 //! - [`import`]: CSV → `subscribers`.
 //! - [`progress`]: the operator's view.
+//! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
 //! - [`clock`], [`error`]: the time seam and the error type.
 
@@ -38,8 +40,10 @@ pub mod ledger;
 pub mod progress;
 pub mod render;
 pub mod schedule;
+pub mod sign;
 pub mod sink;
 pub mod source;
+pub mod suppress;
 pub mod transport;
 
 pub use error::{Error, Result};

@@ -9,14 +9,16 @@ use std::borrow::Cow;
 
 use mail_builder::headers::address::Address;
 use mail_builder::headers::date::Date;
+use mail_builder::headers::raw::Raw;
 use mail_builder::headers::text::Text;
 use mail_builder::mime::MimePart;
 use mail_builder::MessageBuilder;
 use serde_json::{Map, Value};
 use tera::{Context, Tera};
 
-use crate::config::{address_part, MessageConfig};
+use crate::config::{address_part, MessageConfig, Unsubscribe};
 use crate::error::{Error, Result};
+use crate::sign::{Key, Pattern, Var};
 use crate::source::Recipient;
 use crate::transport::Envelope;
 
@@ -49,6 +51,8 @@ pub struct Parts {
     pub subject: String,
     /// Extra headers.
     pub headers: Vec<(String, String)>,
+    /// The recipient's signed unsubscribe token.
+    pub token: String,
     /// Plain-text part.
     pub text: Option<String>,
     /// HTML part.
@@ -87,6 +91,10 @@ pub struct Identity {
     pub campaign: String,
     /// The campaign's ledger id (0 in previews of a campaign never run).
     pub campaign_id: i64,
+    /// The installation's signing key (VERP, `X-Blast-Sig`, unsubscribe
+    /// tokens). `None` only in benches and unit tests, which sign with an
+    /// all-zero key.
+    pub key: Option<Key>,
 }
 
 /// A campaign's compiled templates and fixed headers.
@@ -100,7 +108,10 @@ pub struct Renderer {
     reply_to: Option<String>,
     has_to_name: bool,
     identity: Identity,
+    key: Key,
     msgid_domain: String,
+    verp: Option<Pattern>,
+    unsubscribe: Unsubscribe,
 }
 
 impl Renderer {
@@ -173,14 +184,19 @@ impl Renderer {
             from_addr,
             reply_to: message.reply_to.clone(),
             has_to_name: message.to_name.is_some(),
+            key: identity.key.clone().unwrap_or_else(zero_key),
             identity,
             msgid_domain,
+            verp: message.verp.clone(),
+            unsubscribe: message.unsubscribe.clone(),
         })
     }
 
-    /// Sets the ledger id used in Message-IDs once the campaign row exists.
-    pub fn set_campaign_id(&mut self, id: i64) {
+    /// Sets the ledger id (Message-IDs, VERP, tokens) and the signing key
+    /// once the campaign row exists.
+    pub fn set_campaign(&mut self, id: i64, key: Key) {
         self.identity.campaign_id = id;
+        self.key = key;
     }
 
     /// Builds `recipient`'s message: [`Renderer::render_parts`] then
@@ -207,6 +223,9 @@ impl Renderer {
         }
         ctx.insert("id", &recipient.id);
         ctx.insert("email", &recipient.email);
+        let campaign_id = self.identity.campaign_id;
+        let token = self.key.token(campaign_id, recipient.id);
+        ctx.insert("unsubscribe_url", &self.unsubscribe.url.fill(|_| token.clone()));
 
         let render = |name: &str| {
             self.tera
@@ -217,7 +236,14 @@ impl Renderer {
                 })
         };
         let subject = one_line(&render(SUBJECT)?);
-        let envelope_from = one_line(&render(ENVELOPE_FROM)?);
+        let envelope_from = match &self.verp {
+            Some(p) => p.fill(|v| match v {
+                Var::Campaign => campaign_id.to_string(),
+                Var::Recipient => recipient.id.to_string(),
+                _ => self.key.verp_sig(campaign_id, recipient.id),
+            }),
+            None => one_line(&render(ENVELOPE_FROM)?),
+        };
         let envelope_from =
             ascii_address(&envelope_from).map_err(|_| RenderError::EnvelopeFrom(envelope_from))?;
         let to_name = match self.has_to_name {
@@ -236,6 +262,7 @@ impl Renderer {
             to_name,
             subject,
             headers,
+            token,
             text,
             html,
         })
@@ -273,7 +300,28 @@ impl Renderer {
                 "X-Blast-Campaign",
                 Text::new(self.identity.campaign.as_str()),
             )
-            .header("X-Blast-Recipient", Text::new(recipient.id.to_string()));
+            .header("X-Blast-Recipient", Text::new(recipient.id.to_string()))
+            .header(
+                "X-Blast-Sig",
+                Raw::new(
+                    self.key
+                        .verp_sig(self.identity.campaign_id, recipient.id),
+                ),
+            )
+            // RFC 2369 + RFC 8058: mailbox providers show an unsubscribe
+            // button and POST to the URL with no further step.
+            .header(
+                "List-Unsubscribe",
+                Raw::new(format!(
+                    "<mailto:{}>, <{}>",
+                    self.unsubscribe.mailto.fill(|_| parts.token.clone()),
+                    self.unsubscribe.url.fill(|_| parts.token.clone())
+                )),
+            )
+            .header(
+                "List-Unsubscribe-Post",
+                Raw::new("List-Unsubscribe=One-Click"),
+            );
         if let Some(r) = &self.reply_to {
             b = b.reply_to(Address::new_address(
                 display_name(r).map(Cow::Owned),
@@ -302,6 +350,11 @@ impl Renderer {
             bytes,
         }
     }
+}
+
+/// The key used before [`Renderer::set_campaign`] (benches, unit tests).
+fn zero_key() -> Key {
+    Key::from_hex(&"0".repeat(64)).unwrap_or_else(|| unreachable!("64 hex digits"))
 }
 
 /// A text part with its transfer encoding chosen and applied here: `7bit`
@@ -476,6 +529,11 @@ mod tests {
             }),
             headers: vec![("X-Tag".into(), "tag-{{ id }}".into())],
             envelope_from: "bounces+{{ id }}@example.com".into(),
+            verp: None,
+            unsubscribe: Unsubscribe {
+                url: Pattern::parse("https://lists.example.com/u/{token}", &[Var::Token]).unwrap(),
+                mailto: Pattern::parse("unsubscribe+{token}@example.com", &[Var::Token]).unwrap(),
+            },
         }
     }
 
@@ -493,6 +551,7 @@ mod tests {
             Identity {
                 campaign: "c".into(),
                 campaign_id: 1,
+                key: None,
             },
         )
         .unwrap()

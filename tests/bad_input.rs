@@ -116,7 +116,7 @@ async fn audience_without_email_column_is_explained() {
 fn config_errors_name_file_and_key() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("c.toml");
-    std::fs::write(&p, "name = \"x\"\ndatabase = \"sqlite://x.db\"\n[audience]\ntable = \"subscribers\"\n[message]\nfrom = \"a@b.c\"\nsubject = \"s\"\n").unwrap();
+    std::fs::write(&p, "name = \"x\"\ndatabase = \"sqlite://x.db\"\n[audience]\ntable = \"subscribers\"\n[unsubscribe]\nurl = \"https://l.example.com/u/{token}\"\n[message]\nfrom = \"a@b.c\"\nsubject = \"s\"\n").unwrap();
     let err = Config::load(&p, &Overrides::default())
         .unwrap_err()
         .to_string();

@@ -87,7 +87,7 @@ async fn send_status_and_exit_codes() {
 fn fatal_errors_exit_2() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("bad.toml");
-    std::fs::write(&p, "name = \"x\"\ndatabase = \"sqlite://x.db\"\n[audience]\ntable = \"subscribers\"\n[message]\nfrom = \"a@b.c\"\nsubject = \"s\"\ntext = \"missing.txt\"\n").unwrap();
+    std::fs::write(&p, "name = \"x\"\ndatabase = \"sqlite://x.db\"\n[audience]\ntable = \"subscribers\"\n[unsubscribe]\nurl = \"https://l.example.com/u/{token}\"\n[message]\nfrom = \"a@b.c\"\nsubject = \"s\"\ntext = \"missing.txt\"\n").unwrap();
     let out = blast().arg("send").arg(&p).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -103,8 +103,13 @@ impl World {
             }
             None => String::new(),
         };
+        // Every campaign needs [unsubscribe]; tests that test it bring their own.
+        let unsubscribe = match extra.contains("[unsubscribe]") {
+            true => "",
+            false => "[unsubscribe]\nurl = \"https://lists.example.com/unsubscribe/{token}\"\n",
+        };
         let toml = format!(
-            "name = \"{name}\"\ndatabase = \"{url}\"\n[audience]\ntable = \"subscribers\"\n\
+            "name = \"{name}\"\ndatabase = \"{url}\"\n[audience]\ntable = \"subscribers\"\n{unsubscribe}\
              [message]\nfrom = \"Test <news@example.com>\"\nsubject = \"{subject}\"\ntext = \"{name}.txt\"\n{html_line}{extra}",
             url = self.url
         );
