@@ -25,6 +25,7 @@ use crate::error::Result;
 use crate::ledger::{self, Ledger, Record};
 use crate::render::{Outgoing, Renderer};
 use crate::source::{Recipient, Source};
+use crate::suppress::Live;
 use crate::transport::{Outcome, Session, SessionError, Transport};
 
 /// Messages rendered ahead of the injectors, per injector, between
@@ -58,6 +59,9 @@ pub struct RunOptions {
     /// MTA that had already accepted one sends it twice). The ledger still
     /// flushes everything answered.
     pub abort: CancellationToken,
+    /// Addresses suppressed since the campaign started (unsubscribes and
+    /// bounces arriving mid-campaign): injectors skip them.
+    pub suppressions: Live,
 }
 
 /// Live counters, shared with the progress display.
@@ -425,6 +429,7 @@ where
             breaker: breaker.clone(),
             stop: stop.clone(),
             abort: opts.abort.clone(),
+            suppressions: opts.suppressions.clone(),
         };
         injectors.spawn(inj.run());
     }
@@ -615,6 +620,7 @@ struct Injector<T: Transport> {
     breaker: Arc<Breaker>,
     stop: CancellationToken,
     abort: CancellationToken,
+    suppressions: Live,
 }
 
 impl<T: Transport> Injector<T> {
@@ -631,6 +637,24 @@ impl<T: Transport> Injector<T> {
                     None => break,
                 },
             };
+            // Suppressed after this recipient's page was read: skip it,
+            // so an unsubscribe takes effect while the campaign runs.
+            if let Some(why) = self.suppressions.get(&job.out.email) {
+                self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+                let rec = Record {
+                    recipient_id: job.out.envelope.recipient_id,
+                    email: job.out.email,
+                    outcome: Outcome::local_failure(format!("address is suppressed: {why}")),
+                    relay: None,
+                    attempts: job.attempts,
+                    first_attempt_at: job.first_attempt_at,
+                    suppressed: true,
+                };
+                if self.records.send(rec).await.is_err() {
+                    break;
+                }
+                continue;
+            }
             if let Some(l) = &self.limiter {
                 tokio::select! {
                     biased;
