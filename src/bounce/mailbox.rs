@@ -22,8 +22,10 @@
 //!   to the file's length when it was opened. The mbox is **never rewritten**:
 //!   done messages stay in it, so the operator rotates it (e.g. `mv` it aside
 //!   for the MTA to start a fresh one, then ingest the old file) and deletes it
-//!   when [`Summary::mbox_settled_bytes`] equals its length. Quarantined
-//!   messages are appended to the quarantine mbox (default `<mbox>.quarantine`).
+//!   when [`Summary::mbox_settled_bytes`] equals its length. Rotate first:
+//!   a message the MTA was still appending at open time is cut short (its
+//!   full copy stays in the file). Quarantined messages are appended to the
+//!   quarantine mbox (default `<mbox>.quarantine`).
 //! - **stdin** ([`Source::Stdin`], or [`Inbox::from_reader`]): one message, as
 //!   Postfix `pipe` or an alias hands it over; a leading `From ` envelope line
 //!   (`pipe` flag `F`) is stripped. Done and Retry move nothing; quarantine
