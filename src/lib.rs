@@ -22,11 +22,13 @@
 //! - [`progress`]: the operator's view.
 //! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
+//! - [`bounce`]: reading bounce mail from a Maildir, an mbox or stdin.
 //! - [`clock`], [`error`]: the time seam and the error type.
 
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub, rust_2018_idioms)]
 
+pub mod bounce;
 pub mod campaign;
 pub mod cli;
 pub mod clock;

@@ -1,0 +1,2 @@
+//! Bounce and unsubscribe handling: getting mails in and out of mail stores.
+pub mod mailbox;
