@@ -43,6 +43,80 @@ pub enum Command {
     RunDue(RunDueArgs),
     /// Show campaigns with state, counts and next due time.
     List(ListArgs),
+    /// Answer one-click unsubscribes (RFC 8058) over HTTP.
+    Serve(ServeArgs),
+    /// Manage the suppression list (addresses that get nothing more).
+    Suppress {
+        /// What to do.
+        #[command(subcommand)]
+        command: SuppressCommand,
+    },
+}
+
+/// `blast serve`
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// Address to listen on (put a TLS-terminating proxy in front).
+    #[arg(long, default_value = "127.0.0.1:8025")]
+    pub listen: SocketAddr,
+    /// Database URL.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: String,
+}
+
+/// `blast suppress ...`
+#[derive(Debug, Subcommand)]
+pub enum SuppressCommand {
+    /// Suppress addresses.
+    Add {
+        /// The addresses.
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        /// Why (shown by `list`).
+        #[arg(long, default_value = "operator")]
+        reason: String,
+        /// Database URL.
+        #[arg(long, env = "BLAST_DATABASE")]
+        database: String,
+    },
+    /// Lift the suppression of addresses.
+    Remove {
+        /// The addresses.
+        #[arg(required = true)]
+        addresses: Vec<String>,
+        /// Database URL.
+        #[arg(long, env = "BLAST_DATABASE")]
+        database: String,
+    },
+    /// List suppressed addresses.
+    List {
+        /// Only entries whose reason or source starts with this.
+        #[arg(long)]
+        filter: Option<String>,
+        /// At most this many.
+        #[arg(long)]
+        limit: Option<u64>,
+        /// One JSON object per line.
+        #[arg(long)]
+        json: bool,
+        /// Database URL.
+        #[arg(long, env = "BLAST_DATABASE")]
+        database: String,
+    },
+    /// Suppress every address in a file (one per line, or a CSV's first column; `-` for stdin).
+    Import {
+        /// The file.
+        file: PathBuf,
+        /// Why (shown by `list`).
+        #[arg(long, default_value = "imported")]
+        reason: String,
+        /// Print the summary as JSON on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Database URL.
+        #[arg(long, env = "BLAST_DATABASE")]
+        database: String,
+    },
 }
 
 /// `blast schedule`

@@ -19,8 +19,8 @@ use crate::ledger::{self, MemoryLedger, SqlLedger, StatusCounts};
 use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
 use crate::sign::Key;
-use crate::suppress::{self, Live};
 use crate::source::{self, SqlSource};
+use crate::suppress::{self, Live};
 use crate::transport::file::FileTransport;
 use crate::transport::smtp::Smtp;
 use crate::transport::{Session, Transport};
@@ -71,6 +71,15 @@ pub async fn send_with_abort(
     }
     renderer.set_campaign(campaign.id, Key::load(&db).await?);
     let renderer = Arc::new(renderer);
+    if cfg.dry_run.is_none() {
+        ledger::set_inbound_patterns(
+            &db,
+            campaign.id,
+            cfg.message.verp.as_ref().map(|p| p.as_str()),
+            cfg.message.unsubscribe.mailto.as_str(),
+        )
+        .await?;
+    }
     let source = SqlSource::new(
         db.clone(),
         &cfg.audience,
@@ -277,7 +286,9 @@ pub async fn preview(cfg: &Config, id: Option<i64>) -> Result<Vec<u8>> {
     let db = Db::connect(&cfg.database).await?;
     // Sign as the campaign will (id 0 until its first run), so the
     // preview's unsubscribe link can be tried against `blast serve`.
-    let campaign_id = ledger::find_campaign(&db, &cfg.name).await?.map_or(0, |c| c.id);
+    let campaign_id = ledger::find_campaign(&db, &cfg.name)
+        .await?
+        .map_or(0, |c| c.id);
     renderer.set_campaign(campaign_id, Key::load(&db).await?);
     let recipient = source::fetch_one(&db, &cfg.audience, id).await?;
     db.close().await;

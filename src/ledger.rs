@@ -107,6 +107,60 @@ where
         .ok_or_else(|| Error::UnknownCampaign(name.to_string()))
 }
 
+/// Stores the VERP and unsubscribe-mailto patterns a campaign sends with, so
+/// `blast bounce ingest` can decode addresses without the campaign file.
+pub async fn set_inbound_patterns(
+    db: &Db,
+    campaign_id: i64,
+    verp: Option<&str>,
+    mailto: &str,
+) -> Result<()> {
+    sqlx::query("UPDATE blast_campaigns SET verp = $1, unsubscribe_mailto = $2 WHERE id = $3")
+        .bind(verp)
+        .bind(mailto)
+        .bind(campaign_id)
+        .execute(db.pool())
+        .await?;
+    Ok(())
+}
+
+/// The distinct (VERP, unsubscribe-mailto) patterns campaigns were sent with.
+pub async fn inbound_patterns(db: &Db) -> Result<(Vec<String>, Vec<String>)> {
+    let verp = sqlx::query_scalar(
+        "SELECT DISTINCT verp FROM blast_campaigns WHERE verp IS NOT NULL ORDER BY verp",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    let mailto = sqlx::query_scalar(
+        "SELECT DISTINCT unsubscribe_mailto FROM blast_campaigns \
+         WHERE unsubscribe_mailto IS NOT NULL ORDER BY unsubscribe_mailto",
+    )
+    .fetch_all(db.pool())
+    .await?;
+    Ok((verp, mailto))
+}
+
+/// The address campaign `campaign_id` sent to recipient `recipient_id`, from
+/// the ledger (so a token resolves to exactly the address that got the mail).
+pub async fn recipient_address(
+    db: &Db,
+    campaign_id: i64,
+    recipient_id: i64,
+) -> Result<Option<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT email FROM blast_deliveries WHERE campaign_id = $1 AND recipient_id = $2",
+    )
+    .bind(campaign_id)
+    .bind(recipient_id)
+    .fetch_optional(db.pool())
+    .await?)
+}
+
+/// The id of the campaign named `name`, if any.
+pub async fn campaign_id(db: &Db, name: &str) -> Result<Option<i64>> {
+    Ok(find_campaign(db, name).await?.map(|c| c.id))
+}
+
 /// Fixes a scheduled campaign's audience (`max_recipient_id` is -1 until its
 /// first run).
 pub async fn fix_max_id(db: &Db, campaign_id: i64, max_id: i64) -> Result<()> {

@@ -20,6 +20,7 @@
 //! - [`commands`]: each subcommand's orchestration, callable from tests.
 //! - [`import`]: CSV → `subscribers`.
 //! - [`progress`]: the operator's view.
+//! - [`serve`]: `blast serve`, the one-click unsubscribe endpoint.
 //! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
 //! - [`bounce`]: reading bounce mail from a Maildir, an mbox or stdin.
@@ -42,6 +43,7 @@ pub mod ledger;
 pub mod progress;
 pub mod render;
 pub mod schedule;
+pub mod serve;
 pub mod sign;
 pub mod sink;
 pub mod source;

@@ -11,7 +11,7 @@ use clap::Parser;
 
 use blast::cli::{
     Cli, Command, ControlArgs, ImportArgs, ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs,
-    SendArgs, SinkArgs,
+    SendArgs, ServeArgs, SinkArgs, SuppressCommand,
 };
 use blast::commands::Control;
 use blast::config::{Config, Overrides};
@@ -93,6 +93,8 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schedule(args) => schedule(args).await,
         Command::RunDue(args) => run_due(args).await,
         Command::List(args) => list(args).await,
+        Command::Serve(args) => serve(args).await,
+        Command::Suppress { command } => suppress(command).await,
     }
 }
 
@@ -431,6 +433,124 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             r.next_due.unwrap_or_default(),
             r.reason.unwrap_or_default()
         );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(&args.database).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "blast serve: listening on http://{}",
+        listener.local_addr()?
+    );
+    blast::serve::run(db.clone(), listener, shutdown_signal()).await?;
+    db.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn suppress(command: SuppressCommand) -> anyhow::Result<ExitCode> {
+    use blast::suppress;
+    match command {
+        SuppressCommand::Add {
+            addresses,
+            reason,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            for a in &addresses {
+                let new = suppress::add(&db, a, &reason, "operator").await?;
+                eprintln!(
+                    "blast suppress: {a}: {}",
+                    if new {
+                        "suppressed"
+                    } else {
+                        "already suppressed"
+                    }
+                );
+            }
+            db.close().await;
+        }
+        SuppressCommand::Remove {
+            addresses,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            let mut missing = 0;
+            for a in &addresses {
+                let removed = suppress::remove(&db, a).await?;
+                missing += usize::from(!removed);
+                eprintln!(
+                    "blast suppress: {a}: {}",
+                    if removed {
+                        "removed"
+                    } else {
+                        "was not suppressed"
+                    }
+                );
+            }
+            db.close().await;
+            return Ok(if missing == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        SuppressCommand::List {
+            filter,
+            limit,
+            json,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            let rows = suppress::list(&db, filter.as_deref(), limit).await?;
+            db.close().await;
+            for r in rows {
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        r.address, r.reason, r.source, r.created_at
+                    );
+                }
+            }
+        }
+        SuppressCommand::Import {
+            file,
+            reason,
+            json,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            let source = format!("import:{}", file.display());
+            let summary = if file.as_os_str() == "-" {
+                suppress::import(&db, std::io::stdin().lock(), &reason, &source).await?
+            } else {
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("cannot open {}", file.display()))?;
+                suppress::import(&db, std::io::BufReader::new(f), &reason, &source).await?
+            };
+            db.close().await;
+            for bad in &summary.invalid {
+                eprintln!("blast suppress import: {}: {bad}", file.display());
+            }
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+            eprintln!(
+                "blast suppress import: {}: {} suppressed, {} already suppressed, {} invalid",
+                file.display(),
+                summary.added,
+                summary.already,
+                summary.invalid.len()
+            );
+            if !summary.invalid.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -11,6 +11,8 @@ mod campaign;
 mod cli;
 /// `blast import` on both backends, and imported columns in templates.
 mod import;
+/// VERP, List-Unsubscribe, `blast serve`, the suppression list, bounces.
+mod inbound;
 /// Through a real, tuned Postfix.
 mod mta;
 /// Leases, SIGKILL, retries, suppression, breaker, pause/resume/cancel, outages.

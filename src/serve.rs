@@ -1,0 +1,161 @@
+//! `blast serve`: the HTTP side of the inbound path. It answers RFC 8058
+//! one-click unsubscribes (`POST /unsubscribe/{token}`: no confirmation
+//! step, idempotent, 200), shows a small confirmation page with a button for
+//! people who open the link in a browser (`GET`, which changes nothing, so
+//! link scanners cannot unsubscribe anyone), and a health check.
+//!
+//! A token is valid only with its HMAC (see [`crate::sign`]); a forged or
+//! tampered one gets 404 and changes nothing. No answer depends on whether
+//! the address is still subscribed. This module does not send mail or read
+//! bounces.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+use tokio::net::TcpListener;
+
+use crate::db::Db;
+use crate::error::{Error, Result};
+use crate::ledger;
+use crate::sign::Key;
+use crate::suppress;
+
+/// What every handler needs.
+#[derive(Debug, Clone)]
+struct AppState {
+    db: Db,
+    key: Key,
+}
+
+/// The service's routes over `db` signed with `key`.
+pub fn router(db: Db, key: Key) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/unsubscribe/{token}", get(confirm_page).post(unsubscribe))
+        .with_state(Arc::new(AppState { db, key }))
+}
+
+/// Serves on `listener` until `stop` resolves, then finishes requests in
+/// flight.
+pub async fn run(
+    db: Db,
+    listener: TcpListener,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let key = Key::load(&db).await?;
+    let addr = listener.local_addr().ok();
+    tracing::info!(
+        "blast serve: listening on {}",
+        addr.map_or("?".into(), |a| a.to_string())
+    );
+    axum::serve(listener, router(db, key))
+        .with_graceful_shutdown(stop)
+        .await
+        .map_err(|e| Error::Invalid(format!("HTTP server: {e}")))
+}
+
+/// 200 when the database answers, 503 otherwise (for load balancers).
+async fn health(State(app): State<Arc<AppState>>) -> Response {
+    match sqlx::query("SELECT 1").execute(app.db.pool()).await {
+        Ok(_) => (StatusCode::OK, "ok\n").into_response(),
+        Err(e) => {
+            tracing::warn!("health check: {e}");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+        }
+    }
+}
+
+/// What a token resolves to.
+enum Resolved {
+    /// A valid token for an address blast sent to.
+    Address { campaign: i64, address: String },
+    /// Forged, tampered, or for a message blast never sent.
+    Invalid,
+}
+
+async fn resolve(app: &AppState, token: &str) -> Result<Resolved> {
+    let Some((campaign, recipient)) = app.key.check_token(token) else {
+        return Ok(Resolved::Invalid);
+    };
+    Ok(
+        match ledger::recipient_address(&app.db, campaign, recipient).await? {
+            Some(address) => Resolved::Address { campaign, address },
+            None => Resolved::Invalid,
+        },
+    )
+}
+
+/// `GET`: a page with one button that POSTs back to the same URL.
+async fn confirm_page(State(app): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
+    match resolve(&app, &token).await {
+        Ok(Resolved::Address { .. }) => page(
+            StatusCode::OK,
+            "Unsubscribe",
+            // The form posts to the page's own URL; nothing user-controlled is echoed.
+            "<p>Stop receiving these emails?</p>\
+             <form method=\"post\"><input type=\"hidden\" name=\"List-Unsubscribe\" value=\"One-Click\">\
+             <button type=\"submit\">Unsubscribe</button></form>",
+        ),
+        Ok(Resolved::Invalid) => invalid(),
+        Err(e) => unavailable(e),
+    }
+}
+
+/// `POST`: the RFC 8058 one-click unsubscribe, also what the page's button
+/// sends. Idempotent: a repeated request gets the same 200.
+async fn unsubscribe(State(app): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
+    let (campaign, address) = match resolve(&app, &token).await {
+        Ok(Resolved::Address { campaign, address }) => (campaign, address),
+        Ok(Resolved::Invalid) => return invalid(),
+        Err(e) => return unavailable(e),
+    };
+    let source = format!("https:campaign={campaign}");
+    match suppress::add(&app.db, &address, "unsubscribe", &source).await {
+        Ok(new) => {
+            if new {
+                tracing::info!("unsubscribed {address} (campaign {campaign}, https)");
+            }
+            page(
+                StatusCode::OK,
+                "Unsubscribed",
+                "<p>You are unsubscribed and will receive no more of these emails.</p>",
+            )
+        }
+        Err(e) => unavailable(e),
+    }
+}
+
+fn invalid() -> Response {
+    page(
+        StatusCode::NOT_FOUND,
+        "Link not valid",
+        "<p>This unsubscribe link is not valid. Please use the link from the email itself.</p>",
+    )
+}
+
+/// A database failure: 503 so the mailbox provider retries the POST later.
+fn unavailable(e: Error) -> Response {
+    tracing::warn!("unsubscribe: {e}");
+    page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "Try again later",
+        "<p>We could not process this right now. Please try again in a few minutes.</p>",
+    )
+}
+
+/// A minimal HTML page; `body` is fixed markup, never request data.
+fn page(status: StatusCode, title: &str, body: &str) -> Response {
+    let html = format!(
+        "<!doctype html><html><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width\">\
+         <meta name=\"robots\" content=\"noindex\"><title>{title}</title></head>\
+         <body style=\"font-family:sans-serif;max-width:32em;margin:3em auto\">\
+         <h1>{title}</h1>{body}</body></html>"
+    );
+    (status, [(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
+}
