@@ -16,6 +16,7 @@
 //! - [`lease`]: one sender per campaign; pause/cancel from other processes.
 //! - [`schedule`]: stored campaigns, `run-due` for cron.
 //! - [`campaign`]: the runner that connects the pipeline.
+//! - [`bounce`]: returned mail → which recipient failed and how.
 //! - [`commands`]: each subcommand's orchestration, callable from tests.
 //! - [`import`]: CSV → `subscribers`.
 //! - [`progress`]: the operator's view.
@@ -25,6 +26,7 @@
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub, rust_2018_idioms)]
 
+pub mod bounce;
 pub mod campaign;
 pub mod cli;
 pub mod clock;
