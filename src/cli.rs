@@ -43,6 +43,30 @@ pub enum Command {
     RunDue(RunDueArgs),
     /// Show campaigns with state, counts and next due time.
     List(ListArgs),
+    /// Read returned mail (bounces, complaints, auto-replies).
+    Bounce {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: BounceCommand,
+    },
+}
+
+/// `blast bounce ...`
+#[derive(Debug, Subcommand)]
+pub enum BounceCommand {
+    /// Parse .eml files and print what each says (one line per file with --json).
+    Parse(BounceParseArgs),
+}
+
+/// `blast bounce parse`
+#[derive(Debug, Args)]
+pub struct BounceParseArgs {
+    /// The mail files (one message each, raw RFC 5322).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print one JSON object per file on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blast schedule`

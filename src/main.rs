@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use blast::cli::{
-    Cli, Command, ControlArgs, ImportArgs, ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs,
-    SendArgs, SinkArgs,
+    BounceCommand, BounceParseArgs, Cli, Command, ControlArgs, ImportArgs, ListArgs, ResumeArgs,
+    RunDueArgs, ScheduleArgs, SendArgs, SinkArgs,
 };
 use blast::commands::Control;
 use blast::config::{Config, Overrides};
@@ -93,6 +93,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Schedule(args) => schedule(args).await,
         Command::RunDue(args) => run_due(args).await,
         Command::List(args) => list(args).await,
+        Command::Bounce { command } => match command {
+            BounceCommand::Parse(args) => bounce_parse(args),
+        },
     }
 }
 
@@ -433,4 +436,42 @@ async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         );
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `blast bounce parse`: one line per file; a bad file is reported and skipped (exit 1).
+fn bounce_parse(args: BounceParseArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for path in &args.files {
+        let file = path.display().to_string();
+        let result = blast::bounce::parse::parse_file(path);
+        match (&result, args.json) {
+            (Ok(r), true) => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"file": file, "kind": r.kind, "results": r.results})
+            )?,
+            (Ok(r), false) => {
+                if r.results.is_empty() {
+                    writeln!(out, "{file}: {:?}", r.kind)?;
+                }
+                for f in &r.results {
+                    writeln!(out, "{file}: {:?} {f}", r.kind)?;
+                }
+            }
+            (Err(e), true) => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"file": file, "error": e.to_string()})
+            )?,
+            (Err(e), false) => writeln!(out, "{file}: error: {e}")?,
+        }
+        failed |= result.is_err();
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
