@@ -51,6 +51,69 @@ pub enum Command {
         #[command(subcommand)]
         command: SuppressCommand,
     },
+    /// Read returned mail (bounces, complaints, auto-replies).
+    Bounce {
+        /// What to do with it.
+        #[command(subcommand)]
+        command: BounceCommand,
+    },
+}
+
+/// `blast bounce ...`
+#[derive(Debug, Subcommand)]
+pub enum BounceCommand {
+    /// Parse .eml files and print what each says (one line per file with --json).
+    Parse(BounceParseArgs),
+    /// Record bounces, complaints and unsubscribe mails from a Maildir, an mbox or stdin.
+    Ingest(BounceIngestArgs),
+}
+
+/// `blast bounce ingest`
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["maildir", "mbox", "stdin"])))]
+pub struct BounceIngestArgs {
+    /// Read this Maildir: processed mail moves to cur/ marked seen.
+    #[arg(long)]
+    pub maildir: Option<PathBuf>,
+    /// Read this mbox (not modified; rotate it first).
+    #[arg(long)]
+    pub mbox: Option<PathBuf>,
+    /// Read one message from stdin (Postfix pipe transport or alias); needs --quarantine.
+    #[arg(long, requires = "quarantine")]
+    pub stdin: bool,
+    /// Where unusable mail goes: a Maildir (default: the Maildir's .Quarantine
+    /// folder; for --mbox, FILE.quarantine; --stdin needs it).
+    #[arg(long)]
+    pub quarantine: Option<PathBuf>,
+    /// Envelope recipient given by the MTA, e.g. Postfix's ${original_recipient} (repeatable).
+    #[arg(long)]
+    pub recipient: Vec<String>,
+    /// Soft bounces within --soft-window that suppress an address (0 = never).
+    #[arg(long, default_value_t = 3)]
+    pub soft_limit: u32,
+    /// Window for --soft-limit (e.g. 14d, 72h).
+    #[arg(long, default_value = "14d")]
+    pub soft_window: String,
+    /// Let bounces without a valid blast signature suppress too (campaigns sent without VERP).
+    #[arg(long)]
+    pub trust_unsigned: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Database URL.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: String,
+}
+
+/// `blast bounce parse`
+#[derive(Debug, Args)]
+pub struct BounceParseArgs {
+    /// The mail files (one message each, raw RFC 5322).
+    #[arg(required = true)]
+    pub files: Vec<PathBuf>,
+    /// Print one JSON object per file on stdout.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blast serve`

@@ -17,6 +17,7 @@
 //! - [`lease`]: one sender per campaign; pause/cancel from other processes.
 //! - [`schedule`]: stored campaigns, `run-due` for cron.
 //! - [`campaign`]: the runner that connects the pipeline.
+//! - [`bounce`]: returned mail → which recipient failed and how.
 //! - [`commands`]: each subcommand's orchestration, callable from tests.
 //! - [`import`]: CSV → `subscribers`.
 //! - [`progress`]: the operator's view.

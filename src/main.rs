@@ -10,8 +10,8 @@ use anyhow::Context as _;
 use clap::Parser;
 
 use blast::cli::{
-    Cli, Command, ControlArgs, ImportArgs, ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs,
-    SendArgs, ServeArgs, SinkArgs, SuppressCommand,
+    BounceCommand, BounceIngestArgs, BounceParseArgs, Cli, Command, ControlArgs, ImportArgs,
+    ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs, SendArgs, ServeArgs, SinkArgs, SuppressCommand,
 };
 use blast::commands::Control;
 use blast::config::{Config, Overrides};
@@ -95,6 +95,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => list(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Suppress { command } => suppress(command).await,
+        Command::Bounce { command } => match command {
+            BounceCommand::Parse(args) => bounce_parse(args),
+            BounceCommand::Ingest(args) => bounce_ingest(args).await,
+        },
     }
 }
 
@@ -553,4 +557,119 @@ async fn suppress(command: SuppressCommand) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `blast bounce parse`: one line per file; a bad file is reported and skipped (exit 1).
+fn bounce_parse(args: BounceParseArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for path in &args.files {
+        let file = path.display().to_string();
+        let result = blast::bounce::parse::parse_file(path);
+        match (&result, args.json) {
+            (Ok(r), true) => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"file": file, "kind": r.kind, "results": r.results})
+            )?,
+            (Ok(r), false) => {
+                if r.results.is_empty() {
+                    writeln!(out, "{file}: {:?}", r.kind)?;
+                }
+                for f in &r.results {
+                    writeln!(out, "{file}: {:?} {f}", r.kind)?;
+                }
+            }
+            (Err(e), true) => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"file": file, "error": e.to_string()})
+            )?,
+            (Err(e), false) => writeln!(out, "{file}: error: {e}")?,
+        }
+        failed |= result.is_err();
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `blast bounce ingest`. Reading stdin (from an MTA), any failure exits 75
+/// (EX_TEMPFAIL) so the MTA keeps the message and tries again later.
+async fn bounce_ingest(args: BounceIngestArgs) -> anyhow::Result<ExitCode> {
+    let stdin = args.stdin;
+    match bounce_ingest_run(args).await {
+        Err(e) if stdin => {
+            eprintln!("blast bounce ingest: {e:#}; exiting 75 (EX_TEMPFAIL) so the MTA retries");
+            Ok(ExitCode::from(75))
+        }
+        r => r,
+    }
+}
+
+async fn bounce_ingest_run(args: BounceIngestArgs) -> anyhow::Result<ExitCode> {
+    use blast::bounce::{ingest, mailbox};
+    let soft_window = blast::config::parse_duration(&args.soft_window)
+        .map_err(|m| anyhow::anyhow!("--soft-window: {m}"))?;
+    let source = match (&args.maildir, &args.mbox) {
+        (Some(d), _) => mailbox::Source::Maildir(d.clone()),
+        (None, Some(m)) => mailbox::Source::Mbox(m.clone()),
+        (None, None) => mailbox::Source::Stdin,
+    };
+    let inbox = mailbox::Inbox::open(source, args.quarantine.clone())?;
+    let db = blast::db::Db::connect(&args.database).await?;
+    let policy = ingest::Policy {
+        soft_limit: args.soft_limit,
+        soft_window,
+        trust_unsigned: args.trust_unsigned,
+    };
+    let ingestor = ingest::Ingestor::new(db.clone(), policy)
+        .await?
+        .with_recipients(args.recipient.clone());
+    let line = |s: &ingest::IngestSummary| {
+        format!(
+            "{} messages: {} hard, {} soft, {} complaints, {} notices, {} unsubscribes, \
+             {} suppressed, {} quarantined, {} seen before",
+            s.messages,
+            s.hard,
+            s.soft,
+            s.complaints,
+            s.notices,
+            s.unsubscribes,
+            s.suppressed,
+            s.quarantined,
+            s.duplicates
+        )
+    };
+    // A plain line every 2 s: readable on a terminal and in cron mail alike.
+    let mut last = std::time::Instant::now();
+    let result = ingest::run(ingestor, inbox, |s| {
+        if last.elapsed() >= std::time::Duration::from_secs(2) {
+            last = std::time::Instant::now();
+            eprintln!("blast bounce ingest: {}", line(s));
+        }
+    })
+    .await;
+    db.close().await;
+    let (summary, mailbox) = result?;
+    for q in &mailbox.quarantined {
+        eprintln!(
+            "blast bounce ingest: quarantined {} ({}) -> {}",
+            q.id,
+            q.reason,
+            q.location.display()
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    eprintln!("blast bounce ingest: {}", line(&summary));
+    Ok(if summary.unreadable == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }

@@ -1,0 +1,74 @@
+//! RFC 5965 abuse reports (ARF) and the complaint notices of providers that
+//! predate or skip it (Hotmail's JMRP, Apple Mail's unsubscribe mail).
+//!
+//! Owns the Feedback-Type and finding the complaining recipient. Every
+//! finding is class other, reason `feedback`.
+
+use super::{mime::Section, text, Class, Ctx, Finding, Kind};
+
+/// Reads a complaint; `None` when the mail is not one.
+pub(crate) fn parse(ctx: &Ctx<'_>) -> Option<(Kind, Vec<Finding>)> {
+    let report = ctx.mail.sections.iter().find_map(|s| match s {
+        Section::Feedback(body) => Some(text::fields(body)),
+        _ => None,
+    });
+    let (feedback_type, recipient) = match report {
+        Some(fields) => {
+            let get = |name: &str| {
+                fields
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
+                    .map(|(_, v)| v.trim().to_string())
+            };
+            let recipient = get("Original-Rcpt-To")
+                .or_else(|| get("Removal-Recipient"))
+                .and_then(|v| text::first_address(&v))
+                .or_else(|| original_recipient(ctx));
+            let kind = get("Feedback-Type").map(|t| t.to_ascii_lowercase());
+            (kind.unwrap_or_else(|| "abuse".into()), recipient)
+        }
+        None => legacy(ctx)?,
+    };
+    let finding = Finding {
+        recipient,
+        status: None,
+        class: Class::Other,
+        reason: "feedback".into(),
+        feedback_type: Some(feedback_type),
+        diagnostic: None,
+        remote_mta: None,
+    };
+    Some((Kind::Complaint, vec![finding]))
+}
+
+/// The recipient named by the returned message: a provider's recipient header, else its To.
+fn original_recipient(ctx: &Ctx<'_>) -> Option<String> {
+    ctx.original
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("X-HmXmrOriginalRecipient"))
+        .and_then(|(_, v)| text::first_address(v))
+        .or_else(|| ctx.original_to())
+}
+
+/// Complaints without a feedback-report part: `(feedback type, recipient)`.
+fn legacy(ctx: &Ctx<'_>) -> Option<(String, Option<String>)> {
+    let mail = ctx.mail;
+    // Apple Mail's one-click unsubscribe: the complainer is the sender.
+    if mail
+        .header("X-Apple-Unsubscribe")
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"))
+    {
+        let from = mail.header("From").and_then(text::first_address);
+        return Some(("opt-out".into(), from));
+    }
+    // Hotmail/Outlook.com JMRP: the reported message, with its recipient header.
+    let subject = mail.subject.as_deref().unwrap_or("").to_ascii_lowercase();
+    let jmrp = ctx
+        .original
+        .iter()
+        .any(|(n, _)| n.eq_ignore_ascii_case("X-HmXmrOriginalRecipient"));
+    if jmrp || subject.starts_with("complaint about message from") {
+        return Some(("abuse".into(), original_recipient(ctx)));
+    }
+    None
+}
