@@ -582,7 +582,8 @@ impl Config {
             // Default bounce address: the From address itself.
             address_part(&m.from).to_string()
         });
-        let unsubscribe = parse_unsubscribe(raw.unsubscribe, &m.from).map_err(|(k, m)| err(k, m))?;
+        let unsubscribe =
+            parse_unsubscribe(raw.unsubscribe, &m.from).map_err(|(k, m)| err(k, m))?;
         let helo = d.helo.unwrap_or_else(|| "localhost".to_string());
         let timeout = d
             .timeout_secs
@@ -658,7 +659,10 @@ fn parse_unsubscribe(
     let mailto = match raw.mailto {
         Some(m) => m.trim().trim_start_matches("mailto:").to_string(),
         None => {
-            let domain = address_part(from).rsplit_once('@').map(|(_, d)| d).unwrap_or("");
+            let domain = address_part(from)
+                .rsplit_once('@')
+                .map(|(_, d)| d)
+                .unwrap_or("");
             format!("unsubscribe+{{token}}@{domain}")
         }
     };
@@ -844,8 +848,16 @@ text = "t.txt"
             "unsubscribe+{token}@example.com"
         );
         let bad = [
-            ("verp = \"b+{campaign}-{recipient}@x.com\"", "bounces.verp", "{sig} is missing"),
-            ("verp = \"b+{campaign}-{recipient}-{sig}\"", "bounces.verp", "local@domain"),
+            (
+                "verp = \"b+{campaign}-{recipient}@x.com\"",
+                "bounces.verp",
+                "{sig} is missing",
+            ),
+            (
+                "verp = \"b+{campaign}-{recipient}-{sig}\"",
+                "bounces.verp",
+                "local@domain",
+            ),
         ];
         for (line, key, want) in bad {
             let e = parse(&format!("{MINIMAL}[bounces]\n{line}\n"), &|_| None)
@@ -855,7 +867,10 @@ text = "t.txt"
         }
         let http = MINIMAL.replace("https://lists", "http://lists");
         let e = parse(&http, &|_| None).unwrap_err().to_string();
-        assert!(e.contains("unsubscribe.url") && e.contains("https://"), "{e}");
+        assert!(
+            e.contains("unsubscribe.url") && e.contains("https://"),
+            "{e}"
+        );
         let no_token = MINIMAL.replace("/{token}", "/");
         let e = parse(&no_token, &|_| None).unwrap_err().to_string();
         assert!(e.contains("{token} is missing"), "{e}");

@@ -36,7 +36,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "reliability",
         include_str!("../schema/sqlite/0002_reliability.sql"),
     ),
-    (3, "inbound", include_str!("../schema/sqlite/0003_inbound.sql")),
+    (
+        3,
+        "inbound",
+        include_str!("../schema/sqlite/0003_inbound.sql"),
+    ),
 ];
 /// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -46,7 +50,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "reliability",
         include_str!("../schema/postgres/0002_reliability.sql"),
     ),
-    (3, "inbound", include_str!("../schema/postgres/0003_inbound.sql")),
+    (
+        3,
+        "inbound",
+        include_str!("../schema/postgres/0003_inbound.sql"),
+    ),
 ];
 
 impl Db {

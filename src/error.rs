@@ -84,6 +84,9 @@ pub enum Error {
     /// A suppression-list or inbound-mail operation was given bad input.
     #[error("{0}")]
     Invalid(String),
+    /// A mail store could not be read or updated.
+    #[error(transparent)]
+    Mailbox(#[from] crate::bounce::mailbox::MailboxError),
     /// A CSV file could not be read at all (not a per-row problem).
     #[error("{file}: {message}")]
     Csv {

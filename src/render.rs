@@ -225,7 +225,10 @@ impl Renderer {
         ctx.insert("email", &recipient.email);
         let campaign_id = self.identity.campaign_id;
         let token = self.key.token(campaign_id, recipient.id);
-        ctx.insert("unsubscribe_url", &self.unsubscribe.url.fill(|_| token.clone()));
+        ctx.insert(
+            "unsubscribe_url",
+            &self.unsubscribe.url.fill(|_| token.clone()),
+        );
 
         let render = |name: &str| {
             self.tera
@@ -303,10 +306,7 @@ impl Renderer {
             .header("X-Blast-Recipient", Text::new(recipient.id.to_string()))
             .header(
                 "X-Blast-Sig",
-                Raw::new(
-                    self.key
-                        .verp_sig(self.identity.campaign_id, recipient.id),
-                ),
+                Raw::new(self.key.verp_sig(self.identity.campaign_id, recipient.id)),
             )
             // RFC 2369 + RFC 8058: mailbox providers show an unsubscribe
             // button and POST to the URL with no further step.

@@ -86,13 +86,23 @@ impl Key {
     }
 
     fn sig(&self, purpose: Purpose, campaign: i64, recipient: i64, len: usize) -> String {
-        let full = self.mac(purpose, campaign, recipient).finalize().into_bytes();
+        let full = self
+            .mac(purpose, campaign, recipient)
+            .finalize()
+            .into_bytes();
         let mut hex = encode_hex(&full);
         hex.truncate(len);
         hex
     }
 
-    fn check(&self, purpose: Purpose, campaign: i64, recipient: i64, sig: &str, len: usize) -> bool {
+    fn check(
+        &self,
+        purpose: Purpose,
+        campaign: i64,
+        recipient: i64,
+        sig: &str,
+        len: usize,
+    ) -> bool {
         if sig.len() != len || len % 2 != 0 {
             return false;
         }
@@ -129,8 +139,14 @@ impl Key {
         let campaign = it.next()?.parse().ok()?;
         let recipient = it.next()?.parse().ok()?;
         let sig = it.next()?;
-        self.check(Purpose::Unsubscribe, campaign, recipient, sig, TOKEN_SIG_LEN)
-            .then_some((campaign, recipient))
+        self.check(
+            Purpose::Unsubscribe,
+            campaign,
+            recipient,
+            sig,
+            TOKEN_SIG_LEN,
+        )
+        .then_some((campaign, recipient))
     }
 }
 
@@ -221,9 +237,14 @@ impl Pattern {
                 .copied()
                 .find(|v| v.name() == name)
                 .ok_or_else(|| {
-                    let known: Vec<String> =
-                        required.iter().map(|v| format!("{{{}}}", v.name())).collect();
-                    format!("unknown placeholder {{{name}}} (allowed: {})", known.join(" "))
+                    let known: Vec<String> = required
+                        .iter()
+                        .map(|v| format!("{{{}}}", v.name()))
+                        .collect();
+                    format!(
+                        "unknown placeholder {{{name}}} (allowed: {})",
+                        known.join(" ")
+                    )
                 })?;
             if segments.contains(&Segment::Var(var)) {
                 return Err(format!("{{{name}}} appears twice"));
@@ -290,7 +311,10 @@ fn capture(segments: &[Segment], text: &[u8], out: &mut Vec<(Var, String)>) -> b
             let run = text.iter().take_while(|c| v.accepts(**c)).count();
             for end in 1..=run {
                 let mark = out.len();
-                out.push((*v, String::from_utf8_lossy(&text[..end]).to_ascii_lowercase()));
+                out.push((
+                    *v,
+                    String::from_utf8_lossy(&text[..end]).to_ascii_lowercase(),
+                ));
                 if capture(rest, &text[end..], out) {
                     return true;
                 }
@@ -350,7 +374,9 @@ mod tests {
             _ => "00aa11bb22cc".into(),
         });
         assert_eq!(filled, "bounces+12-345-00aa11bb22cc@Example.com");
-        let got = p.capture("BOUNCES+12-345-00AA11BB22CC@example.COM").unwrap();
+        let got = p
+            .capture("BOUNCES+12-345-00AA11BB22CC@example.COM")
+            .unwrap();
         assert_eq!(
             got,
             vec![
@@ -359,7 +385,9 @@ mod tests {
                 (Var::Sig, "00aa11bb22cc".to_string())
             ]
         );
-        assert!(p.capture("bounces+12-345-00aa11bb22cc@example.org").is_none());
+        assert!(p
+            .capture("bounces+12-345-00aa11bb22cc@example.org")
+            .is_none());
         assert!(p.capture("bounces+x-345-00aa@example.com").is_none());
         // A token contains dashes; backtracking still finds the literal after it.
         let t = Pattern::parse("u-{token}-x@example.com", &[Var::Token]).unwrap();

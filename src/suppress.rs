@@ -40,7 +40,10 @@ pub struct Entry {
 
 /// The form addresses are stored and compared in.
 pub fn normalize(address: &str) -> String {
-    address.trim().trim_matches(|c| c == '<' || c == '>').to_lowercase()
+    address
+        .trim()
+        .trim_matches(|c| c == '<' || c == '>')
+        .to_lowercase()
 }
 
 /// Checks that `address` looks like `local@domain` (for operator input).

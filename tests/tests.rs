@@ -5,6 +5,8 @@ mod util;
 
 /// Bad input: config, templates, broken rows, unreachable relays.
 mod bad_input;
+/// `blast bounce ingest` from Maildir, mbox and stdin; soft-bounce scoring.
+mod bounce;
 /// End-to-end campaigns against the built-in sink, on SQLite and PostgreSQL.
 mod campaign;
 /// The `blast` binary itself: exit codes, JSON summaries, preview, status.

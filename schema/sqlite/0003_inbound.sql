@@ -28,8 +28,12 @@ CREATE TABLE blast_bounces (
     status        TEXT,
     diagnostic    TEXT,
     source        TEXT NOT NULL,
+    message_hash  TEXT NOT NULL,
     received_at   TEXT NOT NULL
 );
+-- The same mail ingested twice (a crash before the mailbox was updated)
+-- records nothing new: (message_hash, address, kind) is unique.
+CREATE UNIQUE INDEX blast_bounces_once ON blast_bounces (message_hash, address, kind);
 CREATE INDEX blast_bounces_address ON blast_bounces (address, received_at);
 CREATE INDEX blast_bounces_campaign ON blast_bounces (campaign_id, recipient_id);
 
