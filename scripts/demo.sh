@@ -40,4 +40,35 @@ head -c 1500 "$(ls -d "$out"/maildir/new/* | head -n 1)"; echo
 mallory=$(python3 -c 'import sqlite3,sys; print(sqlite3.connect(sys.argv[1]).execute("select id from subscribers where attributes like ?", ("%Mallory%",)).fetchone()[0])' "$out/demo.db")
 echo "== preview of recipient $mallory, whose first_name is \"Mallory\r\nBcc: everyone@example.com\" in the data:"
 "$bin" preview templates/newsletter/campaign.toml --database "$db" --id "$mallory" | sed -n '1,6p'
+
+echo "== the inbound side: a one-click unsubscribe through blast serve, and a bounce through blast bounce ingest"
+serve_port=$((port + 1))
+"$bin" serve --listen "127.0.0.1:$serve_port" --database "$db" 2>"$out/serve.log" &
+serve_pid=$!
+trap 'kill $sink_pid $serve_pid 2>/dev/null; wait $sink_pid $serve_pid 2>/dev/null || true' EXIT
+for _ in $(seq 50); do
+  (exec 3<>"/dev/tcp/127.0.0.1/$serve_port") 2>/dev/null && break
+  sleep 0.1
+done
+files=("$out"/maildir/new/*)
+# The first message's List-Unsubscribe URL, pointed at the local blast serve.
+token=$(grep -o 'https://[^>]*/unsubscribe/[0-9a-f-]*' "${files[0]}" | head -n 1 | sed 's|.*/||')
+echo "POST /unsubscribe/$token (what Gmail's unsubscribe button sends):"
+curl -s -o /dev/null -w '  HTTP %{http_code}\n' -X POST -d 'List-Unsubscribe=One-Click' "http://127.0.0.1:$serve_port/unsubscribe/$token"
+echo "the same token with one character changed:"
+curl -s -o /dev/null -w '  HTTP %{http_code}\n' -X POST -d 'List-Unsubscribe=One-Click' "http://127.0.0.1:$serve_port/unsubscribe/${token%?}x"
+# A Postfix-style bounce for the second message, sent back to its VERP address.
+verp=$(sed -n 's/^Return-Path: <\(.*\)>.*/\1/p' "${files[1]}" | head -n 1 | tr -d '\r')
+rcpt=$(sed -n 's/^To: .*<\(.*\)>.*/\1/p' "${files[1]}" | head -n 1 | tr -d '\r')
+mkdir -p "$out/bounces/new" "$out/bounces/cur" "$out/bounces/tmp"
+{
+  printf 'Delivered-To: %s\nFrom: MAILER-DAEMON@mx.example.net\nTo: %s\nSubject: Undelivered Mail Returned to Sender\n' "$verp" "$verp"
+  printf 'MIME-Version: 1.0\nContent-Type: multipart/report; report-type=delivery-status; boundary="B"\n\n'
+  printf -- '--B\nContent-Type: text/plain\n\n<%s>: host mx.example.net said: 550 5.1.1 User unknown\n\n' "$rcpt"
+  printf -- '--B\nContent-Type: message/delivery-status\n\nReporting-MTA: dns; mx.example.net\n\n'
+  printf 'Final-Recipient: rfc822; %s\nAction: failed\nStatus: 5.1.1\nDiagnostic-Code: smtp; 550 5.1.1 User unknown\n\n--B--\n' "$rcpt"
+} > "$out/bounces/new/1.bounce"
+"$bin" bounce ingest --maildir "$out/bounces" --database "$db"
+echo "== suppression list"
+"$bin" suppress list --database "$db"
 exit $status
