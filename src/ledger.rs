@@ -284,6 +284,14 @@ pub struct StatusCounts {
     pub suppressed: i64,
     /// Audience rows (up to the campaign's max id) without a final outcome.
     pub pending: i64,
+    /// Recipients with a hard bounce ingested after they were sent to.
+    pub bounced_hard: i64,
+    /// Recipients with a soft bounce ingested.
+    pub bounced_soft: i64,
+    /// Recipients who complained (ARF).
+    pub complaints: i64,
+    /// Recipients who unsubscribed through this campaign's link or mailto.
+    pub unsubscribed: i64,
 }
 
 /// Counts per outcome for campaign `row`; `pending` comes from the caller.
@@ -312,6 +320,30 @@ pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<S
             _ => {}
         }
     }
+    // The inbound side: signed bounces and complaints, and unsubscribes.
+    let rows = sqlx::query(
+        "SELECT kind, class, COUNT(DISTINCT recipient_id) AS n FROM blast_bounces \
+         WHERE campaign_id = $1 GROUP BY kind, class",
+    )
+    .bind(row.id)
+    .fetch_all(db.pool())
+    .await?;
+    for r in rows {
+        let (kind, class): (String, String) = (r.try_get("kind")?, r.try_get("class")?);
+        let n: i64 = r.try_get("n")?;
+        match (kind.as_str(), class.as_str()) {
+            ("bounce", "hard") => c.bounced_hard += n,
+            ("bounce", "soft") => c.bounced_soft += n,
+            ("complaint", _) => c.complaints += n,
+            _ => {}
+        }
+    }
+    c.unsubscribed =
+        sqlx::query_scalar("SELECT COUNT(*) FROM blast_suppressions WHERE source IN ($1, $2)")
+            .bind(format!("https:campaign={}", row.id))
+            .bind(format!("mailto:campaign={}", row.id))
+            .fetch_one(db.pool())
+            .await?;
     Ok(c)
 }
 
@@ -506,9 +538,9 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
 pub fn humanize(d: Duration) -> String {
     let s = d.as_secs();
     match s {
-        _ if s >= 86400 && s % 86400 == 0 => format!("{}d", s / 86400),
-        _ if s >= 3600 && s % 3600 == 0 => format!("{}h", s / 3600),
-        _ if s >= 60 && s % 60 == 0 => format!("{}m", s / 60),
+        _ if s >= 86400 && s.is_multiple_of(86400) => format!("{}d", s / 86400),
+        _ if s >= 3600 && s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        _ if s >= 60 && s.is_multiple_of(60) => format!("{}m", s / 60),
         _ => format!("{s}s"),
     }
 }

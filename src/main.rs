@@ -78,6 +78,10 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     "campaign {}: {}\n  sent        {}\n  failed      {}\n  deferred    {}\n  suppressed  {}\n  pending     {}",
                     c.campaign, c.state, c.sent, c.failed, c.deferred, c.suppressed, c.pending
                 );
+                println!(
+                    "after sending:\n  hard bounces  {}\n  soft bounces  {}\n  complaints    {}\n  unsubscribed  {}",
+                    c.bounced_hard, c.bounced_soft, c.complaints, c.unsubscribed
+                );
                 if let Some(reason) = &c.reason {
                     println!("  reason      {reason}");
                 }

@@ -187,6 +187,15 @@ async fn ingest_maildir(backend: Backend) {
     let r5 = row("user5@example.com");
     assert_eq!(r5.get::<Option<i64>, _>(4), None, "forged: no campaign");
 
+    // `blast status` counts what came back, per campaign.
+    let row = blast::ledger::find_campaign(&db, "c1").await.unwrap().unwrap();
+    let c = blast::ledger::status_counts(&db, &row, 0).await.unwrap();
+    assert_eq!(
+        (c.bounced_hard, c.bounced_soft, c.complaints, c.unsubscribed),
+        (1, 1, 1, 1),
+        "{c:?}"
+    );
+
     // Processed mail moved to cur/ (seen); unusable mail quarantined, bytes intact.
     assert!(names(&maildir.join("new")).is_empty());
     let cur = names(&maildir.join("cur"));
