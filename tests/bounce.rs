@@ -188,7 +188,10 @@ async fn ingest_maildir(backend: Backend) {
     assert_eq!(r5.get::<Option<i64>, _>(4), None, "forged: no campaign");
 
     // `blast status` counts what came back, per campaign.
-    let row = blast::ledger::find_campaign(&db, "c1").await.unwrap().unwrap();
+    let row = blast::ledger::find_campaign(&db, "c1")
+        .await
+        .unwrap()
+        .unwrap();
     let c = blast::ledger::status_counts(&db, &row, 0).await.unwrap();
     assert_eq!(
         (c.bounced_hard, c.bounced_soft, c.complaints, c.unsubscribed),
