@@ -14,6 +14,14 @@ out=demo-out
 cargo build --release --quiet
 bin=target/release/blast
 
+# Waits (up to 5 s) until something listens on 127.0.0.1:$1.
+wait_port() {
+  for _ in $(seq 50); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+}
+
 rm -rf "$out" && mkdir -p "$out"
 db="sqlite://$PWD/$out/demo.db"
 
@@ -24,10 +32,7 @@ echo "== sink on 127.0.0.1:$port, writing to $out/maildir"
 "$bin" sink --listen "127.0.0.1:$port" --maildir "$out/maildir" 2>"$out/sink.log" &
 sink_pid=$!
 trap 'kill $sink_pid 2>/dev/null; wait $sink_pid 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+wait_port "$port"
 
 echo "== send"
 status=0
@@ -46,10 +51,7 @@ serve_port=$((port + 1))
 "$bin" serve --listen "127.0.0.1:$serve_port" --database "$db" 2>"$out/serve.log" &
 serve_pid=$!
 trap 'kill $sink_pid $serve_pid 2>/dev/null; wait $sink_pid $serve_pid 2>/dev/null || true' EXIT
-for _ in $(seq 50); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$serve_port") 2>/dev/null && break
-  sleep 0.1
-done
+wait_port "$serve_port"
 files=("$out"/maildir/new/*)
 # The first message's List-Unsubscribe URL, pointed at the local blast serve.
 token=$(grep -o 'https://[^>]*/unsubscribe/[0-9a-f-]*' "${files[0]}" | head -n 1 | sed 's|.*/||')

@@ -22,6 +22,10 @@ use crate::error::{Error, Result};
 
 /// How often a running campaign looks for new suppressions.
 pub const WATCH_INTERVAL: Duration = Duration::from_millis(500);
+/// At most this many mid-campaign suppressions are held in memory; past it
+/// (a bulk import during a send) the rest are honoured by the audience query
+/// page by page, so memory stays bounded.
+pub const LIVE_MAX: usize = 100_000;
 /// Rows per INSERT when importing.
 const IMPORT_BATCH: usize = 500;
 
@@ -236,6 +240,7 @@ impl Live {
 /// started: hosts' clocks differ, and seeing a row twice is harmless.
 pub async fn watch(db: Db, live: Live, since: time::OffsetDateTime, stop: CancellationToken) {
     let mut since = clock::db_timestamp(since);
+    let mut full = false;
     let mut tick = tokio::time::interval(WATCH_INTERVAL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -254,6 +259,16 @@ pub async fn watch(db: Db, live: Live, since: time::OffsetDateTime, stop: Cancel
         match rows {
             Ok(rows) => {
                 for r in rows {
+                    if live.len() >= LIVE_MAX {
+                        if !full {
+                            full = true;
+                            tracing::warn!(
+                                "over {LIVE_MAX} addresses suppressed since this run started; \
+                                 further ones take effect from the next page of recipients"
+                            );
+                        }
+                        break;
+                    }
                     let (Ok(a), Ok(why), Ok(at)) = (
                         r.try_get::<String, _>("address"),
                         r.try_get::<String, _>("reason"),

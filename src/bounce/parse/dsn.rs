@@ -169,16 +169,7 @@ fn finding(ctx: &Ctx<'_>, g: Group) -> Finding {
     } else {
         diagnostic
     };
-    let line = text::one_line(&shown);
-    Finding {
-        recipient,
-        status,
-        class: classify::class_of(reason),
-        reason: reason.to_string(),
-        feedback_type: None,
-        diagnostic: (!line.is_empty()).then_some(line),
-        remote_mta: g.remote_mta,
-    }
+    super::failure_with(recipient, status, reason, &shown, g.remote_mta)
 }
 
 /// True for status codes that say nothing beyond success/failure (`5.0.0`).

@@ -299,6 +299,18 @@ pub(crate) fn failure(
     status: Option<String>,
 ) -> Finding {
     let reason = classify::reason(diagnostic, status.as_deref());
+    failure_with(recipient, status, reason, diagnostic, None)
+}
+
+/// A failure finding whose reason is already decided; `diagnostic` is
+/// flattened to one line.
+pub(crate) fn failure_with(
+    recipient: Option<String>,
+    status: Option<String>,
+    reason: &str,
+    diagnostic: &str,
+    remote_mta: Option<String>,
+) -> Finding {
     let line = text::one_line(diagnostic);
     Finding {
         recipient,
@@ -307,6 +319,6 @@ pub(crate) fn failure(
         reason: reason.to_string(),
         feedback_type: None,
         diagnostic: (!line.is_empty()).then_some(line),
-        remote_mta: None,
+        remote_mta,
     }
 }
