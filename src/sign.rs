@@ -103,7 +103,7 @@ impl Key {
         sig: &str,
         len: usize,
     ) -> bool {
-        if sig.len() != len || len % 2 != 0 {
+        if sig.len() != len || !len.is_multiple_of(2) {
             return false;
         }
         let Some(bytes) = decode_hex(&sig.to_ascii_lowercase()) else {
@@ -162,7 +162,7 @@ fn encode_hex(bytes: &[u8]) -> String {
 }
 
 fn decode_hex(s: &str) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     (0..s.len())
