@@ -240,6 +240,16 @@ fn quarantined(dir: &Path) -> Vec<PathBuf> {
 async fn bounces_and_unsubscribes_come_back_through_postfix() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(3).await;
+    // The pipe's blast runs as nobody: give it the database and its directory.
+    // The test's own connections run as root; SQLite gives the -wal and -shm
+    // files a root process creates to the database file's owner, so they do
+    // not lock nobody out.
+    let chown = Command::new("chown")
+        .args(["-R", "nobody:"])
+        .arg(w.dir.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
     let sink = util::sink(Faults::default()).await;
     let quarantine = w.path("quarantine");
     let postfix = Postfix::start_with(
@@ -286,19 +296,7 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
     let got = sink.received();
     let (m1, m2) = (to(&got, "user1@example.com"), to(&got, "user2@example.com"));
 
-    // The pipe's blast runs as nobody: hand it the database directory. This
-    // connection is opened first and kept, so the -wal and -shm files exist
-    // before the chown and stay: the bundled SQLite does not give files it
-    // creates as root to the database's owner, and a root-owned -wal would
-    // make nobody's blast fail (exit 75, deferred).
     let db = w.db().await;
-    let chown = Command::new("chown")
-        .args(["-R", "nobody:"])
-        .arg(w.dir.path())
-        .status()
-        .unwrap();
-    assert!(chown.success());
-
     // What remote MTAs and people send back: a hard bounce to user1's VERP
     // address (null sender), user2's mail to the List-Unsubscribe mailto, and
     // something nobody can use, to the bounce domain.
