@@ -17,7 +17,7 @@ const VERP: &str =
 
 /// An RFC 3464 DSN as Postfix writes it, delivered to `to` (the VERP
 /// address), about `failed`, returning the original's headers.
-fn dsn(to: &str, failed: &str, status: &str, diag: &str, original: &[u8]) -> Vec<u8> {
+pub(crate) fn dsn(to: &str, failed: &str, status: &str, diag: &str, original: &[u8]) -> Vec<u8> {
     let head = String::from_utf8_lossy(original);
     let head = head.split("\r\n\r\n").next().unwrap_or("");
     format!(
@@ -49,7 +49,7 @@ fn arf(original: &[u8]) -> Vec<u8> {
 }
 
 /// A person's mail to the List-Unsubscribe mailto of `original`.
-fn unsubscribe_mail(original: &[u8]) -> Vec<u8> {
+pub(crate) fn unsubscribe_mail(original: &[u8]) -> Vec<u8> {
     let lu = header(original, "List-Unsubscribe").unwrap();
     let mailto = lu
         .split(['<', '>'])

@@ -1,19 +1,30 @@
 //! A campaign through a real Postfix (the tuned instance of
 //! scripts/mta/postfix.sh, queue on tmpfs) relaying to the in-process sink:
 //! every recipient arrives exactly once, and the ledger holds Postfix's queue
-//! ids. `scripts/test.sh` runs as root on a machine with Debian's postfix
-//! package (`.ci/run` installs it).
+//! ids. Bounces and unsubscribe mails submitted to the same Postfix over SMTP
+//! reach `blast bounce ingest` through its pipe transport (`--bounce-domain`).
+//! `scripts/test.sh` runs as root on a machine with Debian's postfix package
+//! (`.ci/run` installs it).
 
 use std::collections::HashMap;
 use std::future::pending;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
 
 use blast::progress::Mode;
-use blast::sink::Faults;
+use blast::sink::{Faults, Received};
 
+use crate::bounce::{dsn, unsubscribe_mail};
 use crate::util::{self, header, ledger_rows, Backend, World};
+
+/// scripts/mta/postfix.sh in this checkout.
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mta/postfix.sh")
+}
 
 /// A running Postfix instance, stopped and removed on drop.
 struct Postfix {
@@ -22,19 +33,27 @@ struct Postfix {
 }
 
 impl Postfix {
+    /// Relays all mail to 127.0.0.1:`relay_port`.
     fn start(relay_port: u16) -> Postfix {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mta/postfix.sh");
+        Postfix::start_with(relay_port, &[])
+    }
+
+    /// Like [`Postfix::start`], with more `postfix.sh start` options.
+    fn start_with(relay_port: u16, extra: &[&str]) -> Postfix {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
+        // One directory per instance: the tests of this module run in parallel.
+        static N: AtomicU32 = AtomicU32::new(0);
         let dir = PathBuf::from(format!(
-            "/dev/shm/blast-postfix-test-{}",
-            std::process::id()
+            "/dev/shm/blast-postfix-test-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
         ));
         let out = Command::new("bash")
-            .arg(&script)
+            .arg(script())
             .args(["start", "--dir"])
             .arg(&dir)
             .args([
@@ -43,6 +62,7 @@ impl Postfix {
                 "--relay",
                 &format!("127.0.0.1:{relay_port}"),
             ])
+            .args(extra)
             .output()
             .expect("bash");
         assert!(
@@ -53,13 +73,29 @@ impl Postfix {
         );
         Postfix { dir, port }
     }
+
+    /// Messages in the queue (`postfix.sh queue-size`).
+    fn queue_size(&self) -> u64 {
+        let out = Command::new("bash")
+            .arg(script())
+            .args(["queue-size", "--dir"])
+            .arg(&self.dir)
+            .output()
+            .expect("bash");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+    }
+
+    /// The instance's log.
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("maillog")).unwrap_or_default()
+    }
 }
 
 impl Drop for Postfix {
     fn drop(&mut self) {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mta/postfix.sh");
         let _ = Command::new("bash")
-            .arg(script)
+            .arg(script())
             .args(["stop", "--purge", "--dir"])
             .arg(&self.dir)
             .status();
@@ -129,5 +165,267 @@ async fn campaign_through_postfix_arrives_exactly_once() {
     }
     assert_eq!(count.len(), n as usize, "every recipient arrived");
     assert!(count.values().all(|&c| c == 1), "nobody twice");
+    drop(postfix);
+}
+
+/// Submits `data` over SMTP to 127.0.0.1:`port` as a remote MTA would: one
+/// envelope, `MAIL FROM:<from>` (empty for a bounce), dot-stuffed DATA.
+/// Panics on any reply that is not a success.
+fn submit(port: u16, from: &str, to: &str, data: &[u8]) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut w = stream.try_clone().unwrap();
+    let mut r = BufReader::new(stream);
+    // Reads one (possibly multi-line) reply; its last line has a space after the code.
+    let mut expect = |class: u8, what: &str| {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            r.read_line(&mut line).unwrap();
+            if line.as_bytes().get(3) != Some(&b'-') {
+                break;
+            }
+        }
+        assert_eq!(line.as_bytes()[0], class, "{what}: {line}");
+    };
+    expect(b'2', "greeting");
+    let mut say = |cmd: String, class: u8| {
+        w.write_all(cmd.as_bytes()).unwrap();
+        expect(class, &cmd);
+    };
+    say("EHLO mx.example.net\r\n".into(), b'2');
+    say(format!("MAIL FROM:<{from}>\r\n"), b'2');
+    say(format!("RCPT TO:<{to}>\r\n"), b'2');
+    say("DATA\r\n".into(), b'3');
+    let mut body = Vec::new();
+    for line in String::from_utf8_lossy(data).split_inclusive('\n') {
+        if line.starts_with('.') {
+            body.push(b'.');
+        }
+        body.extend_from_slice(line.as_bytes());
+    }
+    if !body.ends_with(b"\r\n") {
+        body.extend_from_slice(b"\r\n");
+    }
+    body.extend_from_slice(b".\r\n");
+    say(String::from_utf8(body).unwrap(), b'2');
+    say("QUIT\r\n".into(), b'2');
+}
+
+/// The message the sink got for `addr`.
+fn to(got: &[Received], addr: &str) -> Received {
+    got.iter()
+        .find(|m| m.rcpt_to == [addr])
+        .unwrap_or_else(|| panic!("{addr} was sent nothing"))
+        .clone()
+}
+
+/// Files in a quarantine Maildir (new/ and cur/).
+fn quarantined(dir: &Path) -> Vec<PathBuf> {
+    ["new", "cur"]
+        .iter()
+        .filter_map(|sub| std::fs::read_dir(dir.join(sub)).ok())
+        .flatten()
+        .map(|e| e.unwrap().path())
+        .collect()
+}
+
+/// The full loop: a VERP campaign goes out through Postfix; a hard bounce, an
+/// unsubscribe mail and a garbage mail come back to Postfix over SMTP, and
+/// its pipe transport hands each to `blast bounce ingest --stdin`, running as
+/// `nobody` on the campaign's SQLite database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bounces_and_unsubscribes_come_back_through_postfix() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(3).await;
+    // The pipe's blast runs as nobody: give it the database and its directory.
+    // The test's own connections run as root; SQLite gives the -wal and -shm
+    // files a root process creates to the database file's owner, so they do
+    // not lock nobody out.
+    let chown = Command::new("chown")
+        .args(["-R", "nobody:"])
+        .arg(w.dir.path())
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let sink = util::sink(Faults::default()).await;
+    let quarantine = w.path("quarantine");
+    let postfix = Postfix::start_with(
+        sink.local_addr().port(),
+        &[
+            "--bounce-domain",
+            "bounce.example.com",
+            "--bounce-domain",
+            "lists.example.com",
+            "--database",
+            &w.url,
+            "--quarantine",
+            quarantine.to_str().unwrap(),
+            "--blast",
+            env!("CARGO_BIN_EXE_blast"),
+            "--pipe-user",
+            "nobody",
+        ],
+    );
+    let path = w.campaign(
+        "loop",
+        "Hi",
+        "Hello {{ id }}\n",
+        None,
+        "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n\
+         [unsubscribe]\nurl = \"https://lists.example.com/u/{token}\"\n\
+         mailto = \"unsubscribe+{token}@lists.example.com\"\n",
+    );
+    let mut cfg = w.config(&path, None, 2);
+    cfg.delivery.relays[0].port = postfix.port;
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, s.failed, s.deferred), (3, 0, 0), "{s:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while sink.stats().messages < 3 {
+        assert!(
+            Instant::now() < deadline,
+            "Postfix relayed {:?}",
+            sink.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = sink.received();
+    let (m1, m2) = (to(&got, "user1@example.com"), to(&got, "user2@example.com"));
+
+    let db = w.db().await;
+    // What remote MTAs and people send back: a hard bounce to user1's VERP
+    // address (null sender), user2's mail to the List-Unsubscribe mailto, and
+    // something nobody can use, to the bounce domain.
+    let mailto = header(&m2.data, "List-Unsubscribe")
+        .unwrap()
+        .split(['<', '>'])
+        .find_map(|p| p.strip_prefix("mailto:").map(str::to_string))
+        .unwrap();
+    assert!(m1.mail_from.ends_with("@bounce.example.com"), "{m1:?}");
+    assert!(mailto.ends_with("@lists.example.com"), "{mailto}");
+    let bounce = dsn(
+        &m1.mail_from,
+        "user1@example.com",
+        "5.1.1",
+        "550 5.1.1 <user1@example.com>: Recipient address rejected: User unknown",
+        &m1.data,
+    );
+    submit(postfix.port, "", &m1.mail_from, &bounce);
+    submit(
+        postfix.port,
+        "user2@example.com",
+        &mailto,
+        &unsubscribe_mail(&m2.data),
+    );
+    submit(
+        postfix.port,
+        "",
+        "bounces@bounce.example.com",
+        b"%%% garbage 8c1e: no bounce, no signature %%%\r\n",
+    );
+
+    // Bounded wait until the pipe has run blast on all three.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let user1 = blast::suppress::reason(&db, "user1@example.com")
+            .await
+            .unwrap();
+        let user2 = blast::suppress::reason(&db, "user2@example.com")
+            .await
+            .unwrap();
+        if user1.is_some() && user2.is_some() && !quarantined(&quarantine).is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "after 30 s: user1 {user1:?}, user2 {user2:?}, quarantine {:?}; log:\n{}",
+            quarantined(&quarantine),
+            postfix.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let why = blast::suppress::reason(&db, "user1@example.com")
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(why.starts_with("hard bounce: 5.1.1"), "{why}");
+    assert_eq!(
+        blast::suppress::reason(&db, "user2@example.com")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("unsubscribe")
+    );
+    assert_eq!(
+        blast::suppress::reason(&db, "user3@example.com")
+            .await
+            .unwrap(),
+        None
+    );
+    use sqlx::Row;
+    let rows = sqlx::query(
+        "SELECT address, kind, class, status, campaign_id, recipient_id FROM blast_bounces",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 1, "one event: the bounce");
+    let campaign = blast::ledger::campaign_id(&db, "loop")
+        .await
+        .unwrap()
+        .unwrap();
+    let r = &rows[0];
+    assert_eq!(r.get::<String, _>(0), "user1@example.com");
+    assert_eq!(r.get::<String, _>(1), "bounce");
+    assert_eq!(r.get::<String, _>(2), "hard");
+    assert_eq!(r.get::<Option<String>, _>(3).as_deref(), Some("5.1.1"));
+    assert_eq!(r.get::<Option<i64>, _>(4), Some(campaign));
+    assert_eq!(r.get::<Option<i64>, _>(5), Some(1));
+
+    // The garbage is in the quarantine Maildir, with the pipe's R and O
+    // headers on top: the null sender, and where it was sent. (pipe writes
+    // LF line ends.)
+    let files = quarantined(&quarantine);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let q = std::fs::read_to_string(&files[0]).unwrap();
+    let top: Vec<&str> = q.lines().take(2).collect();
+    assert_eq!(
+        top,
+        [
+            "Return-Path: <>",
+            "X-Original-To: bounces@bounce.example.com"
+        ],
+        "{q}"
+    );
+    assert!(q.contains("garbage 8c1e"), "{q}");
+
+    // Postfix delivered all three to blast at the first try (no exit 75),
+    // relayed nothing of them to the sink, and holds nothing.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while postfix.queue_size() > 0 {
+        assert!(Instant::now() < deadline, "queue:\n{}", postfix.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = postfix.log();
+    let piped: Vec<&str> = log.lines().filter(|l| l.contains("relay=blast")).collect();
+    assert_eq!(piped.len(), 3, "{log}");
+    assert!(
+        piped
+            .iter()
+            .all(|l| l.contains("status=sent (delivered via blast service")),
+        "{log}"
+    );
+    assert!(!log.contains("status=deferred"), "{log}");
+    assert_eq!(
+        sink.stats().messages,
+        3,
+        "bounce mail went to the pipe only"
+    );
+    db.close().await;
     drop(postfix);
 }

@@ -6,6 +6,8 @@
 #
 #   postfix.sh start  [--dir DIR] [--port 2526] [--relay HOST:PORT | --discard]
 #                     [--in-flow-delay 1s] [--log FILE] [--set NAME=VALUE]...
+#                     [--bounce-domain DOMAIN... --database URL --quarantine DIR
+#                      [--blast BIN] [--pipe-user USER]]
 #   postfix.sh stop   [--dir DIR] [--purge]
 #   postfix.sh status [--dir DIR]
 #   postfix.sh flush-wait [--dir DIR] [--timeout 600]
@@ -54,6 +56,16 @@ Options:
                        if it has one (repeatable; checked with postconf like the rest)
   --log FILE           start: the log file (default DIR/maillog; env BLAST_MTA_LOG).
                        Put it on a disk to keep it through a crash (docs/postfix.md)
+  --bounce-domain D    start: accept mail for domain D and pipe it into
+                       "blast bounce ingest --stdin" instead of relaying it
+                       (repeatable: the VERP domain, the unsubscribe mailto domain)
+  --database URL       with --bounce-domain: blast's database (required; a SQLite
+                       URL needs an absolute path)
+  --quarantine DIR     with --bounce-domain: Maildir for mail blast cannot use (required)
+  --blast BIN          with --bounce-domain: the blast program (default /usr/local/bin/blast)
+  --pipe-user USER     with --bounce-domain: run blast as USER, who must be able to
+                       write the database, its directory and DIR (default nobody;
+                       not root or postfix)
   --purge              stop: remove DIR afterwards (queued mail is lost; a --log
                        outside DIR is kept)
 
@@ -98,6 +110,12 @@ maillog=${BLAST_MTA_LOG:-}
 timeout=600
 purge=
 overrides=()
+# --bounce-domain and its companions; empty unless given.
+bounce_domains=()
+bounce_database=
+bounce_quarantine=
+blast_bin=
+pipe_user=
 
 need_arg() {
   [ "$2" -ge 2 ] || die "option $1 needs a value"
@@ -120,6 +138,16 @@ while [ $# -gt 0 ]; do
     --purge) purge=1; shift ;;
     --set) need_arg "$1" $#; overrides+=("$2"); shift 2 ;;
     --set=*) overrides+=("${1#*=}"); shift ;;
+    --bounce-domain) need_arg "$1" $#; bounce_domains+=("$2"); shift 2 ;;
+    --bounce-domain=*) bounce_domains+=("${1#*=}"); shift ;;
+    --database) need_arg "$1" $#; bounce_database=$2; shift 2 ;;
+    --database=*) bounce_database=${1#*=}; shift ;;
+    --quarantine) need_arg "$1" $#; bounce_quarantine=$2; shift 2 ;;
+    --quarantine=*) bounce_quarantine=${1#*=}; shift ;;
+    --blast) need_arg "$1" $#; blast_bin=$2; shift 2 ;;
+    --blast=*) blast_bin=${1#*=}; shift ;;
+    --pipe-user) need_arg "$1" $#; pipe_user=$2; shift 2 ;;
+    --pipe-user=*) pipe_user=${1#*=}; shift ;;
     -h | --help)
       usage
       exit 0
@@ -182,6 +210,42 @@ if [ "$relay" != discard ]; then
     die "--relay $relay is this instance's own smtpd port: mail would loop"
   fi
   relayhost="[$rhost]:$rport"
+fi
+
+# --bounce-domain: every value ends up in main.cf or in the pipe's argv in
+# master.cf, which has no quoting ("$" starts a macro, "{" groups words), so
+# each is held to characters that need none.
+if [ ${#bounce_domains[@]} -eq 0 ]; then
+  for o in database:"$bounce_database" quarantine:"$bounce_quarantine" blast:"$blast_bin" pipe-user:"$pipe_user"; do
+    [ -z "${o#*:}" ] || die "--${o%%:*} only goes with --bounce-domain"
+  done
+else
+  for i in "${!bounce_domains[@]}"; do
+    d=${bounce_domains[$i],,}
+    [[ "$d" =~ ^([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]*[a-z0-9])?$ ]] ||
+      die "--bounce-domain must be a domain name such as bounce.example.com, got '${bounce_domains[$i]}'"
+    bounce_domains[i]=$d
+  done
+  [ -n "$bounce_database" ] || die "--bounce-domain needs --database URL (blast's database)"
+  url_chars='^[A-Za-z0-9._/:@%+=?&,~-]+$'
+  [[ "$bounce_database" =~ $url_chars ]] ||
+    die "--database may only contain letters, digits and . _ / : @ % + = ? & , ~ - (it goes into master.cf unquoted), got '$bounce_database'"
+  # The pipe runs blast in Postfix's queue directory: a relative SQLite path
+  # would land there.
+  bounce_sqlite=
+  if [[ "$bounce_database" == sqlite:* ]]; then
+    bounce_sqlite=${bounce_database#sqlite:}
+    bounce_sqlite=${bounce_sqlite#//}
+    bounce_sqlite=${bounce_sqlite%%\?*}
+    [[ "$bounce_sqlite" == /?* ]] || die "--database: a SQLite URL needs an absolute path (sqlite:///var/lib/blast/blast.db), got '$bounce_database'"
+  fi
+  [ -n "$bounce_quarantine" ] || die "--bounce-domain needs --quarantine DIR (a Maildir for mail blast cannot use)"
+  for o in quarantine:"$bounce_quarantine" blast:"${blast_bin:=/usr/local/bin/blast}"; do
+    [[ "${o#*:}" == /?* && "${o#*:}" =~ ^[A-Za-z0-9._/+-]+$ ]] ||
+      die "--${o%%:*} must be an absolute path of letters, digits and . _ / + -, got '${o#*:}'"
+  done
+  : "${pipe_user:=nobody}"
+  [[ "$pipe_user" =~ ^[a-z_][a-z0-9_-]*$ ]] || die "--pipe-user must be a user name, got '$pipe_user'"
 fi
 
 # ---------------------------------------------------------------- helpers --
@@ -305,8 +369,40 @@ show_log_tail() {
 
 # ------------------------------------------------------------ configuration --
 
+# The main.cf part written for --bounce-domain (see docs/postfix.md, "Bounces
+# and unsubscribe mail into blast").
+bounce_main_cf() {
+  local d domains='' table=''
+  for d in "${bounce_domains[@]}"; do
+    domains="$domains${domains:+, }$d"
+    table="$table${table:+, }$d=blast:"
+  done
+  cat <<EOF
+
+# ---- Bounces and unsubscribe mail into blast (--bounce-domain) ----
+# These domains are relay domains: smtpd accepts mail for them from any client
+# (permit_auth_destination above), with any local part (relay_recipient_maps
+# is empty: blast decides what an address means). transport_maps sends them
+# to the blast pipe service in master.cf instead of the next hop.
+relay_domains = $domains
+transport_maps = inline:{ $table }
+# bounces+1-42-SIG@ and unsubscribe+TOKEN@ are user+extension addresses: with
+# the delimiter, pipe's \${user} and \${extension} and a transport_maps key
+# user@domain see them as such. blast reads the whole address either way.
+recipient_delimiter = +
+# One recipient per blast run, so that --recipient \${original_recipient} is
+# exactly one address (pipe(8) requires 1 for the O flag too). Default: 50.
+blast_destination_recipient_limit = 1
+# With a recipient limit of 1 this is per address: two mails to the same
+# address are never ingested at the same time. Different addresses run in
+# parallel up to the maxproc of the blast service in master.cf. Default: 20.
+blast_destination_concurrency_limit = 1
+EOF
+}
+
 write_main_cf() {
-  local transport_block
+  local transport_block relay_restrictions="permit_mynetworks, reject"
+  [ ${#bounce_domains[@]} -eq 0 ] || relay_restrictions="permit_mynetworks, permit_auth_destination, reject"
   if [ -n "$relayhost" ]; then
     transport_block="# All mail, for any domain, goes over SMTP to this next hop. The brackets
 # turn off MX lookups.
@@ -350,9 +446,10 @@ mydestination =
 local_recipient_maps =
 alias_maps =
 alias_database =
-# Loopback clients may relay to any domain; everything else is refused.
+# Loopback clients may relay to any domain; everything else is refused
+# (with --bounce-domain: except mail for the bounce domains, see the end).
 mynetworks = 127.0.0.0/8 [::1]/128
-smtpd_relay_restrictions = permit_mynetworks, reject
+smtpd_relay_restrictions = $relay_restrictions
 # No TLS on loopback (and no tlsmgr service in master.cf).
 smtpd_tls_security_level = none
 smtp_tls_security_level = none
@@ -464,6 +561,7 @@ queue_run_delay = 30s
 minimal_backoff_time = 30s
 maximal_backoff_time = 300s
 EOF
+  [ ${#bounce_domains[@]} -eq 0 ] || bounce_main_cf
 }
 
 # Applies the --set NAME=VALUE lines to main.cf on stdin: a parameter that is
@@ -533,6 +631,48 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 EOF
+  [ ${#bounce_domains[@]} -eq 0 ] || cat <<EOF
+# --bounce-domain: mail for the bounce domains goes to blast bounce ingest.
+# unpriv n: pipe starts as root to switch to user=. At most 4 blast processes
+# at once (maxproc). Flags: O adds X-Original-To: (the address as received),
+# R adds Return-Path: (the envelope sender), X reports final delivery, q
+# quotes an odd local part on the command line. null_sender= (empty) keeps a
+# bounce's Return-Path: <> (default: <MAILER-DAEMON>). Exit 75 defers.
+blast     unix  -       n       n       -       4       pipe
+  flags=ORXq user=$pipe_user null_sender= argv=$blast_bin bounce ingest --stdin
+  --quarantine $bounce_quarantine --database $bounce_database
+  --recipient \${original_recipient}
+EOF
+}
+
+# Warns when --pipe-user cannot reach the blast program, the SQLite database
+# or the quarantine: the pipe would then fail, blast exit 75, and every
+# bounce wait in the deferred queue.
+check_bounce_setup() {
+  [ ${#bounce_domains[@]} -gt 0 ] || return 0
+  local uid p
+  uid=$(id -u "$pipe_user" 2>/dev/null) || die "--pipe-user: there is no user '$pipe_user'"
+  [ "$uid" -ne 0 ] || die "--pipe-user must not be root: pipe(8) refuses to run commands as root"
+  [ "$pipe_user" != "$(postconf -dh mail_owner)" ] || die "--pipe-user must not be the mail system owner: pipe(8) refuses it"
+  pipe_user_can -x "$blast_bin" -a -f "$blast_bin" || warn "$pipe_user cannot execute $blast_bin"
+  # blast creates what is missing, so the nearest existing directory counts.
+  p=$(nearest_existing "$bounce_quarantine")
+  pipe_user_can -w "$p" -a -x "$p" || warn "$pipe_user cannot write $p (for --quarantine $bounce_quarantine)"
+  if [ -n "$bounce_sqlite" ]; then
+    p=$(nearest_existing "$(dirname "$bounce_sqlite")")
+    pipe_user_can -w "$p" -a -x "$p" || warn "$pipe_user cannot write $p (the database's directory: SQLite creates -wal and -shm files there)"
+    [ ! -e "$bounce_sqlite" ] || pipe_user_can -w "$bounce_sqlite" || warn "$pipe_user cannot write $bounce_sqlite"
+  fi
+}
+
+# test(1) with ARGS, run as --pipe-user.
+pipe_user_can() { runuser -u "$pipe_user" -- test "$@" 2>/dev/null; }
+
+# Prints PATH, or its nearest ancestor that exists.
+nearest_existing() {
+  local p=$1
+  while [ ! -e "$p" ]; do p=$(dirname "$p"); done
+  echo "$p"
 }
 
 # Writes main.cf and master.cf into DIR (a temporary directory), and checks
@@ -565,6 +705,9 @@ print_summary() {
   echo "  config:        $etc"
   echo "  log:           $maillog"
   echo "  in_flow_delay: $in_flow_delay"
+  if [ ${#bounce_domains[@]} -gt 0 ]; then
+    echo "  bounces:       ${bounce_domains[*]} piped to $blast_bin bounce ingest as $pipe_user"
+  fi
   echo "  master pid:    $pid"
 }
 
@@ -586,6 +729,7 @@ wait_greeting() {
 cmd_start() {
   require_root
   ensure_postfix
+  check_bounce_setup
   local tmp pid greeting avail
   tmp=$(mktemp -d "${TMPDIR:-/tmp}/blast-postfix-cf.XXXXXX")
   # shellcheck disable=SC2064 # expand $tmp now
