@@ -16,6 +16,7 @@
 //! - [`ledger`]: the sole writer of delivery status.
 //! - [`lease`]: one sender per campaign; pause/cancel from other processes.
 //! - [`schedule`]: stored campaigns, `run-due` for cron.
+//! - [`adaptive`]: per-relay AIMD concurrency limits on congestion marks.
 //! - [`campaign`]: the runner that connects the pipeline.
 //! - [`bounce`]: returned mail → which recipient failed and how.
 //! - [`commands`]: each subcommand's orchestration, callable from tests.
@@ -31,6 +32,7 @@
 #![deny(unreachable_pub, rust_2018_idioms)]
 
 pub mod bounce;
+pub mod adaptive;
 pub mod campaign;
 pub mod cli;
 pub mod clock;

@@ -1,0 +1,547 @@
+//! How many SMTP transactions to keep in flight per relay: additive
+//! increase, multiplicative decrease on congestion *marks*, one update per
+//! window (in the spirit of TCP and Vector's adaptive request concurrency).
+//!
+//! Postfix pushes back with rare, long stalls (`in_flow_delay`, about 1 s)
+//! and 4xx replies rather than a smooth rise in latency, so latency
+//! gradients average the signal away. A mark is instead any of:
+//! - a 4xx reply (421, 450, 451, 452...): never used as a latency sample;
+//! - a connect failure, timeout or lost session;
+//! - a transaction outstanding longer than the stall threshold (derived from
+//!   the relay's recent minimum round trip), noticed while it is still
+//!   outstanding, so blast backs off before the stall ends;
+//! - optionally, the MTA's queue above a target (`postqueue -j`).
+//!
+//! At the end of each window: a mark halves the limit (and ends slow
+//! start); otherwise, if the limit was actually reached, it grows (doubling
+//! in slow start, +1 after). [`Aimd`] is the pure state machine (time passed
+//! in, unit-tested); [`Gate`] wraps it for injectors. This module sends
+//! nothing and knows no SMTP.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// Default ceiling for `concurrency = "auto"` (per relay).
+pub const DEFAULT_MAX: usize = 64;
+/// Shortest window between limit updates.
+pub const WINDOW_MIN: Duration = Duration::from_millis(100);
+/// Windows are at least this many minimum round trips long.
+const WINDOW_RTTS: u32 = 4;
+/// Multiplicative decrease on a marked window.
+const DECREASE: f64 = 0.5;
+/// A transaction is a stall after this many minimum round trips...
+const STALL_RTTS: u32 = 20;
+/// ...but never less than this.
+pub const STALL_MIN: Duration = Duration::from_millis(250);
+/// Before any round trip is measured.
+const STALL_DEFAULT: Duration = Duration::from_secs(1);
+/// The minimum round trip is forgotten after this many windows, so a relay
+/// that got slower for good is judged by its new pace.
+const RTT_EPOCH_WINDOWS: u64 = 50;
+
+/// Why a window was marked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mark {
+    /// A 4xx reply.
+    Deferred,
+    /// Connect failure, timeout or lost session.
+    Connection,
+    /// A transaction outstanding past the stall threshold.
+    Stall,
+    /// The MTA's queue above its target.
+    Queue,
+}
+
+/// Marks seen, by kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Marks {
+    /// 4xx replies.
+    pub deferred: u64,
+    /// Connect failures, timeouts, lost sessions.
+    pub connection: u64,
+    /// Stalled transactions.
+    pub stall: u64,
+    /// Queue above target.
+    pub queue: u64,
+}
+
+impl Marks {
+    fn add(&mut self, m: Mark) {
+        match m {
+            Mark::Deferred => self.deferred += 1,
+            Mark::Connection => self.connection += 1,
+            Mark::Stall => self.stall += 1,
+            Mark::Queue => self.queue += 1,
+        }
+    }
+
+    /// All marks.
+    pub fn total(&self) -> u64 {
+        self.deferred + self.connection + self.stall + self.queue
+    }
+}
+
+/// The limit's state machine. `adaptive: false` pins the limit (a number
+/// in `concurrency`) but still counts marks for the operator.
+#[derive(Debug, Clone)]
+pub struct Aimd {
+    limit: f64,
+    max: usize,
+    adaptive: bool,
+    slow_start: bool,
+    in_flight: usize,
+    busy: usize,
+    window_start: Instant,
+    window_marks: u32,
+    window_peak: usize,
+    windows: u64,
+    min_rtt: Option<Duration>,
+    epoch_min_rtt: Option<Duration>,
+    marks: Marks,
+    peak_limit: usize,
+}
+
+impl Aimd {
+    /// An adaptive limit starting at `initial` (slow start from 1 when
+    /// `initial` is `None`; a remembered limit starts without slow start),
+    /// never above `max`.
+    pub fn adaptive(initial: Option<usize>, max: usize, now: Instant) -> Aimd {
+        let max = max.max(1);
+        let start = initial.unwrap_or(1).clamp(1, max);
+        Aimd::build(start, max, true, initial.is_none(), now)
+    }
+
+    /// A fixed limit.
+    pub fn fixed(limit: usize, now: Instant) -> Aimd {
+        Aimd::build(limit.max(1), limit.max(1), false, false, now)
+    }
+
+    fn build(start: usize, max: usize, adaptive: bool, slow_start: bool, now: Instant) -> Aimd {
+        Aimd {
+            limit: start as f64,
+            max,
+            adaptive,
+            slow_start,
+            in_flight: 0,
+            busy: 0,
+            window_start: now,
+            window_marks: 0,
+            window_peak: 0,
+            windows: 0,
+            min_rtt: None,
+            epoch_min_rtt: None,
+            marks: Marks::default(),
+            peak_limit: start,
+        }
+    }
+
+    /// Transactions allowed in flight now.
+    pub fn limit(&self) -> usize {
+        (self.limit.floor() as usize).clamp(1, self.max)
+    }
+
+    /// Transactions in flight.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Marks so far.
+    pub fn marks(&self) -> Marks {
+        self.marks
+    }
+
+    /// The highest limit reached.
+    pub fn peak_limit(&self) -> usize {
+        self.peak_limit
+    }
+
+    /// True while still in slow start.
+    pub fn slow_start(&self) -> bool {
+        self.slow_start
+    }
+
+    /// The recent minimum round trip, if measured.
+    pub fn min_rtt(&self) -> Option<Duration> {
+        self.min_rtt
+    }
+
+    /// Takes a slot if one is free.
+    pub fn try_acquire(&mut self, now: Instant) -> bool {
+        self.tick(now);
+        if self.in_flight < self.limit() {
+            self.in_flight += 1;
+            true
+        } else {
+            false
+        }
+    }
+
+    /// A slot's transaction starts. Only started transactions count toward
+    /// "the limit was reached": a slot held while waiting for work is idle.
+    pub fn begin(&mut self) {
+        self.busy += 1;
+        self.window_peak = self.window_peak.max(self.busy);
+    }
+
+    /// Gives a slot back unused (no transaction, no sample).
+    pub fn cancel(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// Ends a started transaction and gives its slot back: it took `rtt` (a
+    /// sample only when it was not marked) or was marked with `mark`.
+    pub fn release(&mut self, now: Instant, rtt: Option<Duration>, mark: Option<Mark>) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.busy = self.busy.saturating_sub(1);
+        match mark {
+            Some(m) => self.mark(now, m),
+            None => {
+                if let Some(rtt) = rtt {
+                    self.epoch_min_rtt = Some(self.epoch_min_rtt.map_or(rtt, |m| m.min(rtt)));
+                    self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                }
+                self.tick(now);
+            }
+        }
+    }
+
+    /// Records a congestion mark (also for transactions still outstanding).
+    pub fn mark(&mut self, now: Instant, mark: Mark) {
+        self.marks.add(mark);
+        self.window_marks += 1;
+        self.tick(now);
+    }
+
+    /// How long a window lasts.
+    pub fn window(&self) -> Duration {
+        self.min_rtt
+            .map_or(WINDOW_MIN, |r| (r * WINDOW_RTTS).max(WINDOW_MIN))
+    }
+
+    /// How long a transaction may be outstanding before it counts as a stall.
+    pub fn stall_threshold(&self) -> Duration {
+        self.min_rtt
+            .map_or(STALL_DEFAULT, |r| (r * STALL_RTTS).max(STALL_MIN))
+    }
+
+    /// Closes the window if it is over: one limit update per window.
+    /// Returns true when the limit grew (waiters may proceed).
+    pub fn tick(&mut self, now: Instant) -> bool {
+        if now.duration_since(self.window_start) < self.window() {
+            return false;
+        }
+        let before = self.limit();
+        if self.adaptive {
+            if self.window_marks > 0 {
+                self.limit = (self.limit * DECREASE).max(1.0);
+                self.slow_start = false;
+            } else if self.window_peak >= before {
+                self.limit = if self.slow_start {
+                    self.limit * 2.0
+                } else {
+                    self.limit + 1.0
+                }
+                .min(self.max as f64);
+            }
+        }
+        self.windows += 1;
+        if self.windows % RTT_EPOCH_WINDOWS == 0 {
+            // Forget old minima: keep this epoch's.
+            self.min_rtt = self.epoch_min_rtt.or(self.min_rtt);
+            self.epoch_min_rtt = None;
+        }
+        self.window_start = now;
+        self.window_marks = 0;
+        self.window_peak = self.busy;
+        self.peak_limit = self.peak_limit.max(self.limit());
+        self.limit() > before
+    }
+}
+
+/// A slot to run one transaction in: [`Gate::begin`] it when the work is
+/// there, then [`Gate::release`] it (or [`Gate::cancel`] it unused).
+#[derive(Debug)]
+pub struct Permit {
+    id: u64,
+    started: Option<Instant>,
+}
+
+/// One relay's limit shared by its injectors, plus the outstanding
+/// transactions the stall watchdog looks at.
+#[derive(Debug)]
+pub struct Gate {
+    aimd: Mutex<Aimd>,
+    /// Outstanding permits: start time, and whether already marked as a stall.
+    outstanding: Mutex<HashMap<u64, (Instant, bool)>>,
+    next_id: AtomicU64,
+    changed: Notify,
+}
+
+impl Gate {
+    /// A gate around `aimd`.
+    pub fn new(aimd: Aimd) -> Gate {
+        Gate {
+            aimd: Mutex::new(aimd),
+            outstanding: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            changed: Notify::new(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Aimd> {
+        self.aimd.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a free slot under the current limit.
+    pub async fn acquire(&self) -> Permit {
+        loop {
+            // Register interest before checking, so a release in between is not missed.
+            let notified = self.changed.notified();
+            if self.lock().try_acquire(Instant::now()) {
+                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                return Permit { id, started: None };
+            }
+            // The limit may also grow with time alone (a window closing).
+            let wait = self.lock().window();
+            let _ = tokio::time::timeout(wait, notified).await;
+        }
+    }
+
+    /// The permit's transaction starts now (the watchdog starts watching it).
+    pub fn begin(&self, permit: &mut Permit) {
+        let now = Instant::now();
+        permit.started = Some(now);
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(permit.id, (now, false));
+        self.lock().begin();
+    }
+
+    /// Gives back a permit whose transaction never started.
+    pub fn cancel(&self, permit: Permit) {
+        if permit.started.is_some() {
+            // Started after all: end it without a sample.
+            self.release(permit, None);
+            return;
+        }
+        self.lock().cancel();
+        self.changed.notify_waiters();
+    }
+
+    /// Ends a transaction: `mark` says why it counts as congestion, else its
+    /// round trip is a sample. A transaction already marked as a stall by
+    /// the watchdog is not marked twice.
+    pub fn release(&self, permit: Permit, mark: Option<Mark>) {
+        let Some(started) = permit.started else {
+            return self.cancel(permit);
+        };
+        let now = Instant::now();
+        let stalled = self
+            .outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&permit.id)
+            .is_some_and(|(_, marked)| marked);
+        let rtt = now.duration_since(started);
+        let mark = mark.filter(|_| !stalled);
+        // A stalled transaction's round trip is no sample of the relay's pace.
+        let sample = (!stalled && mark.is_none()).then_some(rtt);
+        self.lock().release(now, sample, mark);
+        self.changed.notify_waiters();
+    }
+
+    /// Records a mark that belongs to no permit (a connect failure, the queue probe).
+    pub fn mark(&self, mark: Mark) {
+        self.lock().mark(Instant::now(), mark);
+    }
+
+    /// The watchdog's step: marks transactions outstanding past the stall
+    /// threshold (once each) and closes the window if due.
+    pub fn watch(&self) {
+        let now = Instant::now();
+        let threshold = self.lock().stall_threshold();
+        let stalls = {
+            let mut out = self.outstanding.lock().unwrap_or_else(|p| p.into_inner());
+            let mut n = 0;
+            for (started, marked) in out.values_mut() {
+                if !*marked && now.duration_since(*started) >= threshold {
+                    *marked = true;
+                    n += 1;
+                }
+            }
+            n
+        };
+        let grew = {
+            let mut aimd = self.lock();
+            for _ in 0..stalls {
+                aimd.mark(now, Mark::Stall);
+            }
+            aimd.tick(now)
+        };
+        if grew {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// A copy of the state, for display.
+    pub fn snapshot(&self) -> Aimd {
+        self.lock().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(start: Instant, ms: u64) -> Instant {
+        start + Duration::from_millis(ms)
+    }
+
+    /// Runs windows where the sender keeps the limit full and every
+    /// transaction takes `rtt`; `marked(window)` says whether that window
+    /// sees a mark. Returns the limit after each window.
+    fn drive(a: &mut Aimd, start: Instant, windows: u64, marked: impl Fn(u64) -> bool) -> Vec<usize> {
+        let mut out = Vec::new();
+        let w = 100;
+        for i in 0..windows {
+            let t = at(start, i * w + 1);
+            let n = a.limit();
+            for _ in 0..n {
+                assert!(a.try_acquire(t));
+                a.begin();
+            }
+            assert!(!a.try_acquire(t), "limit {n} enforced");
+            for _ in 0..n {
+                a.release(t, Some(Duration::from_millis(1)), None);
+            }
+            if marked(i) {
+                a.mark(t, Mark::Deferred);
+            }
+            a.tick(at(start, (i + 1) * w + 1));
+            out.push(a.limit());
+        }
+        out
+    }
+
+    #[test]
+    fn slow_start_doubles_until_the_first_mark_then_halves_and_adds_one() {
+        let t0 = Instant::now();
+        let mut a = Aimd::adaptive(None, 64, t0);
+        assert_eq!(a.limit(), 1);
+        let limits = drive(&mut a, t0, 9, |w| w == 5);
+        // 1→2→4→8→16→32, the mark in window 5 halves to 16, then +1 per window.
+        assert_eq!(limits, vec![2, 4, 8, 16, 32, 16, 17, 18, 19]);
+        assert!(!a.slow_start());
+        assert_eq!(a.marks().deferred, 1);
+        assert_eq!(a.peak_limit(), 32);
+    }
+
+    #[test]
+    fn grows_only_when_the_limit_was_reached() {
+        let t0 = Instant::now();
+        let mut a = Aimd::adaptive(Some(10), 64, t0);
+        // Only 3 in flight in each window: no reason to grow.
+        for i in 0..5 {
+            let t = at(t0, i * 100 + 1);
+            for _ in 0..3 {
+                assert!(a.try_acquire(t));
+                a.begin();
+            }
+            for _ in 0..3 {
+                a.release(t, Some(Duration::from_millis(1)), None);
+            }
+            a.tick(at(t0, (i + 1) * 100 + 1));
+        }
+        assert_eq!(a.limit(), 10);
+    }
+
+    #[test]
+    fn never_below_one_never_above_max_and_fixed_stays_fixed() {
+        let t0 = Instant::now();
+        let mut a = Aimd::adaptive(Some(4), 6, t0);
+        let limits = drive(&mut a, t0, 6, |w| w < 4);
+        assert_eq!(limits, vec![2, 1, 1, 1, 2, 3]);
+        let limits = drive(&mut a, at(t0, 600), 6, |_| false);
+        assert_eq!(*limits.last().unwrap(), 6, "capped at max");
+        let mut f = Aimd::fixed(8, t0);
+        let limits = drive(&mut f, t0, 3, |_| true);
+        assert_eq!(limits, vec![8, 8, 8]);
+        assert_eq!(f.marks().deferred, 3, "marks are still counted");
+    }
+
+    #[test]
+    fn window_and_stall_threshold_follow_the_minimum_round_trip() {
+        let t0 = Instant::now();
+        let mut a = Aimd::adaptive(None, 64, t0);
+        assert_eq!(a.stall_threshold(), STALL_DEFAULT);
+        assert!(a.try_acquire(t0));
+        a.begin();
+        a.release(t0, Some(Duration::from_millis(40)), None);
+        assert_eq!(a.window(), Duration::from_millis(160));
+        assert_eq!(a.stall_threshold(), Duration::from_millis(800));
+        assert!(a.try_acquire(t0));
+        a.begin();
+        a.release(t0, Some(Duration::from_millis(2)), None);
+        assert_eq!(a.window(), WINDOW_MIN);
+        assert_eq!(a.stall_threshold(), STALL_MIN);
+        // A marked transaction is no sample.
+        assert!(a.try_acquire(t0));
+        a.begin();
+        a.release(t0, None, Some(Mark::Deferred));
+        assert_eq!(a.min_rtt(), Some(Duration::from_millis(2)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watchdog_marks_a_stall_while_it_is_outstanding() {
+        let gate = Gate::new(Aimd::adaptive(Some(8), 64, Instant::now()));
+        let mut p = gate.acquire().await;
+        gate.begin(&mut p);
+        tokio::time::advance(Duration::from_millis(500)).await;
+        gate.watch();
+        assert_eq!(gate.snapshot().marks().stall, 0, "under the 1 s default");
+        tokio::time::advance(Duration::from_millis(600)).await;
+        gate.watch();
+        let s = gate.snapshot();
+        assert_eq!(s.marks().stall, 1, "marked before it ended");
+        assert_eq!(s.limit(), 4, "halved at once");
+        // Ending it later marks nothing more.
+        gate.release(p, Some(Mark::Connection));
+        assert_eq!(gate.snapshot().marks().total(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acquire_waits_for_a_release() {
+        let gate = std::sync::Arc::new(Gate::new(Aimd::fixed(1, Instant::now())));
+        let p = gate.acquire().await;
+        let g = gate.clone();
+        let waiter = tokio::spawn(async move { g.acquire().await });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waiter.is_finished());
+        gate.cancel(p);
+        let q = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
+        gate.cancel(q);
+        assert_eq!(gate.snapshot().in_flight(), 0);
+    }
+
+    #[test]
+    fn idle_slots_do_not_count_as_reaching_the_limit() {
+        let t0 = Instant::now();
+        let mut a = Aimd::adaptive(Some(4), 64, t0);
+        for _ in 0..4 {
+            assert!(a.try_acquire(t0));
+        }
+        a.begin();
+        a.tick(at(t0, 150));
+        assert_eq!(a.limit(), 4, "one of four busy: no growth");
+    }
+}
