@@ -251,7 +251,7 @@ impl Aimd {
             }
         }
         self.windows += 1;
-        if self.windows % RTT_EPOCH_WINDOWS == 0 {
+        if self.windows.is_multiple_of(RTT_EPOCH_WINDOWS) {
             // Forget old minima: keep this epoch's.
             self.min_rtt = self.epoch_min_rtt.or(self.min_rtt);
             self.epoch_min_rtt = None;
