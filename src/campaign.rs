@@ -20,7 +20,9 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::adaptive::{Aimd, Gate, Mark};
 use crate::clock;
+use crate::config::Concurrency;
 use crate::error::Result;
 use crate::ledger::{self, Ledger, Record};
 use crate::render::{Outgoing, Renderer};
@@ -40,6 +42,8 @@ const QUEUE_MIN: usize = 64;
 const QUEUE_MAX: usize = 512;
 /// Chunks of recipients waiting for a render worker.
 const RENDER_QUEUE_CHUNKS: usize = 8;
+/// How often the stall watchdog looks at outstanding transactions.
+const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Reconnect backoff bounds after a lost connection.
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
@@ -47,8 +51,12 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// How to run.
 #[derive(Debug, Clone)]
 pub struct RunOptions {
-    /// Number of parallel injectors (SMTP connections).
-    pub concurrency: usize,
+    /// Transactions in flight: pinned, or found per relay.
+    pub concurrency: Concurrency,
+    /// Relays the transport has (injector `i` uses relay `i mod relays`).
+    pub relays: usize,
+    /// Each relay's starting limit for `auto` (the last run's, if remembered).
+    pub initial_limits: Vec<Option<usize>>,
     /// Max messages per second over all injectors; 0 = unlimited.
     pub rate: u32,
     /// Consecutive 5xx (over at least three domains) that trip the breaker;
@@ -87,6 +95,8 @@ pub struct Stats {
     pub suppressed: AtomicU64,
     /// Pending recipients at start, once known (0 = unknown).
     pub total: AtomicU64,
+    /// Each relay's name and concurrency gate, once the run has started.
+    pub relays: std::sync::OnceLock<Vec<(String, Arc<Gate>)>>,
 }
 
 /// One injector's counters: what an operator needs to see whether adding
@@ -151,6 +161,7 @@ impl Stats {
             retries: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            relays: std::sync::OnceLock::new(),
         }
     }
 
@@ -221,6 +232,49 @@ pub struct Summary {
     pub latency_ms: LatencySummary,
     /// Per-injector transactions and mean latency.
     pub injectors: Vec<InjectorSummary>,
+    /// Each relay's concurrency limit and the congestion marks it gave.
+    pub relays: Vec<RelaySummary>,
+}
+
+/// One relay's concurrency at the end of a run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RelaySummary {
+    /// `smtp://host:port`.
+    pub relay: String,
+    /// Whether the limit adapted (`auto`) or was pinned.
+    pub adaptive: bool,
+    /// Transactions allowed in flight at the end.
+    pub limit: usize,
+    /// The highest limit reached.
+    pub peak_limit: usize,
+    /// Congestion marks, by kind.
+    pub marks: crate::adaptive::Marks,
+    /// The relay's minimum round trip, milliseconds.
+    pub min_rtt_ms: Option<f64>,
+}
+
+impl Stats {
+    /// Each relay's limit and marks so far.
+    pub fn relay_summaries(&self, adaptive: bool) -> Vec<RelaySummary> {
+        self.relays
+            .get()
+            .map(|v| {
+                v.iter()
+                    .map(|(relay, g)| {
+                        let a = g.snapshot();
+                        RelaySummary {
+                            relay: relay.clone(),
+                            adaptive,
+                            limit: a.limit(),
+                            peak_limit: a.peak_limit(),
+                            marks: a.marks(),
+                            min_rtt_ms: a.min_rtt().map(|d| d.as_secs_f64() * 1000.0),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// Latency quantiles, milliseconds.
@@ -396,9 +450,46 @@ where
     L: Ledger,
 {
     let started = Instant::now();
-    let concurrency = opts.concurrency.max(1);
+    let relays = opts.relays.max(1);
+    let injectors_n = opts.concurrency.injectors(relays).max(1);
     let (job_tx, job_rx) =
-        mpsc::channel::<Job>((concurrency * QUEUE_PER_INJECTOR).clamp(QUEUE_MIN, QUEUE_MAX));
+        mpsc::channel::<Job>((injectors_n * QUEUE_PER_INJECTOR).clamp(QUEUE_MIN, QUEUE_MAX));
+    // One gate per relay: the number of its transactions in flight.
+    let now = tokio::time::Instant::now();
+    let gates: Vec<Arc<Gate>> = (0..relays)
+        .map(|r| {
+            Arc::new(Gate::new(match opts.concurrency {
+                Concurrency::Fixed(n) => Aimd::fixed(n / relays + usize::from(r < n % relays), now),
+                Concurrency::Auto { max } => {
+                    Aimd::adaptive(opts.initial_limits.get(r).copied().flatten(), max, now)
+                }
+            }))
+        })
+        .collect();
+    let _ = stats.relays.set(
+        gates
+            .iter()
+            .enumerate()
+            .map(|(r, g)| (transport.describe(r), g.clone()))
+            .collect(),
+    );
+    // The stall watchdog: marks transactions that hang while they hang.
+    let watchdog = {
+        let gates = gates.clone();
+        let done = CancellationToken::new();
+        let d = done.clone();
+        let task = tokio::spawn(async move {
+            let mut tick = tokio::time::interval(WATCH_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = d.cancelled() => return,
+                    _ = tick.tick() => gates.iter().for_each(|g| g.watch()),
+                }
+            }
+        });
+        (done, task)
+    };
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
     let job_rx = Arc::new(Mutex::new(job_rx));
     let limiter =
@@ -418,9 +509,11 @@ where
     };
 
     let injectors = TaskTracker::new();
-    for slot in 0..concurrency {
+    for slot in 0..injectors_n {
         let inj = Injector {
             slot,
+            relay: slot % relays,
+            gate: gates[slot % relays].clone(),
             transport: transport.clone(),
             jobs: job_rx.clone(),
             records: rec_tx.clone(),
@@ -459,6 +552,8 @@ where
     drop(chunk_tx);
     renderers.wait().await;
     injectors.wait().await;
+    watchdog.0.cancel();
+    let _ = watchdog.1.await;
     drop(rec_tx);
     let ledger_result = ledger_task.await.unwrap_or_else(|e| {
         Err(crate::error::Error::Audience(format!(
@@ -507,6 +602,7 @@ where
                 }
             })
             .collect(),
+        relays: stats.relay_summaries(matches!(opts.concurrency, Concurrency::Auto { .. })),
     })
 }
 
@@ -612,6 +708,8 @@ async fn render_worker(
 /// One SMTP injector: one connection, one transaction at a time.
 struct Injector<T: Transport> {
     slot: usize,
+    relay: usize,
+    gate: Arc<Gate>,
     transport: Arc<T>,
     jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
     records: mpsc::Sender<Record>,
@@ -626,16 +724,24 @@ struct Injector<T: Transport> {
 impl<T: Transport> Injector<T> {
     async fn run(self) {
         let mut session: Option<T::Session> = None;
-        let relay = self.transport.describe(self.slot);
+        let relay = self.transport.describe(self.relay);
         let mut backoff = BACKOFF_MIN;
         'jobs: loop {
-            let job = tokio::select! {
+            // A slot under this relay's limit first, then work: a relay with
+            // room takes the next message, one that is congested does not.
+            let mut permit = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
-                job = async { self.jobs.lock().await.recv().await } => match job {
-                    Some(job) => job,
-                    None => break,
-                },
+                p = self.gate.acquire() => p,
+            };
+            let job = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => None,
+                job = async { self.jobs.lock().await.recv().await } => job,
+            };
+            let Some(job) = job else {
+                self.gate.cancel(permit);
+                break;
             };
             // Suppressed after this recipient's page was read: skip it,
             // so an unsubscribe takes effect while the campaign runs.
@@ -650,6 +756,7 @@ impl<T: Transport> Injector<T> {
                     first_attempt_at: job.first_attempt_at,
                     suppressed: true,
                 };
+                self.gate.cancel(permit);
                 if self.records.send(rec).await.is_err() {
                     break;
                 }
@@ -658,17 +765,22 @@ impl<T: Transport> Injector<T> {
             if let Some(l) = &self.limiter {
                 tokio::select! {
                     biased;
-                    _ = self.stop.cancelled() => break,
+                    _ = self.stop.cancelled() => {
+                        self.gate.cancel(permit);
+                        break;
+                    }
                     _ = l.until_ready() => {}
                 }
             }
+            self.gate.begin(&mut permit);
             // Retry this message until it gets an answer or we are stopped.
             let outcome = loop {
                 let s = match session.as_mut() {
                     Some(s) => s,
-                    None => match self.transport.connect(self.slot).await {
+                    None => match self.transport.connect(self.relay).await {
                         Ok(s) => session.insert(s),
                         Err(e) => {
+                            self.gate.mark(Mark::Connection);
                             if !self.wait_retry(&relay, &e, &mut backoff).await {
                                 break 'jobs;
                             }
@@ -689,12 +801,17 @@ impl<T: Transport> Injector<T> {
                     }
                     Err(e) => {
                         session = None;
+                        self.gate.mark(Mark::Connection);
                         if !self.wait_retry(&relay, &e, &mut backoff).await {
                             break 'jobs;
                         }
                     }
                 }
             };
+            // A 4xx is congestion (never a latency sample); 2xx and 5xx are samples.
+            let mark = matches!(&outcome, Outcome::Deferred(r) if r.code.is_some_and(|c| (400..500).contains(&c)))
+                .then_some(Mark::Deferred);
+            self.gate.release(permit, mark);
             let outcome =
                 self.breaker
                     .observe(job.out.envelope.recipient_id, &job.out.email, outcome);

@@ -261,9 +261,10 @@ pub struct SendArgs {
     /// SMTP relay URL(s), overriding `delivery.smtp` (repeat for several).
     #[arg(long)]
     pub smtp: Vec<String>,
-    /// Number of parallel SMTP injectors.
-    #[arg(long)]
-    pub concurrency: Option<usize>,
+    /// Transactions in flight per relay: `auto` (find it), `auto:MAX`, or a
+    /// number of connections over all relays.
+    #[arg(long, value_parser = crate::config::Concurrency::parse)]
+    pub concurrency: Option<crate::config::Concurrency>,
     /// Max messages per second (0 = unlimited).
     #[arg(long)]
     pub rate: Option<u32>,

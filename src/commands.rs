@@ -11,7 +11,7 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 
 use crate::campaign::{self, RunOptions, Stats, Summary};
-use crate::config::Config;
+use crate::config::{Concurrency, Config};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::lease::{Interruption, Lease};
@@ -49,7 +49,8 @@ pub async fn send_with_abort(
     stop: impl Future<Output = ()> + Send + 'static,
     abort: CancellationToken,
 ) -> Result<Summary> {
-    let stats = Arc::new(Stats::new(cfg.delivery.concurrency));
+    let relays = cfg.delivery.relays.len();
+    let stats = Arc::new(Stats::new(cfg.delivery.concurrency.injectors(relays)));
     // Templates first: a syntax error must abort before anything else happens.
     let mut renderer = Renderer::compile(
         &cfg.message,
@@ -116,6 +117,14 @@ pub async fn send_with_abort(
     };
     let opts = RunOptions {
         concurrency: cfg.delivery.concurrency,
+        relays,
+        initial_limits: match cfg.delivery.concurrency {
+            Concurrency::Auto { .. } if cfg.dry_run.is_none() => {
+                let names: Vec<String> = cfg.delivery.relays.iter().map(|r| r.to_string()).collect();
+                ledger::relay_limits(&db, &names).await?
+            }
+            _ => Vec::new(),
+        },
         rate: cfg.delivery.rate,
         breaker_threshold: cfg.delivery.breaker_threshold,
         abort,
@@ -186,6 +195,18 @@ pub async fn send_with_abort(
                 progress.finish().await;
                 done.cancel();
                 let _ = keeper.await;
+                if let Ok(summary) = &r {
+                    // The next run starts from where this one ended.
+                    let limits: Vec<(String, usize)> = summary
+                        .relays
+                        .iter()
+                        .filter(|r| r.adaptive)
+                        .map(|r| (r.relay.clone(), r.limit))
+                        .collect();
+                    if let Err(e) = ledger::save_relay_limits(&db, &limits).await {
+                        tracing::warn!("remembering relay limits: {e}");
+                    }
+                }
                 let why = why.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 let mut summary = r?;
                 match (&summary.breaker, why) {

@@ -13,8 +13,63 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 use crate::sign::{Pattern, Var};
 
-/// Default number of parallel SMTP injectors.
-pub const DEFAULT_CONCURRENCY: usize = 8;
+/// The number of SMTP transactions in flight per relay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Concurrency {
+    /// Pinned: this many injectors over all relays (relay `i mod n`).
+    Fixed(usize),
+    /// Found per relay by [`crate::adaptive`], at most `max` each.
+    Auto {
+        /// Ceiling per relay.
+        max: usize,
+    },
+}
+
+impl Concurrency {
+    /// Parses `auto`, `auto:MAX` or a number (1-1024).
+    pub fn parse(s: &str) -> std::result::Result<Concurrency, String> {
+        let s = s.trim();
+        let bad = || format!("{s:?}: use \"auto\", \"auto:MAX\" or a number of connections 1-1024");
+        let n = |t: &str| match t.parse::<usize>() {
+            Ok(n) if (1..=1024).contains(&n) => Ok(n),
+            _ => Err(bad()),
+        };
+        match s.strip_prefix("auto") {
+            Some("") => Ok(Concurrency::Auto {
+                max: crate::adaptive::DEFAULT_MAX,
+            }),
+            Some(rest) => Ok(Concurrency::Auto {
+                max: n(rest.strip_prefix(':').ok_or_else(bad)?)?,
+            }),
+            None => Ok(Concurrency::Fixed(n(s)?)),
+        }
+    }
+
+    /// Injectors to start over `relays` relays.
+    pub fn injectors(&self, relays: usize) -> usize {
+        match *self {
+            Concurrency::Fixed(n) => n,
+            Concurrency::Auto { max } => max * relays.max(1),
+        }
+    }
+}
+
+impl fmt::Display for Concurrency {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Concurrency::Fixed(n) => write!(f, "{n}"),
+            Concurrency::Auto { max } => write!(f, "auto:{max}"),
+        }
+    }
+}
+
+/// `concurrency = 8` or `concurrency = "auto"`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum ConcurrencyFile {
+    Number(i64),
+    Text(String),
+}
 /// Default keyset page size when reading the audience.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
 /// Default SMTP command timeout.
@@ -77,7 +132,7 @@ struct MessageFile {
 #[serde(deny_unknown_fields)]
 struct DeliveryFile {
     smtp: Option<OneOrMany>,
-    concurrency: Option<usize>,
+    concurrency: Option<ConcurrencyFile>,
     rate: Option<u32>,
     envelope_from: Option<String>,
     helo: Option<String>,
@@ -104,7 +159,7 @@ pub struct Overrides {
     /// `--smtp` (repeatable)
     pub smtp: Vec<String>,
     /// `--concurrency`
-    pub concurrency: Option<usize>,
+    pub concurrency: Option<Concurrency>,
     /// `--rate`
     pub rate: Option<u32>,
     /// `--limit`
@@ -223,8 +278,8 @@ impl fmt::Display for Relay {
 pub struct DeliveryConfig {
     /// Relays; injector `i` uses relay `i % len`.
     pub relays: Vec<Relay>,
-    /// Number of parallel SMTP injectors.
-    pub concurrency: usize,
+    /// Transactions in flight: pinned, or found per relay (the default).
+    pub concurrency: Concurrency,
     /// Max messages per second over all injectors; 0 = unlimited.
     pub rate: u32,
     /// Name sent in EHLO.
@@ -553,16 +608,17 @@ impl Config {
                 "needs at least one smtp:// URL".into(),
             ));
         }
-        let concurrency = overrides
-            .concurrency
-            .or(d.concurrency)
-            .unwrap_or(DEFAULT_CONCURRENCY);
-        if !(1..=1024).contains(&concurrency) {
-            return Err(err(
-                "delivery.concurrency",
-                "must be between 1 and 1024".into(),
-            ));
-        }
+        let concurrency = match (overrides.concurrency, d.concurrency) {
+            (Some(c), _) => c,
+            (None, Some(ConcurrencyFile::Number(n))) => Concurrency::parse(&n.to_string())
+                .map_err(|m| err("delivery.concurrency", m))?,
+            (None, Some(ConcurrencyFile::Text(t))) => {
+                Concurrency::parse(&t).map_err(|m| err("delivery.concurrency", m))?
+            }
+            (None, None) => Concurrency::Auto {
+                max: crate::adaptive::DEFAULT_MAX,
+            },
+        };
         let verp = match raw.bounces.and_then(|b| b.verp) {
             Some(v) => {
                 if d.envelope_from.is_some() {
@@ -809,7 +865,12 @@ text = "t.txt"
     #[test]
     fn minimal_file_gets_defaults() {
         let c = parse(MINIMAL, &|_| None).unwrap();
-        assert_eq!(c.delivery.concurrency, DEFAULT_CONCURRENCY);
+        assert_eq!(
+            c.delivery.concurrency,
+            Concurrency::Auto {
+                max: crate::adaptive::DEFAULT_MAX
+            }
+        );
         assert_eq!(c.delivery.relays[0].to_string(), "smtp://127.0.0.1:25");
         assert_eq!(c.message.envelope_from, "news@example.com");
         assert!(c.database.ends_with("/t.db") && c.database.starts_with("sqlite:///"));

@@ -156,6 +156,38 @@ pub async fn recipient_address(
     .await?)
 }
 
+/// The adaptive limit each of `relays` ended its last run with, if known.
+pub async fn relay_limits(db: &Db, relays: &[String]) -> Result<Vec<Option<usize>>> {
+    let mut out = Vec::with_capacity(relays.len());
+    for r in relays {
+        let limit: Option<i64> =
+            sqlx::query_scalar("SELECT last_limit FROM blast_relays WHERE relay = $1")
+                .bind(r)
+                .fetch_optional(db.pool())
+                .await?;
+        out.push(limit.and_then(|l| usize::try_from(l).ok()).filter(|l| *l > 0));
+    }
+    Ok(out)
+}
+
+/// Remembers each relay's adaptive limit for the next run.
+pub async fn save_relay_limits(db: &Db, limits: &[(String, usize)]) -> Result<()> {
+    let now = clock::db_timestamp(clock::now());
+    for (relay, limit) in limits {
+        sqlx::query(
+            "INSERT INTO blast_relays (relay, last_limit, updated_at) VALUES ($1, $2, $3) \
+             ON CONFLICT (relay) DO UPDATE SET last_limit = excluded.last_limit, \
+             updated_at = excluded.updated_at",
+        )
+        .bind(relay)
+        .bind(*limit as i64)
+        .bind(&now)
+        .execute(db.pool())
+        .await?;
+    }
+    Ok(())
+}
+
 /// The id of the campaign named `name`, if any.
 pub async fn campaign_id(db: &Db, name: &str) -> Result<Option<i64>> {
     Ok(find_campaign(db, name).await?.map(|c| c.id))

@@ -172,6 +172,21 @@ fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::Result<Exit
                 ""
             }
         );
+        for r in &summary.relays {
+            let m = &r.marks;
+            eprintln!(
+                "blast: {}: {} limit {} (peak {}{}), marks: {} 4xx, {} connection, {} stall, {} queue",
+                summary.campaign,
+                r.relay,
+                r.limit,
+                r.peak_limit,
+                if r.adaptive { ", auto" } else { ", fixed" },
+                m.deferred,
+                m.connection,
+                m.stall,
+                m.queue
+            );
+        }
         if let Some(reason) = &summary.breaker {
             eprintln!("blast: {}: PAUSED by the circuit breaker: {reason}; fix the relay, then `blast resume`", summary.campaign);
         }

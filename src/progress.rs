@@ -53,6 +53,24 @@ impl Progress {
     }
 }
 
+/// Each relay's limit and marks: `limit 12 marks 3` for one relay,
+/// `limits 12/8 marks 3/0` for several.
+fn limits(stats: &Stats) -> String {
+    let Some(relays) = stats.relays.get() else {
+        return String::new();
+    };
+    let snaps: Vec<_> = relays.iter().map(|(_, g)| g.snapshot()).collect();
+    let join = |f: &dyn Fn(&crate::adaptive::Aimd) -> String| {
+        snaps.iter().map(f).collect::<Vec<_>>().join("/")
+    };
+    format!(
+        "limit{} {} marks {}",
+        if snaps.len() > 1 { "s" } else { "" },
+        join(&|a| a.limit().to_string()),
+        join(&|a| a.marks().total().to_string())
+    )
+}
+
 /// One status line's numbers.
 fn counts(stats: &Stats) -> (u64, u64, u64, u64) {
     (
@@ -80,8 +98,10 @@ async fn show_bar(name: String, stats: Arc<Stats>, stop: CancellationToken) {
         bar.set_position(sent + failed + deferred);
         let lat = stats.latency_summary();
         let mut msg = format!(
-            "sent {sent} failed {failed} deferred {deferred} smtp p50 {:.1}ms p99 {:.1}ms",
-            lat.p50, lat.p99
+            "sent {sent} failed {failed} deferred {deferred} smtp p50 {:.1}ms p99 {:.1}ms {}",
+            lat.p50,
+            lat.p99,
+            limits(&stats)
         );
         if retries > 0 {
             msg.push_str(&format!(" reconnects {retries}"));
@@ -115,9 +135,10 @@ async fn show_lines(name: String, stats: Arc<Stats>, stop: CancellationToken) {
         };
         let lat = stats.latency_summary();
         eprintln!(
-            "blast: {name}: {done}/{total} sent={sent} failed={failed} deferred={deferred} reconnects={retries} rate={rate:.0}/s smtp_p50={:.1}ms smtp_p99={:.1}ms elapsed={}s{eta}",
+            "blast: {name}: {done}/{total} sent={sent} failed={failed} deferred={deferred} reconnects={retries} rate={rate:.0}/s smtp_p50={:.1}ms smtp_p99={:.1}ms {} elapsed={}s{eta}",
             lat.p50,
             lat.p99,
+            limits(&stats).replacen(' ', "=", 1).replace(" marks ", " marks="),
             start.elapsed().as_secs()
         );
     }

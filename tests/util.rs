@@ -124,7 +124,7 @@ impl World {
             smtp: sink
                 .map(|s| vec![format!("smtp://{}", s.local_addr())])
                 .unwrap_or_default(),
-            concurrency: Some(concurrency),
+            concurrency: Some(blast::config::Concurrency::Fixed(concurrency)),
             ..Default::default()
         };
         Config::load(path, &overrides).unwrap()
