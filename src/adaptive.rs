@@ -36,11 +36,16 @@ const WINDOW_RTTS: u32 = 4;
 /// Multiplicative decrease on a marked window.
 const DECREASE: f64 = 0.5;
 /// A transaction is a stall after this many minimum round trips...
-const STALL_RTTS: u32 = 20;
-/// ...but never less than this.
+const STALL_RTTS: u32 = 8;
+/// ...but never less than this...
 pub const STALL_MIN: Duration = Duration::from_millis(250);
+/// ...and never more: Postfix's in-flow stall lasts up to 1 s, and it must
+/// be seen while it lasts even after the relay's pace slowed for good (a
+/// local MTA answers in milliseconds; a relay slower than this always
+/// counts as congested).
+pub const STALL_MAX: Duration = Duration::from_millis(750);
 /// Before any round trip is measured.
-const STALL_DEFAULT: Duration = Duration::from_secs(1);
+const STALL_DEFAULT: Duration = STALL_MAX;
 /// The minimum round trip is forgotten after this many windows, so a relay
 /// that got slower for good is judged by its new pace.
 const RTT_EPOCH_WINDOWS: u64 = 50;
@@ -226,8 +231,9 @@ impl Aimd {
 
     /// How long a transaction may be outstanding before it counts as a stall.
     pub fn stall_threshold(&self) -> Duration {
-        self.min_rtt
-            .map_or(STALL_DEFAULT, |r| (r * STALL_RTTS).max(STALL_MIN))
+        self.min_rtt.map_or(STALL_DEFAULT, |r| {
+            (r * STALL_RTTS).clamp(STALL_MIN, STALL_MAX)
+        })
     }
 
     /// Closes the window if it is over: one limit update per window.
@@ -407,7 +413,12 @@ mod tests {
     /// Runs windows where the sender keeps the limit full and every
     /// transaction takes `rtt`; `marked(window)` says whether that window
     /// sees a mark. Returns the limit after each window.
-    fn drive(a: &mut Aimd, start: Instant, windows: u64, marked: impl Fn(u64) -> bool) -> Vec<usize> {
+    fn drive(
+        a: &mut Aimd,
+        start: Instant,
+        windows: u64,
+        marked: impl Fn(u64) -> bool,
+    ) -> Vec<usize> {
         let mut out = Vec::new();
         let w = 100;
         for i in 0..windows {
@@ -485,7 +496,7 @@ mod tests {
         a.begin();
         a.release(t0, Some(Duration::from_millis(40)), None);
         assert_eq!(a.window(), Duration::from_millis(160));
-        assert_eq!(a.stall_threshold(), Duration::from_millis(800));
+        assert_eq!(a.stall_threshold(), Duration::from_millis(320));
         assert!(a.try_acquire(t0));
         a.begin();
         a.release(t0, Some(Duration::from_millis(2)), None);
@@ -505,8 +516,8 @@ mod tests {
         gate.begin(&mut p);
         tokio::time::advance(Duration::from_millis(500)).await;
         gate.watch();
-        assert_eq!(gate.snapshot().marks().stall, 0, "under the 1 s default");
-        tokio::time::advance(Duration::from_millis(600)).await;
+        assert_eq!(gate.snapshot().marks().stall, 0, "under the 750 ms default");
+        tokio::time::advance(Duration::from_millis(300)).await;
         gate.watch();
         let s = gate.snapshot();
         assert_eq!(s.marks().stall, 1, "marked before it ended");

@@ -120,7 +120,8 @@ pub async fn send_with_abort(
         relays,
         initial_limits: match cfg.delivery.concurrency {
             Concurrency::Auto { .. } if cfg.dry_run.is_none() => {
-                let names: Vec<String> = cfg.delivery.relays.iter().map(|r| r.to_string()).collect();
+                let names: Vec<String> =
+                    cfg.delivery.relays.iter().map(|r| r.to_string()).collect();
                 ledger::relay_limits(&db, &names).await?
             }
             _ => Vec::new(),

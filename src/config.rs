@@ -610,8 +610,9 @@ impl Config {
         }
         let concurrency = match (overrides.concurrency, d.concurrency) {
             (Some(c), _) => c,
-            (None, Some(ConcurrencyFile::Number(n))) => Concurrency::parse(&n.to_string())
-                .map_err(|m| err("delivery.concurrency", m))?,
+            (None, Some(ConcurrencyFile::Number(n))) => {
+                Concurrency::parse(&n.to_string()).map_err(|m| err("delivery.concurrency", m))?
+            }
             (None, Some(ConcurrencyFile::Text(t))) => {
                 Concurrency::parse(&t).map_err(|m| err("delivery.concurrency", m))?
             }

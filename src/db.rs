@@ -41,7 +41,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "inbound",
         include_str!("../schema/sqlite/0003_inbound.sql"),
     ),
-    (4, "relays", include_str!("../schema/sqlite/0004_relays.sql")),
+    (
+        4,
+        "relays",
+        include_str!("../schema/sqlite/0004_relays.sql"),
+    ),
 ];
 /// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -56,7 +60,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         "inbound",
         include_str!("../schema/postgres/0003_inbound.sql"),
     ),
-    (4, "relays", include_str!("../schema/postgres/0004_relays.sql")),
+    (
+        4,
+        "relays",
+        include_str!("../schema/postgres/0004_relays.sql"),
+    ),
 ];
 
 impl Db {

@@ -165,7 +165,11 @@ pub async fn relay_limits(db: &Db, relays: &[String]) -> Result<Vec<Option<usize
                 .bind(r)
                 .fetch_optional(db.pool())
                 .await?;
-        out.push(limit.and_then(|l| usize::try_from(l).ok()).filter(|l| *l > 0));
+        out.push(
+            limit
+                .and_then(|l| usize::try_from(l).ok())
+                .filter(|l| *l > 0),
+        );
     }
     Ok(out)
 }

@@ -31,8 +31,8 @@
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub, rust_2018_idioms)]
 
-pub mod bounce;
 pub mod adaptive;
+pub mod bounce;
 pub mod campaign;
 pub mod cli;
 pub mod clock;

@@ -7,6 +7,8 @@
 //! dropped connections, slow replies) so the sending side can be tested against
 //! a misbehaving MTA without a real one.
 
+pub mod load;
+
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{self, Write as _};
@@ -131,6 +133,10 @@ pub struct Faults {
     /// `(530, "5.7.0", "Authentication required")`. A code >= 400 refuses the
     /// transaction; a lower code accepts it with this reply.
     pub mail_reply: Option<(u16, String, String)>,
+    /// A busy-MTA model shared by all connections (service time growing
+    /// with load, a draining queue, stalls, 452/421 past limits, scripted
+    /// slowdowns and outages); see [`load`].
+    pub load: Option<Arc<load::LoadModel>>,
 }
 
 /// Counters of a sink, as returned by [`Sink::stats`].
@@ -646,6 +652,13 @@ impl Session {
     }
 
     async fn command_loop(&mut self) -> Result<(), SessionError> {
+        if let Some(m) = &self.shared.config.faults.load {
+            if m.outage() {
+                // A scripted outage: refuse the connection as a down MTA would.
+                self.reply("421 4.3.2 Service not available");
+                return self.flush().await;
+            }
+        }
         self.out.extend_from_slice(&self.shared.greeting);
         loop {
             let flow = match self.read_line().await? {
@@ -1074,6 +1087,28 @@ impl Session {
         if let Some(delay) = config.faults.latency {
             self.flush().await?;
             tokio::time::sleep(delay).await;
+        }
+        if let Some(model) = &config.faults.load {
+            match model.admit() {
+                load::Verdict::Accept(wait) => {
+                    self.flush().await?;
+                    tokio::time::sleep(wait).await;
+                    model.done(true);
+                }
+                load::Verdict::Refuse(wait, line) => {
+                    self.flush().await?;
+                    tokio::time::sleep(wait).await;
+                    model.done(false);
+                    self.tx.reset();
+                    self.reply(&line);
+                    return Ok(Flow::Continue);
+                }
+                load::Verdict::Close(line) => {
+                    self.tx.reset();
+                    self.reply(&line);
+                    return Ok(Flow::Close);
+                }
+            }
         }
         let queue_id = next_queue_id();
         let mail_from = self.tx.mail_from.take().unwrap_or_default();

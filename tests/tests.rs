@@ -3,6 +3,8 @@
 
 mod util;
 
+/// `concurrency = "auto"` against the sink's load model, on paused time.
+mod adaptive;
 /// Bad input: config, templates, broken rows, unreachable relays.
 mod bad_input;
 /// `blast bounce ingest` from Maildir, mbox and stdin; soft-bounce scoring.

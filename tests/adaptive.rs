@@ -1,0 +1,333 @@
+//! `concurrency = "auto"` against the sink's load model, on paused tokio
+//! time (deterministic, and a minute of modelled traffic takes a second):
+//! throughput against the modelled delivery rate, queue bounds, recovery
+//! after a step change, shares between relays, and an outage of one relay.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use blast::campaign::{self, RunOptions, Stats, Summary};
+use blast::config::{Concurrency, MessageConfig, Relay, TemplateSource, Unsubscribe};
+use blast::ledger::MemoryLedger;
+use blast::render::{Identity, Renderer};
+use blast::sign::{Pattern, Var};
+use blast::sink::load::{LoadConfig, LoadModel, Phase};
+use blast::sink::{Faults, Sink, SinkConfig};
+use blast::source::{Recipient, Source};
+use blast::transport::smtp::Smtp;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// `n` recipients, served in pages of 1000, each page after `pace`.
+struct VecSource {
+    next: i64,
+    n: i64,
+    pace: Duration,
+}
+
+impl Source for VecSource {
+    async fn next_page(&mut self) -> blast::Result<Vec<Recipient>> {
+        tokio::time::sleep(self.pace).await;
+        let end = (self.next + 1000).min(self.n + 1);
+        let page = (self.next..end)
+            .map(|i| Recipient::new(i, &format!("user{i}@example.com"), Default::default()))
+            .collect();
+        self.next = end;
+        Ok(page)
+    }
+}
+
+fn renderer() -> Arc<Renderer> {
+    let message = MessageConfig {
+        from: "News <news@example.com>".into(),
+        reply_to: None,
+        to_name: None,
+        subject: "Hello {{ id }}".into(),
+        text: Some(TemplateSource {
+            name: "t.txt".into(),
+            body: "Hello {{ email }}\n".into(),
+        }),
+        html: None,
+        headers: Vec::new(),
+        envelope_from: "bounces@example.com".into(),
+        verp: None,
+        unsubscribe: Unsubscribe {
+            url: Pattern::parse("https://l.example.com/u/{token}", &[Var::Token]).unwrap(),
+            mailto: Pattern::parse("u+{token}@example.com", &[Var::Token]).unwrap(),
+        },
+    };
+    Arc::new(Renderer::compile(&message, &Default::default(), Identity::default()).unwrap())
+}
+
+/// One run's results.
+struct Run {
+    summary: Summary,
+    /// Virtual seconds.
+    seconds: f64,
+    models: Vec<Arc<LoadModel>>,
+    sinks: Vec<Vec<blast::sink::Received>>,
+    /// (virtual seconds, limit per relay, accepted per relay) every 100 ms.
+    samples: Vec<(f64, Vec<usize>, Vec<u64>)>,
+}
+
+async fn run(models: Vec<LoadConfig>, n: i64, concurrency: Concurrency) -> Run {
+    run_paced(models, n, concurrency, Duration::ZERO).await
+}
+
+/// [`run`], with the audience arriving 1000 recipients per `pace`.
+async fn run_paced(
+    models: Vec<LoadConfig>,
+    n: i64,
+    concurrency: Concurrency,
+    pace: Duration,
+) -> Run {
+    let models: Vec<Arc<LoadModel>> = models
+        .into_iter()
+        .map(|m| Arc::new(LoadModel::new(m)))
+        .collect();
+    let mut sinks: Vec<Sink> = Vec::new();
+    for m in &models {
+        let s = Sink::start(SinkConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            keep_messages: true,
+            faults: Faults {
+                load: Some(m.clone()),
+                ..Default::default()
+            },
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        sinks.push(s);
+    }
+    let relays: Vec<Relay> = sinks
+        .iter()
+        .map(|s| Relay {
+            host: "127.0.0.1".into(),
+            port: s.local_addr().port(),
+            user: None,
+        })
+        .collect();
+    let transport = Arc::new(Smtp::new(
+        relays.clone(),
+        "localhost".into(),
+        Duration::from_secs(30),
+        None,
+    ));
+    let stats = Arc::new(Stats::new(concurrency.injectors(relays.len())));
+    let opts = RunOptions {
+        concurrency,
+        relays: relays.len(),
+        initial_limits: Vec::new(),
+        rate: 0,
+        breaker_threshold: 0,
+        abort: CancellationToken::new(),
+        suppressions: Default::default(),
+    };
+    let start = Instant::now();
+    let samples = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = {
+        let (stats, models, samples) = (stats.clone(), models.clone(), samples.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let limits = stats
+                    .relays
+                    .get()
+                    .map(|r| r.iter().map(|(_, g)| g.snapshot().limit()).collect())
+                    .unwrap_or_default();
+                let accepted = models.iter().map(|m| m.stats().accepted).collect();
+                samples
+                    .lock()
+                    .unwrap()
+                    .push((start.elapsed().as_secs_f64(), limits, accepted));
+            }
+        })
+    };
+    let summary = campaign::run(
+        "model",
+        VecSource { next: 1, n, pace },
+        renderer(),
+        transport,
+        MemoryLedger::new(),
+        &opts,
+        stats,
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    let seconds = start.elapsed().as_secs_f64();
+    sampler.abort();
+    let samples = std::mem::take(&mut *samples.lock().unwrap());
+    let mut received = Vec::new();
+    for s in sinks {
+        received.push(s.shutdown().await);
+    }
+    Run {
+        summary,
+        seconds,
+        models,
+        sinks: received,
+        samples,
+    }
+}
+
+/// A Postfix-like MTA: 2 ms per message, +0.2 ms per other transaction,
+/// delivering `rate` messages/s, stalling 1 s above 500 queued, full at 5000.
+fn postfix_like(rate: f64) -> LoadConfig {
+    LoadConfig {
+        base: Duration::from_millis(2),
+        per_in_flight: Duration::from_micros(200),
+        delivery_rate: rate,
+        stall_queue: 500,
+        stall: Duration::from_secs(1),
+        full_queue: 5000,
+        ..Default::default()
+    }
+}
+
+fn auto() -> Concurrency {
+    Concurrency::Auto { max: 64 }
+}
+
+fn every_recipient_once(r: &Run, n: i64) {
+    let mut seen = std::collections::HashSet::new();
+    for m in r.sinks.iter().flatten() {
+        assert!(seen.insert(m.rcpt_to[0].clone()), "{} twice", m.rcpt_to[0]);
+    }
+    assert_eq!(seen.len() as i64, n, "every recipient delivered");
+}
+
+#[tokio::test(start_paused = true)]
+async fn auto_keeps_up_with_the_delivery_rate_and_bounds_the_queue() {
+    let n = 30_000;
+    let r = run(vec![postfix_like(2000.0)], n, auto()).await;
+    let rate = n as f64 / r.seconds;
+    let q = r.models[0].stats();
+    eprintln!(
+        "auto: {rate:.0} msg/s over {:.1}s, max queue {:.0}, refused {}, relays {:?}",
+        r.seconds, q.max_queue, q.refused, r.summary.relays
+    );
+    assert_eq!(r.summary.sent, n as u64);
+    every_recipient_once(&r, n);
+    assert!(
+        rate >= 0.95 * 2000.0,
+        "{rate:.0} msg/s is under 95% of 2000"
+    );
+    assert!(q.max_queue < 2000.0, "queue bounded: {:.0}", q.max_queue);
+    assert_eq!(q.refused, 0, "never filled the queue");
+    assert!(r.summary.relays[0].adaptive);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_comes_down_when_delivery_collapses() {
+    // At 3 s delivery drops 40-fold (to 50/s): arrivals now wait the whole
+    // in-flow delay (1 s) and the queue would grow without end at 64
+    // connections. Auto sees the stalls while they happen and backs off.
+    let n = 9_000;
+    let mut model = postfix_like(2000.0);
+    model.phases = vec![(Duration::from_secs(3), Phase::Slow(40.0))];
+    let r = run(vec![model], n, auto()).await;
+    let q = r.models[0].stats();
+    let limits_after: Vec<usize> = r
+        .samples
+        .iter()
+        .filter(|s| s.0 >= 6.0)
+        .map(|s| s.1[0])
+        .collect();
+    let max_after = limits_after.iter().copied().max().unwrap_or(0);
+    eprintln!(
+        "collapse: {:.1}s, max queue {:.0}, refused {}, limit after 3 s {max_after}, {:?}",
+        r.seconds, q.max_queue, q.refused, r.summary.relays
+    );
+    every_recipient_once(&r, n);
+    assert_eq!(q.refused, 0, "never filled the queue");
+    // A stall is a wait past 8 minimum round trips (here the 750 ms cap):
+    // at 50 tokens/s that is about 37 in flight. Within 30 windows (3 s)
+    // the limit is below that and stays there, a sawtooth under the stall.
+    assert!(
+        max_after <= 40,
+        "limit after the collapse: {limits_after:?}"
+    );
+    assert!(q.max_queue < 1000.0, "queue bounded: {:.0}", q.max_queue);
+    let relay = &r.summary.relays[0];
+    assert!(relay.marks.stall > 0, "{relay:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_limit_converges_below_a_connection_cap_within_ten_windows() {
+    // At 2 s the MTA starts refusing (421) beyond 8 transactions in flight.
+    let n = 30_000;
+    let mut model = postfix_like(0.0);
+    model.phases = vec![(Duration::from_secs(2), Phase::Cap(8))];
+    let r = run(vec![model], n, auto()).await;
+    every_recipient_once(&r, n);
+    let before = r
+        .samples
+        .iter()
+        .filter(|s| s.0 < 2.0)
+        .map(|s| s.1[0])
+        .max()
+        .unwrap();
+    let after: Vec<usize> = r
+        .samples
+        .iter()
+        .filter(|s| s.0 >= 3.0)
+        .map(|s| s.1[0])
+        .collect();
+    eprintln!("cap: before {before}, after {after:?}");
+    assert!(before > 8, "grew past the cap before it existed: {before}");
+    assert!(
+        !after.is_empty() && after.iter().all(|l| *l <= 9),
+        "{after:?}"
+    );
+    let relay = &r.summary.relays[0];
+    assert!(relay.marks.connection > 0, "{relay:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn two_relays_share_by_capacity() {
+    let n = 30_000;
+    let r = run(vec![postfix_like(3000.0), postfix_like(1000.0)], n, auto()).await;
+    every_recipient_once(&r, n);
+    let a = r.sinks[0].len() as f64 / n as f64;
+    eprintln!("shares {a:.2}/{:.2} in {:.1}s", 1.0 - a, r.seconds);
+    assert!(
+        (0.65..=0.85).contains(&a),
+        "relay A (3/4 of the capacity) got {a:.2}"
+    );
+    for m in &r.models {
+        assert!(m.stats().max_queue < 2000.0);
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_outage_moves_traffic_to_the_other_relay_and_back() {
+    let n = 30_000;
+    // 3000 msg/s in all, over two relays that could each take all of it.
+    let mut b = postfix_like(0.0);
+    b.phases = vec![
+        (Duration::from_secs(3), Phase::Outage),
+        (Duration::from_secs(6), Phase::Normal),
+    ];
+    let r = run_paced(
+        vec![postfix_like(0.0), b],
+        n,
+        auto(),
+        Duration::from_millis(333),
+    )
+    .await;
+    every_recipient_once(&r, n);
+    let at = |t: f64, i: usize| r.samples.iter().find(|s| s.0 >= t).map(|s| s.2[i]).unwrap();
+    let (a_before, a_during) = (at(3.0, 0) - at(1.0, 0), at(5.5, 0) - at(3.5, 0));
+    let b_during = at(5.5, 1) - at(3.5, 1);
+    let b_after = at(9.0, 1) - at(7.0, 1);
+    eprintln!("A {a_before} then {a_during}; B {b_during} during, {b_after} after");
+    assert_eq!(b_during, 0, "nothing accepted by the relay that is down");
+    assert!(
+        a_during as f64 > 1.6 * a_before as f64,
+        "A took over: {a_before} -> {a_during}"
+    );
+    assert!(r.summary.relays[1].marks.connection > 0);
+    assert!(b_after > 0, "traffic came back to B");
+}
