@@ -30,7 +30,7 @@ impl Source for VecSource {
         tokio::time::sleep(self.pace).await;
         let end = (self.next + 1000).min(self.n + 1);
         let page = (self.next..end)
-            .map(|i| Recipient::new(i, &format!("user{i}@example.com"), Default::default()))
+            .map(|i| Recipient::new(i, format!("user{i}@example.com"), Default::default()))
             .collect();
         self.next = end;
         Ok(page)
