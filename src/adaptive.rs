@@ -19,8 +19,8 @@
 //! nothing and knows no SMTP.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -278,11 +278,35 @@ pub struct Permit {
     started: Option<Instant>,
 }
 
-/// One relay's limit shared by its injectors, plus the outstanding
-/// transactions the stall watchdog looks at.
+/// Consecutive connection failures that open a relay's circuit.
+pub const OPEN_AFTER_FAILURES: u32 = 3;
+/// Consecutive 4xx replies that open a relay's circuit.
+pub const OPEN_AFTER_DEFERRALS: u32 = 20;
+/// First wait before a half-open probe; doubles per failed probe.
+const REOPEN_MIN: Duration = Duration::from_secs(1);
+/// Longest wait before a probe.
+const REOPEN_MAX: Duration = Duration::from_secs(60);
+
+/// A relay's circuit: closed (in use), open (skipped until `open_until`),
+/// then half-open (one probe transaction decides).
+#[derive(Debug, Default)]
+struct Health {
+    failures: u32,
+    deferrals: u32,
+    open_until: Option<Instant>,
+    reopen: Duration,
+    probing: bool,
+    opened: u64,
+}
+
+/// One relay's limit shared by its injectors, its circuit breaker, plus the
+/// outstanding transactions the stall watchdog looks at.
 #[derive(Debug)]
 pub struct Gate {
     aimd: Mutex<Aimd>,
+    health: Mutex<Health>,
+    /// Relays of this run whose circuit is closed; the last one never opens.
+    healthy: Arc<AtomicUsize>,
     /// Outstanding permits: start time, and whether already marked as a stall.
     outstanding: Mutex<HashMap<u64, (Instant, bool)>>,
     next_id: AtomicU64,
@@ -290,10 +314,21 @@ pub struct Gate {
 }
 
 impl Gate {
-    /// A gate around `aimd`.
+    /// A gate around `aimd`, for a run with this one relay.
     pub fn new(aimd: Aimd) -> Gate {
+        Gate::with_health(aimd, Arc::new(AtomicUsize::new(1)))
+    }
+
+    /// A gate around `aimd` whose circuit may open while another relay
+    /// sharing `healthy` (the count of closed circuits) is still usable.
+    pub fn with_health(aimd: Aimd, healthy: Arc<AtomicUsize>) -> Gate {
         Gate {
             aimd: Mutex::new(aimd),
+            health: Mutex::new(Health {
+                reopen: REOPEN_MIN,
+                ..Default::default()
+            }),
+            healthy,
             outstanding: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             changed: Notify::new(),
@@ -304,19 +339,108 @@ impl Gate {
         self.aimd.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Waits for a free slot under the current limit.
+    fn health(&self) -> std::sync::MutexGuard<'_, Health> {
+        self.health.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits for a free slot under the current limit, while the relay's
+    /// circuit is closed (or for the one probe when it is half-open).
     pub async fn acquire(&self) -> Permit {
         loop {
             // Register interest before checking, so a release in between is not missed.
             let notified = self.changed.notified();
-            if self.lock().try_acquire(Instant::now()) {
-                let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                return Permit { id, started: None };
+            let now = Instant::now();
+            let wait = {
+                let mut h = self.health();
+                match h.open_until {
+                    Some(t) if now < t => Some(t - now),
+                    // Half-open: one probe at a time.
+                    Some(_) if h.probing => Some(WINDOW_MIN),
+                    Some(_) => {
+                        if self.lock().try_acquire(now) {
+                            h.probing = true;
+                            None
+                        } else {
+                            Some(WINDOW_MIN)
+                        }
+                    }
+                    None if self.lock().try_acquire(now) => None,
+                    // The limit may also grow with time alone (a window closing).
+                    None => Some(self.lock().window()),
+                }
+            };
+            match wait {
+                None => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    return Permit { id, started: None };
+                }
+                Some(wait) => {
+                    let _ = tokio::time::timeout(wait, notified).await;
+                }
             }
-            // The limit may also grow with time alone (a window closing).
-            let wait = self.lock().window();
-            let _ = tokio::time::timeout(wait, notified).await;
         }
+    }
+
+    /// Updates the circuit with one transaction's result.
+    fn observe(&self, now: Instant, mark: Option<Mark>) {
+        let mut h = self.health();
+        let open = |h: &mut Health, reopen: Duration| {
+            // Jitter keeps relays that failed together from probing together.
+            let jitter = Duration::from_millis(u64::from(clock_jitter()) % 250);
+            h.open_until = Some(now + reopen + jitter);
+            h.probing = false;
+        };
+        match mark {
+            Some(Mark::Connection | Mark::Deferred) if h.probing => {
+                // The probe failed: stay open, wait twice as long.
+                h.reopen = (h.reopen * 2).min(REOPEN_MAX);
+                let r = h.reopen;
+                open(&mut h, r);
+            }
+            Some(m @ (Mark::Connection | Mark::Deferred)) => {
+                match m {
+                    Mark::Connection => h.failures += 1,
+                    _ => h.deferrals += 1,
+                }
+                let tripped =
+                    h.failures >= OPEN_AFTER_FAILURES || h.deferrals >= OPEN_AFTER_DEFERRALS;
+                // Never open the last usable relay: it is all there is.
+                if tripped
+                    && h.open_until.is_none()
+                    && self
+                        .healthy
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n > 1).then(|| n - 1)
+                        })
+                        .is_ok()
+                {
+                    h.opened += 1;
+                    h.reopen = REOPEN_MIN;
+                    open(&mut h, REOPEN_MIN);
+                }
+            }
+            // A stall or queue mark says "slower", not "broken".
+            Some(Mark::Stall | Mark::Queue) => {}
+            None => {
+                if h.open_until.take().is_some() {
+                    self.healthy.fetch_add(1, Ordering::AcqRel);
+                }
+                h.probing = false;
+                h.failures = 0;
+                h.deferrals = 0;
+                h.reopen = REOPEN_MIN;
+            }
+        }
+    }
+
+    /// True while the relay's circuit is open or half-open.
+    pub fn is_open(&self) -> bool {
+        self.health().open_until.is_some()
+    }
+
+    /// How many times the relay's circuit opened.
+    pub fn times_opened(&self) -> u64 {
+        self.health().opened
     }
 
     /// The permit's transaction starts now (the watchdog starts watching it).
@@ -356,6 +480,7 @@ impl Gate {
             .remove(&permit.id)
             .is_some_and(|(_, marked)| marked);
         let rtt = now.duration_since(started);
+        self.observe(now, mark);
         let mark = mark.filter(|_| !stalled);
         // A stalled transaction's round trip is no sample of the relay's pace.
         let sample = (!stalled && mark.is_none()).then_some(rtt);
@@ -400,6 +525,11 @@ impl Gate {
     pub fn snapshot(&self) -> Aimd {
         self.lock().clone()
     }
+}
+
+/// A few bits of noise for jitter (no RNG needed for that).
+fn clock_jitter() -> u32 {
+    crate::clock::now().nanosecond()
 }
 
 #[cfg(test)]
@@ -542,6 +672,50 @@ mod tests {
             .unwrap();
         gate.cancel(q);
         assert_eq!(gate.snapshot().in_flight(), 0);
+    }
+
+    async fn fail(gate: &Gate, mark: Mark) {
+        let mut p = gate.acquire().await;
+        gate.begin(&mut p);
+        gate.release(p, Some(mark));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_circuit_opens_probes_once_and_closes_but_never_for_the_last_relay() {
+        let healthy = Arc::new(AtomicUsize::new(2));
+        let now = Instant::now();
+        let a = Gate::with_health(Aimd::fixed(4, now), healthy.clone());
+        let b = Gate::with_health(Aimd::fixed(4, now), healthy.clone());
+        for _ in 0..OPEN_AFTER_FAILURES {
+            fail(&a, Mark::Connection).await;
+        }
+        assert!(a.is_open());
+        assert_eq!(healthy.load(Ordering::Acquire), 1);
+        // B is now the last usable relay: its failures do not open it.
+        for _ in 0..OPEN_AFTER_FAILURES * 2 {
+            fail(&b, Mark::Connection).await;
+        }
+        assert!(!b.is_open(), "the last healthy relay stays in use");
+        // A is skipped until its reopen time, then lets exactly one probe through.
+        let t = Instant::now();
+        let mut probe = a.acquire().await;
+        assert!(t.elapsed() >= REOPEN_MIN, "waited {:?}", t.elapsed());
+        let second = tokio::time::timeout(Duration::from_millis(500), a.acquire()).await;
+        assert!(second.is_err(), "one probe at a time");
+        // The probe fails: open again, twice as long.
+        a.begin(&mut probe);
+        a.release(probe, Some(Mark::Connection));
+        let t = Instant::now();
+        let mut probe = a.acquire().await;
+        assert!(t.elapsed() >= REOPEN_MIN * 2, "waited {:?}", t.elapsed());
+        // It succeeds: closed, usable again by everyone.
+        a.begin(&mut probe);
+        a.release(probe, None);
+        assert!(!a.is_open());
+        assert_eq!(healthy.load(Ordering::Acquire), 2);
+        assert_eq!(a.times_opened(), 1);
+        let _p1 = a.acquire().await;
+        let _p2 = a.acquire().await;
     }
 
     #[test]

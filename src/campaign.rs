@@ -93,6 +93,9 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Recipients skipped because their address is suppressed.
     pub suppressed: AtomicU64,
+    /// Messages sent again after a connection was lost between their data
+    /// and the reply (the MTA may have them twice).
+    pub possibly_duplicated: AtomicU64,
     /// Pending recipients at start, once known (0 = unknown).
     pub total: AtomicU64,
     /// Each relay's name and concurrency gate, once the run has started.
@@ -160,6 +163,7 @@ impl Stats {
             deferred: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            possibly_duplicated: AtomicU64::new(0),
             total: AtomicU64::new(0),
             relays: std::sync::OnceLock::new(),
         }
@@ -214,6 +218,9 @@ pub struct Summary {
     pub retries: u64,
     /// Skipped: address on the suppression list.
     pub suppressed: u64,
+    /// Sent again after a connection was lost between their data and the
+    /// reply: the MTA may have delivered them twice (noted in the ledger).
+    pub possibly_duplicated: u64,
     /// Why the circuit breaker paused the campaign, if it did.
     pub breaker: Option<String>,
     /// Recipients whose refusals the breaker attributes to the relay (to be
@@ -251,6 +258,9 @@ pub struct RelaySummary {
     pub marks: crate::adaptive::Marks,
     /// The relay's minimum round trip, milliseconds.
     pub min_rtt_ms: Option<f64>,
+    /// How many times its circuit opened (connection failures or a burst of
+    /// 4xx), sending its traffic to the other relays.
+    pub circuit_opened: u64,
 }
 
 impl Stats {
@@ -269,6 +279,7 @@ impl Stats {
                             peak_limit: a.peak_limit(),
                             marks: a.marks(),
                             min_rtt_ms: a.min_rtt().map(|d| d.as_secs_f64() * 1000.0),
+                            circuit_opened: g.times_opened(),
                         }
                     })
                     .collect()
@@ -428,6 +439,98 @@ struct Job {
     out: Outgoing,
     attempts: u32,
     first_attempt_at: Option<String>,
+    /// A connection was lost after this message's data was sent, before the
+    /// reply: the MTA may have accepted it already.
+    ambiguous: bool,
+}
+
+/// Appended to the ledger's reply text of a message sent again after an
+/// ambiguous loss.
+pub const AMBIGUOUS_NOTE: &str =
+    "[possibly duplicated: an earlier connection was lost after the message data]";
+
+/// Where injectors get work: messages requeued after a failed session
+/// first, then freshly rendered ones. The queue is done when the renderers
+/// are done, nothing is requeued, and no injector holds a message that it
+/// might still requeue.
+struct Work {
+    fresh: Mutex<mpsc::Receiver<Job>>,
+    retry_tx: mpsc::Sender<Job>,
+    retry_rx: Mutex<mpsc::Receiver<Job>>,
+    /// Messages taken by injectors and not yet recorded.
+    in_hand: AtomicU64,
+    /// Messages in the retry queue.
+    queued: AtomicU64,
+    fresh_done: std::sync::atomic::AtomicBool,
+}
+
+impl Work {
+    /// `injectors` bounds the retry queue: each requeued message comes from
+    /// an injector's hand, so it never fills.
+    fn new(fresh: mpsc::Receiver<Job>, injectors: usize) -> Work {
+        let (retry_tx, retry_rx) = mpsc::channel(injectors.max(1));
+        Work {
+            fresh: Mutex::new(fresh),
+            retry_tx,
+            retry_rx: Mutex::new(retry_rx),
+            in_hand: AtomicU64::new(0),
+            queued: AtomicU64::new(0),
+            fresh_done: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    /// The next message, or `None` when all work is done or `stop` is cancelled.
+    async fn next(&self, stop: &CancellationToken) -> Option<Job> {
+        loop {
+            let fresh_done = self.fresh_done.load(Ordering::Acquire);
+            if fresh_done
+                && self.in_hand.load(Ordering::Acquire) == 0
+                && self.queued.load(Ordering::Acquire) == 0
+            {
+                return None;
+            }
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return None,
+                job = async { self.retry_rx.lock().await.recv().await } => {
+                    if let Some(job) = job {
+                        // Count it in hand before it leaves the queue count.
+                        self.in_hand.fetch_add(1, Ordering::AcqRel);
+                        self.queued.fetch_sub(1, Ordering::AcqRel);
+                        return Some(job);
+                    }
+                }
+                job = async { self.fresh.lock().await.recv().await }, if !fresh_done => {
+                    match job {
+                        Some(job) => {
+                            self.in_hand.fetch_add(1, Ordering::AcqRel);
+                            return Some(job);
+                        }
+                        None => self.fresh_done.store(true, Ordering::Release),
+                    }
+                }
+                // Requeues may still come from injectors holding messages.
+                _ = tokio::time::sleep(Duration::from_millis(20)), if fresh_done => {}
+            }
+        }
+    }
+
+    /// The message taken by [`Work::next`] has an outcome (or was dropped at a stop).
+    fn finished(&self) {
+        self.in_hand.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Puts a message back for any injector (any relay) to send.
+    fn requeue(&self, job: Job) {
+        self.queued.fetch_add(1, Ordering::AcqRel);
+        match self.retry_tx.try_send(job) {
+            Ok(()) => {}
+            // Cannot happen (bounded by the number of injectors); if it
+            // did, the message would be lost, so panic loudly instead.
+            Err(e) => panic!("retry queue full: {e}"),
+        }
+        self.in_hand.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Runs the pipeline until the source is exhausted or `stop` is cancelled.
@@ -456,14 +559,16 @@ where
         mpsc::channel::<Job>((injectors_n * QUEUE_PER_INJECTOR).clamp(QUEUE_MIN, QUEUE_MAX));
     // One gate per relay: the number of its transactions in flight.
     let now = tokio::time::Instant::now();
+    let healthy = Arc::new(std::sync::atomic::AtomicUsize::new(relays));
     let gates: Vec<Arc<Gate>> = (0..relays)
         .map(|r| {
-            Arc::new(Gate::new(match opts.concurrency {
+            let aimd = match opts.concurrency {
                 Concurrency::Fixed(n) => Aimd::fixed(n / relays + usize::from(r < n % relays), now),
                 Concurrency::Auto { max } => {
                     Aimd::adaptive(opts.initial_limits.get(r).copied().flatten(), max, now)
                 }
-            }))
+            };
+            Arc::new(Gate::with_health(aimd, healthy.clone()))
         })
         .collect();
     let _ = stats.relays.set(
@@ -491,7 +596,7 @@ where
         (done, task)
     };
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
-    let job_rx = Arc::new(Mutex::new(job_rx));
+    let work = Arc::new(Work::new(job_rx, injectors_n));
     let limiter =
         NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
     let breaker = Arc::new(Breaker::new(opts.breaker_threshold));
@@ -515,7 +620,7 @@ where
             relay: slot % relays,
             gate: gates[slot % relays].clone(),
             transport: transport.clone(),
-            jobs: job_rx.clone(),
+            work: work.clone(),
             records: rec_tx.clone(),
             stats: stats.clone(),
             limiter: limiter.clone(),
@@ -577,6 +682,7 @@ where
         deferred,
         retries: stats.retries.load(Ordering::Relaxed),
         suppressed: stats.suppressed.load(Ordering::Relaxed),
+        possibly_duplicated: stats.possibly_duplicated.load(Ordering::Relaxed),
         breaker: breaker.reason(),
         breaker_streak: breaker.streak(),
         seconds,
@@ -672,6 +778,7 @@ async fn render_worker(
                         out,
                         attempts: recipient.attempts,
                         first_attempt_at: recipient.first_attempt_at,
+                        ambiguous: false,
                     };
                     tokio::select! {
                         biased;
@@ -711,7 +818,7 @@ struct Injector<T: Transport> {
     relay: usize,
     gate: Arc<Gate>,
     transport: Arc<T>,
-    jobs: Arc<Mutex<mpsc::Receiver<Job>>>,
+    work: Arc<Work>,
     records: mpsc::Sender<Record>,
     stats: Arc<Stats>,
     limiter: Option<Arc<DefaultDirectRateLimiter>>,
@@ -726,20 +833,16 @@ impl<T: Transport> Injector<T> {
         let mut session: Option<T::Session> = None;
         let relay = self.transport.describe(self.relay);
         let mut backoff = BACKOFF_MIN;
-        'jobs: loop {
+        loop {
             // A slot under this relay's limit first, then work: a relay with
-            // room takes the next message, one that is congested does not.
+            // room takes the next message, one that is congested or down
+            // does not.
             let mut permit = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
                 p = self.gate.acquire() => p,
             };
-            let job = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => None,
-                job = async { self.jobs.lock().await.recv().await } => job,
-            };
-            let Some(job) = job else {
+            let Some(mut job) = self.work.next(&self.stop).await else {
                 self.gate.cancel(permit);
                 break;
             };
@@ -757,6 +860,7 @@ impl<T: Transport> Injector<T> {
                     suppressed: true,
                 };
                 self.gate.cancel(permit);
+                self.work.finished();
                 if self.records.send(rec).await.is_err() {
                     break;
                 }
@@ -767,51 +871,74 @@ impl<T: Transport> Injector<T> {
                     biased;
                     _ = self.stop.cancelled() => {
                         self.gate.cancel(permit);
+                        self.work.finished();
                         break;
                     }
                     _ = l.until_ready() => {}
                 }
             }
             self.gate.begin(&mut permit);
-            // Retry this message until it gets an answer or we are stopped.
-            let outcome = loop {
-                let s = match session.as_mut() {
-                    Some(s) => s,
-                    None => match self.transport.connect(self.relay).await {
-                        Ok(s) => session.insert(s),
-                        Err(e) => {
-                            self.gate.mark(Mark::Connection);
-                            if !self.wait_retry(&relay, &e, &mut backoff).await {
-                                break 'jobs;
-                            }
-                            continue;
+            let sent = match session.as_mut() {
+                Some(s) => Ok(s),
+                None => self
+                    .transport
+                    .connect(self.relay)
+                    .await
+                    .map(|s| session.insert(s)),
+            };
+            let sent = match sent {
+                Ok(s) => {
+                    let r = tokio::select! {
+                        biased;
+                        _ = self.abort.cancelled() => None,
+                        r = s.send(&job.out.envelope, &job.out.bytes) => Some(r),
+                    };
+                    match r {
+                        Some(Ok(outcome)) => {
+                            self.stats.transaction(self.slot, s.latency());
+                            Ok(outcome)
                         }
-                    },
-                };
-                let sent = tokio::select! {
-                    biased;
-                    _ = self.abort.cancelled() => break 'jobs,
-                    sent = s.send(&job.out.envelope, &job.out.bytes) => sent,
-                };
-                match sent {
-                    Ok(outcome) => {
-                        self.stats.transaction(self.slot, s.latency());
-                        backoff = BACKOFF_MIN;
-                        break outcome;
-                    }
-                    Err(e) => {
-                        session = None;
-                        self.gate.mark(Mark::Connection);
-                        if !self.wait_retry(&relay, &e, &mut backoff).await {
-                            break 'jobs;
+                        Some(Err(e)) => Err(e),
+                        // Abandoned by the operator's second SIGINT.
+                        None => {
+                            self.gate.cancel(permit);
+                            self.work.finished();
+                            break;
                         }
                     }
+                }
+                Err(e) => Err(e),
+            };
+            let mut outcome = match sent {
+                Ok(outcome) => {
+                    backoff = BACKOFF_MIN;
+                    outcome
+                }
+                Err(e) => {
+                    // The session is gone and the message unanswered: back to
+                    // the queue (another relay may take it), and this
+                    // injector waits before its relay is tried again.
+                    session = None;
+                    self.gate.release(permit, Some(Mark::Connection));
+                    job.ambiguous |= e.ambiguous;
+                    self.work.requeue(job);
+                    if !self.wait_retry(&relay, &e, &mut backoff).await {
+                        break;
+                    }
+                    continue;
                 }
             };
             // A 4xx is congestion (never a latency sample); 2xx and 5xx are samples.
             let mark = matches!(&outcome, Outcome::Deferred(r) if r.code.is_some_and(|c| (400..500).contains(&c)))
                 .then_some(Mark::Deferred);
             self.gate.release(permit, mark);
+            if job.ambiguous {
+                // Lost after the message data once: the MTA may have it twice.
+                self.stats
+                    .possibly_duplicated
+                    .fetch_add(1, Ordering::Relaxed);
+                outcome.note(AMBIGUOUS_NOTE);
+            }
             let outcome =
                 self.breaker
                     .observe(job.out.envelope.recipient_id, &job.out.email, outcome);
@@ -828,6 +955,7 @@ impl<T: Transport> Injector<T> {
                 first_attempt_at: job.first_attempt_at,
                 suppressed: false,
             };
+            self.work.finished();
             if self.records.send(rec).await.is_err() {
                 break;
             }

@@ -175,7 +175,7 @@ fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::Result<Exit
         for r in &summary.relays {
             let m = &r.marks;
             eprintln!(
-                "blast: {}: {} limit {} (peak {}{}), marks: {} 4xx, {} connection, {} stall, {} queue",
+                "blast: {}: {} limit {} (peak {}{}), marks: {} 4xx, {} connection, {} stall, {} queue; circuit opened {} times",
                 summary.campaign,
                 r.relay,
                 r.limit,
@@ -184,7 +184,14 @@ fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::Result<Exit
                 m.deferred,
                 m.connection,
                 m.stall,
-                m.queue
+                m.queue,
+                r.circuit_opened
+            );
+        }
+        if summary.possibly_duplicated > 0 {
+            eprintln!(
+                "blast: {}: {} messages were sent again after a connection was lost after their data: the MTA may have delivered them twice (noted in the ledger)",
+                summary.campaign, summary.possibly_duplicated
             );
         }
         if let Some(reason) = &summary.breaker {

@@ -329,5 +329,11 @@ async fn an_outage_moves_traffic_to_the_other_relay_and_back() {
         "A took over: {a_before} -> {a_during}"
     );
     assert!(r.summary.relays[1].marks.connection > 0);
+    assert!(
+        r.summary.relays[1].circuit_opened >= 1,
+        "{:?}",
+        r.summary.relays[1]
+    );
+    assert_eq!(r.summary.relays[0].circuit_opened, 0);
     assert!(b_after > 0, "traffic came back to B");
 }

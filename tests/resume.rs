@@ -189,7 +189,22 @@ async fn dropped_connections_are_retried() {
         .iter()
         .map(|r| r.rcpt_to[0].clone())
         .collect();
+    let n = rcpts.len();
     rcpts.sort();
     rcpts.dedup();
     assert_eq!(rcpts.len(), 200);
+    assert_eq!(n, 200, "the sink accepted nobody twice");
+    // Each drop came after the message data: the retried message is counted
+    // and noted in the ledger as possibly duplicated.
+    assert_eq!(s.possibly_duplicated, s.retries, "{s:?}");
+    let db = w.db().await;
+    let noted = util::ledger_rows(&db, "drops")
+        .await
+        .into_iter()
+        .filter(|r| {
+            r.4.as_deref()
+                .is_some_and(|t| t.contains("possibly duplicated"))
+        })
+        .count();
+    assert_eq!(noted as u64, s.possibly_duplicated);
 }

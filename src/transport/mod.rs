@@ -73,6 +73,19 @@ impl Outcome {
         }
     }
 
+    /// Appends `note` to the reply text kept in the ledger.
+    pub fn note(&mut self, note: &str) {
+        let reply = match self {
+            Outcome::Sent { reply, .. } | Outcome::Deferred(reply) | Outcome::Failed(reply) => {
+                reply
+            }
+        };
+        if !reply.text.is_empty() {
+            reply.text.push(' ');
+        }
+        reply.text.push_str(note);
+    }
+
     /// A failure decided by blast itself, with no SMTP round trip.
     pub fn local_failure(text: impl Into<String>) -> Outcome {
         Outcome::Failed(Reply {
