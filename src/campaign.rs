@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::adaptive::{Aimd, Gate, Mark};
 use crate::clock;
-use crate::config::Concurrency;
+use crate::config::{Concurrency, QueueProbe};
 use crate::error::Result;
 use crate::ledger::{self, Ledger, Record};
 use crate::render::{Outgoing, Renderer};
@@ -57,6 +57,8 @@ pub struct RunOptions {
     pub relays: usize,
     /// Each relay's starting limit for `auto` (the last run's, if remembered).
     pub initial_limits: Vec<Option<usize>>,
+    /// The MTA queue probe, if configured.
+    pub queue_probe: Option<QueueProbe>,
     /// Max messages per second over all injectors; 0 = unlimited.
     pub rate: u32,
     /// Consecutive 5xx (over at least three domains) that trip the breaker;
@@ -98,6 +100,10 @@ pub struct Stats {
     pub possibly_duplicated: AtomicU64,
     /// Pending recipients at start, once known (0 = unknown).
     pub total: AtomicU64,
+    /// The MTA's queue at the last probe, and the most seen (with a probe).
+    pub queue: AtomicU64,
+    /// See `queue`.
+    pub queue_max: AtomicU64,
     /// Each relay's name and concurrency gate, once the run has started.
     pub relays: std::sync::OnceLock<Vec<(String, Arc<Gate>)>>,
 }
@@ -165,6 +171,8 @@ impl Stats {
             suppressed: AtomicU64::new(0),
             possibly_duplicated: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            queue: AtomicU64::new(0),
+            queue_max: AtomicU64::new(0),
             relays: std::sync::OnceLock::new(),
         }
     }
@@ -241,6 +249,8 @@ pub struct Summary {
     pub injectors: Vec<InjectorSummary>,
     /// Each relay's concurrency limit and the congestion marks it gave.
     pub relays: Vec<RelaySummary>,
+    /// The largest MTA queue the probe saw (`None` without a probe).
+    pub queue_max: Option<u64>,
 }
 
 /// One relay's concurrency at the end of a run.
@@ -595,6 +605,10 @@ where
         });
         (done, task)
     };
+    let probe = opts.queue_probe.clone().map(|p| {
+        let (gates, stats, stop) = (gates.clone(), stats.clone(), watchdog.0.clone());
+        tokio::spawn(probe_queue(p, gates, stats, stop))
+    });
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
     let work = Arc::new(Work::new(job_rx, injectors_n));
     let limiter =
@@ -659,6 +673,9 @@ where
     injectors.wait().await;
     watchdog.0.cancel();
     let _ = watchdog.1.await;
+    if let Some(p) = probe {
+        let _ = p.await;
+    }
     drop(rec_tx);
     let ledger_result = ledger_task.await.unwrap_or_else(|e| {
         Err(crate::error::Error::Audience(format!(
@@ -709,7 +726,60 @@ where
             })
             .collect(),
         relays: stats.relay_summaries(matches!(opts.concurrency, Concurrency::Auto { .. })),
+        queue_max: opts
+            .queue_probe
+            .as_ref()
+            .map(|_| stats.queue_max.load(Ordering::Relaxed)),
     })
+}
+
+/// Runs the queue probe at most once a second; above its target every relay
+/// gets a congestion mark. A failing probe is logged once and retried.
+async fn probe_queue(
+    probe: QueueProbe,
+    gates: Vec<Arc<Gate>>,
+    stats: Arc<Stats>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let cmd = probe.command.clone();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg(&cmd)
+                .output()
+        })
+        .await;
+        let depth = match out {
+            Ok(Ok(o)) if o.status.success() => queue_depth(&String::from_utf8_lossy(&o.stdout)),
+            other => {
+                if !warned {
+                    warned = true;
+                    tracing::warn!("queue probe {:?} failed: {other:?}", probe.command);
+                }
+                continue;
+            }
+        };
+        stats.queue.store(depth, Ordering::Relaxed);
+        stats.queue_max.fetch_max(depth, Ordering::Relaxed);
+        if depth > probe.target {
+            gates.iter().for_each(|g| g.mark(Mark::Queue));
+        }
+    }
+}
+
+/// A probe's output: a bare number, or one line per queued message.
+pub fn queue_depth(out: &str) -> u64 {
+    let t = out.trim();
+    t.parse()
+        .unwrap_or_else(|_| t.lines().filter(|l| !l.trim().is_empty()).count() as u64)
 }
 
 /// Recipients per unit of render work: small enough that a render task

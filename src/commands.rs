@@ -126,6 +126,7 @@ pub async fn send_with_abort(
             }
             _ => Vec::new(),
         },
+        queue_probe: cfg.delivery.queue_probe.clone(),
         rate: cfg.delivery.rate,
         breaker_threshold: cfg.delivery.breaker_threshold,
         abort,

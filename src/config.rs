@@ -141,6 +141,8 @@ struct DeliveryFile {
     give_up_after: Option<String>,
     breaker_threshold: Option<u32>,
     chunking: Option<bool>,
+    queue_probe: Option<String>,
+    queue_target: Option<u64>,
 }
 
 /// `smtp = "smtp://..."` or `smtp = ["smtp://...", ...]`.
@@ -293,6 +295,11 @@ pub struct DeliveryConfig {
     pub breaker_threshold: u32,
     /// Use BDAT when the relay offers CHUNKING (else DATA).
     pub chunking: bool,
+    /// With `concurrency = "auto"` on the MTA's host: a command printing the
+    /// MTA's queue (a number, or one line per message, as `postqueue -j`
+    /// does), run at most once a second; above `queue_target` every relay
+    /// gets a congestion mark.
+    pub queue_probe: Option<QueueProbe>,
 }
 
 /// The schedule for deferred (4xx) recipients.
@@ -375,6 +382,18 @@ pub struct Config {
     /// (what `blast schedule` freezes into the database).
     pub template_files: Vec<(String, String)>,
 }
+
+/// The MTA queue probe (see [`DeliveryConfig::queue_probe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueProbe {
+    /// Run with `sh -c`.
+    pub command: String,
+    /// Queue depth above which relays are marked congested.
+    pub target: u64,
+}
+
+/// Default `queue_target`.
+pub const DEFAULT_QUEUE_TARGET: u64 = 5000;
 
 /// Default for `max_delay`.
 pub const DEFAULT_MAX_DELAY: Duration = Duration::from_secs(6 * 3600);
@@ -635,6 +654,12 @@ impl Config {
             }
             None => None,
         };
+        if d.queue_target.is_some() && d.queue_probe.is_none() {
+            return Err(err(
+                "delivery.queue_target",
+                "needs delivery.queue_probe (e.g. \"postqueue -j\")".into(),
+            ));
+        }
         let envelope_from = d.envelope_from.unwrap_or_else(|| {
             // Default bounce address: the From address itself.
             address_part(&m.from).to_string()
@@ -677,6 +702,13 @@ impl Config {
                 retry,
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
                 chunking: d.chunking.unwrap_or(true),
+                queue_probe: d
+                    .queue_probe
+                    .filter(|c| !c.trim().is_empty())
+                    .map(|command| QueueProbe {
+                        command,
+                        target: d.queue_target.unwrap_or(DEFAULT_QUEUE_TARGET),
+                    }),
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),

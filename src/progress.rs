@@ -63,12 +63,20 @@ fn limits(stats: &Stats) -> String {
     let join = |f: &dyn Fn(&crate::adaptive::Aimd) -> String| {
         snaps.iter().map(f).collect::<Vec<_>>().join("/")
     };
-    format!(
+    let mut out = format!(
         "limit{} {} marks {}",
         if snaps.len() > 1 { "s" } else { "" },
         join(&|a| a.limit().to_string()),
         join(&|a| a.marks().total().to_string())
-    )
+    );
+    let queue = stats.queue_max.load(Ordering::Relaxed);
+    if queue > 0 {
+        out.push_str(&format!(
+            " mta_queue {}",
+            stats.queue.load(Ordering::Relaxed)
+        ));
+    }
+    out
 }
 
 /// One status line's numbers.

@@ -119,6 +119,7 @@ async fn run_paced(
         concurrency,
         relays: relays.len(),
         initial_limits: Vec::new(),
+        queue_probe: None,
         rate: 0,
         breaker_threshold: 0,
         abort: CancellationToken::new(),
@@ -336,4 +337,34 @@ async fn an_outage_moves_traffic_to_the_other_relay_and_back() {
     );
     assert_eq!(r.summary.relays[0].circuit_opened, 0);
     assert!(b_after > 0, "traffic came back to B");
+}
+
+/// With the queue probe, a queue above its target is a congestion mark.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_probe_marks_congestion() {
+    let w = crate::util::World::new(crate::util::Backend::Sqlite).await;
+    w.seed(600).await;
+    let sink = crate::util::sink(Faults {
+        latency: Some(Duration::from_millis(50)),
+        ..Default::default()
+    })
+    .await;
+    let depth = w.path("queue-depth");
+    std::fs::write(&depth, "9000\n").unwrap();
+    let extra = format!(
+        "[delivery]\nqueue_probe = \"cat {}\"\nqueue_target = 5000\n",
+        depth.display()
+    );
+    let path = w.campaign("probe", "Hi", "x", None, &extra);
+    let mut cfg = w.config(&path, Some(&sink), 1);
+    cfg.delivery.concurrency = auto();
+    let summary = crate::util::spawn_send(&cfg).await.unwrap().unwrap();
+    assert_eq!(summary.sent, 600);
+    assert_eq!(summary.queue_max, Some(9000));
+    let relay = &summary.relays[0];
+    // A mark a second, each halving the limit: it never gets near the ceiling.
+    assert!(relay.marks.queue >= 2, "{relay:?}");
+    assert!(relay.peak_limit <= 32, "held down by the queue: {relay:?}");
+    assert_eq!(blast::campaign::queue_depth("12\n"), 12);
+    assert_eq!(blast::campaign::queue_depth("{}\n{}\n{}\n"), 3);
 }
