@@ -112,7 +112,7 @@ pub enum Due {
         /// Campaign.
         campaign: String,
         /// Summary.
-        summary: Summary,
+        summary: Box<Summary>,
     },
     /// Overdue by more than `max_delay`: held.
     Held {
@@ -218,7 +218,7 @@ pub async fn run_due(
         match crate::commands::send(&cfg, mode, async move { token.cancelled().await }).await {
             Ok(summary) => report.push(Due::Sent {
                 campaign: name,
-                summary,
+                summary: Box::new(summary),
             }),
             Err(Error::Busy { .. }) => report.push(Due::Busy { campaign: name }),
             Err(e) => report.push(Due::Failed {
