@@ -8,6 +8,13 @@
 #   scripts/bench.sh --pg                 # audience and ledger in a throwaway PostgreSQL
 #   scripts/bench.sh --postfix            # through the tuned Postfix (scripts/mta/postfix.sh) to the sink
 #   scripts/bench.sh --sweep "1 2 4 8 16 32 64" -n 200000 [--postfix]
+#   scripts/bench.sh --postfix --sweep "4 16 64 auto" -n 30000 [--in-flow-delay 0] [--probe]
+#
+# "auto" in the sweep is blast's adaptive concurrency (smtp-source has no such
+# mode, so only blast runs). With --postfix every run also reports the largest
+# Postfix queue seen (sampled twice a second) and blast's final/peak limit;
+# --in-flow-delay sets Postfix's in_flow_delay, --probe gives blast the queue
+# probe (scripts/mta/postfix.sh queue-size) with its default target of 5000.
 #
 # smtp-source runs with -d (many messages per connection, as blast does), -N
 # (distinct recipients) and -F (one of blast's rendered messages as content).
@@ -23,6 +30,8 @@ conc=16
 sweep=""
 use_pg=0
 use_postfix=0
+in_flow_delay=1s
+use_probe=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) n=$2; shift 2 ;;
@@ -30,7 +39,9 @@ while [ $# -gt 0 ]; do
     --sweep) sweep=$2; shift 2 ;;
     --pg) use_pg=1; shift ;;
     --postfix) use_postfix=1; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    --in-flow-delay) in_flow_delay=$2; shift 2 ;;
+    --probe) use_probe=1; shift ;;
+    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -103,9 +114,22 @@ stop_sink() {
 mta_dir=$work/postfix
 start_postfix() {
   mta_port=$(free_port)
-  scripts/mta/postfix.sh start --dir "$mta_dir" --port "$mta_port" --relay "127.0.0.1:$sink_port" >/dev/null
+  scripts/mta/postfix.sh start --dir "$mta_dir" --port "$mta_port" --relay "127.0.0.1:$sink_port" \
+    --in-flow-delay "$in_flow_delay" >/dev/null
+  # The largest queue seen, sampled twice a second until stop_postfix.
+  echo 0 > "$work/queue-max"
+  ( max=0
+    while :; do
+      q=$(scripts/mta/postfix.sh queue-size --dir "$mta_dir" 2>/dev/null || echo 0)
+      [ "${q:-0}" -gt "$max" ] 2>/dev/null && { max=$q; echo "$max" > "$work/queue-max"; }
+      sleep 0.5
+    done ) &
+  sampler_pid=$!
 }
-stop_postfix() { scripts/mta/postfix.sh stop --purge --dir "$mta_dir" >/dev/null 2>&1 || true; }
+stop_postfix() {
+  [ -n "${sampler_pid:-}" ] && { kill "$sampler_pid" 2>/dev/null; wait "$sampler_pid" 2>/dev/null || true; sampler_pid=""; }
+  scripts/mta/postfix.sh stop --purge --dir "$mta_dir" >/dev/null 2>&1 || true
+}
 cleanup() { stop_sink; [ $use_postfix -eq 1 ] && stop_postfix; true; }
 trap cleanup EXIT
 
@@ -113,6 +137,9 @@ trap cleanup EXIT
 run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_secs
   clear_ledger
   sed "s/^name = .*/name = \"bench-$1-$(date +%s%N)\"/" templates/newsletter/campaign.toml > "$campaign"
+  if [ $use_probe -eq 1 ]; then
+    sed -i "s|^\\[delivery\\]|[delivery]\\nqueue_probe = \"$PWD/scripts/mta/postfix.sh queue-size --dir $mta_dir\"|" "$campaign"
+  fi
   local t0 t1
   t0=$(now)
   /usr/bin/time -v -o "$work/time.log" "$bin" send "$campaign" --database "$db_url" \
@@ -122,6 +149,7 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   b_rate=$(python3 -c "import json; d=json.load(open('$work/summary.json')); print(round(d['sent']/$b_secs))")
   b_first=$(python3 -c "import json; print(json.load(open('$work/summary.json'))['first_message_ms'])")
   b_rss=$(awk '/Maximum resident/ {print int($6/1024)}' "$work/time.log")
+  b_limit=$(python3 -c "import json; r=json.load(open('$work/summary.json'))['relays'][0]; print(f\"{r['limit']}/{r['peak_limit']}\")")
 }
 run_source() { # $1 = concurrency, $2 = target port; sets s_rate s_secs
   local t0 t1
@@ -146,17 +174,24 @@ if [ $use_postfix -eq 0 ]; then
       "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_rss" "$b_first"
   done
 else
-  printf '%-5s %12s %12s %7s %12s %12s %7s %9s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB
+  echo "bench: Postfix in_flow_delay=$in_flow_delay; blast queue probe: $([ $use_probe -eq 1 ] && echo on || echo off)"
+  printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB max_queue limit
   for c in $sweep; do
     start_sink; start_postfix
     t0=$(now); run_blast "$c" "$mta_port"; drain "$t0"; b_e2e=$(python3 -c "print(round($n/$d_secs))")
+    q_max=$(cat "$work/queue-max")
     stop_postfix; stop_sink; got_b=$sink_msgs
+    if [ "$c" = auto ] || [[ "$c" == auto:* ]]; then
+      [ "$got_b" = "$n" ] || echo "bench: warning: sink counted blast=$got_b of $n" >&2
+      printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s\n' "$c" "$b_rate" - - "$b_e2e" - - "$b_rss" "$q_max" "$b_limit"
+      continue
+    fi
     start_sink; start_postfix
     t0=$(now); run_source "$c" "$mta_port"; drain "$t0"; s_e2e=$(python3 -c "print(round($n/$d_secs))")
     stop_postfix; stop_sink; got_s=$sink_msgs
     [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
-    printf '%-5s %12s %12s %7s %12s %12s %7s %9s\n' "$c" "$b_rate" "$s_rate" \
+    printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s\n' "$c" "$b_rate" "$s_rate" \
       "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_e2e" "$s_e2e" \
-      "$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")" "$b_rss"
+      "$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")" "$b_rss" "$q_max" "$b_limit"
   done
 fi

@@ -10,7 +10,11 @@
 //! - a transaction outstanding longer than the stall threshold (derived from
 //!   the relay's recent minimum round trip), noticed while it is still
 //!   outstanding, so blast backs off before the stall ends;
-//! - optionally, the MTA's queue above a target (`postqueue -j`).
+//! - optionally, the MTA's queue above a target (`postqueue -j`);
+//! - a window whose mean round trip is more than [`LATENCY_FACTOR`] times the
+//!   relay's minimum (and above [`LATENCY_FLOOR`]): the MTA's processes are
+//!   queueing for CPU, and more connections only make it thrash (measured:
+//!   Postfix on two cores relays a third less at 16 connections than at 4).
 //!
 //! At the end of each window: a mark halves the limit (and ends slow
 //! start); otherwise, if the limit was actually reached, it grows (doubling
@@ -46,6 +50,13 @@ pub const STALL_MIN: Duration = Duration::from_millis(250);
 pub const STALL_MAX: Duration = Duration::from_millis(750);
 /// Before any round trip is measured.
 const STALL_DEFAULT: Duration = STALL_MAX;
+/// A window is congested when its mean round trip exceeds this many
+/// minimum round trips...
+pub const LATENCY_FACTOR: u32 = 6;
+/// ...and this much (sub-millisecond jitter against a fast sink is no signal).
+pub const LATENCY_FLOOR: Duration = Duration::from_millis(2);
+/// Samples a window needs before its mean counts.
+const LATENCY_SAMPLES: u32 = 3;
 /// The minimum round trip is forgotten after this many windows, so a relay
 /// that got slower for good is judged by its new pace.
 const RTT_EPOCH_WINDOWS: u64 = 50;
@@ -61,6 +72,8 @@ pub enum Mark {
     Stall,
     /// The MTA's queue above its target.
     Queue,
+    /// A window's mean round trip far above the minimum.
+    Latency,
 }
 
 /// Marks seen, by kind.
@@ -74,6 +87,8 @@ pub struct Marks {
     pub stall: u64,
     /// Queue above target.
     pub queue: u64,
+    /// Windows with inflated round trips.
+    pub latency: u64,
 }
 
 impl Marks {
@@ -83,12 +98,13 @@ impl Marks {
             Mark::Connection => self.connection += 1,
             Mark::Stall => self.stall += 1,
             Mark::Queue => self.queue += 1,
+            Mark::Latency => self.latency += 1,
         }
     }
 
     /// All marks.
     pub fn total(&self) -> u64 {
-        self.deferred + self.connection + self.stall + self.queue
+        self.deferred + self.connection + self.stall + self.queue + self.latency
     }
 }
 
@@ -105,6 +121,8 @@ pub struct Aimd {
     window_start: Instant,
     window_marks: u32,
     window_peak: usize,
+    window_rtt_sum: Duration,
+    window_rtt_n: u32,
     windows: u64,
     min_rtt: Option<Duration>,
     epoch_min_rtt: Option<Duration>,
@@ -138,6 +156,8 @@ impl Aimd {
             window_start: now,
             window_marks: 0,
             window_peak: 0,
+            window_rtt_sum: Duration::ZERO,
+            window_rtt_n: 0,
             windows: 0,
             min_rtt: None,
             epoch_min_rtt: None,
@@ -210,6 +230,8 @@ impl Aimd {
                 if let Some(rtt) = rtt {
                     self.epoch_min_rtt = Some(self.epoch_min_rtt.map_or(rtt, |m| m.min(rtt)));
                     self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+                    self.window_rtt_sum += rtt;
+                    self.window_rtt_n += 1;
                 }
                 self.tick(now);
             }
@@ -243,6 +265,13 @@ impl Aimd {
             return false;
         }
         let before = self.limit();
+        if let (Some(min), true) = (self.min_rtt, self.window_rtt_n >= LATENCY_SAMPLES) {
+            let mean = self.window_rtt_sum / self.window_rtt_n;
+            if mean > (min * LATENCY_FACTOR).max(LATENCY_FLOOR) {
+                self.marks.add(Mark::Latency);
+                self.window_marks += 1;
+            }
+        }
         if self.adaptive {
             if self.window_marks > 0 {
                 self.limit = (self.limit * DECREASE).max(1.0);
@@ -265,6 +294,8 @@ impl Aimd {
         self.window_start = now;
         self.window_marks = 0;
         self.window_peak = self.busy;
+        self.window_rtt_sum = Duration::ZERO;
+        self.window_rtt_n = 0;
         self.peak_limit = self.peak_limit.max(self.limit());
         self.limit() > before
     }
@@ -419,8 +450,8 @@ impl Gate {
                     open(&mut h, REOPEN_MIN);
                 }
             }
-            // A stall or queue mark says "slower", not "broken".
-            Some(Mark::Stall | Mark::Queue) => {}
+            // A stall, queue or latency mark says "slower", not "broken".
+            Some(Mark::Stall | Mark::Queue | Mark::Latency) => {}
             None => {
                 if h.open_until.take().is_some() {
                     self.healthy.fetch_add(1, Ordering::AcqRel);
@@ -716,6 +747,34 @@ mod tests {
         assert_eq!(a.times_opened(), 1);
         let _p1 = a.acquire().await;
         let _p2 = a.acquire().await;
+    }
+
+    #[test]
+    fn a_window_of_inflated_round_trips_is_a_mark() {
+        let t0 = Instant::now();
+        let mut a = Aimd::adaptive(Some(16), 64, t0);
+        let run = |a: &mut Aimd, t: Instant, rtt_ms: u64| {
+            let n = a.limit();
+            for _ in 0..n {
+                assert!(a.try_acquire(t));
+                a.begin();
+            }
+            for _ in 0..n {
+                a.release(t, Some(Duration::from_millis(rtt_ms)), None);
+            }
+        };
+        // 3 ms round trips: the minimum, no mark, the limit grows.
+        run(&mut a, at(t0, 1), 3);
+        a.tick(at(t0, 101));
+        assert_eq!((a.limit(), a.marks().latency), (17, 0));
+        // 30 ms, ten times the minimum: marked, halved.
+        run(&mut a, at(t0, 102), 30);
+        a.tick(at(t0, 202));
+        assert_eq!((a.limit(), a.marks().latency), (8, 1));
+        // 15 ms (five times): not marked.
+        run(&mut a, at(t0, 203), 15);
+        a.tick(at(t0, 303));
+        assert_eq!(a.marks().latency, 1);
     }
 
     #[test]
