@@ -42,6 +42,8 @@ const QUEUE_MIN: usize = 64;
 const QUEUE_MAX: usize = 512;
 /// Chunks of recipients waiting for a render worker.
 const RENDER_QUEUE_CHUNKS: usize = 8;
+/// An injector kept out of its relay's limit this long closes its connection.
+const IDLE_CLOSE: Duration = Duration::from_secs(5);
 /// How often the stall watchdog looks at outstanding transactions.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
 /// Reconnect backoff bounds after a lost connection.
@@ -472,6 +474,9 @@ struct Work {
     /// Messages in the retry queue.
     queued: AtomicU64,
     fresh_done: std::sync::atomic::AtomicBool,
+    /// Cancelled once all work is done, for injectors waiting on their
+    /// relay's limit rather than on work.
+    done: CancellationToken,
 }
 
 impl Work {
@@ -486,6 +491,7 @@ impl Work {
             in_hand: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             fresh_done: std::sync::atomic::AtomicBool::new(false),
+            done: CancellationToken::new(),
         }
     }
 
@@ -497,6 +503,7 @@ impl Work {
                 && self.in_hand.load(Ordering::Acquire) == 0
                 && self.queued.load(Ordering::Acquire) == 0
             {
+                self.done.cancel();
                 return None;
             }
             tokio::select! {
@@ -631,6 +638,7 @@ where
     for slot in 0..injectors_n {
         let inj = Injector {
             slot,
+            rank: slot / relays,
             relay: slot % relays,
             gate: gates[slot % relays].clone(),
             transport: transport.clone(),
@@ -885,6 +893,8 @@ async fn render_worker(
 /// One SMTP injector: one connection, one transaction at a time.
 struct Injector<T: Transport> {
     slot: usize,
+    /// This injector's number among its relay's injectors.
+    rank: usize,
     relay: usize,
     gate: Arc<Gate>,
     transport: Arc<T>,
@@ -910,7 +920,15 @@ impl<T: Transport> Injector<T> {
             let mut permit = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
-                p = self.gate.acquire() => p,
+                _ = self.work.done.cancelled() => break,
+                p = self.gate.acquire_ranked(self.rank) => p,
+                // Out of the limit for a while: free the MTA's process.
+                _ = tokio::time::sleep(IDLE_CLOSE), if session.is_some() => {
+                    if let Some(s) = session.take() {
+                        s.close().await;
+                    }
+                    continue;
+                }
             };
             let Some(mut job) = self.work.next(&self.stop).await else {
                 self.gate.cancel(permit);
