@@ -57,7 +57,7 @@ pub const STALL_MAX: Duration = Duration::from_millis(750);
 const STALL_DEFAULT: Duration = STALL_MAX;
 /// A window is congested when its mean round trip exceeds this many
 /// minimum round trips...
-pub const LATENCY_FACTOR: u32 = 6;
+pub const LATENCY_FACTOR: u32 = 8;
 /// ...and this much (sub-millisecond jitter against a fast sink is no signal).
 pub const LATENCY_FLOOR: Duration = Duration::from_millis(2);
 /// Samples a window needs before its mean counts.
@@ -517,8 +517,15 @@ impl Gate {
             self.release(permit, None);
             return;
         }
-        self.lock().cancel();
-        self.changed.notify_waiters();
+        let was_full = {
+            let mut a = self.lock();
+            let full = a.in_flight() >= a.limit();
+            a.cancel();
+            full
+        };
+        if was_full {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Ends a transaction: `mark` says why it counts as congestion, else its
@@ -540,8 +547,20 @@ impl Gate {
         let mark = mark.filter(|_| !stalled);
         // A stalled transaction's round trip is no sample of the relay's pace.
         let sample = (!stalled && mark.is_none()).then_some(rtt);
-        self.lock().release(now, sample, mark);
-        self.changed.notify_waiters();
+        // Wake waiters only when one of them may proceed: the limit grew,
+        // or the relay was at its limit (after a decrease). Waking every
+        // waiting injector on every release cost Postfix a quarter of its
+        // rate on two cores (64 injectors woken ~1,000 times a second).
+        let wake = {
+            let mut a = self.lock();
+            let before = a.limit();
+            let full = a.in_flight() >= before;
+            a.release(now, sample, mark);
+            full || a.limit() > before
+        };
+        if wake {
+            self.changed.notify_waiters();
+        }
     }
 
     /// Records a mark that belongs to no permit (a connect failure, the queue probe).

@@ -55,8 +55,9 @@ const BACKOFF_MAX: Duration = Duration::from_secs(30);
 pub struct RunOptions {
     /// Transactions in flight: pinned, or found per relay.
     pub concurrency: Concurrency,
-    /// Relays the transport has (injector `i` uses relay `i mod relays`).
-    pub relays: usize,
+    /// The transport's relays, in its order, with their per-relay settings
+    /// (weight, ceiling, rate).
+    pub relays: Vec<crate::config::Relay>,
     /// Each relay's starting limit for `auto` (the last run's, if remembered).
     pub initial_limits: Vec<Option<usize>>,
     /// The MTA queue probe, if configured.
@@ -570,8 +571,14 @@ where
     L: Ledger,
 {
     let started = Instant::now();
-    let relays = opts.relays.max(1);
-    let injectors_n = opts.concurrency.injectors(relays).max(1);
+    let relays = opts.relays.len().max(1);
+    let relay_opts: Vec<crate::config::Relay> = if opts.relays.is_empty() {
+        vec![crate::config::Relay::default()]
+    } else {
+        opts.relays.clone()
+    };
+    let per_relay = opts.concurrency.per_relay(&relay_opts);
+    let injectors_n = per_relay.iter().sum::<usize>().max(1);
     let (job_tx, job_rx) =
         mpsc::channel::<Job>((injectors_n * QUEUE_PER_INJECTOR).clamp(QUEUE_MIN, QUEUE_MAX));
     // One gate per relay: the number of its transactions in flight.
@@ -580,10 +587,12 @@ where
     let gates: Vec<Arc<Gate>> = (0..relays)
         .map(|r| {
             let aimd = match opts.concurrency {
-                Concurrency::Fixed(n) => Aimd::fixed(n / relays + usize::from(r < n % relays), now),
-                Concurrency::Auto { max } => {
-                    Aimd::adaptive(opts.initial_limits.get(r).copied().flatten(), max, now)
-                }
+                Concurrency::Fixed(_) => Aimd::fixed(per_relay[r], now),
+                Concurrency::Auto { .. } => Aimd::adaptive(
+                    opts.initial_limits.get(r).copied().flatten(),
+                    per_relay[r],
+                    now,
+                ),
             };
             Arc::new(Gate::with_health(aimd, healthy.clone()))
         })
@@ -635,12 +644,27 @@ where
     };
 
     let injectors = TaskTracker::new();
-    for slot in 0..injectors_n {
+    // Per-relay rate limits (a provider's quota), beside the global one.
+    let relay_limiters: Vec<Option<Arc<DefaultDirectRateLimiter>>> = relay_opts
+        .iter()
+        .map(|r| {
+            r.rate
+                .and_then(NonZeroU32::new)
+                .map(|q| Arc::new(RateLimiter::direct(Quota::per_second(q))))
+        })
+        .collect();
+    let plan: Vec<(usize, usize)> = per_relay
+        .iter()
+        .enumerate()
+        .flat_map(|(r, n)| (0..*n).map(move |rank| (r, rank)))
+        .collect();
+    for (slot, &(relay, rank)) in plan.iter().enumerate() {
         let inj = Injector {
             slot,
-            rank: slot / relays,
-            relay: slot % relays,
-            gate: gates[slot % relays].clone(),
+            rank,
+            relay,
+            relay_limiter: relay_limiters[relay].clone(),
+            gate: gates[relay].clone(),
             transport: transport.clone(),
             work: work.clone(),
             records: rec_tx.clone(),
@@ -896,6 +920,7 @@ struct Injector<T: Transport> {
     /// This injector's number among its relay's injectors.
     rank: usize,
     relay: usize,
+    relay_limiter: Option<Arc<DefaultDirectRateLimiter>>,
     gate: Arc<Gate>,
     transport: Arc<T>,
     work: Arc<Work>,
@@ -954,16 +979,21 @@ impl<T: Transport> Injector<T> {
                 }
                 continue;
             }
-            if let Some(l) = &self.limiter {
+            let mut stopped = false;
+            for l in [&self.limiter, &self.relay_limiter].into_iter().flatten() {
                 tokio::select! {
                     biased;
                     _ = self.stop.cancelled() => {
-                        self.gate.cancel(permit);
-                        self.work.finished();
+                        stopped = true;
                         break;
                     }
                     _ = l.until_ready() => {}
                 }
+            }
+            if stopped {
+                self.gate.cancel(permit);
+                self.work.finished();
+                break;
             }
             self.gate.begin(&mut permit);
             let sent = match session.as_mut() {

@@ -49,8 +49,13 @@ pub async fn send_with_abort(
     stop: impl Future<Output = ()> + Send + 'static,
     abort: CancellationToken,
 ) -> Result<Summary> {
-    let relays = cfg.delivery.relays.len();
-    let stats = Arc::new(Stats::new(cfg.delivery.concurrency.injectors(relays)));
+    let injectors: usize = cfg
+        .delivery
+        .concurrency
+        .per_relay(&cfg.delivery.relays)
+        .iter()
+        .sum();
+    let stats = Arc::new(Stats::new(injectors));
     // Templates first: a syntax error must abort before anything else happens.
     let mut renderer = Renderer::compile(
         &cfg.message,
@@ -117,7 +122,7 @@ pub async fn send_with_abort(
     };
     let opts = RunOptions {
         concurrency: cfg.delivery.concurrency,
-        relays,
+        relays: cfg.delivery.relays.clone(),
         initial_limits: match cfg.delivery.concurrency {
             Concurrency::Auto { .. } if cfg.dry_run.is_none() => {
                 let names: Vec<String> =

@@ -45,11 +45,36 @@ impl Concurrency {
         }
     }
 
-    /// Injectors to start over `relays` relays.
-    pub fn injectors(&self, relays: usize) -> usize {
+    /// Injectors for each of `relays`: a fixed number is split by weight
+    /// (largest remainder first); `auto` gives each relay its ceiling
+    /// (`max_concurrency`, else `max`).
+    pub fn per_relay(&self, relays: &[Relay]) -> Vec<usize> {
         match *self {
-            Concurrency::Fixed(n) => n,
-            Concurrency::Auto { max } => max * relays.max(1),
+            Concurrency::Auto { max } => relays
+                .iter()
+                .map(|r| r.max_concurrency.unwrap_or(max).max(1))
+                .collect(),
+            Concurrency::Fixed(n) => {
+                let total: u64 = relays.iter().map(|r| u64::from(r.weight.max(1))).sum();
+                let exact: Vec<f64> = relays
+                    .iter()
+                    .map(|r| n as f64 * f64::from(r.weight.max(1)) / total.max(1) as f64)
+                    .collect();
+                let mut out: Vec<usize> = exact.iter().map(|x| x.floor() as usize).collect();
+                let mut order: Vec<usize> = (0..relays.len()).collect();
+                order.sort_by(|a, b| {
+                    (exact[*b] - exact[*b].floor()).total_cmp(&(exact[*a] - exact[*a].floor()))
+                });
+                let mut left = n.saturating_sub(out.iter().sum());
+                for i in order.into_iter().cycle().take(relays.len() * 2) {
+                    if left == 0 {
+                        break;
+                    }
+                    out[i] += 1;
+                    left -= 1;
+                }
+                out
+            }
         }
     }
 }
@@ -145,12 +170,29 @@ struct DeliveryFile {
     queue_target: Option<u64>,
 }
 
-/// `smtp = "smtp://..."` or `smtp = ["smtp://...", ...]`.
+/// `smtp = "smtp://..."` or `smtp = ["smtp://...", { url = "smtp://...", ... }]`.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum OneOrMany {
     One(String),
-    Many(Vec<String>),
+    Many(Vec<RelayFile>),
+}
+
+/// One relay: a URL, or a table with per-relay settings.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RelayFile {
+    Url(String),
+    Table(RelayTable),
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RelayTable {
+    url: String,
+    weight: Option<u32>,
+    max_concurrency: Option<usize>,
+    rate: Option<u32>,
 }
 
 /// Command-line values that override the campaign file.
@@ -250,7 +292,7 @@ pub struct Unsubscribe {
 }
 
 /// A relay blast injects into.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq, Default)]
 pub struct Relay {
     /// `host:port` to connect to.
     pub host: String,
@@ -258,6 +300,12 @@ pub struct Relay {
     pub port: u16,
     /// Optional AUTH user; the password comes from `BLAST_SMTP_PASSWORD`.
     pub user: Option<String>,
+    /// Share of a fixed `concurrency` (default 1).
+    pub weight: u32,
+    /// Ceiling of this relay's adaptive limit (default: `auto:MAX`).
+    pub max_concurrency: Option<usize>,
+    /// Messages per second to this relay at most (a provider's quota).
+    pub rate: Option<u32>,
 }
 
 impl fmt::Debug for Relay {
@@ -607,19 +655,33 @@ impl Config {
             retry.give_up_after =
                 parse_duration(g).map_err(|m| err("delivery.give_up_after", m))?;
         }
-        let smtp_urls: Vec<String> = if !overrides.smtp.is_empty() {
-            overrides.smtp.clone()
+        let entries: Vec<RelayFile> = if !overrides.smtp.is_empty() {
+            overrides.smtp.iter().cloned().map(RelayFile::Url).collect()
         } else {
             match d.smtp {
-                Some(OneOrMany::One(s)) => vec![s],
+                Some(OneOrMany::One(s)) => vec![RelayFile::Url(s)],
                 Some(OneOrMany::Many(v)) => v,
-                None => vec!["smtp://127.0.0.1:25".to_string()],
+                None => vec![RelayFile::Url("smtp://127.0.0.1:25".to_string())],
             }
         };
         let mut relays = Vec::new();
-        for u in &smtp_urls {
-            let u = expand_env(u, &|k| env(k)).map_err(|m| err("delivery.smtp", m))?;
-            relays.push(parse_relay(&u).map_err(|m| err("delivery.smtp", m))?);
+        for e in entries {
+            let (url, weight, max, rate) = match e {
+                RelayFile::Url(u) => (u, None, None, None),
+                RelayFile::Table(t) => (t.url, t.weight, t.max_concurrency, t.rate),
+            };
+            let u = expand_env(&url, &|k| env(k)).map_err(|m| err("delivery.smtp", m))?;
+            let mut relay = parse_relay(&u).map_err(|m| err("delivery.smtp", m))?;
+            if weight == Some(0) || max == Some(0) || rate == Some(0) {
+                return Err(err(
+                    "delivery.smtp",
+                    format!("{relay}: weight, max_concurrency and rate must be at least 1"),
+                ));
+            }
+            relay.weight = weight.unwrap_or(1);
+            relay.max_concurrency = max.map(|m| m.min(1024));
+            relay.rate = rate;
+            relays.push(relay);
         }
         if relays.is_empty() {
             return Err(err(
@@ -850,7 +912,13 @@ fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
     let port = port
         .parse::<u16>()
         .map_err(|_| format!("{url:?}: bad port {port:?}"))?;
-    Ok(Relay { host, port, user })
+    Ok(Relay {
+        host,
+        port,
+        user,
+        weight: 1,
+        ..Default::default()
+    })
 }
 
 /// `Name <a@b>` → `a@b`; a bare address is returned as is.
@@ -979,6 +1047,42 @@ text = "t.txt"
         );
         let e = parse(&both, &|_| None).unwrap_err().to_string();
         assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn relays_take_per_relay_settings_and_split_a_fixed_concurrency_by_weight() {
+        let text = format!(
+            "{MINIMAL}[delivery]\nconcurrency = 10\nsmtp = [\"smtp://a:25\", \
+             {{ url = \"smtp://b:2525\", weight = 3, max_concurrency = 16, rate = 100 }}]\n"
+        );
+        let c = parse(&text, &|_| None).unwrap();
+        let r = &c.delivery.relays;
+        assert_eq!(
+            (r[0].weight, r[0].max_concurrency, r[0].rate),
+            (1, None, None)
+        );
+        assert_eq!(
+            (r[1].port, r[1].weight, r[1].max_concurrency, r[1].rate),
+            (2525, 3, Some(16), Some(100))
+        );
+        // 10 connections by weight 1:3 -> 2.5 / 7.5, remainders rounded.
+        let split = c.delivery.concurrency.per_relay(r);
+        assert_eq!(split.iter().sum::<usize>(), 10);
+        assert!(split == vec![3, 7] || split == vec![2, 8], "{split:?}");
+        // auto: each relay up to its own ceiling.
+        assert_eq!(Concurrency::Auto { max: 64 }.per_relay(r), vec![64, 16]);
+        assert_eq!(
+            Concurrency::parse("auto:8").unwrap(),
+            Concurrency::Auto { max: 8 }
+        );
+        assert!(Concurrency::parse("0").is_err());
+        assert!(Concurrency::parse("automatic").is_err());
+        let bad = text.replace("weight = 3", "weight = 0");
+        let e = parse(&bad, &|_| None).unwrap_err().to_string();
+        assert!(
+            e.contains("delivery.smtp") && e.contains("at least 1"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -105,7 +105,8 @@ async fn run_paced(
         .map(|s| Relay {
             host: "127.0.0.1".into(),
             port: s.local_addr().port(),
-            user: None,
+            weight: 1,
+            ..Default::default()
         })
         .collect();
     let transport = Arc::new(Smtp::new(
@@ -114,10 +115,10 @@ async fn run_paced(
         Duration::from_secs(30),
         None,
     ));
-    let stats = Arc::new(Stats::new(concurrency.injectors(relays.len())));
+    let stats = Arc::new(Stats::new(concurrency.per_relay(&relays).iter().sum()));
     let opts = RunOptions {
         concurrency,
-        relays: relays.len(),
+        relays: relays.clone(),
         initial_limits: Vec::new(),
         queue_probe: None,
         rate: 0,
@@ -367,4 +368,43 @@ async fn the_queue_probe_marks_congestion() {
     assert!(relay.peak_limit <= 32, "held down by the queue: {relay:?}");
     assert_eq!(blast::campaign::queue_depth("12\n"), 12);
     assert_eq!(blast::campaign::queue_depth("{}\n{}\n{}\n"), 3);
+}
+
+/// Per-relay settings: a fixed concurrency split 3:1 by weight, and a
+/// relay with a rate quota that is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relay_weights_and_rates() {
+    let w = crate::util::World::new(crate::util::Backend::Sqlite).await;
+    w.seed(2000).await;
+    let (a, b, c) = (
+        crate::util::sink(Faults::default()).await,
+        crate::util::sink(Faults::default()).await,
+        crate::util::sink(Faults::default()).await,
+    );
+    let extra = format!(
+        "[delivery]\nconcurrency = 8\nsmtp = [\"smtp://{}\", {{ url = \"smtp://{}\", weight = 3 }}, \
+         {{ url = \"smtp://{}\", rate = 50 }}]\n",
+        a.local_addr(),
+        b.local_addr(),
+        c.local_addr()
+    );
+    let path = w.campaign("weights", "Hi", "x", None, &extra);
+    let cfg = blast::config::Config::load(&path, &Default::default()).unwrap();
+    assert_eq!(
+        cfg.delivery.concurrency.per_relay(&cfg.delivery.relays),
+        vec![2, 5, 1]
+    );
+    let started = std::time::Instant::now();
+    let summary = crate::util::spawn_send(&cfg).await.unwrap().unwrap();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(summary.sent, 2000);
+    let (na, nb, nc) = (a.stats().messages, b.stats().messages, c.stats().messages);
+    eprintln!("weights: {na}/{nb}/{nc} in {secs:.2}s");
+    assert_eq!(na + nb + nc, 2000);
+    // The rate-limited relay got at most its quota (plus the first second's burst).
+    assert!((nc as f64) <= 50.0 * secs + 60.0, "{nc} in {secs:.2}s");
+    // 5 injectors against 2 (weights 3:1 of 8 connections, largest
+    // remainder): about 2.5 times the messages at the same sink speed.
+    let ratio = nb as f64 / na as f64;
+    assert!((1.6..=3.6).contains(&ratio), "5 vs 2 injectors: {ratio:.2}");
 }

@@ -25,7 +25,8 @@ fn transport(sink: &Sink) -> Smtp {
     let relay = Relay {
         host: "127.0.0.1".into(),
         port: sink.local_addr().port(),
-        user: None,
+        weight: 1,
+        ..Default::default()
     };
     Smtp::new(
         vec![relay],
