@@ -57,7 +57,7 @@ pub const STALL_MAX: Duration = Duration::from_millis(750);
 const STALL_DEFAULT: Duration = STALL_MAX;
 /// A window is congested when its mean round trip exceeds this many
 /// minimum round trips...
-pub const LATENCY_FACTOR: u32 = 8;
+pub const LATENCY_FACTOR: u32 = 5;
 /// ...and this much (sub-millisecond jitter against a fast sink is no signal).
 pub const LATENCY_FLOOR: Duration = Duration::from_millis(2);
 /// Samples a window needs before its mean counts.
