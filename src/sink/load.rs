@@ -158,6 +158,16 @@ impl LoadModel {
         st.last_drain = now;
     }
 
+    /// Drains the queue up to now at the current phase's rate.
+    fn drain_now(&self, st: &mut State) {
+        let now = Instant::now();
+        let factor = match self.phase(st, now) {
+            Phase::Slow(f) => f.max(1e-3),
+            _ => 1.0,
+        };
+        self.drain(st, now, factor);
+    }
+
     /// True while the scripted outage lasts (the sink refuses connections).
     pub fn outage(&self) -> bool {
         let st = self.lock();
@@ -205,13 +215,8 @@ impl LoadModel {
     /// The message of an `Accept`/`Refuse` verdict is answered; an accepted
     /// one joins the queue.
     pub fn done(&self, accepted: bool) {
-        let now = Instant::now();
         let mut st = self.lock();
-        let factor = match self.phase(&st, now) {
-            Phase::Slow(f) => f.max(1e-3),
-            _ => 1.0,
-        };
-        self.drain(&mut st, now, factor);
+        self.drain_now(&mut st);
         st.in_flight = st.in_flight.saturating_sub(1);
         if accepted {
             st.accepted += 1;
@@ -224,13 +229,8 @@ impl LoadModel {
 
     /// Counters now.
     pub fn stats(&self) -> LoadStats {
-        let now = Instant::now();
         let mut st = self.lock();
-        let factor = match self.phase(&st, now) {
-            Phase::Slow(f) => f.max(1e-3),
-            _ => 1.0,
-        };
-        self.drain(&mut st, now, factor);
+        self.drain_now(&mut st);
         LoadStats {
             queue: st.queue,
             max_queue: st.max_queue,
