@@ -481,11 +481,18 @@ impl SmtpSession {
         if self.quickack {
             self.quick_ack();
         }
+        // The whole message is sent: from here on any lost reply leaves its
+        // fate unknown (the server may answer MAIL, RCPT and BDAT together,
+        // after it has queued the message).
+        let ambiguous = |e: SessionError| SessionError {
+            ambiguous: true,
+            ..e
+        };
         if rset {
-            self.read_rset().await?;
+            self.read_rset().await.map_err(ambiguous)?;
         }
-        let m = self.read_reply().await?;
-        let r = self.read_reply().await?;
+        let m = self.read_final().await?;
+        let r = self.read_final().await?;
         let b = self.read_final().await?;
         if m.positive() && r.positive() {
             self.needs_rset = !b.positive();
