@@ -51,8 +51,12 @@ pub struct Parts {
     pub subject: String,
     /// Extra headers.
     pub headers: Vec<(String, String)>,
-    /// The recipient's signed unsubscribe token.
-    pub token: String,
+    /// The HMAC over campaign and recipient (VERP and `X-Blast-Sig`).
+    pub sig: String,
+    /// The recipient's signed one-click unsubscribe URL.
+    pub unsubscribe_url: String,
+    /// The recipient's signed unsubscribe address.
+    pub unsubscribe_mailto: String,
     /// Plain-text part.
     pub text: Option<String>,
     /// HTML part.
@@ -225,10 +229,10 @@ impl Renderer {
         ctx.insert("email", &recipient.email);
         let campaign_id = self.identity.campaign_id;
         let token = self.key.token(campaign_id, recipient.id);
-        ctx.insert(
-            "unsubscribe_url",
-            &self.unsubscribe.url.fill(|_| token.clone()),
-        );
+        let unsubscribe_url = self.unsubscribe.url.fill(|_| token.clone());
+        let unsubscribe_mailto = self.unsubscribe.mailto.fill(|_| token.clone());
+        let sig = self.key.verp_sig(campaign_id, recipient.id);
+        ctx.insert("unsubscribe_url", &unsubscribe_url);
 
         let render = |name: &str| {
             self.tera
@@ -243,7 +247,7 @@ impl Renderer {
             Some(p) => p.fill(|v| match v {
                 Var::Campaign => campaign_id.to_string(),
                 Var::Recipient => recipient.id.to_string(),
-                _ => self.key.verp_sig(campaign_id, recipient.id),
+                _ => sig.clone(),
             }),
             None => one_line(&render(ENVELOPE_FROM)?),
         };
@@ -265,7 +269,9 @@ impl Renderer {
             to_name,
             subject,
             headers,
-            token,
+            sig,
+            unsubscribe_url,
+            unsubscribe_mailto,
             text,
             html,
         })
@@ -304,18 +310,14 @@ impl Renderer {
                 Text::new(self.identity.campaign.as_str()),
             )
             .header("X-Blast-Recipient", Text::new(recipient.id.to_string()))
-            .header(
-                "X-Blast-Sig",
-                Raw::new(self.key.verp_sig(self.identity.campaign_id, recipient.id)),
-            )
+            .header("X-Blast-Sig", Raw::new(parts.sig.as_str()))
             // RFC 2369 + RFC 8058: mailbox providers show an unsubscribe
             // button and POST to the URL with no further step.
             .header(
                 "List-Unsubscribe",
                 Raw::new(format!(
                     "<mailto:{}>, <{}>",
-                    self.unsubscribe.mailto.fill(|_| parts.token.clone()),
-                    self.unsubscribe.url.fill(|_| parts.token.clone())
+                    parts.unsubscribe_mailto, parts.unsubscribe_url
                 )),
             )
             .header(
