@@ -347,4 +347,17 @@ pub struct SinkArgs {
     /// Wait this many milliseconds before answering each message.
     #[arg(long)]
     pub latency_ms: Option<u64>,
+    /// Offer STARTTLS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Speak TLS from the first byte (smtps://) instead of offering STARTTLS.
+    #[arg(long, requires = "tls_cert")]
+    pub implicit_tls: bool,
+    /// Require AUTH (PLAIN or LOGIN) as this user; the password is read from
+    /// BLAST_SINK_PASSWORD.
+    #[arg(long)]
+    pub auth_user: Option<String>,
 }

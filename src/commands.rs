@@ -29,9 +29,6 @@ use crate::transport::{Session, Transport};
 /// between the hosts that write them).
 const SUPPRESSION_SKEW: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Environment variable holding the SMTP AUTH password.
-pub const SMTP_PASSWORD_ENV: &str = "BLAST_SMTP_PASSWORD";
-
 /// `blast send`: runs the campaign until done or until `stop` resolves.
 pub async fn send(
     cfg: &Config,
@@ -169,13 +166,11 @@ pub async fn send_with_abort(
             r
         }
         None => {
-            let password = std::env::var(SMTP_PASSWORD_ENV).ok();
             let mut transport = Smtp::new(
                 cfg.delivery.relays.clone(),
                 cfg.delivery.helo.clone(),
                 cfg.delivery.timeout,
-                password,
-            );
+            )?;
             transport.extensions.chunking = cfg.delivery.chunking;
             sendable(&campaign)?;
             // One sender per campaign: take the lease before the first message.
@@ -287,6 +282,15 @@ async fn probe<T: Transport>(transport: &T, relays: usize) -> Result<()> {
             Ok(s) => {
                 s.close().await;
                 ok += 1;
+            }
+            // A relay that can never be used as configured (no STARTTLS,
+            // an untrusted certificate, refused credentials) stops the
+            // campaign even when others answer: the operator must fix it.
+            Err(e) if e.permanent => {
+                return Err(Error::Unreachable {
+                    relay: transport.describe(slot),
+                    message: e.message,
+                })
             }
             Err(e) => {
                 tracing::warn!("{}", e);

@@ -186,13 +186,20 @@ enum RelayFile {
     Table(RelayTable),
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RelayTable {
     url: String,
     weight: Option<u32>,
     max_concurrency: Option<usize>,
     rate: Option<u32>,
+    tls: Option<String>,
+    ca_file: Option<PathBuf>,
+    #[serde(default)]
+    danger_accept_invalid_certs: bool,
+    user: Option<String>,
+    password_env: Option<String>,
+    from_domains: Option<Vec<String>>,
 }
 
 /// Command-line values that override the campaign file.
@@ -298,8 +305,18 @@ pub struct Relay {
     pub host: String,
     /// TCP port.
     pub port: u16,
-    /// Optional AUTH user; the password comes from `BLAST_SMTP_PASSWORD`.
+    /// How the connection is encrypted.
+    pub tls: Tls,
+    /// How the relay's certificate is checked.
+    pub verify: crate::tls::Verify,
+    /// Optional AUTH user (PLAIN or LOGIN, whichever the relay offers).
     pub user: Option<String>,
+    /// The AUTH password, read from the environment variable `password_env`.
+    pub password: Option<Secret>,
+    /// Where the password comes from (for messages).
+    pub password_env: String,
+    /// Only campaigns whose From domain is listed use this relay; empty = all.
+    pub from_domains: Vec<String>,
     /// Share of a fixed `concurrency` (default 1).
     pub weight: u32,
     /// Ceiling of this relay's adaptive limit (default: `auto:MAX`).
@@ -316,10 +333,68 @@ impl fmt::Debug for Relay {
 
 impl fmt::Display for Relay {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let scheme = if self.tls == Tls::Implicit {
+            "smtps"
+        } else {
+            "smtp"
+        };
+        let host = if self.host.contains(':') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
+        };
         match &self.user {
-            Some(u) => write!(f, "smtp://{u}@{}:{}", self.host, self.port),
-            None => write!(f, "smtp://{}:{}", self.host, self.port),
+            Some(u) => write!(f, "{scheme}://{u}@{host}:{}", self.port),
+            None => write!(f, "{scheme}://{host}:{}", self.port),
         }
+    }
+}
+
+impl Relay {
+    /// Whether the relay is on this host (127.0.0.0/8, ::1 or `localhost`),
+    /// where TLS protects nothing and costs throughput.
+    pub fn is_loopback(&self) -> bool {
+        self.host.eq_ignore_ascii_case("localhost")
+            || self
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+}
+
+/// How a relay connection is encrypted (`tls = "none" | "starttls" | "tls"`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Tls {
+    /// Plain SMTP: the default on loopback only.
+    #[default]
+    None,
+    /// STARTTLS is required (RFC 3207): the default for other relays. A relay
+    /// that does not offer it is refused, never used in clear.
+    StartTls,
+    /// TLS from the first byte (RFC 8314, port 465): `smtps://` URLs.
+    Implicit,
+}
+
+impl Tls {
+    fn parse(s: &str) -> std::result::Result<Tls, String> {
+        match s {
+            "none" => Ok(Tls::None),
+            "starttls" => Ok(Tls::StartTls),
+            "tls" => Ok(Tls::Implicit),
+            other => Err(format!(
+                "{other:?}: expected \"none\", \"starttls\" or \"tls\""
+            )),
+        }
+    }
+}
+
+/// A password: never printed, not even by `{:?}`.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
     }
 }
 
@@ -666,21 +741,14 @@ impl Config {
         };
         let mut relays = Vec::new();
         for e in entries {
-            let (url, weight, max, rate) = match e {
-                RelayFile::Url(u) => (u, None, None, None),
-                RelayFile::Table(t) => (t.url, t.weight, t.max_concurrency, t.rate),
+            let t = match e {
+                RelayFile::Url(url) => RelayTable {
+                    url,
+                    ..Default::default()
+                },
+                RelayFile::Table(t) => t,
             };
-            let u = expand_env(&url, &|k| env(k)).map_err(|m| err("delivery.smtp", m))?;
-            let mut relay = parse_relay(&u).map_err(|m| err("delivery.smtp", m))?;
-            if weight == Some(0) || max == Some(0) || rate == Some(0) {
-                return Err(err(
-                    "delivery.smtp",
-                    format!("{relay}: weight, max_concurrency and rate must be at least 1"),
-                ));
-            }
-            relay.weight = weight.unwrap_or(1);
-            relay.max_concurrency = max.map(|m| m.min(1024));
-            relay.rate = rate;
+            let relay = relay_from_table(t, base, env).map_err(|m| err("delivery.smtp", m))?;
             relays.push(relay);
         }
         if relays.is_empty() {
@@ -689,6 +757,7 @@ impl Config {
                 "needs at least one smtp:// URL".into(),
             ));
         }
+        let relays = route(relays, address_part(&m.from)).map_err(|m| err("delivery.smtp", m))?;
         let concurrency = match (overrides.concurrency, d.concurrency) {
             (Some(c), _) => c,
             (None, Some(ConcurrencyFile::Number(n))) => {
@@ -879,16 +948,141 @@ fn resolve_sqlite_path(url: &str, base: &Path) -> String {
     format!("sqlite://{}", base.join(rest).display())
 }
 
-/// Parses `smtp://[user@]host[:port]`.
+/// Where relay passwords come from unless a relay names its own variable.
+pub const SMTP_PASSWORD_ENV: &str = "BLAST_SMTP_PASSWORD";
+
+/// One `delivery.smtp` entry, validated: URL, TLS, credentials, limits.
+fn relay_from_table(
+    t: RelayTable,
+    base: &Path,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> std::result::Result<Relay, String> {
+    let url = expand_env(&t.url, env)?;
+    let mut relay = parse_relay(&url)?;
+    if t.weight == Some(0) || t.max_concurrency == Some(0) || t.rate == Some(0) {
+        return Err(format!(
+            "{relay}: weight, max_concurrency and rate must be at least 1"
+        ));
+    }
+    relay.weight = t.weight.unwrap_or(1);
+    relay.max_concurrency = t.max_concurrency.map(|m| m.min(1024));
+    relay.rate = t.rate;
+    match t.tls.as_deref().map(Tls::parse).transpose()? {
+        Some(tls) => {
+            if relay.tls == Tls::Implicit && tls != Tls::Implicit {
+                return Err(format!(
+                    "{relay}: an smtps:// URL is implicit TLS; drop tls = {:?} or use smtp://",
+                    t.tls.unwrap_or_default()
+                ));
+            }
+            relay.tls = tls;
+        }
+        None if relay.tls == Tls::Implicit => {}
+        // STARTTLS is required off this host: mail and passwords do not
+        // cross a network in clear unless the operator says so.
+        None if relay.is_loopback() => relay.tls = Tls::None,
+        None => relay.tls = Tls::StartTls,
+    }
+    relay.verify = crate::tls::Verify {
+        ca_file: t.ca_file.map(|p| base.join(p)),
+        danger_accept_invalid_certs: t.danger_accept_invalid_certs,
+    };
+    if relay.tls == Tls::None && (relay.verify.ca_file.is_some() || t.danger_accept_invalid_certs) {
+        return Err(format!(
+            "{relay}: ca_file and danger_accept_invalid_certs need tls = \"starttls\" or \"tls\""
+        ));
+    }
+    if let Some(u) = t.user {
+        if relay.user.is_some() {
+            return Err(format!(
+                "{relay}: user is set both in the URL and as user ="
+            ));
+        }
+        relay.user = Some(u);
+    }
+    relay.password_env = t
+        .password_env
+        .unwrap_or_else(|| SMTP_PASSWORD_ENV.to_string());
+    if let Some(user) = &relay.user {
+        if user.is_empty() || user.contains(['\r', '\n']) {
+            return Err(format!("{relay}: bad user name"));
+        }
+        if relay.tls == Tls::None && !relay.is_loopback() {
+            return Err(format!(
+                "{relay}: AUTH over an unencrypted connection would send the password in clear; \
+                 remove tls = \"none\""
+            ));
+        }
+        let password = env(&relay.password_env).filter(|p| !p.is_empty());
+        let Some(password) = password else {
+            return Err(format!(
+                "{relay}: user {user:?} is set but the environment variable {} is not",
+                relay.password_env
+            ));
+        };
+        relay.password = Some(Secret(password));
+    }
+    relay.from_domains = t
+        .from_domains
+        .unwrap_or_default()
+        .iter()
+        .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    if let Some(bad) = relay
+        .from_domains
+        .iter()
+        .find(|d| d.is_empty() || d.contains(['@', ' ']))
+    {
+        return Err(format!("{relay}: from_domains: {bad:?} is not a domain"));
+    }
+    Ok(relay)
+}
+
+/// Keeps the relays that may carry mail from `from` (`from_domains` empty,
+/// or listing the address's domain or a parent of it).
+fn route(relays: Vec<Relay>, from: &str) -> std::result::Result<Vec<Relay>, String> {
+    let domain = from
+        .rsplit_once('@')
+        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+        .unwrap_or_default();
+    let serves = |r: &Relay| {
+        r.from_domains.is_empty()
+            || r.from_domains.iter().any(|d| {
+                domain == *d
+                    || domain
+                        .strip_suffix(d.as_str())
+                        .is_some_and(|rest| rest.ends_with('.'))
+            })
+    };
+    let total = relays.len();
+    let kept: Vec<Relay> = relays.into_iter().filter(serves).collect();
+    if kept.is_empty() {
+        return Err(format!(
+            "none of the {total} relays may send mail from {domain:?}: \
+             add it to a relay's from_domains, or add a relay without from_domains"
+        ));
+    }
+    Ok(kept)
+}
+
+/// Parses `smtp://[user@]host[:port]` or `smtps://...` (implicit TLS, port 465).
 fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
-    let rest = url
-        .strip_prefix("smtp://")
-        .ok_or_else(|| format!("{url:?}: only smtp://host:port relays are supported"))?;
+    let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("smtp://") {
+        (r, Tls::None, "25")
+    } else if let Some(r) = url.strip_prefix("smtps://") {
+        (r, Tls::Implicit, "465")
+    } else {
+        return Err(format!(
+            "{url:?}: relays are smtp://host:port or smtps://host:port"
+        ));
+    };
     let rest = rest.trim_end_matches('/');
     let (user, hostport) = match rest.rsplit_once('@') {
         Some((u, h)) => {
             if u.contains(':') {
-                return Err("put no password in the URL: set BLAST_SMTP_PASSWORD".into());
+                return Err(format!(
+                    "put no password in the URL: set {SMTP_PASSWORD_ENV} (or the relay's password_env)"
+                ));
             }
             (Some(u.to_string()), h)
         }
@@ -899,11 +1093,11 @@ fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
         let (h, p) = h
             .split_once(']')
             .ok_or_else(|| format!("{url:?}: bad IPv6 literal"))?;
-        (h.to_string(), p.strip_prefix(':').unwrap_or("25"))
+        (h.to_string(), p.strip_prefix(':').unwrap_or(default_port))
     } else {
         match hostport.rsplit_once(':') {
             Some((h, p)) => (h.to_string(), p),
-            None => (hostport.to_string(), "25"),
+            None => (hostport.to_string(), default_port),
         }
     };
     if host.is_empty() {
@@ -915,8 +1109,10 @@ fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
     Ok(Relay {
         host,
         port,
+        tls,
         user,
         weight: 1,
+        password_env: SMTP_PASSWORD_ENV.to_string(),
         ..Default::default()
     })
 }
@@ -1172,5 +1368,118 @@ text = "t.txt"
             ("mx.example.com", 587, Some("bob"))
         );
         assert!(parse_relay("smtp://bob:pw@h").is_err());
+    }
+
+    fn relays_of(smtp: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<Relay>> {
+        let text = format!("{MINIMAL}[delivery]\nsmtp = {smtp}\n");
+        parse(&text, env).map(|c| c.delivery.relays)
+    }
+
+    #[test]
+    fn tls_defaults_follow_where_the_relay_is() {
+        let none = &|_: &str| None;
+        let r = relays_of(
+            r#"["smtp://127.0.0.1:25", "smtp://[::1]:2525", "smtp://localhost", "smtp://mx.example.com:587", "smtps://mx.example.com", { url = "smtp://10.0.0.5", tls = "none" }, { url = "smtp://mx.example.com:465", tls = "tls" }]"#,
+            none,
+        )
+        .unwrap();
+        let got: Vec<(Tls, u16)> = r.iter().map(|r| (r.tls, r.port)).collect();
+        assert_eq!(
+            got,
+            vec![
+                (Tls::None, 25),
+                (Tls::None, 2525),
+                (Tls::None, 25),
+                (Tls::StartTls, 587),
+                (Tls::Implicit, 465),
+                (Tls::None, 25),
+                (Tls::Implicit, 465),
+            ]
+        );
+        assert_eq!(r[4].to_string(), "smtps://mx.example.com:465");
+        let e = relays_of(r#"[{ url = "smtp://h", tls = "yes" }]"#, none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("delivery.smtp") && e.contains("\"yes\""), "{e}");
+        let e = relays_of(r#"[{ url = "smtps://h", tls = "starttls" }]"#, none)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("implicit TLS"), "{e}");
+        let e = relays_of(
+            r#"[{ url = "smtp://127.0.0.1", ca_file = "ca.pem" }]"#,
+            none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("ca_file"), "{e}");
+    }
+
+    #[test]
+    fn credentials_come_from_the_environment_and_never_cross_in_clear() {
+        let env = &|k: &str| match k {
+            "BLAST_SMTP_PASSWORD" => Some("default-pw".to_string()),
+            "RELAY2_PW" => Some("second-pw".to_string()),
+            _ => None,
+        };
+        let r = relays_of(
+            r#"["smtp://bob@mx.example.com:587", { url = "smtp://mx2.example.com", user = "ann", password_env = "RELAY2_PW" }]"#,
+            env,
+        )
+        .unwrap();
+        assert_eq!(r[0].password, Some(Secret("default-pw".into())));
+        assert_eq!(r[1].user.as_deref(), Some("ann"));
+        assert_eq!(r[1].password, Some(Secret("second-pw".into())));
+        assert!(!format!("{r:?}").contains("-pw"), "{r:?}");
+        let e = relays_of(
+            r#"[{ url = "smtp://bob@mx.example.com", tls = "none" }]"#,
+            env,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("in clear"), "{e}");
+        let e = relays_of(r#"["smtp://bob@mx.example.com"]"#, &|_| None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("BLAST_SMTP_PASSWORD") && e.contains("bob"),
+            "{e}"
+        );
+        // On loopback, AUTH without TLS is allowed (a local submission port).
+        assert!(relays_of(r#"["smtp://bob@127.0.0.1:587"]"#, env).is_ok());
+    }
+
+    #[test]
+    fn from_domains_keep_the_relays_for_the_from_domain() {
+        let none = &|_: &str| None;
+        let smtp = r#"[{ url = "smtp://127.0.0.1:1", from_domains = ["example.com"] }, { url = "smtp://127.0.0.1:2", from_domains = ["other.org"] }, "smtp://127.0.0.1:3"]"#;
+        let ports = |text: &str| -> Vec<u16> {
+            parse(&format!("{text}[delivery]\nsmtp = {smtp}\n"), none)
+                .unwrap()
+                .delivery
+                .relays
+                .iter()
+                .map(|r| r.port)
+                .collect()
+        };
+        assert_eq!(ports(MINIMAL), vec![1, 3]);
+        // A subdomain of a listed domain matches; a look-alike does not.
+        assert_eq!(
+            ports(&MINIMAL.replace("news@example.com", "news@mail.example.com")),
+            vec![1, 3]
+        );
+        assert_eq!(
+            ports(&MINIMAL.replace("news@example.com", "news@badexample.com")),
+            vec![3]
+        );
+        let e = relays_of(
+            r#"[{ url = "smtp://127.0.0.1:1", from_domains = ["other.org"] }]"#,
+            none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("\"example.com\"") && e.contains("from_domains"),
+            "{e}"
+        );
     }
 }

@@ -52,6 +52,9 @@ pub enum Error {
         /// The connection error.
         message: String,
     },
+    /// A TLS configuration (trust store, CA file, certificate) is unusable.
+    #[error("TLS: {0}")]
+    Tls(#[from] crate::tls::TlsError),
     /// Another process holds the campaign's lease.
     #[error("campaign {campaign:?} is being sent by another process ({owner}); its lease runs until {until} and is renewed while it runs. If that process is gone, the lease expires by itself (on this host at once)")]
     Busy {

@@ -25,6 +25,7 @@
 //! - [`serve`]: `blast serve`, the one-click unsubscribe endpoint.
 //! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
+//! - [`tls`]: rustls configurations and plain-or-TLS connection halves.
 //! - [`bounce`]: reading bounce mail from a Maildir, an mbox or stdin.
 //! - [`clock`], [`error`]: the time seam and the error type.
 
@@ -51,6 +52,7 @@ pub mod sign;
 pub mod sink;
 pub mod source;
 pub mod suppress;
+pub mod tls;
 pub mod transport;
 
 pub use error::{Error, Result};

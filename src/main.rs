@@ -255,6 +255,19 @@ async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
             .rcpt_contains
             .push((text.to_string(), code, enhanced.into(), reason.into()));
     }
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(blast::tls::server_config(cert, key)?),
+        _ => None,
+    };
+    let auth = match args.auth_user {
+        Some(user) => Some(blast::sink::SinkAuth {
+            user,
+            password: std::env::var("BLAST_SINK_PASSWORD")
+                .context("--auth-user needs the password in BLAST_SINK_PASSWORD")?,
+            mechanisms: vec!["PLAIN".into(), "LOGIN".into()],
+        }),
+        None => None,
+    };
     let config = blast::sink::SinkConfig {
         listen: args.listen,
         maildir: args.maildir,
@@ -262,6 +275,9 @@ async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
         eight_bit_mime: !args.no_8bitmime,
         chunking: !args.no_chunking,
         faults,
+        tls,
+        implicit_tls: args.implicit_tls,
+        auth,
         ..Default::default()
     };
     let stats = blast::sink::serve(config, shutdown_signal())

@@ -18,8 +18,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use base64::Engine as _;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::time::{timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -83,6 +83,25 @@ pub struct SinkConfig {
     /// A connection on which the client sends nothing (or reads nothing) for
     /// this long gets `421 4.4.2` and is closed.
     pub idle_timeout: Duration,
+    /// Offer STARTTLS with this certificate (or, with `implicit_tls`, speak
+    /// TLS from the first byte).
+    pub tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS from the first byte (port 465 style) instead of STARTTLS.
+    pub implicit_tls: bool,
+    /// Require AUTH before MAIL. With `tls` set, AUTH is only offered on
+    /// an encrypted connection, as Postfix's `smtpd_tls_auth_only`.
+    pub auth: Option<SinkAuth>,
+}
+
+/// The one account a sink accepts.
+#[derive(Clone, Debug)]
+pub struct SinkAuth {
+    /// User name.
+    pub user: String,
+    /// Password.
+    pub password: String,
+    /// Mechanisms offered, e.g. `["PLAIN", "LOGIN"]`.
+    pub mechanisms: Vec<String>,
 }
 
 impl Default for SinkConfig {
@@ -98,6 +117,9 @@ impl Default for SinkConfig {
             keep_messages: false,
             max_message_size: 50 * 1024 * 1024,
             idle_timeout: Duration::from_secs(300),
+            tls: None,
+            implicit_tls: false,
+            auth: None,
         }
     }
 }
@@ -170,6 +192,10 @@ pub struct Received {
     pub data: Vec<u8>,
     /// The queue id given in the `250 2.0.0 Ok: queued as <id>` reply.
     pub queue_id: String,
+    /// Whether the message came over TLS.
+    pub tls: bool,
+    /// The user the client authenticated as, if any.
+    pub auth: Option<String>,
 }
 
 /// Handle to a running sink. Dropping it without calling [`Sink::shutdown`]
@@ -335,6 +361,8 @@ struct Shared {
     config: SinkConfig,
     greeting: Vec<u8>,
     ehlo: Vec<u8>,
+    /// The EHLO reply once TLS is on (no STARTTLS; AUTH when configured).
+    ehlo_tls: Vec<u8>,
     helo: Vec<u8>,
     /// `Faults::rcpt_replies` with lowercased keys, for case-insensitive lookup.
     rcpt_exact: HashMap<String, FaultReply>,
@@ -353,7 +381,8 @@ impl Shared {
         let host = &config.hostname;
         let greeting = format!("220 {host} ESMTP blast-sink\r\n").into_bytes();
         let helo = format!("250 {host}\r\n").into_bytes();
-        let ehlo = ehlo_reply(&config);
+        let ehlo = ehlo_reply(&config, false);
+        let ehlo_tls = ehlo_reply(&config, true);
         let faults = &config.faults;
         let rcpt_exact = faults
             .rcpt_replies
@@ -376,6 +405,7 @@ impl Shared {
         Self {
             greeting,
             ehlo,
+            ehlo_tls,
             helo,
             rcpt_exact,
             rcpt_contains,
@@ -420,9 +450,18 @@ impl Shared {
     }
 }
 
-/// Builds the multi-line EHLO reply once per sink.
-fn ehlo_reply(config: &SinkConfig) -> Vec<u8> {
+/// Builds the multi-line EHLO reply once per sink, for a plain or an
+/// encrypted connection.
+fn ehlo_reply(config: &SinkConfig, tls: bool) -> Vec<u8> {
     let mut lines = vec![config.hostname.clone()];
+    if config.tls.is_some() && !tls {
+        lines.push("STARTTLS".to_owned());
+    }
+    if let Some(auth) = &config.auth {
+        if tls || config.tls.is_none() {
+            lines.push(format!("AUTH {}", auth.mechanisms.join(" ")));
+        }
+    }
     if config.pipelining {
         lines.push("PIPELINING".to_owned());
     }
@@ -496,21 +535,60 @@ async fn handle_connection(
     shared: Arc<Shared>,
     cancel: CancellationToken,
 ) {
-    let mut session = Session::new(stream, shared);
-    // The select ends (dropping the run future and its borrow of `session`)
-    // before we decide what to do, so the shutdown path can still write.
-    let outcome = tokio::select! {
-        r = session.run() => Some(r),
-        () = cancel.cancelled() => None,
+    let mut session = match (&shared.config.tls, shared.config.implicit_tls) {
+        (Some(config), true) => {
+            let idle = shared.config.idle_timeout;
+            match timeout(idle, crate::tls::accept(config.clone(), stream)).await {
+                Ok(Ok(tls)) => {
+                    let (r, w) = crate::tls::split_tls(tls);
+                    Session::new(r, w, shared)
+                }
+                Ok(Err(e)) => return tracing::debug!("sink: TLS from {peer} failed: {e}"),
+                Err(_) => return tracing::debug!("sink: TLS from {peer} timed out"),
+            }
+        }
+        _ => {
+            let (r, w) = crate::tls::split_tcp(stream);
+            Session::new(r, w, shared)
+        }
     };
-    match outcome {
-        Some(Ok(())) => {}
-        Some(Err(e)) => tracing::debug!("sink: connection from {peer} ended: {e}"),
-        None => {
-            let notice = format!("421 4.3.2 {} Service shutting down", session.host());
-            session.goodbye(&notice).await;
+    loop {
+        // The select ends (dropping the run future and its borrow of
+        // `session`) before we decide what to do, so the shutdown path can
+        // still write.
+        let outcome = tokio::select! {
+            r = session.run() => Some(r),
+            () = cancel.cancelled() => None,
+        };
+        match outcome {
+            Some(Ok(End::Closed)) => break,
+            Some(Ok(End::StartTls)) => match session.upgrade().await {
+                Ok(s) => session = s,
+                Err(e) => {
+                    tracing::debug!("sink: STARTTLS from {peer} failed: {e}");
+                    break;
+                }
+            },
+            Some(Err(e)) => {
+                tracing::debug!("sink: connection from {peer} ended: {e}");
+                break;
+            }
+            None => {
+                let notice = format!("421 4.3.2 {} Service shutting down", session.host());
+                session.goodbye(&notice).await;
+                break;
+            }
         }
     }
+}
+
+/// How a session's command loop ended without error.
+enum End {
+    /// QUIT, EOF or a deliberate drop.
+    Closed,
+    /// The client asked for STARTTLS and got 220: hand the socket over to
+    /// the handshake.
+    StartTls,
 }
 
 /// Why a session ended abnormally.
@@ -529,6 +607,8 @@ enum Flow {
     Close,
     /// Close at once without sending anything more (`drop_after`).
     Drop,
+    /// Send pending replies, then the TLS handshake.
+    StartTls,
 }
 
 /// Result of reading one command line.
@@ -597,8 +677,12 @@ impl Transaction {
 /// One SMTP connection.
 struct Session {
     shared: Arc<Shared>,
-    reader: BufReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    reader: BufReader<crate::tls::Reader>,
+    writer: crate::tls::Writer,
+    /// The greeting was sent (false only before the first command loop).
+    banner_sent: bool,
+    /// The user authenticated on this connection.
+    authenticated: Option<String>,
     /// Replies not yet written: they are batched and only written when we
     /// are about to wait for input, which answers a pipelined batch of
     /// commands with one write.
@@ -612,12 +696,13 @@ struct Session {
 }
 
 impl Session {
-    fn new(stream: TcpStream, shared: Arc<Shared>) -> Self {
-        let (read, writer) = stream.into_split();
+    fn new(read: crate::tls::Reader, writer: crate::tls::Writer, shared: Arc<Shared>) -> Self {
         Self {
             shared,
             reader: BufReader::with_capacity(READ_BUFFER, read),
             writer,
+            banner_sent: false,
+            authenticated: None,
             out: Vec::with_capacity(1024),
             line: Vec::with_capacity(128),
             greeted: false,
@@ -642,7 +727,31 @@ impl Session {
         let _ = timeout(GOODBYE_TIMEOUT, self.writer.write_all(&self.out)).await;
     }
 
-    async fn run(&mut self) -> Result<(), SessionError> {
+    /// After `220 Ready to start TLS`: the handshake on the same socket, and
+    /// a fresh session state (RFC 3207: the client must greet again).
+    /// Input the client sent before the handshake is discarded.
+    async fn upgrade(self) -> Result<Session, SessionError> {
+        let Some(config) = self.shared.config.tls.clone() else {
+            return Err(SessionError::Io(io::Error::other("no TLS configured")));
+        };
+        let tcp = crate::tls::reunite(self.reader.into_inner(), self.writer)
+            .ok_or_else(|| io::Error::other("STARTTLS on a TLS connection"))?;
+        let idle = self.shared.config.idle_timeout;
+        let tls = timeout(idle, crate::tls::accept(config, tcp))
+            .await
+            .map_err(|_| SessionError::IdleTimeout)??;
+        let (r, w) = crate::tls::split_tls(tls);
+        let mut s = Session::new(r, w, self.shared);
+        s.banner_sent = true;
+        s.messages_seen = self.messages_seen;
+        Ok(s)
+    }
+
+    fn is_tls(&self) -> bool {
+        self.reader.get_ref().is_tls()
+    }
+
+    async fn run(&mut self) -> Result<End, SessionError> {
         let result = self.command_loop().await;
         if let Err(SessionError::IdleTimeout) = result {
             let notice = format!("421 4.4.2 {} Error: timeout exceeded", self.host());
@@ -651,15 +760,19 @@ impl Session {
         result
     }
 
-    async fn command_loop(&mut self) -> Result<(), SessionError> {
-        if let Some(m) = &self.shared.config.faults.load {
-            if m.outage() {
-                // A scripted outage: refuse the connection as a down MTA would.
-                self.reply("421 4.3.2 Service not available");
-                return self.flush().await;
+    async fn command_loop(&mut self) -> Result<End, SessionError> {
+        if !self.banner_sent {
+            self.banner_sent = true;
+            if let Some(m) = &self.shared.config.faults.load {
+                if m.outage() {
+                    // A scripted outage: refuse the connection as a down MTA would.
+                    self.reply("421 4.3.2 Service not available");
+                    self.flush().await?;
+                    return Ok(End::Closed);
+                }
             }
+            self.out.extend_from_slice(&self.shared.greeting);
         }
-        self.out.extend_from_slice(&self.shared.greeting);
         loop {
             let flow = match self.read_line().await? {
                 Line::Eof => Flow::Close,
@@ -679,8 +792,15 @@ impl Session {
             };
             match flow {
                 Flow::Continue => {}
-                Flow::Close => return self.flush().await,
-                Flow::Drop => return Ok(()),
+                Flow::Close => {
+                    self.flush().await?;
+                    return Ok(End::Closed);
+                }
+                Flow::Drop => return Ok(End::Closed),
+                Flow::StartTls => {
+                    self.flush().await?;
+                    return Ok(End::StartTls);
+                }
             }
         }
     }
@@ -783,6 +903,10 @@ impl Session {
                 self.reply("221 2.0.0 Bye");
                 return Ok(Flow::Close);
             }
+            b"STARTTLS" if self.shared.config.tls.is_some() && !self.shared.config.implicit_tls => {
+                return Ok(self.starttls(arg));
+            }
+            b"AUTH" if self.shared.config.auth.is_some() => return self.auth(arg).await,
             b"EXPN" | b"HELP" | b"STARTTLS" | b"AUTH" | b"ETRN" | b"TURN" => {
                 self.reply("502 5.5.1 Error: command not implemented");
             }
@@ -800,8 +924,121 @@ impl Session {
         self.tx.reset();
         self.greeted = true;
         let shared = &self.shared;
-        let reply = if extended { &shared.ehlo } else { &shared.helo };
+        let reply = match (extended, self.is_tls()) {
+            (false, _) => &shared.helo,
+            (true, false) => &shared.ehlo,
+            (true, true) => &shared.ehlo_tls,
+        };
         self.out.extend_from_slice(reply);
+    }
+
+    fn starttls(&mut self, arg: &str) -> Flow {
+        if self.is_tls() {
+            self.reply("554 5.5.1 Error: TLS already active");
+        } else if !arg.trim().is_empty() {
+            self.reply("501 5.5.4 Syntax: STARTTLS");
+        } else if self.tx.mail_from.is_some() {
+            self.reply("503 5.5.1 Error: STARTTLS inside a mail transaction");
+        } else {
+            self.reply("220 2.0.0 Ready to start TLS");
+            return Flow::StartTls;
+        }
+        Flow::Continue
+    }
+
+    /// RFC 4954 AUTH PLAIN and LOGIN against the one configured account.
+    async fn auth(&mut self, arg: &str) -> Result<Flow, SessionError> {
+        let Some(account) = self.shared.config.auth.clone() else {
+            self.reply("502 5.5.1 Error: command not implemented");
+            return Ok(Flow::Continue);
+        };
+        if !self.greeted {
+            self.reply("503 5.5.1 Error: send HELO/EHLO first");
+            return Ok(Flow::Continue);
+        }
+        if self.shared.config.tls.is_some() && !self.is_tls() {
+            self.reply("538 5.7.11 Encryption required for requested authentication mechanism");
+            return Ok(Flow::Continue);
+        }
+        if self.authenticated.is_some() {
+            self.reply("503 5.5.1 Error: already authenticated");
+            return Ok(Flow::Continue);
+        }
+        let mut words = arg.split_ascii_whitespace();
+        let mechanism = words.next().unwrap_or("").to_ascii_uppercase();
+        let initial = words.next().map(str::to_string);
+        if !account
+            .mechanisms
+            .iter()
+            .any(|m| m.eq_ignore_ascii_case(&mechanism))
+        {
+            self.reply("535 5.7.8 Error: authentication failed: unsupported mechanism");
+            return Ok(Flow::Continue);
+        }
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let decode = |s: &str| {
+            b64.decode(s.trim())
+                .ok()
+                .and_then(|b| String::from_utf8(b).ok())
+        };
+        let (user, password) = if mechanism == "PLAIN" {
+            let response = match initial {
+                Some(r) => r,
+                None => match self.challenge("").await? {
+                    Some(r) => r,
+                    None => return Ok(Flow::Continue),
+                },
+            };
+            let decoded = decode(&response).unwrap_or_default();
+            let mut parts = decoded.split('\0');
+            let _authzid = parts.next();
+            (
+                parts.next().unwrap_or("").to_string(),
+                parts.next().unwrap_or("").to_string(),
+            )
+        } else {
+            let user = match initial {
+                Some(r) => r,
+                None => match self.challenge(&b64.encode("Username:")).await? {
+                    Some(r) => r,
+                    None => return Ok(Flow::Continue),
+                },
+            };
+            let Some(password) = self.challenge(&b64.encode("Password:")).await? else {
+                return Ok(Flow::Continue);
+            };
+            (
+                decode(&user).unwrap_or_default(),
+                decode(&password).unwrap_or_default(),
+            )
+        };
+        if user == account.user && password == account.password {
+            self.authenticated = Some(user);
+            self.reply("235 2.7.0 Authentication successful");
+        } else {
+            self.reply("535 5.7.8 Error: authentication failed: bad credentials");
+        }
+        Ok(Flow::Continue)
+    }
+
+    /// Sends a 334 challenge and reads the client's line; `None` when the
+    /// client cancelled with `*` (already answered) or sent a bad line.
+    async fn challenge(&mut self, text: &str) -> Result<Option<String>, SessionError> {
+        self.reply(&format!("334 {text}"));
+        match self.read_line().await? {
+            Line::Complete => {}
+            Line::Eof => return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+            Line::TooLong => {
+                self.reply("500 5.5.2 Error: line too long");
+                return Ok(None);
+            }
+        }
+        let line = String::from_utf8_lossy(trim_eol(&self.line)).into_owned();
+        if line == "*" {
+            self.reply("501 5.7.0 Authentication aborted");
+            return Ok(None);
+        }
+        Ok(Some(line))
     }
 
     fn mail(&mut self, arg: &str) {
@@ -810,6 +1047,9 @@ impl Session {
         }
         if self.tx.mail_from.is_some() {
             return self.reply("503 5.5.1 Error: nested MAIL command");
+        }
+        if self.shared.config.auth.is_some() && self.authenticated.is_none() {
+            return self.reply("530 5.7.0 Authentication required");
         }
         let Some(rest) = strip_prefix_ci(arg, "FROM:") else {
             return self.reply("501 5.5.4 Syntax: MAIL FROM:<address>");
@@ -1140,11 +1380,15 @@ impl Session {
             Vec::new()
         };
         self.reply(&format!("250 2.0.0 Ok: queued as {queue_id}"));
+        let tls = self.is_tls();
+        let auth = self.authenticated.clone();
         shared.received().push(Received {
             mail_from,
             rcpt_to,
             data,
             queue_id,
+            tls,
+            auth,
         });
         self.tx.reset();
         Ok(Flow::Continue)
@@ -1229,6 +1473,7 @@ mod tests {
     use super::*;
     use std::time::Instant as StdInstant;
     use tokio::io::AsyncReadExt;
+    use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
     /// Generous bound for a single read in tests, so a bug hangs no longer.
     const READ_TIMEOUT: Duration = Duration::from_secs(5);

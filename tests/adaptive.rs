@@ -109,12 +109,10 @@ async fn run_paced(
             ..Default::default()
         })
         .collect();
-    let transport = Arc::new(Smtp::new(
-        relays.clone(),
-        "localhost".into(),
-        Duration::from_secs(30),
-        None,
-    ));
+    let transport = Arc::new(
+        Smtp::new(relays.clone(), "localhost".into(), Duration::from_secs(30))
+            .expect("no TLS to set up"),
+    );
     let stats = Arc::new(Stats::new(concurrency.per_relay(&relays).iter().sum()));
     let opts = RunOptions {
         concurrency,

@@ -28,12 +28,7 @@ fn transport(sink: &Sink) -> Smtp {
         weight: 1,
         ..Default::default()
     };
-    Smtp::new(
-        vec![relay],
-        "test.example".into(),
-        Duration::from_secs(5),
-        None,
-    )
+    Smtp::new(vec![relay], "test.example".into(), Duration::from_secs(5)).expect("no TLS to set up")
 }
 
 /// One session, 30 messages, every third refused (550 or 451) in turn.

@@ -19,6 +19,8 @@ mod import;
 mod inbound;
 /// Through a real, tuned Postfix.
 mod mta;
+/// Relays off this host: STARTTLS, implicit TLS, AUTH, from_domains routing.
+mod relays;
 /// Leases, SIGKILL, retries, suppression, breaker, pause/resume/cancel, outages.
 mod reliability;
 /// Running a campaign again: stopped runs, deferred recipients.

@@ -54,6 +54,7 @@ impl super::Session for FileSession {
             .map_err(|e| SessionError {
                 message: format!("{}: {e}", path.display()),
                 ambiguous: false,
+                permanent: false,
             })?;
         Ok(Outcome::Sent {
             reply: Reply {

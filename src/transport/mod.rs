@@ -105,6 +105,9 @@ pub struct SessionError {
     /// True when the connection was lost after the message data was sent but
     /// before the reply: the MTA may have accepted it (a retry may duplicate).
     pub ambiguous: bool,
+    /// A setting is wrong (no STARTTLS offered, an untrusted certificate,
+    /// credentials refused): retrying will not help, the operator must act.
+    pub permanent: bool,
 }
 
 impl fmt::Display for SessionError {

@@ -17,12 +17,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
+use lettre::transport::smtp::authentication::{Credentials, Mechanism};
+use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 
 use super::{classify, Envelope, Outcome, Reply, SessionError, Transport};
-use crate::config::Relay;
+use crate::config::{Relay, Tls};
+use crate::tls::{self, Reader, TlsError, Writer};
 
 /// Longest reply line accepted (RFC 5321 says 512; be generous).
 const MAX_REPLY_LINE: usize = 4096;
@@ -36,9 +38,11 @@ const WRITE_BUFFER: usize = 64 * 1024;
 #[derive(Debug, Clone)]
 pub struct Smtp {
     relays: Vec<Relay>,
+    /// Per relay: its TLS client configuration and the name its
+    /// certificate must carry (`None` for `tls = "none"`).
+    tls: Vec<Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>>,
     helo: String,
     timeout: Duration,
-    password: Option<String>,
     /// Use PIPELINING/CHUNKING when offered (tests and benchmarks turn them off).
     pub extensions: Extensions,
     /// Per relay: a session once waited on delayed ACKs, so new sessions to
@@ -66,23 +70,39 @@ impl Default for Extensions {
 }
 
 impl Smtp {
-    /// A transport for `relays`. `password` (from `BLAST_SMTP_PASSWORD`) is
-    /// used for relays whose URL names a user.
-    pub fn new(
-        relays: Vec<Relay>,
-        helo: String,
-        timeout: Duration,
-        password: Option<String>,
-    ) -> Smtp {
+    /// A transport for `relays`, with the TLS configuration of each built
+    /// once here (reading the system trust store and any CA file).
+    pub fn new(relays: Vec<Relay>, helo: String, timeout: Duration) -> Result<Smtp, TlsError> {
         let quickack = Arc::new(relays.iter().map(|_| AtomicBool::new(false)).collect());
-        Smtp {
+        let mut configs = std::collections::HashMap::new();
+        let mut tls = Vec::new();
+        for relay in &relays {
+            if relay.tls == Tls::None {
+                tls.push(None);
+                continue;
+            }
+            let config = match configs.get(&relay.verify) {
+                Some(c) => Arc::clone(c),
+                None => {
+                    let c = tls::client_config(&relay.verify)?;
+                    configs.insert(relay.verify.clone(), Arc::clone(&c));
+                    c
+                }
+            };
+            let name = tls::server_name(&relay.host).map_err(|m| TlsError::File {
+                path: relay.host.clone().into(),
+                message: m,
+            })?;
+            tls.push(Some((config, name)));
+        }
+        Ok(Smtp {
             relays,
+            tls,
             helo,
             timeout,
-            password,
             extensions: Extensions::default(),
             quickack,
-        }
+        })
     }
 
     fn relay(&self, slot: usize) -> &Relay {
@@ -101,6 +121,8 @@ pub struct Capabilities {
     pub size: u64,
     /// AUTH mechanisms.
     pub auth: Vec<String>,
+    /// STARTTLS (RFC 3207).
+    pub starttls: bool,
 }
 
 impl Capabilities {
@@ -117,6 +139,7 @@ impl Capabilities {
                 "CHUNKING" => c.chunking = true,
                 "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()).unwrap_or(0),
                 "AUTH" => c.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
+                "STARTTLS" => c.starttls = true,
                 _ => {}
             }
         }
@@ -126,8 +149,8 @@ impl Capabilities {
 
 /// One open SMTP connection.
 pub struct SmtpSession {
-    reader: BufReader<OwnedReadHalf>,
-    writer: BufWriter<OwnedWriteHalf>,
+    reader: BufReader<Reader>,
+    writer: BufWriter<Writer>,
     caps: Capabilities,
     use_pipelining: bool,
     use_chunking: bool,
@@ -179,10 +202,12 @@ impl Transport for Smtp {
     type Session = SmtpSession;
 
     async fn connect(&self, slot: usize) -> Result<SmtpSession, SessionError> {
-        let relay = self.relay(slot);
+        let i = slot % self.relays.len();
+        let relay = &self.relays[i];
         let fail = |what: &str, e: &dyn std::fmt::Display| SessionError {
             message: format!("{relay}: {what}: {e}"),
             ambiguous: false,
+            permanent: false,
         };
         let addr = (relay.host.as_str(), relay.port);
         let stream = tokio::time::timeout(self.timeout, TcpStream::connect(addr))
@@ -190,21 +215,20 @@ impl Transport for Smtp {
             .map_err(|_| fail("connect", &"timed out"))?
             .map_err(|e| fail("connect", &e))?;
         stream.set_nodelay(true).map_err(|e| fail("connect", &e))?;
-        let (r, w) = stream.into_split();
-        let mut s = SmtpSession {
-            reader: BufReader::with_capacity(16 * 1024, r),
-            writer: BufWriter::with_capacity(WRITE_BUFFER, w),
-            caps: Capabilities::default(),
-            use_pipelining: false,
-            use_chunking: false,
-            timeout: self.timeout,
-            needs_rset: false,
-            line: Vec::with_capacity(512),
-            stuffed: Vec::new(),
-            last_latency: Duration::ZERO,
-            quickack: self.quickack[slot % self.quickack.len()].load(Ordering::Relaxed),
-            relay_quickack: Some((self.quickack.clone(), slot % self.quickack.len())),
+        let (r, w) = match (&self.tls[i], relay.tls) {
+            (Some((config, name)), Tls::Implicit) => {
+                let s = tokio::time::timeout(
+                    self.timeout,
+                    tls::connect(config.clone(), name.clone(), stream),
+                )
+                .await
+                .map_err(|_| fail("TLS handshake", &"timed out"))?
+                .map_err(|e| tls_failure(relay, &e))?;
+                tls::split_tls(s)
+            }
+            _ => tls::split_tcp(stream),
         };
+        let mut s = SmtpSession::open(r, w, self.timeout, Some((self.quickack.clone(), i)));
         let greeting = s
             .read_reply()
             .await
@@ -215,39 +239,34 @@ impl Transport for Smtp {
                 &format!("{} {}", greeting.code, greeting.lines.join(" ")),
             ));
         }
-        s.write(format!("EHLO {}\r\n", self.helo).as_bytes())
-            .await
-            .map_err(|e| fail("EHLO", &e.message))?;
-        s.flush().await.map_err(|e| fail("EHLO", &e.message))?;
-        let ehlo = s.read_reply().await.map_err(|e| fail("EHLO", &e.message))?;
-        if ehlo.code == 250 {
-            s.caps = Capabilities::parse(&ehlo.lines);
-        } else {
-            // An SMTP-only server: HELO, no extensions.
-            s.write(format!("HELO {}\r\n", self.helo).as_bytes())
-                .await
-                .map_err(|e| fail("HELO", &e.message))?;
-            s.flush().await.map_err(|e| fail("HELO", &e.message))?;
-            let helo = s.read_reply().await.map_err(|e| fail("HELO", &e.message))?;
-            if helo.code != 250 {
-                return Err(fail(
-                    "HELO",
-                    &format!("{} {}", helo.code, helo.lines.join(" ")),
-                ));
-            }
+        s.hello(&self.helo).await.map_err(|e| SessionError {
+            message: format!("{relay}: {}", e.message),
+            ..e
+        })?;
+        if let (Some((config, name)), Tls::StartTls) = (&self.tls[i], relay.tls) {
+            s = s.starttls(relay, config.clone(), name.clone()).await?;
+            s.hello(&self.helo).await.map_err(|e| SessionError {
+                message: format!("{relay}: after STARTTLS: {}", e.message),
+                ..e
+            })?;
         }
         s.use_pipelining = s.caps.pipelining && self.extensions.pipelining;
         s.use_chunking = s.caps.chunking && self.extensions.chunking;
         if let Some(user) = &relay.user {
-            let password = self.password.as_deref().ok_or_else(|| {
-                fail(
-                    "AUTH",
-                    &"a user is set in the relay URL but BLAST_SMTP_PASSWORD is not",
-                )
+            let Some(password) = &relay.password else {
+                return Err(SessionError {
+                    permanent: true,
+                    ..fail(
+                        "AUTH",
+                        &format!("user {user:?} is set but {} is not", relay.password_env),
+                    )
+                });
+            };
+            let credentials = Credentials::new(user.clone(), password.0.clone());
+            s.auth(&credentials).await.map_err(|e| SessionError {
+                message: format!("{relay}: AUTH as {user:?}: {}", e.message),
+                ..e
             })?;
-            s.auth_plain(user, password)
-                .await
-                .map_err(|e| fail("AUTH", &e.message))?;
         }
         Ok(s)
     }
@@ -258,6 +277,34 @@ impl Transport for Smtp {
 }
 
 impl SmtpSession {
+    /// A session over a connected (plain or TLS) stream, before the greeting.
+    fn open(
+        r: Reader,
+        w: Writer,
+        timeout: Duration,
+        relay_quickack: Option<(Arc<Vec<AtomicBool>>, usize)>,
+    ) -> SmtpSession {
+        // TCP_QUICKACK is for plain loopback sessions (see `pipelined_bdat`).
+        let quickack = r.tcp().is_some()
+            && relay_quickack
+                .as_ref()
+                .is_some_and(|(flags, i)| flags[*i].load(Ordering::Relaxed));
+        SmtpSession {
+            reader: BufReader::with_capacity(16 * 1024, r),
+            writer: BufWriter::with_capacity(WRITE_BUFFER, w),
+            caps: Capabilities::default(),
+            use_pipelining: false,
+            use_chunking: false,
+            timeout,
+            needs_rset: false,
+            line: Vec::with_capacity(512),
+            stuffed: Vec::new(),
+            last_latency: Duration::ZERO,
+            quickack,
+            relay_quickack,
+        }
+    }
+
     /// The server's capabilities.
     pub fn capabilities(&self) -> &Capabilities {
         &self.caps
@@ -268,26 +315,149 @@ impl SmtpSession {
         self.last_latency
     }
 
-    async fn auth_plain(&mut self, user: &str, password: &str) -> Result<(), SessionError> {
-        if !self.caps.auth.iter().any(|m| m == "PLAIN") {
-            return Err(SessionError {
-                message: format!(
-                    "the server offers no AUTH PLAIN (offers: {})",
-                    self.caps.auth.join(" ")
-                ),
-                ambiguous: false,
-            });
+    /// EHLO, falling back to HELO for a server without extensions; sets
+    /// the capabilities.
+    async fn hello(&mut self, helo: &str) -> Result<(), SessionError> {
+        self.write(format!("EHLO {helo}\r\n").as_bytes()).await?;
+        self.flush().await?;
+        let ehlo = self.read_reply().await?;
+        if ehlo.code == 250 {
+            self.caps = Capabilities::parse(&ehlo.lines);
+            return Ok(());
         }
-        let token =
-            base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{password}"));
-        self.write(format!("AUTH PLAIN {token}\r\n").as_bytes())
-            .await?;
+        // An SMTP-only server: HELO, no extensions.
+        self.caps = Capabilities::default();
+        self.write(format!("HELO {helo}\r\n").as_bytes()).await?;
         self.flush().await?;
         let r = self.read_reply().await?;
+        if r.code != 250 {
+            return Err(lost(
+                &format!("HELO: {} {}", r.code, r.lines.join(" ")),
+                false,
+            ));
+        }
+        Ok(())
+    }
+
+    /// RFC 3207: STARTTLS, then the handshake on the same connection. A
+    /// relay that does not offer it, or refuses it, is never used in clear.
+    async fn starttls(
+        self,
+        relay: &Relay,
+        config: Arc<rustls::ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<SmtpSession, SessionError> {
+        let mut s = self;
+        let refuse = |why: String| SessionError {
+            message: format!("{relay}: {why}"),
+            ambiguous: false,
+            permanent: true,
+        };
+        if !s.caps.starttls {
+            return Err(refuse(
+                "the relay does not offer STARTTLS, and blast does not send to a relay off \
+                 this host in clear (set tls = \"none\" on the relay to allow it)"
+                    .into(),
+            ));
+        }
+        s.write(b"STARTTLS\r\n").await?;
+        s.flush().await?;
+        let r = s.read_reply().await?;
+        if r.code != 220 {
+            return Err(refuse(format!(
+                "STARTTLS refused: {} {}",
+                r.code,
+                r.lines.join(" ")
+            )));
+        }
+        // Anything already buffered was sent before the handshake and could
+        // be injected by a man in the middle (CVE-2011-0411): refuse it.
+        if !s.reader.buffer().is_empty() {
+            return Err(refuse(
+                "the relay sent data after its STARTTLS reply, before the handshake".into(),
+            ));
+        }
+        let timeout = s.timeout;
+        let SmtpSession {
+            reader,
+            writer,
+            relay_quickack,
+            ..
+        } = s;
+        let tcp = tls::reunite(reader.into_inner(), writer.into_inner())
+            .ok_or_else(|| refuse("STARTTLS on a connection that is already TLS".into()))?;
+        let stream = tokio::time::timeout(timeout, tls::connect(config, name, tcp))
+            .await
+            .map_err(|_| refuse("TLS handshake timed out".into()))
+            .and_then(|r| r.map_err(|e| tls_failure(relay, &e)))?;
+        let (r, w) = tls::split_tls(stream);
+        Ok(SmtpSession::open(r, w, timeout, relay_quickack))
+    }
+
+    /// AUTH PLAIN when offered, else AUTH LOGIN (RFC 4954); the responses
+    /// come from lettre's mechanisms.
+    async fn auth(&mut self, credentials: &Credentials) -> Result<(), SessionError> {
+        let offers = |m: &str| self.caps.auth.iter().any(|a| a == m);
+        let mechanism = if offers("PLAIN") {
+            Mechanism::Plain
+        } else if offers("LOGIN") {
+            Mechanism::Login
+        } else {
+            return Err(SessionError {
+                message: format!(
+                    "the relay offers neither AUTH PLAIN nor LOGIN (offers: {})",
+                    if self.caps.auth.is_empty() {
+                        "no AUTH at all".to_string()
+                    } else {
+                        self.caps.auth.join(" ")
+                    }
+                ),
+                ambiguous: false,
+                permanent: true,
+            });
+        };
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let respond = |challenge: Option<&str>| {
+            mechanism
+                .response(credentials, challenge)
+                .map(|r| b64.encode(r))
+                .map_err(|e| lost(&e.to_string(), false))
+        };
+        let mut r = match mechanism {
+            Mechanism::Plain => {
+                let first = respond(None)?;
+                self.write(format!("AUTH PLAIN {first}\r\n").as_bytes())
+                    .await?;
+                self.flush().await?;
+                self.read_reply().await?
+            }
+            _ => {
+                self.write(b"AUTH LOGIN\r\n").await?;
+                self.flush().await?;
+                self.read_reply().await?
+            }
+        };
+        // LOGIN answers base64 challenges ("Username:", "Password:").
+        let mut rounds = 0;
+        while r.code == 334 && rounds < 3 {
+            rounds += 1;
+            let challenge = r.lines.first().map(String::as_str).unwrap_or("");
+            let decoded = b64
+                .decode(challenge.trim())
+                .ok()
+                .and_then(|c| String::from_utf8(c).ok())
+                .unwrap_or_default();
+            let answer = respond(Some(&decoded))?;
+            self.write(format!("{answer}\r\n").as_bytes()).await?;
+            self.flush().await?;
+            r = self.read_reply().await?;
+        }
         if r.code != 235 {
             return Err(SessionError {
                 message: format!("{} {}", r.code, r.lines.join(" ")),
                 ambiguous: false,
+                // 535 and other 5xx: wrong credentials will not get better.
+                permanent: (500..600).contains(&r.code),
             });
         }
         Ok(())
@@ -507,8 +677,9 @@ impl SmtpSession {
     fn quick_ack(&self) {
         #[cfg(target_os = "linux")]
         {
-            let stream: &TcpStream = self.reader.get_ref().as_ref();
-            let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+            if let Some(stream) = self.reader.get_ref().tcp() {
+                let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
+            }
         }
     }
 }
@@ -529,6 +700,26 @@ fn lost(message: &str, ambiguous: bool) -> SessionError {
     SessionError {
         message: message.to_string(),
         ambiguous,
+        permanent: false,
+    }
+}
+
+/// A failed TLS handshake: a certificate the relay's name or the trust
+/// store does not vouch for is a setting to fix, not a passing fault.
+fn tls_failure(relay: &Relay, e: &std::io::Error) -> SessionError {
+    let certificate = e
+        .get_ref()
+        .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+        .is_some_and(|r| matches!(r, rustls::Error::InvalidCertificate(_)));
+    let hint = if certificate {
+        " (trust its CA with ca_file, or fix the relay's certificate)"
+    } else {
+        ""
+    };
+    SessionError {
+        message: format!("{relay}: TLS handshake: {e}{hint}"),
+        ambiguous: false,
+        permanent: certificate,
     }
 }
 

@@ -73,6 +73,7 @@ impl Transport for Stub {
             return Err(SessionError {
                 message: "stub: connection refused".into(),
                 ambiguous: false,
+                permanent: false,
             });
         }
         Ok(StubSession { stub: self.clone() })

@@ -1,0 +1,334 @@
+//! Relays off this host: STARTTLS and implicit TLS with certificate checks,
+//! AUTH PLAIN and LOGIN with the password from the environment, and
+//! `from_domains` routing. The sink plays the relay, with a certificate from
+//! a CA made for the test.
+
+use std::time::Duration;
+
+use blast::config::{Config, Overrides, Relay, Tls};
+use blast::sink::{Faults, Sink, SinkAuth, SinkConfig};
+use blast::tls::Verify;
+use blast::transport::smtp::Smtp;
+use blast::transport::{Envelope, Outcome, Session, Transport};
+
+use crate::util::{Backend, World};
+
+/// A CA and a server certificate it signed for `localhost` and 127.0.0.1.
+struct Pki {
+    ca_pem: String,
+    cert_pem: String,
+    key_pem: String,
+}
+
+fn pki() -> Pki {
+    let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(rcgen::DnType::CommonName, "blast test CA");
+    let ca = rcgen::CertifiedIssuer::self_signed(ca, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let leaf = rcgen::CertificateParams::new(vec!["localhost".into(), "127.0.0.1".into()])
+        .unwrap()
+        .signed_by(&key, &ca)
+        .unwrap();
+    Pki {
+        ca_pem: ca.pem(),
+        cert_pem: leaf.pem(),
+        key_pem: key.serialize_pem(),
+    }
+}
+
+fn account(mechanisms: &[&str]) -> SinkAuth {
+    SinkAuth {
+        user: "newsletter".into(),
+        password: "s3cret pass".into(),
+        mechanisms: mechanisms.iter().map(|m| m.to_string()).collect(),
+    }
+}
+
+async fn tls_sink(pki: Option<&Pki>, implicit: bool, auth: Option<SinkAuth>) -> Sink {
+    Sink::start(SinkConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        keep_messages: true,
+        tls: pki.map(|p| blast::tls::server_config_pem(&p.cert_pem, &p.key_pem).unwrap()),
+        implicit_tls: implicit,
+        auth,
+        faults: Faults::default(),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+fn envelope(i: i64) -> Envelope {
+    Envelope {
+        recipient_id: i,
+        from: "bounces@example.com".into(),
+        to: format!("r{i}@example.net"),
+    }
+}
+
+/// Loads a campaign file with `env` standing in for the environment.
+fn load(path: &std::path::Path, env: &[(&str, &str)]) -> blast::Result<Config> {
+    let text = std::fs::read_to_string(path).unwrap();
+    let env: Vec<(String, String)> = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Config::parse(
+        &text,
+        &path.display().to_string(),
+        path.parent().unwrap(),
+        &Overrides::default(),
+        &move |k| env.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()),
+    )
+}
+
+/// A whole campaign through STARTTLS and AUTH PLAIN: the CA comes from
+/// `ca_file`, the password from the relay's `password_env`, and every
+/// message arrives encrypted and authenticated.
+#[tokio::test]
+async fn campaign_over_starttls_with_auth() {
+    let pki = pki();
+    let sink = tls_sink(Some(&pki), false, Some(account(&["PLAIN", "LOGIN"]))).await;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(30).await;
+    std::fs::write(w.path("ca.pem"), &pki.ca_pem).unwrap();
+    let extra = format!(
+        "[delivery]\nconcurrency = 3\nsmtp = [{{ url = \"smtp://newsletter@127.0.0.1:{}\", tls = \"starttls\", ca_file = \"ca.pem\", password_env = \"RELAY_PW\" }}]\n",
+        sink.local_addr().port()
+    );
+    let path = w.campaign("tls", "Hi", "Hello {{ first_name }}", None, &extra);
+    let err = load(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("RELAY_PW") && err.contains("newsletter"),
+        "a user without a password is refused when the file is read: {err}"
+    );
+    let cfg = load(&path, &[("RELAY_PW", "s3cret pass")]).unwrap();
+    assert_eq!(cfg.delivery.relays[0].tls, Tls::StartTls);
+    assert!(
+        !format!("{cfg:?}").contains("s3cret"),
+        "the password never shows in Debug output"
+    );
+    let summary = blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(summary.sent, 30, "{summary:?}");
+    let received = sink.received();
+    assert_eq!(received.len(), 30);
+    for r in &received {
+        assert!(r.tls, "{} arrived in clear", r.rcpt_to[0]);
+        assert_eq!(r.auth.as_deref(), Some("newsletter"));
+    }
+}
+
+/// The same campaign with a wrong password stops before any message: a
+/// refused login is the operator's to fix, not a passing fault.
+#[tokio::test]
+async fn refused_credentials_stop_the_campaign_before_any_message() {
+    let pki = pki();
+    let sink = tls_sink(Some(&pki), false, Some(account(&["PLAIN"]))).await;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(5).await;
+    std::fs::write(w.path("ca.pem"), &pki.ca_pem).unwrap();
+    let extra = format!(
+        "[delivery]\nconcurrency = 1\nsmtp = [{{ url = \"smtp://newsletter@127.0.0.1:{}\", tls = \"starttls\", ca_file = \"ca.pem\" }}]\n",
+        sink.local_addr().port()
+    );
+    let path = w.campaign("badpw", "Hi", "Hello", None, &extra);
+    let cfg = load(&path, &[("BLAST_SMTP_PASSWORD", "wrong")]).unwrap();
+    let err = blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("535") && err.contains("AUTH"), "{err}");
+    assert_eq!(sink.stats().messages, 0);
+}
+
+/// A relay that must speak STARTTLS but does not offer it is never used in
+/// clear; one whose certificate nobody vouches for is refused too. Both
+/// stop the campaign at once, before a MAIL command, naming the fix.
+#[tokio::test]
+async fn no_starttls_or_untrusted_certificate_stops_before_any_message() {
+    let pki = pki();
+    let plain = tls_sink(None, false, None).await;
+    let untrusted = tls_sink(Some(&pki), false, None).await;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(5).await;
+    for (name, sink, expect) in [
+        ("plain", &plain, "does not offer STARTTLS"),
+        ("untrusted", &untrusted, "ca_file"),
+    ] {
+        let extra = format!(
+            "[delivery]\nconcurrency = 1\nsmtp = [{{ url = \"smtp://127.0.0.1:{}\", tls = \"starttls\" }}]\n",
+            sink.local_addr().port()
+        );
+        let path = w.campaign(name, "Hi", "Hello", None, &extra);
+        let cfg = load(&path, &[]).unwrap();
+        let err = blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains(expect), "{name}: {err}");
+        assert_eq!(sink.stats().messages, 0, "{name}");
+        assert!(sink.received().is_empty(), "{name}");
+    }
+}
+
+fn relay(sink: &Sink, tls: Tls, verify: Verify, user: bool) -> Relay {
+    Relay {
+        host: "127.0.0.1".into(),
+        port: sink.local_addr().port(),
+        tls,
+        verify,
+        user: user.then(|| "newsletter".to_string()),
+        password: user.then(|| blast::config::Secret("s3cret pass".into())),
+        password_env: "BLAST_SMTP_PASSWORD".into(),
+        weight: 1,
+        ..Default::default()
+    }
+}
+
+async fn send_three(relay: Relay) -> Result<Vec<Outcome>, String> {
+    let smtp = Smtp::new(vec![relay], "test.example".into(), Duration::from_secs(5))
+        .map_err(|e| e.to_string())?;
+    let mut s = smtp.connect(0).await.map_err(|e| e.to_string())?;
+    let mut out = Vec::new();
+    for i in 0..3 {
+        let msg = format!("Subject: {i}\r\n\r\n.dot line\r\nbody {i}\r\n");
+        out.push(s.send(&envelope(i), msg.as_bytes()).await.unwrap());
+    }
+    s.close().await;
+    Ok(out)
+}
+
+/// Implicit TLS (smtps://) with a relay offering only AUTH LOGIN: the
+/// client answers LOGIN's challenges, and the content survives TLS.
+#[tokio::test]
+async fn implicit_tls_with_auth_login() {
+    let pki = pki();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("ca.pem"), &pki.ca_pem).unwrap();
+    let sink = tls_sink(Some(&pki), true, Some(account(&["LOGIN"]))).await;
+    let verify = Verify {
+        ca_file: Some(dir.path().join("ca.pem")),
+        danger_accept_invalid_certs: false,
+    };
+    let outcomes = send_three(relay(&sink, Tls::Implicit, verify, true))
+        .await
+        .unwrap();
+    assert!(outcomes.iter().all(|o| matches!(o, Outcome::Sent { .. })));
+    let received = sink.received();
+    assert_eq!(received.len(), 3);
+    assert!(received
+        .iter()
+        .all(|r| r.tls && r.auth.as_deref() == Some("newsletter")));
+    assert_eq!(
+        String::from_utf8_lossy(&received[1].data),
+        "Subject: 1\r\n\r\n.dot line\r\nbody 1\r\n"
+    );
+}
+
+/// `danger_accept_invalid_certs` encrypts without checking who answers;
+/// without it the same relay is refused. AUTH is offered only after
+/// STARTTLS, as with Postfix's `smtpd_tls_auth_only`.
+#[tokio::test]
+async fn danger_accept_invalid_certs_is_the_only_way_past_an_unknown_ca() {
+    let pki = pki();
+    let sink = tls_sink(Some(&pki), false, Some(account(&["PLAIN"]))).await;
+    let refused = send_three(relay(&sink, Tls::StartTls, Verify::default(), true))
+        .await
+        .unwrap_err();
+    assert!(
+        refused.contains("certificate") || refused.contains("CA"),
+        "{refused}"
+    );
+    let danger = Verify {
+        ca_file: None,
+        danger_accept_invalid_certs: true,
+    };
+    let outcomes = send_three(relay(&sink, Tls::StartTls, danger, true))
+        .await
+        .unwrap();
+    assert_eq!(outcomes.len(), 3);
+    assert!(sink.received().iter().all(|r| r.tls));
+    // In clear, this relay offers no AUTH at all: the login is refused
+    // locally, and no password crosses the wire.
+    let clear = send_three(relay(&sink, Tls::None, Verify::default(), true))
+        .await
+        .unwrap_err();
+    assert!(clear.contains("neither AUTH PLAIN nor LOGIN"), "{clear}");
+    assert_eq!(sink.stats().messages, 3);
+}
+
+/// `from_domains`: a campaign uses only the relays allowed to carry its
+/// From domain (or a parent domain), and one no relay may carry is refused
+/// when the file is read.
+#[tokio::test]
+async fn from_domains_routes_a_campaign_to_its_relays() {
+    let for_other = crate::util::sink(Faults::default()).await;
+    let for_us = crate::util::sink(Faults::default()).await;
+    let open = crate::util::sink(Faults::default()).await;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(40).await;
+    let relays = |with_open: bool| {
+        let mut s = format!(
+            "[delivery]\nconcurrency = 4\nsmtp = [\n  {{ url = \"smtp://{}\", from_domains = [\"other.org\"] }},\n  {{ url = \"smtp://{}\", from_domains = [\"EXAMPLE.com\"] }},\n",
+            for_other.local_addr(),
+            for_us.local_addr()
+        );
+        if with_open {
+            s.push_str(&format!("  \"smtp://{}\",\n", open.local_addr()));
+        }
+        s.push_str("]\n");
+        s
+    };
+    // From is news@example.com (see util::World::campaign).
+    let path = w.campaign("routed", "Hi", "Hello", None, &relays(false));
+    let cfg = load(&path, &[]).unwrap();
+    assert_eq!(cfg.delivery.relays.len(), 1);
+    let summary = blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(summary.sent, 40);
+    assert_eq!(for_us.stats().messages, 40);
+    assert_eq!(for_other.stats().messages, 0);
+
+    let path = w.campaign("routed_open", "Hi", "Hello", None, &relays(true));
+    let cfg = load(&path, &[]).unwrap();
+    let names: Vec<String> = cfg.delivery.relays.iter().map(|r| r.to_string()).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(!names.contains(&format!("smtp://{}", for_other.local_addr())));
+
+    let text = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("news@example.com", "news@elsewhere.net")
+        .replace(&format!("  \"smtp://{}\",\n", open.local_addr()), "");
+    std::fs::write(&path, text).unwrap();
+    let err = load(&path, &[]).unwrap_err().to_string();
+    assert!(
+        err.contains("elsewhere.net") && err.contains("from_domains"),
+        "{err}"
+    );
+}
+
+/// The sink refuses MAIL before AUTH when it requires a login, so the
+/// tests above prove the client logged in rather than that nobody asked.
+#[tokio::test]
+async fn sink_requires_auth_before_mail() {
+    let sink = tls_sink(None, false, Some(account(&["PLAIN"]))).await;
+    let smtp = Smtp::new(
+        vec![relay(&sink, Tls::None, Verify::default(), false)],
+        "test.example".into(),
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    let mut s = smtp.connect(0).await.unwrap();
+    let o = s
+        .send(&envelope(1), b"Subject: x\r\n\r\nx\r\n")
+        .await
+        .unwrap();
+    assert_eq!(o.reply().code, Some(530), "{o:?}");
+    s.close().await;
+    assert_eq!(sink.stats().messages, 0);
+}
