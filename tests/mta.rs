@@ -196,6 +196,68 @@ async fn campaign_through_postfix_arrives_exactly_once() {
     drop(postfix);
 }
 
+/// blast's STARTTLS client against Postfix's own TLS (OpenSSL): every
+/// message crosses encrypted, with the certificate checked against a CA
+/// from `ca_file`, and arrives once. Postfix's Received header, added on
+/// the way in, says which TLS it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_over_starttls_into_postfix() {
+    let n = 300;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(n).await;
+    let pki = crate::relays::pki();
+    for (name, pem) in [
+        ("ca.pem", &pki.ca_pem),
+        ("cert.pem", &pki.cert_pem),
+        ("key.pem", &pki.key_pem),
+    ] {
+        std::fs::write(w.path(name), pem).unwrap();
+    }
+    let sink = util::sink(Faults::default()).await;
+    let cert = w.path("cert.pem").display().to_string();
+    let key = w.path("key.pem").display().to_string();
+    let postfix = Postfix::start_with(
+        sink.local_addr().port(),
+        &["--tls-cert", &cert, "--tls-key", &key],
+    );
+    let path = w.campaign("tls", "Hi {{ first_name }}", "Token {{ token }}", None, "");
+    let mut cfg = w.config(&path, None, 4);
+    let relay = &mut cfg.delivery.relays[0];
+    relay.port = postfix.port;
+    relay.tls = blast::config::Tls::StartTls;
+    relay.verify.ca_file = Some(w.path("ca.pem"));
+    let s = match blast::commands::send(&cfg, Mode::Quiet, pending()).await {
+        Ok(s) => s,
+        Err(e) => panic!("{e}\nPostfix log:\n{}", postfix.log()),
+    };
+    assert_eq!((s.sent, s.failed, s.deferred), (n as u64, 0, 0), "{s:?}");
+    for _ in 0..600 {
+        if sink.stats().messages >= n as u64 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let received = sink.received();
+    let mut ids: Vec<i64> = received
+        .iter()
+        .map(|r| {
+            let text = String::from_utf8_lossy(&r.data);
+            assert!(
+                text.contains("(using TLSv1."),
+                "Postfix's Received header shows TLS:\n{}",
+                &text[..text.len().min(600)]
+            );
+            header(&r.data, "X-Blast-Recipient")
+                .unwrap()
+                .parse()
+                .unwrap()
+        })
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, (1..=n).collect::<Vec<_>>(), "each recipient once");
+    drop(postfix);
+}
+
 /// Submits `data` over SMTP to 127.0.0.1:`port` as a remote MTA would: one
 /// envelope, `MAIL FROM:<from>` (empty for a bounce), dot-stuffed DATA.
 /// Panics on any reply that is not a success.

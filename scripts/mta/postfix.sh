@@ -66,6 +66,10 @@ Options:
   --pipe-user USER     with --bounce-domain: run blast as USER, who must be able to
                        write the database, its directory and DIR (default nobody;
                        not root or postfix)
+  --tls-cert FILE      start: offer STARTTLS with this PEM certificate chain
+                       (absolute path; needs --tls-key), for blast relays with
+                       tls = "starttls" (docs/postfix.md)
+  --tls-key FILE       start: the PEM private key of --tls-cert
   --purge              stop: remove DIR afterwards (queued mail is lost; a --log
                        outside DIR is kept)
 
@@ -116,6 +120,8 @@ bounce_database=
 bounce_quarantine=
 blast_bin=
 pipe_user=
+tls_cert=
+tls_key=
 
 need_arg() {
   [ "$2" -ge 2 ] || die "option $1 needs a value"
@@ -148,6 +154,10 @@ while [ $# -gt 0 ]; do
     --blast=*) blast_bin=${1#*=}; shift ;;
     --pipe-user) need_arg "$1" $#; pipe_user=$2; shift 2 ;;
     --pipe-user=*) pipe_user=${1#*=}; shift ;;
+    --tls-cert) need_arg "$1" $#; tls_cert=$2; shift 2 ;;
+    --tls-cert=*) tls_cert=${1#*=}; shift ;;
+    --tls-key) need_arg "$1" $#; tls_key=$2; shift 2 ;;
+    --tls-key=*) tls_key=${1#*=}; shift ;;
     -h | --help)
       usage
       exit 0
@@ -210,6 +220,15 @@ if [ "$relay" != discard ]; then
     die "--relay $relay is this instance's own smtpd port: mail would loop"
   fi
   relayhost="[$rhost]:$rport"
+fi
+
+# --tls-cert/--tls-key go into main.cf as they are: absolute, no spaces.
+if [ -n "$tls_cert$tls_key" ]; then
+  [ -n "$tls_cert" ] && [ -n "$tls_key" ] || die "--tls-cert and --tls-key go together"
+  for f in "$tls_cert" "$tls_key"; do
+    [[ "$f" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "--tls-cert/--tls-key need an absolute path of letters, digits and . _ / -, got '$f'"
+    [ -r "$f" ] || die "cannot read $f"
+  done
 fi
 
 # --bounce-domain: every value ends up in main.cf or in the pipe's argv in
@@ -401,7 +420,19 @@ EOF
 }
 
 write_main_cf() {
-  local transport_block relay_restrictions="permit_mynetworks, reject"
+  local transport_block tls_block relay_restrictions="permit_mynetworks, reject"
+  if [ -n "$tls_cert" ]; then
+    tls_block="# --tls-cert: STARTTLS offered (not required) to blast's injectors; the
+# Received header and the log (loglevel 1) say which protocol and cipher.
+smtpd_tls_security_level = may
+smtpd_tls_cert_file = $tls_cert
+smtpd_tls_key_file = $tls_key
+smtpd_tls_received_header = yes
+smtpd_tls_loglevel = 1"
+  else
+    tls_block="# No TLS on loopback (and no tlsmgr service in master.cf).
+smtpd_tls_security_level = none"
+  fi
   [ ${#bounce_domains[@]} -eq 0 ] || relay_restrictions="permit_mynetworks, permit_auth_destination, reject"
   if [ -n "$relayhost" ]; then
     transport_block="# All mail, for any domain, goes over SMTP to this next hop. The brackets
@@ -450,8 +481,7 @@ alias_database =
 # (with --bounce-domain: except mail for the bounce domains, see the end).
 mynetworks = 127.0.0.0/8 [::1]/128
 smtpd_relay_restrictions = $relay_restrictions
-# No TLS on loopback (and no tlsmgr service in master.cf).
-smtpd_tls_security_level = none
+$tls_block
 smtp_tls_security_level = none
 
 $transport_block
@@ -630,6 +660,10 @@ lmtp      unix  -       -       n       -       -       lmtp
 anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
+EOF
+  [ -z "$tls_cert" ] || cat <<EOF
+# --tls-cert: smtpd's TLS session cache and entropy come from tlsmgr.
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 EOF
   [ ${#bounce_domains[@]} -eq 0 ] || cat <<EOF
 # --bounce-domain: mail for the bounce domains goes to blast bounce ingest.
