@@ -101,6 +101,8 @@ pub struct Stats {
     /// Messages sent again after a connection was lost between their data
     /// and the reply (the MTA may have them twice).
     pub possibly_duplicated: AtomicU64,
+    /// Messages a relay answered with 4xx that went on to another relay.
+    pub rerouted: AtomicU64,
     /// Pending recipients at start, once known (0 = unknown).
     pub total: AtomicU64,
     /// The MTA's queue at the last probe, and the most seen (with a probe).
@@ -173,6 +175,7 @@ impl Stats {
             retries: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
             possibly_duplicated: AtomicU64::new(0),
+            rerouted: AtomicU64::new(0),
             total: AtomicU64::new(0),
             queue: AtomicU64::new(0),
             queue_max: AtomicU64::new(0),
@@ -232,6 +235,9 @@ pub struct Summary {
     /// Sent again after a connection was lost between their data and the
     /// reply: the MTA may have delivered them twice (noted in the ledger).
     pub possibly_duplicated: u64,
+    /// Messages a relay answered with 4xx that another relay then took (a
+    /// relay that defers fast does not get to defer the campaign).
+    pub rerouted: u64,
     /// Why the circuit breaker paused the campaign, if it did.
     pub breaker: Option<String>,
     /// Recipients whose refusals the breaker attributes to the relay (to be
@@ -455,6 +461,8 @@ struct Job {
     /// A connection was lost after this message's data was sent, before the
     /// reply: the MTA may have accepted it already.
     ambiguous: bool,
+    /// Relays (bit `r` for relay `r`) that answered this message with a 4xx.
+    deferred_by: u64,
 }
 
 /// Appended to the ledger's reply text of a message sent again after an
@@ -462,14 +470,19 @@ struct Job {
 pub const AMBIGUOUS_NOTE: &str =
     "[possibly duplicated: an earlier connection was lost after the message data]";
 
-/// Where injectors get work: messages requeued after a failed session
-/// first, then freshly rendered ones. The queue is done when the renderers
-/// are done, nothing is requeued, and no injector holds a message that it
-/// might still requeue.
+/// Where injectors get work: messages requeued after a failed session or
+/// a relay's 4xx first, then freshly rendered ones. The queue is done when
+/// the renderers are done, nothing is requeued, and no injector holds a
+/// message that it might still requeue.
 struct Work {
     fresh: Mutex<mpsc::Receiver<Job>>,
-    retry_tx: mpsc::Sender<Job>,
-    retry_rx: Mutex<mpsc::Receiver<Job>>,
+    /// Requeued messages. At most one per injector (each comes from an
+    /// injector's hand), so the scan for one a relay may take is short.
+    retry: std::sync::Mutex<std::collections::VecDeque<Job>>,
+    /// Woken when a message is requeued.
+    requeued: tokio::sync::Notify,
+    /// Every relay's gate, to tell which relays are usable.
+    gates: Vec<Arc<Gate>>,
     /// Messages taken by injectors and not yet recorded.
     in_hand: AtomicU64,
     /// Messages in the retry queue.
@@ -481,14 +494,12 @@ struct Work {
 }
 
 impl Work {
-    /// `injectors` bounds the retry queue: each requeued message comes from
-    /// an injector's hand, so it never fills.
-    fn new(fresh: mpsc::Receiver<Job>, injectors: usize) -> Work {
-        let (retry_tx, retry_rx) = mpsc::channel(injectors.max(1));
+    fn new(fresh: mpsc::Receiver<Job>, gates: Vec<Arc<Gate>>) -> Work {
         Work {
             fresh: Mutex::new(fresh),
-            retry_tx,
-            retry_rx: Mutex::new(retry_rx),
+            retry: std::sync::Mutex::new(std::collections::VecDeque::new()),
+            requeued: tokio::sync::Notify::new(),
+            gates,
             in_hand: AtomicU64::new(0),
             queued: AtomicU64::new(0),
             fresh_done: std::sync::atomic::AtomicBool::new(false),
@@ -496,9 +507,41 @@ impl Work {
         }
     }
 
-    /// The next message, or `None` when all work is done or `stop` is cancelled.
-    async fn next(&self, stop: &CancellationToken) -> Option<Job> {
+    fn retry_queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Job>> {
+        self.retry.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A relay other than those in `mask` whose circuit is closed.
+    fn other_relay_usable(&self, mask: u64) -> bool {
+        self.gates
+            .iter()
+            .enumerate()
+            .any(|(r, g)| r < 64 && mask & (1 << r) == 0 && !g.is_open())
+    }
+
+    /// A requeued message `relay` may send: one it did not defer, or one
+    /// that no other usable relay is left to take.
+    fn take_retry(&self, relay: usize) -> Option<Job> {
+        let mut q = self.retry_queue();
+        let bit = if relay < 64 { 1u64 << relay } else { 0 };
+        let i = q
+            .iter()
+            .position(|j| j.deferred_by & bit == 0 || !self.other_relay_usable(j.deferred_by))?;
+        let job = q.remove(i)?;
+        // Count it in hand before it leaves the queue count.
+        self.in_hand.fetch_add(1, Ordering::AcqRel);
+        self.queued.fetch_sub(1, Ordering::AcqRel);
+        Some(job)
+    }
+
+    /// The next message for an injector of `relay`, or `None` when all work
+    /// is done or `stop` is cancelled.
+    async fn next(&self, relay: usize, stop: &CancellationToken) -> Option<Job> {
         loop {
+            // Registered before looking, so a requeue in between still wakes us.
+            let requeued = self.requeued.notified();
+            tokio::pin!(requeued);
+            requeued.as_mut().enable();
             let fresh_done = self.fresh_done.load(Ordering::Acquire);
             if fresh_done
                 && self.in_hand.load(Ordering::Acquire) == 0
@@ -507,17 +550,13 @@ impl Work {
                 self.done.cancel();
                 return None;
             }
+            if let Some(job) = self.take_retry(relay) {
+                return Some(job);
+            }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return None,
-                job = async { self.retry_rx.lock().await.recv().await } => {
-                    if let Some(job) = job {
-                        // Count it in hand before it leaves the queue count.
-                        self.in_hand.fetch_add(1, Ordering::AcqRel);
-                        self.queued.fetch_sub(1, Ordering::AcqRel);
-                        return Some(job);
-                    }
-                }
+                _ = &mut requeued => {}
                 job = async { self.fresh.lock().await.recv().await }, if !fresh_done => {
                     match job {
                         Some(job) => {
@@ -527,8 +566,10 @@ impl Work {
                         None => self.fresh_done.store(true, Ordering::Release),
                     }
                 }
-                // Requeues may still come from injectors holding messages.
-                _ = tokio::time::sleep(Duration::from_millis(20)), if fresh_done => {}
+                // Requeues may still come from injectors holding messages,
+                // and a relay's circuit may open, freeing a deferred message
+                // for the relays that deferred it.
+                _ = tokio::time::sleep(Duration::from_millis(20)), if fresh_done || self.queued.load(Ordering::Acquire) > 0 => {}
             }
         }
     }
@@ -541,13 +582,24 @@ impl Work {
     /// Puts a message back for any injector (any relay) to send.
     fn requeue(&self, job: Job) {
         self.queued.fetch_add(1, Ordering::AcqRel);
-        match self.retry_tx.try_send(job) {
-            Ok(()) => {}
-            // Cannot happen (bounded by the number of injectors); if it
-            // did, the message would be lost, so panic loudly instead.
-            Err(e) => panic!("retry queue full: {e}"),
-        }
+        self.retry_queue().push_back(job);
         self.in_hand.fetch_sub(1, Ordering::AcqRel);
+        self.requeued.notify_waiters();
+    }
+
+    /// After `relay` answered `job` with a 4xx: requeues it for another
+    /// relay that has not deferred it and whose circuit is closed (`None`),
+    /// or gives it back when there is none (its 4xx is the outcome).
+    fn defer_elsewhere(&self, mut job: Job, relay: usize) -> Option<Job> {
+        if relay >= 64 {
+            return Some(job);
+        }
+        job.deferred_by |= 1 << relay;
+        if !self.other_relay_usable(job.deferred_by) {
+            return Some(job);
+        }
+        self.requeue(job);
+        None
     }
 }
 
@@ -626,7 +678,7 @@ where
         tokio::spawn(probe_queue(p, gates, stats, stop))
     });
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
-    let work = Arc::new(Work::new(job_rx, injectors_n));
+    let work = Arc::new(Work::new(job_rx, gates.clone()));
     let limiter =
         NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
     let breaker = Arc::new(Breaker::new(opts.breaker_threshold));
@@ -732,6 +784,7 @@ where
         retries: stats.retries.load(Ordering::Relaxed),
         suppressed: stats.suppressed.load(Ordering::Relaxed),
         possibly_duplicated: stats.possibly_duplicated.load(Ordering::Relaxed),
+        rerouted: stats.rerouted.load(Ordering::Relaxed),
         breaker: breaker.reason(),
         breaker_streak: breaker.streak(),
         seconds,
@@ -881,6 +934,7 @@ async fn render_worker(
                         attempts: recipient.attempts,
                         first_attempt_at: recipient.first_attempt_at,
                         ambiguous: false,
+                        deferred_by: 0,
                     };
                     tokio::select! {
                         biased;
@@ -955,7 +1009,7 @@ impl<T: Transport> Injector<T> {
                     continue;
                 }
             };
-            let Some(mut job) = self.work.next(&self.stop).await else {
+            let Some(mut job) = self.work.next(self.relay, &self.stop).await else {
                 self.gate.cancel(permit);
                 break;
             };
@@ -1050,6 +1104,19 @@ impl<T: Transport> Injector<T> {
             let mark = matches!(&outcome, Outcome::Deferred(r) if r.code.is_some_and(|c| (400..500).contains(&c)))
                 .then_some(Mark::Deferred);
             self.gate.release(permit, mark);
+            // A 4xx says "not now, not here": another relay that has not
+            // deferred this message takes it at once, so a relay refusing
+            // fast does not defer the campaign's recipients.
+            let job = match mark {
+                Some(_) => match self.work.defer_elsewhere(job, self.relay) {
+                    None => {
+                        self.stats.rerouted.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                    Some(job) => job,
+                },
+                None => job,
+            };
             if job.ambiguous {
                 // Lost after the message data once: the MTA may have it twice.
                 self.stats

@@ -332,3 +332,62 @@ async fn sink_requires_auth_before_mail() {
     s.close().await;
     assert_eq!(sink.stats().messages, 0);
 }
+
+/// A relay that answers 4xx to everything does not defer the campaign:
+/// each message it refuses goes on to a relay that has not refused it, and
+/// only a message every relay deferred is recorded as deferred.
+#[tokio::test]
+async fn a_relay_answering_4xx_hands_its_messages_to_another() {
+    let busy = || Faults {
+        mail_reply: Some((451, "4.3.2".into(), "System busy".into())),
+        ..Default::default()
+    };
+    let good = crate::util::sink(Faults::default()).await;
+    let refusing = crate::util::sink(busy()).await;
+    let also_refusing = crate::util::sink(busy()).await;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(200).await;
+    let two = |a: &Sink, b: &Sink| {
+        format!(
+            "[delivery]\nconcurrency = 8\nsmtp = [\"smtp://{}\", \"smtp://{}\"]\n",
+            a.local_addr(),
+            b.local_addr()
+        )
+    };
+    let path = w.campaign("reroute", "Hi", "Hello", None, &two(&refusing, &good));
+    let cfg = load(&path, &[]).unwrap();
+    let s = blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, s.deferred, s.failed), (200, 0, 0), "{s:?}");
+    assert!(s.rerouted > 0, "{s:?}");
+    assert_eq!(good.stats().messages, 200);
+    let mut ids: Vec<String> = good
+        .received()
+        .iter()
+        .map(|r| r.rcpt_to[0].clone())
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 200, "each recipient once");
+
+    // Both relays defer: each message is tried on both, then recorded as
+    // deferred (to be retried on the retry schedule), never looping.
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(50).await;
+    let path = w.campaign("both", "Hi", "Hello", None, &two(&refusing, &also_refusing));
+    let cfg = load(&path, &[]).unwrap();
+    let s = blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, s.deferred), (0, 50), "{s:?}");
+    assert!(s.rerouted <= 50, "{s:?}");
+    let db = w.db().await;
+    let rows = crate::util::ledger_rows(&db, "both").await;
+    assert_eq!(rows.len(), 50);
+    assert!(
+        rows.iter().all(|r| r.1 == "deferred" && r.2 == Some(451)),
+        "{:?}",
+        &rows[..3]
+    );
+}
