@@ -9,12 +9,16 @@
 #   scripts/bench.sh --postfix            # through the tuned Postfix (scripts/mta/postfix.sh) to the sink
 #   scripts/bench.sh --sweep "1 2 4 8 16 32 64" -n 200000 [--postfix]
 #   scripts/bench.sh --postfix --sweep "4 16 64 auto" -n 30000 [--in-flow-delay 0] [--probe]
+#   scripts/bench.sh --tls -n 200000 -c 16  # blast in clear against blast over STARTTLS, into the sink
 #
 # "auto" in the sweep is blast's adaptive concurrency (smtp-source has no such
 # mode, so only blast runs). With --postfix every run also reports the largest
 # Postfix queue seen (sampled twice a second) and blast's final/peak limit;
 # --in-flow-delay sets Postfix's in_flow_delay, --probe gives blast the queue
 # probe (scripts/mta/postfix.sh queue-size) with its default target of 5000.
+# --tls compares blast in clear with blast over STARTTLS (certificate from a
+# CA made with openssl for the run, checked through ca_file) into the sink;
+# smtp-source speaks no TLS, so it does not run.
 #
 # smtp-source runs with -d (many messages per connection, as blast does), -N
 # (distinct recipients) and -F (one of blast's rendered messages as content).
@@ -32,6 +36,7 @@ use_pg=0
 use_postfix=0
 in_flow_delay=1s
 use_probe=0
+use_tls=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) n=$2; shift 2 ;;
@@ -41,7 +46,8 @@ while [ $# -gt 0 ]; do
     --postfix) use_postfix=1; shift ;;
     --in-flow-delay) in_flow_delay=$2; shift 2 ;;
     --probe) use_probe=1; shift ;;
-    -h|--help) sed -n '2,25p' "$0"; exit 0 ;;
+    --tls) use_tls=1; shift ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -99,9 +105,10 @@ echo "bench: message size ${size} bytes (the example newsletter, personalized); 
 
 # --- the sink and (optionally) Postfix ---------------------------------------
 sink_pid=""
+sink_tls=()
 start_sink() {
   sink_port=$(free_port)
-  "$bin" sink --listen "127.0.0.1:$sink_port" 2>"$work/sink.log" &
+  "$bin" sink --listen "127.0.0.1:$sink_port" ${sink_tls[@]+"${sink_tls[@]}"} 2>"$work/sink.log" &
   sink_pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$sink_port") 2>/dev/null && return; sleep 0.05; done
   echo "bench: sink did not start" >&2; exit 1
@@ -140,10 +147,14 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   if [ $use_probe -eq 1 ]; then
     sed -i "s|^\\[delivery\\]|[delivery]\\nqueue_probe = \"$PWD/scripts/mta/postfix.sh queue-size --dir $mta_dir\"|" "$campaign"
   fi
-  local t0 t1
+  local t0 t1 relay=(--smtp "smtp://127.0.0.1:$2")
+  if [ "${3:-}" = tls ]; then
+    sed -i "s|^smtp = .*|smtp = [{ url = \"smtp://127.0.0.1:$2\", tls = \"starttls\", ca_file = \"$work/tls/ca.pem\" }]|" "$campaign"
+    relay=()
+  fi
   t0=$(now)
   /usr/bin/time -v -o "$work/time.log" "$bin" send "$campaign" --database "$db_url" \
-    --smtp "smtp://127.0.0.1:$2" --concurrency "$1" --progress none --json > "$work/summary.json"
+    ${relay[@]+"${relay[@]}"} --concurrency "$1" --progress none --json > "$work/summary.json"
   t1=$(now)
   b_secs=$(python3 -c "print($t1 - $t0)")
   b_rate=$(python3 -c "import json; d=json.load(open('$work/summary.json')); print(round(d['sent']/$b_secs))")
@@ -164,7 +175,26 @@ drain() { # waits for Postfix's queue to empty; prints nothing, sets d_secs sinc
   d_secs=$(python3 -c "print($(now) - $1)")
 }
 
-if [ $use_postfix -eq 0 ]; then
+if [ $use_tls -eq 1 ]; then
+  # A CA and a certificate for 127.0.0.1 signed by it, for this run only.
+  mkdir -p "$work/tls"
+  ( cd "$work/tls"
+    openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=bench CA" \
+      -keyout ca.key -out ca.pem 2>/dev/null
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=127.0.0.1" -keyout key.pem -out cert.csr 2>/dev/null
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > ext.cnf
+    openssl x509 -req -in cert.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 \
+      -extfile ext.cnf -out cert.pem 2>/dev/null )
+  printf '%-5s %12s %12s %7s %9s %10s\n' conc clear/s starttls/s ratio rss_MB first_ms
+  for c in $sweep; do
+    sink_tls=(); start_sink; run_blast "$c" "$sink_port"; stop_sink; got_p=$sink_msgs; p_rate=$b_rate
+    sink_tls=(--tls-cert "$work/tls/cert.pem" --tls-key "$work/tls/key.pem")
+    start_sink; run_blast "$c" "$sink_port" tls; stop_sink; got_t=$sink_msgs
+    [ "$got_p" = "$n" ] && [ "$got_t" = "$n" ] || echo "bench: warning: sink counted clear=$got_p starttls=$got_t of $n" >&2
+    printf '%-5s %12s %12s %7s %9s %10s\n' "$c" "$p_rate" "$b_rate" \
+      "$(python3 -c "print(f'{$b_rate/$p_rate:.2f}')")" "$b_rss" "$b_first"
+  done
+elif [ $use_postfix -eq 0 ]; then
   printf '%-5s %12s %12s %7s %9s %10s\n' conc blast/s smtp-src/s ratio rss_MB first_ms
   for c in $sweep; do
     start_sink; run_blast "$c" "$sink_port"; stop_sink; got_b=$sink_msgs

@@ -663,7 +663,7 @@ impl Config {
         };
         let text_t = read_template("message.text", &m.text)?;
         let html_t = read_template("message.html", &m.html)?;
-        let template_files = [(&m.text, &text_t), (&m.html, &html_t)]
+        let mut template_files: Vec<(String, String)> = [(&m.text, &text_t), (&m.html, &html_t)]
             .into_iter()
             .filter_map(|(p, t)| {
                 Some((p.as_ref()?.display().to_string(), t.as_ref()?.body.clone()))
@@ -748,7 +748,8 @@ impl Config {
                 },
                 RelayFile::Table(t) => t,
             };
-            let relay = relay_from_table(t, base, env).map_err(|m| err("delivery.smtp", m))?;
+            let relay = relay_from_table(t, base, env, &mut template_files)
+                .map_err(|m| err("delivery.smtp", m))?;
             relays.push(relay);
         }
         if relays.is_empty() {
@@ -952,10 +953,13 @@ fn resolve_sqlite_path(url: &str, base: &Path) -> String {
 pub const SMTP_PASSWORD_ENV: &str = "BLAST_SMTP_PASSWORD";
 
 /// One `delivery.smtp` entry, validated: URL, TLS, credentials, limits.
+/// A relative `ca_file` is read now and added to `frozen` (the files
+/// `blast schedule` stores with the campaign), like a template.
 fn relay_from_table(
     t: RelayTable,
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
+    frozen: &mut Vec<(String, String)>,
 ) -> std::result::Result<Relay, String> {
     let url = expand_env(&t.url, env)?;
     let mut relay = parse_relay(&url)?;
@@ -982,6 +986,15 @@ fn relay_from_table(
         // cross a network in clear unless the operator says so.
         None if relay.is_loopback() => relay.tls = Tls::None,
         None => relay.tls = Tls::StartTls,
+    }
+    if let Some(p) = t.ca_file.as_ref().filter(|p| p.is_relative()) {
+        let full = base.join(p);
+        let pem = std::fs::read_to_string(&full)
+            .map_err(|e| format!("{relay}: ca_file: cannot read {}: {e}", full.display()))?;
+        let name = p.display().to_string();
+        if !frozen.iter().any(|(n, _)| *n == name) {
+            frozen.push((name, pem));
+        }
     }
     relay.verify = crate::tls::Verify {
         ca_file: t.ca_file.map(|p| base.join(p)),
@@ -1406,12 +1419,43 @@ text = "t.txt"
             .to_string();
         assert!(e.contains("implicit TLS"), "{e}");
         let e = relays_of(
-            r#"[{ url = "smtp://127.0.0.1", ca_file = "ca.pem" }]"#,
+            r#"[{ url = "smtp://127.0.0.1", tls = "none", ca_file = "/etc/ssl/ca.pem" }]"#,
             none,
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("ca_file"), "{e}");
+        assert!(e.contains("ca_file") && e.contains("starttls"), "{e}");
+        let e = relays_of(
+            r#"[{ url = "smtp://mx.example.com", ca_file = "missing.pem" }]"#,
+            none,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("missing.pem") && e.contains("cannot read"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn a_relative_ca_file_is_frozen_with_the_templates() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("t.txt"), "Hello").unwrap();
+        std::fs::write(dir.path().join("ca.pem"), "PEM TEXT").unwrap();
+        let text = format!(
+            "{MINIMAL}[delivery]\nsmtp = [{{ url = \"smtp://mx.example.com\", ca_file = \"ca.pem\" }}]\n"
+        );
+        let c = Config::parse(&text, "c.toml", dir.path(), &Overrides::default(), &|_| {
+            None
+        })
+        .unwrap();
+        assert!(c
+            .template_files
+            .contains(&("ca.pem".to_string(), "PEM TEXT".to_string())));
+        assert_eq!(
+            c.delivery.relays[0].verify.ca_file.as_deref(),
+            Some(dir.path().join("ca.pem").as_path())
+        );
     }
 
     #[test]

@@ -188,6 +188,12 @@ fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::Result<Exit
                 r.circuit_opened
             );
         }
+        if summary.rerouted > 0 {
+            eprintln!(
+                "blast: {}: {} messages a relay answered with 4xx were sent on to another relay",
+                summary.campaign, summary.rerouted
+            );
+        }
         if summary.possibly_duplicated > 0 {
             eprintln!(
                 "blast: {}: {} messages were sent again after a connection was lost after their data: the MTA may have delivered them twice (noted in the ledger)",

@@ -785,7 +785,9 @@ impl super::Session for SmtpSession {
         let quit = async {
             self.writer.write_all(b"QUIT\r\n").await?;
             self.writer.flush().await?;
-            self.reader.read_until(b'\n', &mut self.line).await
+            self.reader.read_until(b'\n', &mut self.line).await?;
+            // TLS: close_notify, so the server sees a clean end of session.
+            self.writer.shutdown().await.map(|_| 0)
         };
         let _ = tokio::time::timeout(Duration::from_secs(2), quit).await;
     }
