@@ -341,6 +341,8 @@ const REOPEN_MAX: Duration = Duration::from_secs(60);
 /// then half-open (one probe transaction decides).
 #[derive(Debug, Default)]
 struct Health {
+    /// Counted in the gate's `healthy`: circuit closed, last connection fine.
+    counted: bool,
     failures: u32,
     deferrals: u32,
     open_until: Option<Instant>,
@@ -355,7 +357,9 @@ struct Health {
 pub struct Gate {
     aimd: Mutex<Aimd>,
     health: Mutex<Health>,
-    /// Relays of this run whose circuit is closed; the last one never opens.
+    /// Relays of this run that are in use and answering (circuit closed,
+    /// no connection failing); a relay's circuit opens only while another
+    /// one is.
     healthy: Arc<AtomicUsize>,
     /// Outstanding permits: start time, and whether already marked as a stall.
     outstanding: Mutex<HashMap<u64, (Instant, bool)>>,
@@ -366,15 +370,17 @@ pub struct Gate {
 impl Gate {
     /// A gate around `aimd`, for a run with this one relay.
     pub fn new(aimd: Aimd) -> Gate {
-        Gate::with_health(aimd, Arc::new(AtomicUsize::new(1)))
+        Gate::with_health(aimd, Arc::new(AtomicUsize::new(1)), true)
     }
 
     /// A gate around `aimd` whose circuit may open while another relay
-    /// sharing `healthy` (the count of closed circuits) is still usable.
-    pub fn with_health(aimd: Aimd, healthy: Arc<AtomicUsize>) -> Gate {
+    /// sharing `healthy` is usable. `counted`: this relay is one of those
+    /// counted in `healthy` at the start (false for a relay with no injector).
+    pub fn with_health(aimd: Aimd, healthy: Arc<AtomicUsize>, counted: bool) -> Gate {
         Gate {
             aimd: Mutex::new(aimd),
             health: Mutex::new(Health {
+                counted,
                 reopen: REOPEN_MIN,
                 ..Default::default()
             }),
@@ -455,30 +461,44 @@ impl Gate {
             }
             Some(m @ (Mark::Connection | Mark::Deferred)) => {
                 match m {
-                    Mark::Connection => h.failures += 1,
+                    Mark::Connection => {
+                        h.failures += 1;
+                        // A relay whose connections fail carries nothing.
+                        if std::mem::take(&mut h.counted) {
+                            self.healthy.fetch_sub(1, Ordering::AcqRel);
+                        }
+                    }
                     _ => h.deferrals += 1,
                 }
                 let tripped =
                     h.failures >= OPEN_AFTER_FAILURES || h.deferrals >= OPEN_AFTER_DEFERRALS;
-                // Never open the last usable relay: it is all there is.
-                if tripped
-                    && h.open_until.is_none()
-                    && self
-                        .healthy
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                            (n > 1).then(|| n - 1)
-                        })
-                        .is_ok()
-                {
-                    h.opened += 1;
-                    h.reopen = REOPEN_MIN;
-                    open(&mut h, REOPEN_MIN);
+                // Open only while another relay is usable: the last one
+                // (even one answering 4xx) is all there is.
+                if tripped && h.open_until.is_none() {
+                    let others = if h.counted {
+                        // Leaves the count in the same step, so two relays
+                        // cannot both open believing the other is there.
+                        self.healthy
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                                (n > 1).then(|| n - 1)
+                            })
+                            .is_ok()
+                    } else {
+                        self.healthy.load(Ordering::Acquire) >= 1
+                    };
+                    if others {
+                        h.counted = false;
+                        h.opened += 1;
+                        h.reopen = REOPEN_MIN;
+                        open(&mut h, REOPEN_MIN);
+                    }
                 }
             }
             // A stall, queue or latency mark says "slower", not "broken".
             Some(Mark::Stall | Mark::Queue | Mark::Latency) => {}
             None => {
-                if h.open_until.take().is_some() {
+                h.open_until = None;
+                if !std::mem::replace(&mut h.counted, true) {
                     self.healthy.fetch_add(1, Ordering::AcqRel);
                 }
                 h.probing = false;
@@ -492,6 +512,12 @@ impl Gate {
     /// True while the relay's circuit is open or half-open.
     pub fn is_open(&self) -> bool {
         self.health().open_until.is_some()
+    }
+
+    /// True while the relay's last connections failed (before its circuit
+    /// opens, or when it is the last relay and cannot open).
+    pub fn failing(&self) -> bool {
+        self.health().failures > 0
     }
 
     /// How many times the relay's circuit opened.
@@ -759,8 +785,8 @@ mod tests {
     async fn the_circuit_opens_probes_once_and_closes_but_never_for_the_last_relay() {
         let healthy = Arc::new(AtomicUsize::new(2));
         let now = Instant::now();
-        let a = Gate::with_health(Aimd::fixed(4, now), healthy.clone());
-        let b = Gate::with_health(Aimd::fixed(4, now), healthy.clone());
+        let a = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
+        let b = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
         for _ in 0..OPEN_AFTER_FAILURES {
             fail(&a, Mark::Connection).await;
         }
@@ -771,6 +797,7 @@ mod tests {
             fail(&b, Mark::Connection).await;
         }
         assert!(!b.is_open(), "the last healthy relay stays in use");
+        assert_eq!(healthy.load(Ordering::Acquire), 0, "B's connections fail");
         // A is skipped until its reopen time, then lets exactly one probe through.
         let t = Instant::now();
         let mut probe = a.acquire().await;
@@ -787,7 +814,11 @@ mod tests {
         a.begin(&mut probe);
         a.release(probe, None);
         assert!(!a.is_open());
-        assert_eq!(healthy.load(Ordering::Acquire), 2);
+        assert_eq!(healthy.load(Ordering::Acquire), 1);
+        let mut p = b.acquire().await;
+        b.begin(&mut p);
+        b.release(p, None);
+        assert_eq!(healthy.load(Ordering::Acquire), 2, "B answers again");
         assert_eq!(a.times_opened(), 1);
         let _p1 = a.acquire().await;
         let _p2 = a.acquire().await;

@@ -421,6 +421,12 @@ impl Breaker {
         outcome
     }
 
+    /// Trips for a reason outside any recipient's reply (a relay that
+    /// refuses blast's TLS or credentials mid-run).
+    pub fn trip(&self, reason: String) {
+        self.lock().tripped.get_or_insert(reason);
+    }
+
     /// True once tripped.
     pub fn tripped(&self) -> bool {
         self.lock().tripped.is_some()
@@ -465,6 +471,15 @@ struct Job {
     deferred_by: u64,
 }
 
+/// Relay `r`'s bit in a [`Job::deferred_by`] mask (none past 64 relays).
+fn relay_bit(r: usize) -> u64 {
+    if r < 64 {
+        1 << r
+    } else {
+        0
+    }
+}
+
 /// Appended to the ledger's reply text of a message sent again after an
 /// ambiguous loss.
 pub const AMBIGUOUS_NOTE: &str =
@@ -483,8 +498,13 @@ struct Work {
     requeued: tokio::sync::Notify,
     /// Every relay's gate, to tell which relays are usable.
     gates: Vec<Arc<Gate>>,
-    /// Messages taken by injectors and not yet recorded.
-    in_hand: AtomicU64,
+    /// Injectors per relay (a relay with none cannot take a message).
+    injectors: Vec<usize>,
+    /// Messages rendered and not yet recorded: in the fresh channel, in an
+    /// injector's hand or in the retry queue. Counted by the renderers
+    /// before a message enters the channel and only decremented once it
+    /// has an outcome, so moving between hand and queue never shows zero.
+    outstanding: Arc<AtomicU64>,
     /// Messages in the retry queue.
     queued: AtomicU64,
     fresh_done: std::sync::atomic::AtomicBool,
@@ -494,13 +514,14 @@ struct Work {
 }
 
 impl Work {
-    fn new(fresh: mpsc::Receiver<Job>, gates: Vec<Arc<Gate>>) -> Work {
+    fn new(fresh: mpsc::Receiver<Job>, gates: Vec<Arc<Gate>>, injectors: Vec<usize>) -> Work {
         Work {
             fresh: Mutex::new(fresh),
             retry: std::sync::Mutex::new(std::collections::VecDeque::new()),
             requeued: tokio::sync::Notify::new(),
             gates,
-            in_hand: AtomicU64::new(0),
+            injectors,
+            outstanding: Arc::new(AtomicU64::new(0)),
             queued: AtomicU64::new(0),
             fresh_done: std::sync::atomic::AtomicBool::new(false),
             done: CancellationToken::new(),
@@ -511,12 +532,16 @@ impl Work {
         self.retry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A relay other than those in `mask` whose circuit is closed.
+    /// A relay other than those in `mask` that can take a message now:
+    /// it has injectors, its circuit is closed and its connections work.
     fn other_relay_usable(&self, mask: u64) -> bool {
-        self.gates
-            .iter()
-            .enumerate()
-            .any(|(r, g)| r < 64 && mask & (1 << r) == 0 && !g.is_open())
+        self.gates.iter().enumerate().any(|(r, g)| {
+            r < 64
+                && mask & (1 << r) == 0
+                && self.injectors.get(r).is_some_and(|&n| n > 0)
+                && !g.is_open()
+                && !g.failing()
+        })
     }
 
     /// A requeued message `relay` may send: one it did not defer, or one
@@ -528,8 +553,6 @@ impl Work {
             .iter()
             .position(|j| j.deferred_by & bit == 0 || !self.other_relay_usable(j.deferred_by))?;
         let job = q.remove(i)?;
-        // Count it in hand before it leaves the queue count.
-        self.in_hand.fetch_add(1, Ordering::AcqRel);
         self.queued.fetch_sub(1, Ordering::AcqRel);
         Some(job)
     }
@@ -543,10 +566,7 @@ impl Work {
             tokio::pin!(requeued);
             requeued.as_mut().enable();
             let fresh_done = self.fresh_done.load(Ordering::Acquire);
-            if fresh_done
-                && self.in_hand.load(Ordering::Acquire) == 0
-                && self.queued.load(Ordering::Acquire) == 0
-            {
+            if fresh_done && self.outstanding.load(Ordering::Acquire) == 0 {
                 self.done.cancel();
                 return None;
             }
@@ -559,10 +579,7 @@ impl Work {
                 _ = &mut requeued => {}
                 job = async { self.fresh.lock().await.recv().await }, if !fresh_done => {
                     match job {
-                        Some(job) => {
-                            self.in_hand.fetch_add(1, Ordering::AcqRel);
-                            return Some(job);
-                        }
+                        Some(job) => return Some(job),
                         None => self.fresh_done.store(true, Ordering::Release),
                     }
                 }
@@ -576,14 +593,13 @@ impl Work {
 
     /// The message taken by [`Work::next`] has an outcome (or was dropped at a stop).
     fn finished(&self) {
-        self.in_hand.fetch_sub(1, Ordering::AcqRel);
+        self.outstanding.fetch_sub(1, Ordering::AcqRel);
     }
 
     /// Puts a message back for any injector (any relay) to send.
     fn requeue(&self, job: Job) {
         self.queued.fetch_add(1, Ordering::AcqRel);
         self.retry_queue().push_back(job);
-        self.in_hand.fetch_sub(1, Ordering::AcqRel);
         self.requeued.notify_waiters();
     }
 
@@ -635,7 +651,11 @@ where
         mpsc::channel::<Job>((injectors_n * QUEUE_PER_INJECTOR).clamp(QUEUE_MIN, QUEUE_MAX));
     // One gate per relay: the number of its transactions in flight.
     let now = tokio::time::Instant::now();
-    let healthy = Arc::new(std::sync::atomic::AtomicUsize::new(relays));
+    // Only relays with injectors count as usable: a relay given none (a
+    // fixed concurrency below the number of relays) cannot take over.
+    let healthy = Arc::new(std::sync::atomic::AtomicUsize::new(
+        per_relay.iter().filter(|&&n| n > 0).count(),
+    ));
     let gates: Vec<Arc<Gate>> = (0..relays)
         .map(|r| {
             let aimd = match opts.concurrency {
@@ -646,7 +666,7 @@ where
                     now,
                 ),
             };
-            Arc::new(Gate::with_health(aimd, healthy.clone()))
+            Arc::new(Gate::with_health(aimd, healthy.clone(), per_relay[r] > 0))
         })
         .collect();
     let _ = stats.relays.set(
@@ -678,7 +698,7 @@ where
         tokio::spawn(probe_queue(p, gates, stats, stop))
     });
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
-    let work = Arc::new(Work::new(job_rx, gates.clone()));
+    let work = Arc::new(Work::new(job_rx, gates.clone(), per_relay.clone()));
     let limiter =
         NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
     let breaker = Arc::new(Breaker::new(opts.breaker_threshold));
@@ -741,7 +761,7 @@ where
         renderers.spawn(render_worker(
             chunk_rx.clone(),
             renderer.clone(),
-            job_tx.clone(),
+            (job_tx.clone(), work.outstanding.clone()),
             rec_tx.clone(),
             stats.clone(),
             stop.clone(),
@@ -906,7 +926,7 @@ async fn produce<S: Source>(
 async fn render_worker(
     chunks: Arc<Mutex<mpsc::Receiver<Vec<Recipient>>>>,
     renderer: Arc<Renderer>,
-    jobs: mpsc::Sender<Job>,
+    (jobs, outstanding): (mpsc::Sender<Job>, Arc<AtomicU64>),
     records: mpsc::Sender<Record>,
     stats: Arc<Stats>,
     stop: CancellationToken,
@@ -936,10 +956,17 @@ async fn render_worker(
                         ambiguous: false,
                         deferred_by: 0,
                     };
+                    // Counted outstanding before it can be taken (see `Work`).
                     tokio::select! {
                         biased;
                         _ = stop.cancelled() => return,
-                        sent = jobs.send(job) => if sent.is_err() { return },
+                        slot = jobs.reserve() => match slot {
+                            Ok(slot) => {
+                                outstanding.fetch_add(1, Ordering::AcqRel);
+                                slot.send(job);
+                            }
+                            Err(_) => return,
+                        },
                     }
                 }
                 Err(reason) => {
@@ -1094,6 +1121,14 @@ impl<T: Transport> Injector<T> {
                     self.gate.release(permit, Some(Mark::Connection));
                     job.ambiguous |= e.ambiguous;
                     self.work.requeue(job);
+                    // A setting went wrong mid-run (a certificate, a
+                    // password): with no other relay to carry on, pause the
+                    // campaign for the operator instead of retrying forever.
+                    if e.permanent && !self.work.other_relay_usable(relay_bit(self.relay)) {
+                        self.breaker.trip(format!("{relay}: {}", e.message));
+                        self.stop.cancel();
+                        break;
+                    }
                     if !self.wait_retry(&relay, &e, &mut backoff).await {
                         break;
                     }

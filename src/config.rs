@@ -739,7 +739,12 @@ impl Config {
                 None => vec![RelayFile::Url("smtp://127.0.0.1:25".to_string())],
             }
         };
+        let from_domain = address_part(&m.from)
+            .rsplit_once('@')
+            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
+            .unwrap_or_default();
         let mut relays = Vec::new();
+        let mut routed_away = 0;
         for e in entries {
             let t = match e {
                 RelayFile::Url(url) => RelayTable {
@@ -748,9 +753,26 @@ impl Config {
                 },
                 RelayFile::Table(t) => t,
             };
+            // Routing first: a relay this campaign may not use is not
+            // checked (its password or CA file may not be here at all).
+            let domains = from_domains(t.from_domains.as_deref().unwrap_or_default())
+                .map_err(|m| err("delivery.smtp", format!("{}: {m}", t.url)))?;
+            if !serves(&domains, &from_domain) {
+                routed_away += 1;
+                continue;
+            }
             let relay = relay_from_table(t, base, env, &mut template_files)
                 .map_err(|m| err("delivery.smtp", m))?;
             relays.push(relay);
+        }
+        if relays.is_empty() && routed_away > 0 {
+            return Err(err(
+                "delivery.smtp",
+                format!(
+                    "none of the {routed_away} relays may send mail from {from_domain:?}: \
+                     add it to a relay's from_domains, or add a relay without from_domains"
+                ),
+            ));
         }
         if relays.is_empty() {
             return Err(err(
@@ -758,7 +780,6 @@ impl Config {
                 "needs at least one smtp:// URL".into(),
             ));
         }
-        let relays = route(relays, address_part(&m.from)).map_err(|m| err("delivery.smtp", m))?;
         let concurrency = match (overrides.concurrency, d.concurrency) {
             (Some(c), _) => c,
             (None, Some(ConcurrencyFile::Number(n))) => {
@@ -1000,6 +1021,11 @@ fn relay_from_table(
         ca_file: t.ca_file.map(|p| base.join(p)),
         danger_accept_invalid_certs: t.danger_accept_invalid_certs,
     };
+    if relay.verify.ca_file.is_some() && t.danger_accept_invalid_certs {
+        return Err(format!(
+            "{relay}: ca_file and danger_accept_invalid_certs exclude each other"
+        ));
+    }
     if relay.tls == Tls::None && (relay.verify.ca_file.is_some() || t.danger_accept_invalid_certs) {
         return Err(format!(
             "{relay}: ca_file and danger_accept_invalid_certs need tls = \"starttls\" or \"tls\""
@@ -1012,6 +1038,11 @@ fn relay_from_table(
             ));
         }
         relay.user = Some(u);
+    }
+    if t.password_env.is_some() && relay.user.is_none() {
+        return Err(format!(
+            "{relay}: password_env is set but no user (user = \"...\" or smtp://user@host)"
+        ));
     }
     relay.password_env = t
         .password_env
@@ -1035,47 +1066,33 @@ fn relay_from_table(
         };
         relay.password = Some(Secret(password));
     }
-    relay.from_domains = t
-        .from_domains
-        .unwrap_or_default()
-        .iter()
-        .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
-        .collect();
-    if let Some(bad) = relay
-        .from_domains
-        .iter()
-        .find(|d| d.is_empty() || d.contains(['@', ' ']))
-    {
-        return Err(format!("{relay}: from_domains: {bad:?} is not a domain"));
-    }
+    relay.from_domains = from_domains(t.from_domains.as_deref().unwrap_or_default())
+        .map_err(|m| format!("{relay}: {m}"))?;
     Ok(relay)
 }
 
-/// Keeps the relays that may carry mail from `from` (`from_domains` empty,
-/// or listing the address's domain or a parent of it).
-fn route(relays: Vec<Relay>, from: &str) -> std::result::Result<Vec<Relay>, String> {
-    let domain = from
-        .rsplit_once('@')
-        .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
-        .unwrap_or_default();
-    let serves = |r: &Relay| {
-        r.from_domains.is_empty()
-            || r.from_domains.iter().any(|d| {
-                domain == *d
-                    || domain
-                        .strip_suffix(d.as_str())
-                        .is_some_and(|rest| rest.ends_with('.'))
-            })
-    };
-    let total = relays.len();
-    let kept: Vec<Relay> = relays.into_iter().filter(serves).collect();
-    if kept.is_empty() {
-        return Err(format!(
-            "none of the {total} relays may send mail from {domain:?}: \
-             add it to a relay's from_domains, or add a relay without from_domains"
-        ));
+/// `from_domains` normalized: lower case, no trailing dot.
+fn from_domains(list: &[String]) -> std::result::Result<Vec<String>, String> {
+    let list: Vec<String> = list
+        .iter()
+        .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
+        .collect();
+    match list.iter().find(|d| d.is_empty() || d.contains(['@', ' '])) {
+        Some(bad) => Err(format!("from_domains: {bad:?} is not a domain")),
+        None => Ok(list),
     }
-    Ok(kept)
+}
+
+/// Whether a relay limited to `domains` (empty = any) may send mail from
+/// `domain`: the domain itself or a subdomain of a listed one.
+fn serves(domains: &[String], domain: &str) -> bool {
+    domains.is_empty()
+        || domains.iter().any(|d| {
+            domain == d
+                || domain
+                    .strip_suffix(d.as_str())
+                    .is_some_and(|rest| rest.ends_with('.'))
+        })
 }
 
 /// Parses `smtp://[user@]host[:port]` or `smtps://...` (implicit TLS, port 465).

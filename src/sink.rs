@@ -538,7 +538,12 @@ async fn handle_connection(
     let mut session = match (&shared.config.tls, shared.config.implicit_tls) {
         (Some(config), true) => {
             let idle = shared.config.idle_timeout;
-            match timeout(idle, crate::tls::accept(config.clone(), stream)).await {
+            let handshake = timeout(idle, crate::tls::accept(config.clone(), stream));
+            let accepted = tokio::select! {
+                r = handshake => r,
+                () = cancel.cancelled() => return,
+            };
+            match accepted {
                 Ok(Ok(tls)) => {
                     let (r, w) = crate::tls::split_tls(tls);
                     Session::new(r, w, shared)
@@ -562,13 +567,19 @@ async fn handle_connection(
         };
         match outcome {
             Some(Ok(End::Closed)) => break,
-            Some(Ok(End::StartTls)) => match session.upgrade().await {
-                Ok(s) => session = s,
-                Err(e) => {
-                    tracing::debug!("sink: STARTTLS from {peer} failed: {e}");
-                    break;
+            Some(Ok(End::StartTls)) => {
+                let upgraded = tokio::select! {
+                    r = session.upgrade() => r,
+                    () = cancel.cancelled() => break,
+                };
+                match upgraded {
+                    Ok(s) => session = s,
+                    Err(e) => {
+                        tracing::debug!("sink: STARTTLS from {peer} failed: {e}");
+                        break;
+                    }
                 }
-            },
+            }
             Some(Err(e)) => {
                 tracing::debug!("sink: connection from {peer} ended: {e}");
                 break;
@@ -962,6 +973,10 @@ impl Session {
         }
         if self.authenticated.is_some() {
             self.reply("503 5.5.1 Error: already authenticated");
+            return Ok(Flow::Continue);
+        }
+        if self.tx.mail_from.is_some() {
+            self.reply("503 5.5.1 Error: MAIL transaction in progress");
             return Ok(Flow::Continue);
         }
         let mut words = arg.split_ascii_whitespace();

@@ -230,3 +230,84 @@ async fn second_sigint_stops_faster() {
         "nothing was answered, nothing recorded: {rows:?}"
     );
 }
+
+/// The operator's path for a relay off this host, with both ends as
+/// processes: `blast sink` offering STARTTLS and requiring AUTH, and
+/// `blast send` trusting its CA through `ca_file` with the password from
+/// the environment. Without the password, `blast send` exits 2 naming the
+/// variable.
+#[test]
+fn send_over_starttls_with_auth_between_two_processes() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = crate::relays::pki();
+    for (name, pem) in [
+        ("ca.pem", &pki.ca_pem),
+        ("cert.pem", &pki.cert_pem),
+        ("key.pem", &pki.key_pem),
+    ] {
+        std::fs::write(dir.path().join(name), pem).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sink = blast()
+        .args([
+            "sink",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--tls-cert",
+        ])
+        .arg(dir.path().join("cert.pem"))
+        .arg("--tls-key")
+        .arg(dir.path().join("key.pem"))
+        .args(["--auth-user", "bulk"])
+        .env("BLAST_SINK_PASSWORD", "pw 1")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let started = std::time::Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(started.elapsed().as_secs() < 10, "blast sink did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let w = rt.block_on(World::new(Backend::Sqlite));
+    rt.block_on(w.seed(12));
+    std::fs::copy(dir.path().join("ca.pem"), w.path("ca.pem")).unwrap();
+    let extra = format!(
+        "[delivery]\nconcurrency = 2\nsmtp = [{{ url = \"smtp://bulk@127.0.0.1:{port}\", tls = \"starttls\", ca_file = \"ca.pem\", password_env = \"RELAY_PW\" }}]\n"
+    );
+    let path = w.campaign("cli-tls", "Hi", "Hello {{ first_name }}", None, &extra);
+    let out = blast()
+        .arg("send")
+        .arg(&path)
+        .arg("--json")
+        .env_remove("RELAY_PW")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("RELAY_PW"), "{stderr}");
+    let out = blast()
+        .arg("send")
+        .arg(&path)
+        .arg("--json")
+        .env("RELAY_PW", "pw 1")
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["sent"], 12);
+    // SIGTERM: the sink prints its count on the way out.
+    let _ = Command::new("kill").arg(sink.id().to_string()).status();
+    let sink_out = sink.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&sink_out.stderr);
+    assert!(log.contains("12 messages"), "{log}");
+}

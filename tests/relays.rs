@@ -391,3 +391,53 @@ async fn a_relay_answering_4xx_hands_its_messages_to_another() {
         &rows[..3]
     );
 }
+
+/// Rerouting never waits for a relay that cannot take the message: one with
+/// no injector (fixed concurrency below the number of relays) or one whose
+/// connections fail. The campaign ends, every message deferred, none lost.
+#[tokio::test]
+async fn rerouting_ends_when_no_other_relay_can_take_the_message() {
+    let refusing = crate::util::sink(Faults {
+        mail_reply: Some((451, "4.3.2".into(), "System busy".into())),
+        ..Default::default()
+    })
+    .await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    for (name, concurrency, other) in [
+        // One injector for two relays: the second gets none.
+        (
+            "no_injector",
+            1,
+            format!(
+                "smtp://{}",
+                crate::util::sink(Faults::default()).await.local_addr()
+            ),
+        ),
+        // The second relay refuses connections.
+        ("down", 4, format!("smtp://127.0.0.1:{closed_port}")),
+    ] {
+        let w = World::new(Backend::Sqlite).await;
+        w.seed(30).await;
+        let extra = format!(
+            "[delivery]\nconcurrency = {concurrency}\nsmtp = [\"smtp://{}\", \"{other}\"]\n",
+            refusing.local_addr()
+        );
+        let path = w.campaign(name, "Hi", "Hello", None, &extra);
+        let cfg = load(&path, &[]).unwrap();
+        let send =
+            blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending());
+        let s = tokio::time::timeout(Duration::from_secs(60), send)
+            .await
+            .unwrap_or_else(|_| panic!("{name}: the campaign hung"))
+            .unwrap();
+        assert_eq!((s.sent, s.deferred), (0, 30), "{name}: {s:?}");
+        let db = w.db().await;
+        assert_eq!(
+            crate::util::ledger_rows(&db, name).await.len(),
+            30,
+            "{name}"
+        );
+    }
+}

@@ -77,6 +77,12 @@ impl Smtp {
         let mut configs = std::collections::HashMap::new();
         let mut tls = Vec::new();
         for relay in &relays {
+            if relay.verify.danger_accept_invalid_certs {
+                tracing::warn!(
+                    "{relay}: danger_accept_invalid_certs: its certificate is not checked, \
+                     so anyone on the path can read the mail and the password"
+                );
+            }
             if relay.tls == Tls::None {
                 tls.push(None);
                 continue;
@@ -262,8 +268,7 @@ impl Transport for Smtp {
                     )
                 });
             };
-            let credentials = Credentials::new(user.clone(), password.0.clone());
-            s.auth(&credentials).await.map_err(|e| SessionError {
+            s.auth(user, &password.0).await.map_err(|e| SessionError {
                 message: format!("{relay}: AUTH as {user:?}: {}", e.message),
                 ..e
             })?;
@@ -364,11 +369,16 @@ impl SmtpSession {
         s.flush().await?;
         let r = s.read_reply().await?;
         if r.code != 220 {
-            return Err(refuse(format!(
-                "STARTTLS refused: {} {}",
-                r.code,
-                r.lines.join(" ")
-            )));
+            // 454 (RFC 3207) is "TLS not available right now": a passing
+            // fault, unlike a 5xx.
+            return Err(SessionError {
+                permanent: r.code >= 500,
+                ..refuse(format!(
+                    "STARTTLS refused: {} {}",
+                    r.code,
+                    r.lines.join(" ")
+                ))
+            });
         }
         // Anything already buffered was sent before the handshake and could
         // be injected by a man in the middle (CVE-2011-0411): refuse it.
@@ -388,7 +398,7 @@ impl SmtpSession {
             .ok_or_else(|| refuse("STARTTLS on a connection that is already TLS".into()))?;
         let stream = tokio::time::timeout(timeout, tls::connect(config, name, tcp))
             .await
-            .map_err(|_| refuse("TLS handshake timed out".into()))
+            .map_err(|_| lost(&format!("{relay}: TLS handshake timed out"), false))
             .and_then(|r| r.map_err(|e| tls_failure(relay, &e)))?;
         let (r, w) = tls::split_tls(stream);
         Ok(SmtpSession::open(r, w, timeout, relay_quickack))
@@ -396,7 +406,8 @@ impl SmtpSession {
 
     /// AUTH PLAIN when offered, else AUTH LOGIN (RFC 4954); the responses
     /// come from lettre's mechanisms.
-    async fn auth(&mut self, credentials: &Credentials) -> Result<(), SessionError> {
+    async fn auth(&mut self, user: &str, password: &str) -> Result<(), SessionError> {
+        let credentials = &Credentials::new(user.to_string(), password.to_string());
         let offers = |m: &str| self.caps.auth.iter().any(|a| a == m);
         let mechanism = if offers("PLAIN") {
             Mechanism::Plain
@@ -417,15 +428,26 @@ impl SmtpSession {
             });
         };
         let b64 = base64::engine::general_purpose::STANDARD;
-        let respond = |challenge: Option<&str>| {
-            mechanism
-                .response(credentials, challenge)
-                .map(|r| b64.encode(r))
-                .map_err(|e| lost(&e.to_string(), false))
+        let refused = |why: String| SessionError {
+            message: why,
+            ambiguous: false,
+            permanent: true,
+        };
+        let respond = |challenge: Option<&str>, round: usize| {
+            match mechanism.response(credentials, challenge) {
+                Ok(r) => Ok(b64.encode(r)),
+                // lettre knows the usual LOGIN prompts ("Username:",
+                // "Password:"); for any other text (empty, localized),
+                // answer by position as every LOGIN server expects.
+                Err(_) if mechanism == Mechanism::Login && round <= 2 => {
+                    Ok(b64.encode(if round == 1 { user } else { password }))
+                }
+                Err(e) => Err(refused(format!("AUTH {mechanism}: {e}"))),
+            }
         };
         let mut r = match mechanism {
             Mechanism::Plain => {
-                let first = respond(None)?;
+                let first = respond(None, 0)?;
                 self.write(format!("AUTH PLAIN {first}\r\n").as_bytes())
                     .await?;
                 self.flush().await?;
@@ -439,15 +461,25 @@ impl SmtpSession {
         };
         // LOGIN answers base64 challenges ("Username:", "Password:").
         let mut rounds = 0;
-        while r.code == 334 && rounds < 3 {
+        while r.code == 334 {
             rounds += 1;
+            if rounds > 2 {
+                // A third challenge: no known exchange goes on; cancel it.
+                self.write(b"*\r\n").await?;
+                self.flush().await?;
+                let _ = self.read_reply().await?;
+                return Err(refused(format!(
+                    "AUTH {mechanism}: unexpected challenge {:?}",
+                    r.lines.join(" ")
+                )));
+            }
             let challenge = r.lines.first().map(String::as_str).unwrap_or("");
             let decoded = b64
                 .decode(challenge.trim())
                 .ok()
                 .and_then(|c| String::from_utf8(c).ok())
                 .unwrap_or_default();
-            let answer = respond(Some(&decoded))?;
+            let answer = respond(Some(&decoded), rounds)?;
             self.write(format!("{answer}\r\n").as_bytes()).await?;
             self.flush().await?;
             r = self.read_reply().await?;
