@@ -271,6 +271,7 @@ async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
             password: std::env::var("BLAST_SINK_PASSWORD")
                 .context("--auth-user needs the password in BLAST_SINK_PASSWORD")?,
             mechanisms: vec!["PLAIN".into(), "LOGIN".into()],
+            login_prompts: ("Username:".into(), "Password:".into()),
         }),
         None => None,
     };

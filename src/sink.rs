@@ -102,6 +102,9 @@ pub struct SinkAuth {
     pub password: String,
     /// Mechanisms offered, e.g. `["PLAIN", "LOGIN"]`.
     pub mechanisms: Vec<String>,
+    /// AUTH LOGIN's two prompts, before base64 (usually `Username:` and
+    /// `Password:`; servers differ, and some send none).
+    pub login_prompts: (String, String),
 }
 
 impl Default for SinkConfig {
@@ -1014,12 +1017,18 @@ impl Session {
         } else {
             let user = match initial {
                 Some(r) => r,
-                None => match self.challenge(&b64.encode("Username:")).await? {
+                None => match self
+                    .challenge(&b64.encode(&account.login_prompts.0))
+                    .await?
+                {
                     Some(r) => r,
                     None => return Ok(Flow::Continue),
                 },
             };
-            let Some(password) = self.challenge(&b64.encode("Password:")).await? else {
+            let Some(password) = self
+                .challenge(&b64.encode(&account.login_prompts.1))
+                .await?
+            else {
                 return Ok(Flow::Continue);
             };
             (

@@ -43,6 +43,7 @@ fn account(mechanisms: &[&str]) -> SinkAuth {
         user: "newsletter".into(),
         password: "s3cret pass".into(),
         mechanisms: mechanisms.iter().map(|m| m.to_string()).collect(),
+        login_prompts: ("Username:".into(), "Password:".into()),
     }
 }
 
@@ -227,6 +228,25 @@ async fn implicit_tls_with_auth_login() {
         String::from_utf8_lossy(&received[1].data),
         "Subject: 1\r\n\r\n.dot line\r\nbody 1\r\n"
     );
+}
+
+/// AUTH LOGIN against servers whose prompts lettre does not know (none at
+/// all, or localized): blast answers by position, user then password.
+#[tokio::test]
+async fn auth_login_with_unusual_prompts() {
+    for prompts in [("", ""), ("Benutzername:", "Passwort:")] {
+        let mut login = account(&["LOGIN"]);
+        login.login_prompts = (prompts.0.into(), prompts.1.into());
+        let sink = tls_sink(None, false, Some(login)).await;
+        let outcomes = send_three(relay(&sink, Tls::None, Verify::default(), true))
+            .await
+            .unwrap_or_else(|e| panic!("{prompts:?}: {e}"));
+        assert!(outcomes.iter().all(|o| matches!(o, Outcome::Sent { .. })));
+        assert!(sink
+            .received()
+            .iter()
+            .all(|r| r.auth.as_deref() == Some("newsletter")));
+    }
 }
 
 /// `danger_accept_invalid_certs` encrypts without checking who answers;
