@@ -561,15 +561,38 @@ impl Work {
     /// is done or `stop` is cancelled.
     async fn next(&self, relay: usize, stop: &CancellationToken) -> Option<Job> {
         loop {
-            // Registered before looking, so a requeue in between still wakes us.
-            let requeued = self.requeued.notified();
-            tokio::pin!(requeued);
-            requeued.as_mut().enable();
+            if stop.is_cancelled() {
+                return None;
+            }
             let fresh_done = self.fresh_done.load(Ordering::Acquire);
             if fresh_done && self.outstanding.load(Ordering::Acquire) == 0 {
                 self.done.cancel();
                 return None;
             }
+            // Fast path, the common case while the renderers keep ahead: a
+            // message at hand, taken without registering for wake-ups.
+            if self.queued.load(Ordering::Acquire) > 0 {
+                if let Some(job) = self.take_retry(relay) {
+                    return Some(job);
+                }
+            }
+            if !fresh_done {
+                if let Ok(mut fresh) = self.fresh.try_lock() {
+                    match fresh.try_recv() {
+                        Ok(job) => return Some(job),
+                        Err(mpsc::error::TryRecvError::Disconnected) => {
+                            self.fresh_done.store(true, Ordering::Release);
+                            continue;
+                        }
+                        Err(mpsc::error::TryRecvError::Empty) => {}
+                    }
+                }
+            }
+            // Registered before looking again, so a requeue in between
+            // still wakes us.
+            let requeued = self.requeued.notified();
+            tokio::pin!(requeued);
+            requeued.as_mut().enable();
             if let Some(job) = self.take_retry(relay) {
                 return Some(job);
             }
