@@ -1,0 +1,278 @@
+//! Campaign subcommands: send and retry, pause, cancel, resume, schedule,
+//! run-due, list, and the end-of-run report with its exit code.
+
+use super::*;
+
+/// `blast preview`: one recipient's message on stdout.
+pub(crate) async fn preview(args: blast::cli::PreviewArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load(
+        &args.campaign.campaign,
+        Overrides {
+            database: args.campaign.database,
+            ..Default::default()
+        },
+    )?;
+    let bytes = blast::commands::preview(&cfg, args.id).await?;
+    use std::io::Write;
+    std::io::stdout()
+        .write_all(&bytes)
+        .context("writing to stdout")?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blast status`: a campaign's counts, as text or JSON.
+pub(crate) async fn status(args: blast::cli::StatusArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load(
+        &args.campaign.campaign,
+        Overrides {
+            database: args.campaign.database,
+            ..Default::default()
+        },
+    )?;
+    let c = blast::commands::status(&cfg).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&c)?);
+    } else {
+        println!(
+                "campaign {}: {}\n  sent        {}\n  failed      {}\n  deferred    {}\n  suppressed  {}\n  pending     {}",
+                c.campaign, c.state, c.sent, c.failed, c.deferred, c.suppressed, c.pending
+            );
+        println!(
+                "after sending:\n  hard bounces  {}\n  soft bounces  {}\n  complaints    {}\n  unsubscribed  {}",
+                c.bounced_hard, c.bounced_soft, c.complaints, c.unsubscribed
+            );
+        if let Some(reason) = &c.reason {
+            println!("  reason      {reason}");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn send(args: SendArgs, retries_only: bool) -> anyhow::Result<ExitCode> {
+    let overrides = Overrides {
+        database: args.campaign.database,
+        smtp: args.smtp,
+        concurrency: args.concurrency,
+        rate: args.rate,
+        limit: args.limit,
+        dry_run: args.dry_run,
+        retries_only,
+    };
+    let cfg = load(&args.campaign.campaign, overrides)?;
+    let mode = progress_mode(&args.progress);
+    // First SIGINT/SIGTERM: graceful stop. Second: abandon transactions in
+    // flight (the ledger still flushes what was answered).
+    let (first, second) = signals();
+    let summary =
+        blast::commands::send_with_abort(&cfg, mode, first.cancelled_owned(), second).await?;
+    report(&summary, args.json)
+}
+
+/// Prints the end-of-run summary and picks the exit code.
+pub(crate) fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        eprintln!(
+            "blast: {}: sent {} failed {} deferred {} suppressed {} in {:.1}s ({:.0} msg/s){}",
+            summary.campaign,
+            summary.sent,
+            summary.failed,
+            summary.deferred,
+            summary.suppressed,
+            summary.seconds,
+            summary.rate,
+            if summary.interrupted {
+                " - stopped before the end; run again to continue"
+            } else {
+                ""
+            }
+        );
+        for r in &summary.relays {
+            let m = &r.marks;
+            eprintln!(
+                "blast: {}: {} limit {} (peak {}{}), marks: {} 4xx, {} connection, {} stall, {} queue; circuit opened {} times",
+                summary.campaign,
+                r.relay,
+                r.limit,
+                r.peak_limit,
+                if r.adaptive { ", auto" } else { ", fixed" },
+                m.deferred,
+                m.connection,
+                m.stall,
+                m.queue,
+                r.circuit_opened
+            );
+        }
+        if summary.rerouted > 0 {
+            eprintln!(
+                "blast: {}: {} messages a relay answered with 4xx were sent on to another relay",
+                summary.campaign, summary.rerouted
+            );
+        }
+        if summary.possibly_duplicated > 0 {
+            eprintln!(
+                "blast: {}: {} messages were sent again after a connection was lost after their data: the MTA may have delivered them twice (noted in the ledger)",
+                summary.campaign, summary.possibly_duplicated
+            );
+        }
+        if let Some(reason) = &summary.breaker {
+            eprintln!("blast: {}: PAUSED by the circuit breaker: {reason}; fix the relay, then `blast resume`", summary.campaign);
+        }
+    }
+    Ok(if summary.all_accepted() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// A campaign named by file (database and name from it) or by name.
+pub(crate) fn campaign_ref(
+    campaign: &str,
+    database: Option<String>,
+) -> anyhow::Result<(String, String, Option<Config>)> {
+    let path = std::path::Path::new(campaign);
+    if path.is_file() {
+        let cfg = load(
+            path,
+            Overrides {
+                database,
+                ..Default::default()
+            },
+        )?;
+        return Ok((cfg.database.clone(), cfg.name.clone(), Some(cfg)));
+    }
+    let db = database.context(format!(
+        "{campaign:?} is not a campaign file; to name a campaign, also give --database (or BLAST_DATABASE)"
+    ))?;
+    Ok((db, campaign.to_string(), None))
+}
+
+pub(crate) async fn control(args: ControlArgs, action: Control) -> anyhow::Result<ExitCode> {
+    let (db, name, _) = campaign_ref(&args.campaign, args.database)?;
+    let row = blast::commands::control(&db, &name, action, args.reason.as_deref()).await?;
+    eprintln!("blast: campaign {}: {}", row.name, row.state);
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn resume(args: ResumeArgs) -> anyhow::Result<ExitCode> {
+    let (db, name, cfg) = campaign_ref(&args.campaign, args.database)?;
+    let row = blast::commands::control(&db, &name, Control::Resume, None).await?;
+    eprintln!("blast: campaign {}: {}", row.name, row.state);
+    match cfg {
+        Some(cfg) => {
+            let summary = blast::commands::send(&cfg, Mode::Auto, shutdown_signal()).await?;
+            report(&summary, args.json)
+        }
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+pub(crate) async fn schedule(args: ScheduleArgs) -> anyhow::Result<ExitCode> {
+    let path = args.campaign.campaign;
+    let cfg = load(
+        &path,
+        Overrides {
+            database: args.campaign.database,
+            ..Default::default()
+        },
+    )?;
+    let at = match (&args.at, cfg.send_at) {
+        (Some(at), _) => {
+            time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                .with_context(|| format!("--at {at:?}: use RFC 3339, e.g. 2026-12-01T09:00:00Z"))?
+        }
+        (None, Some(at)) => at,
+        (None, None) => anyhow::bail!(
+            "no time given: pass --at 2026-12-01T09:00:00Z or set send_at in {}",
+            path.display()
+        ),
+    };
+    let row = blast::schedule::schedule(&cfg, &path, at).await?;
+    eprintln!(
+        "blast: campaign {} scheduled for {} (frozen: later edits to its files do not change it); `blast run-due` sends it",
+        row.name,
+        blast::clock::db_timestamp(at)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
+    let report = blast::schedule::run_due(
+        &args.database,
+        progress_mode(&args.progress),
+        shutdown_signal(),
+    )
+    .await?;
+    let mut code = ExitCode::SUCCESS;
+    for due in &report {
+        if args.json {
+            println!("{}", serde_json::to_string(due)?);
+        }
+        match due {
+            blast::schedule::Due::Sent { summary, .. } => {
+                if report_line(summary) {
+                    code = ExitCode::from(1);
+                }
+            }
+            blast::schedule::Due::Held { campaign, reason } => {
+                eprintln!("blast: {campaign}: HELD: {reason}");
+                code = ExitCode::from(1);
+            }
+            blast::schedule::Due::Busy { campaign } => {
+                eprintln!("blast: {campaign}: being sent by another process; skipped")
+            }
+            blast::schedule::Due::Failed { campaign, error } => {
+                eprintln!("blast: {campaign}: error: {error}");
+                code = ExitCode::from(2);
+            }
+        }
+    }
+    if report.is_empty() {
+        eprintln!("blast: nothing is due");
+    }
+    Ok(code)
+}
+
+/// Prints a summary line; true when not every recipient was accepted.
+pub(crate) fn report_line(summary: &blast::campaign::Summary) -> bool {
+    eprintln!(
+        "blast: {}: sent {} failed {} deferred {} suppressed {} in {:.1}s",
+        summary.campaign,
+        summary.sent,
+        summary.failed,
+        summary.deferred,
+        summary.suppressed,
+        summary.seconds
+    );
+    !summary.all_accepted()
+}
+
+pub(crate) async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(&args.database).await?;
+    let rows = blast::ledger::list(&db).await?;
+    db.close().await;
+    if args.json {
+        println!("{}", serde_json::to_string(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<28} {:<10} {:>9} {:>7} {:>8} {:>10}  {:<24} reason",
+        "campaign", "state", "sent", "failed", "deferred", "suppressed", "next due"
+    );
+    for r in rows {
+        println!(
+            "{:<28} {:<10} {:>9} {:>7} {:>8} {:>10}  {:<24} {}",
+            r.campaign,
+            r.state,
+            r.sent,
+            r.failed,
+            r.deferred,
+            r.suppressed,
+            r.next_due.unwrap_or_default(),
+            r.reason.unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

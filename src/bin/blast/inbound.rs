@@ -1,0 +1,237 @@
+//! The inbound side: `blast serve` (one-click unsubscribe), `blast suppress`
+//! and `blast bounce parse|ingest`.
+
+use super::*;
+
+pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(&args.database).await?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", args.listen))?;
+    eprintln!(
+        "blast serve: listening on http://{}",
+        listener.local_addr()?
+    );
+    blast::serve::run(db.clone(), listener, shutdown_signal()).await?;
+    db.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub(crate) async fn suppress(command: SuppressCommand) -> anyhow::Result<ExitCode> {
+    use blast::suppress;
+    match command {
+        SuppressCommand::Add {
+            addresses,
+            reason,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            for a in &addresses {
+                let new = suppress::add(&db, a, &reason, "operator").await?;
+                eprintln!(
+                    "blast suppress: {a}: {}",
+                    if new {
+                        "suppressed"
+                    } else {
+                        "already suppressed"
+                    }
+                );
+            }
+            db.close().await;
+        }
+        SuppressCommand::Remove {
+            addresses,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            let mut missing = 0;
+            for a in &addresses {
+                let removed = suppress::remove(&db, a).await?;
+                missing += usize::from(!removed);
+                eprintln!(
+                    "blast suppress: {a}: {}",
+                    if removed {
+                        "removed"
+                    } else {
+                        "was not suppressed"
+                    }
+                );
+            }
+            db.close().await;
+            return Ok(if missing == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            });
+        }
+        SuppressCommand::List {
+            filter,
+            limit,
+            json,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            let rows = suppress::list(&db, filter.as_deref(), limit).await?;
+            db.close().await;
+            for r in rows {
+                if json {
+                    println!("{}", serde_json::to_string(&r)?);
+                } else {
+                    println!(
+                        "{}\t{}\t{}\t{}",
+                        r.address, r.reason, r.source, r.created_at
+                    );
+                }
+            }
+        }
+        SuppressCommand::Import {
+            file,
+            reason,
+            json,
+            database,
+        } => {
+            let db = blast::db::Db::connect(&database).await?;
+            let source = format!("import:{}", file.display());
+            let summary = if file.as_os_str() == "-" {
+                suppress::import(&db, std::io::stdin().lock(), &reason, &source).await?
+            } else {
+                let f = std::fs::File::open(&file)
+                    .with_context(|| format!("cannot open {}", file.display()))?;
+                suppress::import(&db, std::io::BufReader::new(f), &reason, &source).await?
+            };
+            db.close().await;
+            for bad in &summary.invalid {
+                eprintln!("blast suppress import: {}: {bad}", file.display());
+            }
+            if json {
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+            eprintln!(
+                "blast suppress import: {}: {} suppressed, {} already suppressed, {} invalid",
+                file.display(),
+                summary.added,
+                summary.already,
+                summary.invalid.len()
+            );
+            if !summary.invalid.is_empty() {
+                return Ok(ExitCode::from(1));
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blast bounce parse`: one line per file; a bad file is reported and skipped (exit 1).
+pub(crate) fn bounce_parse(args: BounceParseArgs) -> anyhow::Result<ExitCode> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let mut failed = false;
+    for path in &args.files {
+        let file = path.display().to_string();
+        let result = blast::bounce::parse::parse_file(path);
+        match (&result, args.json) {
+            (Ok(r), true) => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"file": file, "kind": r.kind, "results": r.results})
+            )?,
+            (Ok(r), false) => {
+                if r.results.is_empty() {
+                    writeln!(out, "{file}: {:?}", r.kind)?;
+                }
+                for f in &r.results {
+                    writeln!(out, "{file}: {:?} {f}", r.kind)?;
+                }
+            }
+            (Err(e), true) => writeln!(
+                out,
+                "{}",
+                serde_json::json!({"file": file, "error": e.to_string()})
+            )?,
+            (Err(e), false) => writeln!(out, "{file}: error: {e}")?,
+        }
+        failed |= result.is_err();
+    }
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// `blast bounce ingest`. Reading stdin (from an MTA), any failure exits 75
+/// (EX_TEMPFAIL) so the MTA keeps the message and tries again later.
+pub(crate) async fn bounce_ingest(args: BounceIngestArgs) -> anyhow::Result<ExitCode> {
+    let stdin = args.stdin;
+    match bounce_ingest_run(args).await {
+        Err(e) if stdin => {
+            eprintln!("blast bounce ingest: {e:#}; exiting 75 (EX_TEMPFAIL) so the MTA retries");
+            Ok(ExitCode::from(75))
+        }
+        r => r,
+    }
+}
+
+pub(crate) async fn bounce_ingest_run(args: BounceIngestArgs) -> anyhow::Result<ExitCode> {
+    use blast::bounce::{ingest, mailbox};
+    let soft_window = blast::config::parse_duration(&args.soft_window)
+        .map_err(|m| anyhow::anyhow!("--soft-window: {m}"))?;
+    let source = match (&args.maildir, &args.mbox) {
+        (Some(d), _) => mailbox::Source::Maildir(d.clone()),
+        (None, Some(m)) => mailbox::Source::Mbox(m.clone()),
+        (None, None) => mailbox::Source::Stdin,
+    };
+    let inbox = mailbox::Inbox::open(source, args.quarantine.clone())?;
+    let db = blast::db::Db::connect(&args.database).await?;
+    let policy = ingest::Policy {
+        soft_limit: args.soft_limit,
+        soft_window,
+        trust_unsigned: args.trust_unsigned,
+    };
+    let ingestor = ingest::Ingestor::new(db.clone(), policy)
+        .await?
+        .with_recipients(args.recipient.clone());
+    let line = |s: &ingest::IngestSummary| {
+        format!(
+            "{} messages: {} hard, {} soft, {} complaints, {} notices, {} unsubscribes, \
+             {} suppressed, {} quarantined, {} seen before",
+            s.messages,
+            s.hard,
+            s.soft,
+            s.complaints,
+            s.notices,
+            s.unsubscribes,
+            s.suppressed,
+            s.quarantined,
+            s.duplicates
+        )
+    };
+    // A plain line every 2 s: readable on a terminal and in cron mail alike.
+    let mut last = std::time::Instant::now();
+    let result = ingest::run(ingestor, inbox, |s| {
+        if last.elapsed() >= std::time::Duration::from_secs(2) {
+            last = std::time::Instant::now();
+            eprintln!("blast bounce ingest: {}", line(s));
+        }
+    })
+    .await;
+    db.close().await;
+    let (summary, mailbox) = result?;
+    for q in &mailbox.quarantined {
+        eprintln!(
+            "blast bounce ingest: quarantined {} ({}) -> {}",
+            q.id,
+            q.reason,
+            q.location.display()
+        );
+    }
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    eprintln!("blast bounce ingest: {}", line(&summary));
+    Ok(if summary.unreadable == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}

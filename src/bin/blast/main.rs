@@ -1,0 +1,135 @@
+//! The `blast` binary: parse the command line, start logging, call `run`, map
+//! the result to an exit code. The subcommand handlers (the CLI edge, the
+//! only place anyhow is used) are in `campaigns.rs`, `inbound.rs` and
+//! `tools.rs`; what they orchestrate lives in the library.
+//!
+//! Exit codes: 0 every recipient accepted, 1 some failed or were deferred (or
+//! the run was interrupted), 2 fatal error.
+
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::Parser;
+
+use blast::cli::{
+    BounceCommand, BounceIngestArgs, BounceParseArgs, Cli, Command, ControlArgs, ImportArgs,
+    ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs, SendArgs, ServeArgs, SinkArgs, SuppressCommand,
+};
+use blast::commands::Control;
+use blast::config::{Config, Overrides};
+use blast::progress::Mode;
+
+mod campaigns;
+mod inbound;
+mod tools;
+
+use campaigns::*;
+use inbound::*;
+use tools::*;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("BLAST_LOG")
+                .unwrap_or_else(|_| "warn,blast=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        // Colour only on a terminal: cron mail and Postfix's log get plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("blast: cannot start the async runtime: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("blast: error: {e:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// Runs one subcommand; `Ok` carries the exit code for non-fatal endings.
+async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    match cli.command {
+        Command::Send(args) => send(args, false).await,
+        Command::Preview(args) => preview(args).await,
+        Command::Status(args) => status(args).await,
+        Command::Import(args) => import(args).await,
+        Command::Sink(args) => sink(args).await,
+        Command::Pause(args) => control(args, Control::Pause).await,
+        Command::Cancel(args) => control(args, Control::Cancel).await,
+        Command::Resume(args) => resume(args).await,
+        Command::Retry(args) => send(args, true).await,
+        Command::Schedule(args) => schedule(args).await,
+        Command::RunDue(args) => run_due(args).await,
+        Command::List(args) => list(args).await,
+        Command::Serve(args) => serve(args).await,
+        Command::Suppress { command } => suppress(command).await,
+        Command::Bounce { command } => match command {
+            BounceCommand::Parse(args) => bounce_parse(args),
+            BounceCommand::Ingest(args) => bounce_ingest(args).await,
+        },
+    }
+}
+
+fn load(path: &std::path::Path, overrides: Overrides) -> anyhow::Result<Config> {
+    Ok(Config::load(path, &overrides)?)
+}
+
+/// Tokens cancelled by the first and the second SIGINT/SIGTERM.
+fn signals() -> (
+    tokio_util::sync::CancellationToken,
+    tokio_util::sync::CancellationToken,
+) {
+    let first = tokio_util::sync::CancellationToken::new();
+    let second = tokio_util::sync::CancellationToken::new();
+    let (f, s) = (first.clone(), second.clone());
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        f.cancel();
+        shutdown_signal().await;
+        eprintln!(
+            "blast: second signal: abandoning transactions in flight (they will be sent again)"
+        );
+        s.cancel();
+    });
+    (first, second)
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    eprintln!("blast: stopping: finishing in-flight messages and flushing the ledger");
+}
+
+fn progress_mode(s: &str) -> Mode {
+    match s {
+        "plain" => Mode::Plain,
+        "none" => Mode::Quiet,
+        _ => Mode::Auto,
+    }
+}
