@@ -1,0 +1,275 @@
+//! The runner's live counters (read by the progress display) and the
+//! end-of-run summary built from them.
+
+use super::*;
+
+/// Live counters, shared with the progress display.
+#[derive(Debug)]
+pub struct Stats {
+    /// When the command started (for the time to the first message).
+    pub started: Instant,
+    /// Microseconds from `started` to the first outcome (0 = none yet).
+    pub first_outcome_us: AtomicU64,
+    /// SMTP transaction latency over all injectors.
+    pub latency: Histogram,
+    /// Per-injector counters, indexed by slot.
+    pub injectors: Vec<InjectorStats>,
+    /// Accepted by the MTA.
+    pub sent: AtomicU64,
+    /// Refused for good (5xx, bad address, render error).
+    pub failed: AtomicU64,
+    /// Temporarily refused (4xx).
+    pub deferred: AtomicU64,
+    /// Connections lost or refused mid-campaign (the message was retried).
+    pub retries: AtomicU64,
+    /// Recipients skipped because their address is suppressed.
+    pub suppressed: AtomicU64,
+    /// Messages sent again after a connection was lost between their data
+    /// and the reply (the MTA may have them twice).
+    pub possibly_duplicated: AtomicU64,
+    /// Messages a relay answered with 4xx that went on to another relay.
+    pub rerouted: AtomicU64,
+    /// Pending recipients at start, once known (0 = unknown).
+    pub total: AtomicU64,
+    /// The MTA's queue at the last probe, and the most seen (with a probe).
+    pub queue: AtomicU64,
+    /// See `queue`.
+    pub queue_max: AtomicU64,
+    /// Each relay's name and concurrency gate, once the run has started.
+    pub relays: std::sync::OnceLock<Vec<(String, Arc<Gate>)>>,
+}
+
+/// One injector's counters: what an operator needs to see whether adding
+/// connections still adds throughput.
+#[derive(Debug, Default)]
+pub struct InjectorStats {
+    /// Transactions completed.
+    pub messages: AtomicU64,
+    /// Total time spent waiting on the server, in microseconds.
+    pub busy_us: AtomicU64,
+}
+
+/// A latency histogram with power-of-two microsecond buckets (bucket `i`
+/// holds durations in `[2^i, 2^(i+1))` us), lock-free to update.
+#[derive(Debug, Default)]
+pub struct Histogram {
+    buckets: [AtomicU64; 26],
+}
+
+impl Histogram {
+    /// Adds one sample.
+    pub fn record(&self, d: Duration) {
+        let us = d.as_micros().max(1) as u64;
+        let i = (63 - us.leading_zeros() as usize).min(self.buckets.len() - 1);
+        self.buckets[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The `q` quantile (0..=1) as the upper bound of its bucket; zero when empty.
+    pub fn quantile(&self, q: f64) -> Duration {
+        let counts: Vec<u64> = self
+            .buckets
+            .iter()
+            .map(|b| b.load(Ordering::Relaxed))
+            .collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return Duration::ZERO;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Duration::from_micros(1u64 << (i + 1));
+            }
+        }
+        Duration::from_micros(1u64 << counts.len())
+    }
+}
+
+impl Stats {
+    /// Counters for `injectors` injectors, starting the clock now.
+    pub fn new(injectors: usize) -> Stats {
+        Stats {
+            started: Instant::now(),
+            first_outcome_us: AtomicU64::new(0),
+            latency: Histogram::default(),
+            injectors: (0..injectors).map(|_| InjectorStats::default()).collect(),
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            possibly_duplicated: AtomicU64::new(0),
+            rerouted: AtomicU64::new(0),
+            total: AtomicU64::new(0),
+            queue: AtomicU64::new(0),
+            queue_max: AtomicU64::new(0),
+            relays: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Records one SMTP transaction by injector `slot`.
+    pub(super) fn transaction(&self, slot: usize, latency: Duration) {
+        self.latency.record(latency);
+        if let Some(i) = self.injectors.get(slot) {
+            i.messages.fetch_add(1, Ordering::Relaxed);
+            i.busy_us
+                .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(super) fn count(&self, outcome: &Outcome) {
+        if self.first_outcome_us.load(Ordering::Relaxed) == 0 {
+            let us = (self.started.elapsed().as_micros() as u64).max(1);
+            let _ =
+                self.first_outcome_us
+                    .compare_exchange(0, us, Ordering::Relaxed, Ordering::Relaxed);
+        }
+        let c = match outcome {
+            Outcome::Sent { .. } => &self.sent,
+            Outcome::Deferred(_) => &self.deferred,
+            Outcome::Failed(_) => &self.failed,
+        };
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Recipients with an outcome so far.
+    pub fn done(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+            + self.failed.load(Ordering::Relaxed)
+            + self.deferred.load(Ordering::Relaxed)
+            + self.suppressed.load(Ordering::Relaxed)
+    }
+}
+
+/// The end-of-run summary (printed, or as JSON with `--json`).
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Summary {
+    /// Campaign name.
+    pub campaign: String,
+    /// Accepted by the MTA in this run.
+    pub sent: u64,
+    /// Refused for good in this run.
+    pub failed: u64,
+    /// Temporarily refused in this run.
+    pub deferred: u64,
+    /// Connection-level retries.
+    pub retries: u64,
+    /// Skipped: address on the suppression list.
+    pub suppressed: u64,
+    /// Sent again after a connection was lost between their data and the
+    /// reply: the MTA may have delivered them twice (noted in the ledger).
+    pub possibly_duplicated: u64,
+    /// Messages a relay answered with 4xx that another relay then took (a
+    /// relay that defers fast does not get to defer the campaign).
+    pub rerouted: u64,
+    /// Why the circuit breaker paused the campaign, if it did.
+    pub breaker: Option<String>,
+    /// Recipients whose refusals the breaker attributes to the relay (to be
+    /// sent again when the campaign resumes).
+    #[serde(skip)]
+    pub breaker_streak: Vec<(i64, String)>,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Messages with an outcome per second.
+    pub rate: f64,
+    /// True when the run was stopped before the audience was exhausted.
+    pub interrupted: bool,
+    /// Milliseconds from the start of the command to the first outcome.
+    pub first_message_ms: f64,
+    /// SMTP transaction latency quantiles in milliseconds (bucket upper bounds).
+    pub latency_ms: LatencySummary,
+    /// Per-injector transactions and mean latency.
+    pub injectors: Vec<InjectorSummary>,
+    /// Each relay's concurrency limit and the congestion marks it gave.
+    pub relays: Vec<RelaySummary>,
+    /// The largest MTA queue the probe saw (`None` without a probe).
+    pub queue_max: Option<u64>,
+}
+
+/// One relay's concurrency at the end of a run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RelaySummary {
+    /// `smtp://host:port`.
+    pub relay: String,
+    /// Whether the limit adapted (`auto`) or was pinned.
+    pub adaptive: bool,
+    /// Transactions allowed in flight at the end.
+    pub limit: usize,
+    /// The highest limit reached.
+    pub peak_limit: usize,
+    /// Congestion marks, by kind.
+    pub marks: crate::adaptive::Marks,
+    /// The relay's minimum round trip, milliseconds.
+    pub min_rtt_ms: Option<f64>,
+    /// How many times its circuit opened (connection failures or a burst of
+    /// 4xx), sending its traffic to the other relays.
+    pub circuit_opened: u64,
+}
+
+impl Stats {
+    /// Each relay's limit and marks so far.
+    pub fn relay_summaries(&self, adaptive: bool) -> Vec<RelaySummary> {
+        self.relays
+            .get()
+            .map(|v| {
+                v.iter()
+                    .map(|(relay, g)| {
+                        let a = g.snapshot();
+                        RelaySummary {
+                            relay: relay.clone(),
+                            adaptive,
+                            limit: a.limit(),
+                            peak_limit: a.peak_limit(),
+                            marks: a.marks(),
+                            min_rtt_ms: a.min_rtt().map(|d| d.as_secs_f64() * 1000.0),
+                            circuit_opened: g.times_opened(),
+                        }
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+/// Latency quantiles, milliseconds.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+}
+
+/// One injector's share of the work.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct InjectorSummary {
+    /// Injector number.
+    pub slot: usize,
+    /// Transactions completed.
+    pub messages: u64,
+    /// Mean transaction latency, milliseconds.
+    pub mean_ms: f64,
+}
+
+impl Stats {
+    /// Latency quantiles so far.
+    pub fn latency_summary(&self) -> LatencySummary {
+        let ms = |q| self.latency.quantile(q).as_secs_f64() * 1000.0;
+        LatencySummary {
+            p50: ms(0.5),
+            p90: ms(0.9),
+            p99: ms(0.99),
+        }
+    }
+}
+
+impl Summary {
+    /// True when every recipient of this run was accepted.
+    pub fn all_accepted(&self) -> bool {
+        self.failed == 0 && self.deferred == 0 && !self.interrupted && self.breaker.is_none()
+    }
+}
