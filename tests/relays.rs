@@ -461,3 +461,87 @@ async fn rerouting_ends_when_no_other_relay_can_take_the_message() {
         );
     }
 }
+
+/// A relay that stops offering STARTTLS in the middle of a campaign (here:
+/// replaced by one in clear on the same port) is never used in clear: with
+/// no other relay, the campaign pauses with the reason, and after `resume`
+/// against a relay with TLS again every recipient is sent exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_gone_mid_run_pauses_the_campaign() {
+    let pki = pki();
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(300).await;
+    std::fs::write(w.path("ca.pem"), &pki.ca_pem).unwrap();
+    let slow = |tls: bool| SinkConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        keep_messages: true,
+        tls: tls.then(|| blast::tls::server_config_pem(&pki.cert_pem, &pki.key_pem).unwrap()),
+        faults: Faults {
+            latency: Some(Duration::from_millis(5)),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let first = Sink::start(slow(true)).await.unwrap();
+    let addr = first.local_addr();
+    let extra = format!(
+        "[delivery]\nconcurrency = 2\nsmtp = [{{ url = \"smtp://{addr}\", tls = \"starttls\", ca_file = \"ca.pem\" }}]\n"
+    );
+    let path = w.campaign("gone", "Hi", "Hello", None, &extra);
+    let cfg = load(&path, &[]).unwrap();
+    let run = crate::util::spawn_send(&cfg);
+    crate::util::wait_for(&first, 50).await;
+    let before = first.shutdown().await;
+    // The same address, in clear.
+    let clear = Sink::start(SinkConfig {
+        listen: addr,
+        ..slow(false)
+    })
+    .await
+    .unwrap();
+    let s_first = tokio::time::timeout(Duration::from_secs(60), run)
+        .await
+        .expect("the campaign stopped")
+        .unwrap()
+        .unwrap();
+    assert!(
+        s_first
+            .breaker
+            .as_deref()
+            .unwrap_or_default()
+            .contains("STARTTLS"),
+        "{s_first:?}"
+    );
+    assert!(clear.received().is_empty(), "nothing went out in clear");
+    assert_eq!(clear.stats().messages, 0);
+    assert_eq!(blast::commands::status(&cfg).await.unwrap().state, "paused");
+    clear.shutdown().await;
+
+    let again = Sink::start(SinkConfig {
+        listen: addr,
+        ..slow(true)
+    })
+    .await
+    .unwrap();
+    blast::commands::control(&w.url, "gone", blast::commands::Control::Resume, None)
+        .await
+        .unwrap();
+    let s = blast::commands::send(&cfg, blast::progress::Mode::Quiet, std::future::pending())
+        .await
+        .unwrap();
+    assert_eq!(s.breaker, None, "{s:?}");
+    let mut ids: Vec<String> = before
+        .iter()
+        .chain(again.received().iter())
+        .map(|r| r.rcpt_to[0].clone())
+        .collect();
+    let total = ids.len();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 300, "every recipient");
+    assert!(
+        total - 300 <= s_first.possibly_duplicated as usize,
+        "twice only when reported: {total} arrivals, {s_first:?}"
+    );
+    assert!(again.received().iter().all(|r| r.tls));
+}

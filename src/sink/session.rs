@@ -145,10 +145,10 @@ impl Session {
         push_reply(&mut self.out, line);
     }
 
-    /// Best-effort final reply before closing; errors are irrelevant because
-    /// the connection is going away anyway.
+    /// Best-effort final reply before closing, after any replies still owed
+    /// (a message already recorded gets its 250, as from a real MTA);
+    /// errors are irrelevant because the connection is going away anyway.
     pub(super) async fn goodbye(&mut self, line: &str) {
-        self.out.clear();
         self.reply(line);
         let _ = timeout(GOODBYE_TIMEOUT, self.writer.write_all(&self.out)).await;
     }
