@@ -23,6 +23,9 @@ pub enum Command {
     Send(SendArgs),
     /// Print one recipient's fully rendered message.
     Preview(PreviewArgs),
+    /// Connect to every relay as a send would (TLS, AUTH) and report what
+    /// each offers; sends nothing.
+    Check(CheckArgs),
     /// Show a campaign's counts per outcome.
     Status(StatusArgs),
     /// Load subscribers from a CSV file into the `subscribers` table.
@@ -281,6 +284,19 @@ pub struct SendArgs {
     /// Progress display: auto (bar on a terminal, lines otherwise), plain, none.
     #[arg(long, default_value = "auto", value_parser = ["auto", "plain", "none"])]
     pub progress: String,
+}
+
+/// `blast check`
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// The campaign file.
+    pub campaign: PathBuf,
+    /// SMTP relay URL(s), overriding `delivery.smtp` (repeat for several).
+    #[arg(long)]
+    pub smtp: Vec<String>,
+    /// Print one JSON object per relay.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `blast preview`

@@ -304,6 +304,83 @@ async fn probe<T: Transport>(transport: &T, relays: usize) -> Result<()> {
     }
 }
 
+/// What `blast check` found out about one relay.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RelayCheck {
+    /// The relay, as in logs.
+    pub relay: String,
+    /// Connected, encrypted and logged in as configured.
+    pub ok: bool,
+    /// What it offers (TLS, AUTH, extensions), or why it failed.
+    pub detail: String,
+    /// Time to a usable session, milliseconds.
+    pub ms: f64,
+    /// Whether the failure is a setting to fix rather than a passing fault.
+    pub permanent: bool,
+}
+
+/// `blast check`: opens one session to every relay exactly as `blast send`
+/// would (TLS, certificate check, AUTH), reports what each offers and
+/// closes it. Sends nothing and touches no database.
+pub async fn check(cfg: &Config) -> Result<Vec<RelayCheck>> {
+    let transport = Smtp::new(
+        cfg.delivery.relays.clone(),
+        cfg.delivery.helo.clone(),
+        cfg.delivery.timeout,
+    )?;
+    let mut out = Vec::new();
+    for slot in 0..cfg.delivery.relays.len() {
+        let started = std::time::Instant::now();
+        let relay = transport.describe(slot);
+        match transport.connect(slot).await {
+            Ok(s) => {
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                let c = s.capabilities();
+                let mut parts = vec![match s.tls() {
+                    Some(t) => t.to_string(),
+                    None => "no TLS".to_string(),
+                }];
+                if let Some(m) = s.auth_mechanism() {
+                    parts.push(format!("AUTH {m} accepted"));
+                }
+                let mut ext: Vec<String> = Vec::new();
+                if c.pipelining {
+                    ext.push("PIPELINING".into());
+                }
+                if c.chunking {
+                    ext.push("CHUNKING".into());
+                }
+                if c.size > 0 {
+                    ext.push(format!("SIZE {}", c.size));
+                }
+                if !ext.is_empty() {
+                    parts.push(ext.join(" "));
+                }
+                s.close().await;
+                out.push(RelayCheck {
+                    relay,
+                    ok: true,
+                    detail: parts.join(", "),
+                    ms,
+                    permanent: false,
+                });
+            }
+            Err(e) => out.push(RelayCheck {
+                ok: false,
+                detail: e
+                    .message
+                    .strip_prefix(&format!("{relay}: "))
+                    .unwrap_or(&e.message)
+                    .to_string(),
+                relay,
+                ms: started.elapsed().as_secs_f64() * 1000.0,
+                permanent: e.permanent,
+            }),
+        }
+    }
+    Ok(out)
+}
+
 /// `blast preview`: one recipient's complete message.
 pub async fn preview(cfg: &Config, id: Option<i64>) -> Result<Vec<u8>> {
     let mut renderer = Renderer::compile(

@@ -157,6 +157,25 @@ pub async fn connect(
     Ok(TlsStream::Client(stream))
 }
 
+/// The protocol version and cipher suite of an established session, e.g.
+/// `TLSv1_3 TLS13_AES_256_GCM_SHA384`.
+pub fn describe(stream: &TlsStream<TcpStream>) -> String {
+    let (version, suite) = match stream {
+        TlsStream::Client(c) => {
+            let conn = c.get_ref().1;
+            (conn.protocol_version(), conn.negotiated_cipher_suite())
+        }
+        TlsStream::Server(s) => {
+            let conn = s.get_ref().1;
+            (conn.protocol_version(), conn.negotiated_cipher_suite())
+        }
+    };
+    match (version, suite) {
+        (Some(v), Some(s)) => format!("{v:?} {:?}", s.suite()),
+        _ => "TLS".to_string(),
+    }
+}
+
 /// Server handshake over an accepted TCP connection.
 pub async fn accept(
     config: Arc<rustls::ServerConfig>,

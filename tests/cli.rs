@@ -290,6 +290,43 @@ fn send_over_starttls_with_auth_between_two_processes() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("RELAY_PW"), "{stderr}");
+    // `blast check` reaches the relay as a send would, and sends nothing.
+    let out = blast()
+        .arg("check")
+        .arg(&path)
+        .env("RELAY_PW", "pw 1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(": ok in ")
+            && stdout.contains("TLSv1_3")
+            && stdout.contains("AUTH PLAIN accepted")
+            && stdout.contains("PIPELINING"),
+        "{stdout}"
+    );
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_url = format!("smtp://{}", closed.local_addr().unwrap());
+    drop(closed);
+    let out = blast()
+        .arg("check")
+        .arg(&path)
+        .args(["--smtp", &closed_url, "--json"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let line: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(line["ok"], false, "{line}");
+    assert!(
+        line["detail"].as_str().unwrap().contains("connect"),
+        "{line}"
+    );
     let out = blast()
         .arg("send")
         .arg(&path)

@@ -176,6 +176,10 @@ pub struct SmtpSession {
     quickack: bool,
     /// The relay's shared quickack flag (see [`Smtp`]).
     relay_quickack: Option<(Arc<Vec<AtomicBool>>, usize)>,
+    /// The TLS protocol and cipher suite, once encrypted.
+    tls: Option<String>,
+    /// The AUTH mechanism that logged in.
+    auth: Option<&'static str>,
 }
 
 /// A transaction at least this slow on loopback suggests the server's Nagle
@@ -221,7 +225,7 @@ impl Transport for Smtp {
             .map_err(|_| fail("connect", &"timed out"))?
             .map_err(|e| fail("connect", &e))?;
         stream.set_nodelay(true).map_err(|e| fail("connect", &e))?;
-        let (r, w) = match (&self.tls[i], relay.tls) {
+        let (r, w, info) = match (&self.tls[i], relay.tls) {
             (Some((config, name)), Tls::Implicit) => {
                 let s = tokio::time::timeout(
                     self.timeout,
@@ -230,11 +234,17 @@ impl Transport for Smtp {
                 .await
                 .map_err(|_| fail("TLS handshake", &"timed out"))?
                 .map_err(|e| tls_failure(relay, &e))?;
-                tls::split_tls(s)
+                let info = tls::describe(&s);
+                let (r, w) = tls::split_tls(s);
+                (r, w, Some(info))
             }
-            _ => tls::split_tcp(stream),
+            _ => {
+                let (r, w) = tls::split_tcp(stream);
+                (r, w, None)
+            }
         };
         let mut s = SmtpSession::open(r, w, self.timeout, Some((self.quickack.clone(), i)));
+        s.tls = info;
         let greeting = s
             .read_reply()
             .await
@@ -307,7 +317,20 @@ impl SmtpSession {
             last_latency: Duration::ZERO,
             quickack,
             relay_quickack,
+            tls: None,
+            auth: None,
         }
+    }
+
+    /// The TLS protocol and cipher suite (`TLSv1_3 TLS13_AES_256_GCM_SHA384`),
+    /// `None` in clear.
+    pub fn tls(&self) -> Option<&str> {
+        self.tls.as_deref()
+    }
+
+    /// The AUTH mechanism that logged in, if any.
+    pub fn auth_mechanism(&self) -> Option<&'static str> {
+        self.auth
     }
 
     /// The server's capabilities.
@@ -400,8 +423,11 @@ impl SmtpSession {
             .await
             .map_err(|_| lost(&format!("{relay}: TLS handshake timed out"), false))
             .and_then(|r| r.map_err(|e| tls_failure(relay, &e)))?;
+        let info = tls::describe(&stream);
         let (r, w) = tls::split_tls(stream);
-        Ok(SmtpSession::open(r, w, timeout, relay_quickack))
+        let mut s = SmtpSession::open(r, w, timeout, relay_quickack);
+        s.tls = Some(info);
+        Ok(s)
     }
 
     /// AUTH PLAIN when offered, else AUTH LOGIN (RFC 4954); the responses
@@ -483,6 +509,12 @@ impl SmtpSession {
             self.write(format!("{answer}\r\n").as_bytes()).await?;
             self.flush().await?;
             r = self.read_reply().await?;
+        }
+        if r.code == 235 {
+            self.auth = Some(match mechanism {
+                Mechanism::Plain => "PLAIN",
+                _ => "LOGIN",
+            });
         }
         if r.code != 235 {
             return Err(SessionError {

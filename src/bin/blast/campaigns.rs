@@ -3,6 +3,33 @@
 
 use super::*;
 
+/// `blast check`: every relay, as a send would reach it; exit 0 when all
+/// of them work, 2 otherwise.
+pub(crate) async fn check(args: blast::cli::CheckArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load(
+        &args.campaign,
+        Overrides {
+            smtp: args.smtp,
+            ..Default::default()
+        },
+    )?;
+    let checks = blast::commands::check(&cfg).await?;
+    for c in &checks {
+        if args.json {
+            println!("{}", serde_json::to_string(c)?);
+        } else if c.ok {
+            println!("{}: ok in {:.0} ms: {}", c.relay, c.ms, c.detail);
+        } else {
+            println!("{}: FAILED: {}", c.relay, c.detail);
+        }
+    }
+    Ok(if checks.iter().all(|c| c.ok) {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(2)
+    })
+}
+
 /// `blast preview`: one recipient's message on stdout.
 pub(crate) async fn preview(args: blast::cli::PreviewArgs) -> anyhow::Result<ExitCode> {
     let cfg = load(

@@ -60,6 +60,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.command {
         Command::Send(args) => send(args, false).await,
         Command::Preview(args) => preview(args).await,
+        Command::Check(args) => check(args).await,
         Command::Status(args) => status(args).await,
         Command::Import(args) => import(args).await,
         Command::Sink(args) => sink(args).await,
