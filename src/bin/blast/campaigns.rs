@@ -30,15 +30,20 @@ pub(crate) async fn check(args: blast::cli::CheckArgs) -> anyhow::Result<ExitCod
     })
 }
 
-/// `blast preview`: one recipient's message on stdout.
-pub(crate) async fn preview(args: blast::cli::PreviewArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load(
-        &args.campaign.campaign,
+/// The campaign file with only `--database` overriding it.
+fn load_campaign(args: blast::cli::CampaignArgs) -> anyhow::Result<Config> {
+    load(
+        &args.campaign,
         Overrides {
-            database: args.campaign.database,
+            database: args.database,
             ..Default::default()
         },
-    )?;
+    )
+}
+
+/// `blast preview`: one recipient's message on stdout.
+pub(crate) async fn preview(args: blast::cli::PreviewArgs) -> anyhow::Result<ExitCode> {
+    let cfg = load_campaign(args.campaign)?;
     let bytes = blast::commands::preview(&cfg, args.id).await?;
     use std::io::Write;
     std::io::stdout()
@@ -49,13 +54,7 @@ pub(crate) async fn preview(args: blast::cli::PreviewArgs) -> anyhow::Result<Exi
 
 /// `blast status`: a campaign's counts, as text or JSON.
 pub(crate) async fn status(args: blast::cli::StatusArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load(
-        &args.campaign.campaign,
-        Overrides {
-            database: args.campaign.database,
-            ..Default::default()
-        },
-    )?;
+    let cfg = load_campaign(args.campaign)?;
     let c = blast::commands::status(&cfg).await?;
     if args.json {
         println!("{}", serde_json::to_string(&c)?);
