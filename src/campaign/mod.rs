@@ -505,6 +505,32 @@ impl<T: Transport> Injector<T> {
                     continue;
                 }
             };
+            // Connect before taking a message: a relay that is down, or
+            // slow to answer, holds no message while it fails.
+            if session.is_none() {
+                let connected = tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => {
+                        self.gate.cancel(permit);
+                        break;
+                    }
+                    r = self.transport.connect(self.relay) => r,
+                };
+                match connected {
+                    Ok(s) => session = Some(s),
+                    Err(e) => {
+                        self.gate.begin(&mut permit);
+                        self.gate.release(permit, Some(Mark::Connection));
+                        if self.settings_failed(&relay, &e) {
+                            break;
+                        }
+                        if !self.wait_retry(&relay, &e, &mut backoff).await {
+                            break;
+                        }
+                        continue;
+                    }
+                }
+            }
             let Some(mut job) = self.work.next(self.relay, &self.stop).await else {
                 self.gate.cancel(permit);
                 break;
@@ -590,12 +616,7 @@ impl<T: Transport> Injector<T> {
                     self.gate.release(permit, Some(Mark::Connection));
                     job.ambiguous |= e.ambiguous;
                     self.work.requeue(job);
-                    // A setting went wrong mid-run (a certificate, a
-                    // password): with no other relay to carry on, pause the
-                    // campaign for the operator instead of retrying forever.
-                    if e.permanent && !self.work.other_relay_usable(relay_bit(self.relay)) {
-                        self.breaker.trip(format!("{relay}: {}", e.message));
-                        self.stop.cancel();
+                    if self.settings_failed(&relay, &e) {
                         break;
                     }
                     if !self.wait_retry(&relay, &e, &mut backoff).await {
@@ -653,6 +674,23 @@ impl<T: Transport> Injector<T> {
         if let Some(s) = session.filter(|_| !self.abort.is_cancelled()) {
             s.close().await;
         }
+    }
+
+    /// A setting went wrong mid-run (a certificate, a password, STARTTLS
+    /// gone): with no other relay to carry on, pauses the campaign for the
+    /// operator (true) instead of retrying forever.
+    fn settings_failed(&self, relay: &str, e: &SessionError) -> bool {
+        if !e.permanent || self.work.other_relay_usable(relay_bit(self.relay)) {
+            return false;
+        }
+        let why = e
+            .message
+            .strip_prefix(&format!("{relay}: "))
+            .unwrap_or(&e.message);
+        tracing::error!("{relay}: {why} (pausing the campaign)");
+        self.breaker.trip(format!("{relay}: {why}"));
+        self.stop.cancel();
+        true
     }
 
     /// Logs a lost connection and sleeps with capped exponential backoff and
