@@ -326,6 +326,8 @@ impl Aimd {
 pub struct Permit {
     id: u64,
     started: Option<Instant>,
+    /// The one half-open probe of an open circuit.
+    probe: bool,
 }
 
 /// Consecutive connection failures that open a relay's circuit.
@@ -412,6 +414,7 @@ impl Gate {
             // Register interest before checking, so a release in between is not missed.
             let notified = self.changed.notified();
             let now = Instant::now();
+            let mut probe = false;
             let wait = {
                 let mut h = self.health();
                 match h.open_until {
@@ -421,6 +424,7 @@ impl Gate {
                     Some(_) => {
                         if self.lock().try_acquire_ranked(now, rank) {
                             h.probing = true;
+                            probe = true;
                             None
                         } else {
                             Some(WINDOW_MIN)
@@ -434,7 +438,11 @@ impl Gate {
             match wait {
                 None => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    return Permit { id, started: None };
+                    return Permit {
+                        id,
+                        started: None,
+                        probe,
+                    };
                 }
                 Some(wait) => {
                     let _ = tokio::time::timeout(wait, notified).await;
@@ -543,13 +551,18 @@ impl Gate {
             self.release(permit, None);
             return;
         }
+        if permit.probe {
+            // The probe never ran (its message was suppressed, or the run
+            // stopped): the next injector may probe instead.
+            self.health().probing = false;
+        }
         let was_full = {
             let mut a = self.lock();
             let full = a.in_flight() >= a.limit();
             a.cancel();
             full
         };
-        if was_full {
+        if was_full || permit.probe {
             self.changed.notify_waiters();
         }
     }
@@ -822,6 +835,23 @@ mod tests {
         assert_eq!(a.times_opened(), 1);
         let _p1 = a.acquire().await;
         let _p2 = a.acquire().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_probe_that_never_ran_lets_the_next_one_probe() {
+        let healthy = Arc::new(AtomicUsize::new(2));
+        let now = Instant::now();
+        let a = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
+        let _b = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
+        for _ in 0..OPEN_AFTER_FAILURES {
+            fail(&a, Mark::Connection).await;
+        }
+        assert!(a.is_open());
+        // The probe's message turns out to be suppressed: cancelled unsent.
+        let probe = a.acquire().await;
+        a.cancel(probe);
+        let next = tokio::time::timeout(Duration::from_secs(5), a.acquire()).await;
+        assert!(next.is_ok(), "the relay stays half-open for good");
     }
 
     #[test]

@@ -505,32 +505,6 @@ impl<T: Transport> Injector<T> {
                     continue;
                 }
             };
-            // Connect before taking a message: a relay that is down, or
-            // slow to answer, holds no message while it fails.
-            if session.is_none() {
-                let connected = tokio::select! {
-                    biased;
-                    _ = self.stop.cancelled() => {
-                        self.gate.cancel(permit);
-                        break;
-                    }
-                    r = self.transport.connect(self.relay) => r,
-                };
-                match connected {
-                    Ok(s) => session = Some(s),
-                    Err(e) => {
-                        self.gate.begin(&mut permit);
-                        self.gate.release(permit, Some(Mark::Connection));
-                        if self.settings_failed(&relay, &e) {
-                            break;
-                        }
-                        if !self.wait_retry(&relay, &e, &mut backoff).await {
-                            break;
-                        }
-                        continue;
-                    }
-                }
-            }
             let Some(mut job) = self.work.next(self.relay, &self.stop).await else {
                 self.gate.cancel(permit);
                 break;

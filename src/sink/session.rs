@@ -150,7 +150,12 @@ impl Session {
     /// errors are irrelevant because the connection is going away anyway.
     pub(super) async fn goodbye(&mut self, line: &str) {
         self.reply(line);
-        let _ = timeout(GOODBYE_TIMEOUT, self.writer.write_all(&self.out)).await;
+        let (writer, out) = (&mut self.writer, &self.out);
+        let bye = async {
+            writer.write_all(out).await?;
+            writer.flush().await
+        };
+        let _ = timeout(GOODBYE_TIMEOUT, bye).await;
     }
 
     /// After `220 Ready to start TLS`: the handshake on the same socket, and
@@ -253,11 +258,24 @@ impl Session {
         }
         // A client that stops reading would otherwise hold the task forever.
         let idle = self.shared.config.idle_timeout;
-        match timeout(idle, self.writer.write_all(&self.out)).await {
+        let (writer, out) = (&mut self.writer, &mut self.out);
+        // What went out leaves `out` as it goes, so a goodbye after an
+        // interrupted write sends only what is still owed, never twice.
+        let write = async {
+            while !out.is_empty() {
+                let n = writer.write(out).await?;
+                if n == 0 {
+                    return Err(io::Error::from(io::ErrorKind::WriteZero));
+                }
+                out.drain(..n);
+            }
+            // TLS keeps records in its buffer until flushed.
+            writer.flush().await
+        };
+        match timeout(idle, write).await {
             Ok(r) => r?,
             Err(_) => return Err(SessionError::IdleTimeout),
         }
-        self.out.clear();
         Ok(())
     }
 
