@@ -66,6 +66,8 @@ struct Run {
     seconds: f64,
     models: Vec<Arc<LoadModel>>,
     sinks: Vec<Vec<blast::sink::Received>>,
+    /// Connections each relay accepted.
+    connections: Vec<u64>,
     /// (virtual seconds, limit per relay, accepted per relay) every 100 ms.
     samples: Vec<(f64, Vec<usize>, Vec<u64>)>,
 }
@@ -160,7 +162,9 @@ async fn run_paced(
     sampler.abort();
     let samples = std::mem::take(&mut *samples.lock().unwrap());
     let mut received = Vec::new();
+    let mut connections = Vec::new();
     for s in sinks {
+        connections.push(s.stats().connections);
         received.push(s.shutdown().await);
     }
     Run {
@@ -168,6 +172,7 @@ async fn run_paced(
         seconds,
         models,
         sinks: received,
+        connections,
         samples,
     }
 }
@@ -405,4 +410,24 @@ async fn relay_weights_and_rates() {
     // remainder): about 2.5 times the messages at the same sink speed.
     let ratio = nb as f64 / na as f64;
     assert!((1.6..=3.6).contains(&ratio), "5 vs 2 injectors: {ratio:.2}");
+}
+
+/// A session left idle while the injectors wait for work (the audience
+/// arrives a page every 10 s) is closed after 5 s and opened again for the
+/// next page, before the relay's own idle timeout could make the next
+/// message an ambiguous loss.
+#[tokio::test(start_paused = true)]
+async fn sessions_idle_between_pages_are_closed() {
+    let n = 3000;
+    let r = run_paced(
+        vec![postfix_like(0.0)],
+        n,
+        Concurrency::Fixed(2),
+        Duration::from_secs(10),
+    )
+    .await;
+    every_recipient_once(&r, n);
+    assert_eq!(r.summary.possibly_duplicated, 0);
+    // Two sessions per page, three pages.
+    assert_eq!(r.connections, vec![6], "{:?}", r.summary.relays);
 }

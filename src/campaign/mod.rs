@@ -42,7 +42,8 @@ const QUEUE_MIN: usize = 64;
 const QUEUE_MAX: usize = 512;
 /// Chunks of recipients waiting for a render worker.
 const RENDER_QUEUE_CHUNKS: usize = 8;
-/// An injector kept out of its relay's limit this long closes its connection.
+/// An injector kept out of its relay's limit, or waiting for work, this long
+/// closes its connection.
 const IDLE_CLOSE: Duration = Duration::from_secs(5);
 /// How often the stall watchdog looks at outstanding transactions.
 const WATCH_INTERVAL: Duration = Duration::from_millis(20);
@@ -505,7 +506,23 @@ impl<T: Transport> Injector<T> {
                     continue;
                 }
             };
-            let Some(mut job) = self.work.next(self.relay, &self.stop).await else {
+            // Waiting for work (the renderers behind, or the tail of the
+            // run) also closes an idle session, before the relay's own
+            // timeout can turn the next message into an ambiguous loss.
+            let next = self.work.next(self.relay, &self.stop);
+            tokio::pin!(next);
+            let next = loop {
+                tokio::select! {
+                    biased;
+                    job = &mut next => break job,
+                    _ = tokio::time::sleep(IDLE_CLOSE), if session.is_some() => {
+                        if let Some(s) = session.take() {
+                            s.close().await;
+                        }
+                    }
+                }
+            };
+            let Some(mut job) = next else {
                 self.gate.cancel(permit);
                 break;
             };
