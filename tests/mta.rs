@@ -40,6 +40,11 @@ impl Postfix {
 
     /// Like [`Postfix::start`], with more `postfix.sh start` options.
     fn start_with(relay_port: u16, extra: &[&str]) -> Postfix {
+        Postfix::start_with_env(relay_port, extra, &[])
+    }
+
+    /// Like [`Postfix::start_with`], with environment variables for the script.
+    fn start_with_env(relay_port: u16, extra: &[&str], env: &[(&str, &str)]) -> Postfix {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -63,6 +68,7 @@ impl Postfix {
                 &format!("127.0.0.1:{relay_port}"),
             ])
             .args(extra)
+            .envs(env.iter().copied())
             .output()
             .expect("bash");
         assert!(
@@ -87,6 +93,12 @@ impl Postfix {
 
     /// Starts a stopped instance again on its port, with its queue.
     fn restart(&self, relay_port: u16) {
+        self.reconfigure(relay_port, &[], &[]);
+    }
+
+    /// Starts the instance on its port with these options (a running one
+    /// rewrites its configuration and reloads).
+    fn reconfigure(&self, relay_port: u16, extra: &[&str], env: &[(&str, &str)]) {
         let out = Command::new("bash")
             .arg(script())
             .args(["start", "--dir"])
@@ -97,6 +109,8 @@ impl Postfix {
                 "--relay",
                 &format!("127.0.0.1:{relay_port}"),
             ])
+            .args(extra)
+            .envs(env.iter().copied())
             .output()
             .expect("bash");
         assert!(out.status.success(), "{out:?}");
@@ -256,6 +270,81 @@ async fn campaign_over_starttls_into_postfix() {
     ids.sort_unstable();
     assert_eq!(ids, (1..=n).collect::<Vec<_>>(), "each recipient once");
     drop(postfix);
+}
+
+/// AUTH against Postfix's own Cyrus SASL, over STARTTLS, as to a relay off
+/// this host: PLAIN when offered, LOGIN when it is the only mechanism, and
+/// a wrong password stops the campaign before any message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn campaign_with_auth_over_starttls_into_postfix() {
+    let pki = crate::relays::pki();
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(100).await;
+    for (name, pem) in [
+        ("ca.pem", &pki.ca_pem),
+        ("cert.pem", &pki.cert_pem),
+        ("key.pem", &pki.key_pem),
+    ] {
+        std::fs::write(w.path(name), pem).unwrap();
+    }
+    let sink = util::sink(Faults::default()).await;
+    let (cert, key) = (
+        w.path("cert.pem").display().to_string(),
+        w.path("key.pem").display().to_string(),
+    );
+    let secret = [("BLAST_MTA_SASL_PASSWORD", "s3cret pw")];
+    let tls = [
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--sasl-user",
+        "bulk",
+    ];
+    let postfix = Postfix::start_with_env(sink.local_addr().port(), &tls, &secret);
+    let path = w.campaign("auth", "Hi", "Hello {{ first_name }}", None, "");
+    let config = |password: &str| {
+        let mut cfg = w.config(&path, None, 2);
+        let relay = &mut cfg.delivery.relays[0];
+        relay.port = postfix.port;
+        relay.tls = blast::config::Tls::StartTls;
+        relay.verify.ca_file = Some(w.path("ca.pem"));
+        relay.user = Some("bulk".into());
+        relay.password = Some(blast::config::Secret(password.into()));
+        cfg
+    };
+    let err = blast::commands::send(&config("wrong"), Mode::Quiet, pending())
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("535"), "{err}");
+    let s = blast::commands::send(&config("s3cret pw"), Mode::Quiet, pending())
+        .await
+        .unwrap_or_else(|e| panic!("{e}\nPostfix log:\n{}", postfix.log()));
+    assert_eq!(s.sent, 100, "{s:?}");
+    let log = postfix.log();
+    assert!(
+        log.contains("sasl_method=PLAIN, sasl_username=bulk@blast.invalid"),
+        "{log}"
+    );
+    // Only LOGIN offered: blast answers its challenges.
+    let login = ["--sasl-mechs", "LOGIN"];
+    let all: Vec<&str> = tls.iter().chain(login.iter()).copied().collect();
+    postfix.reconfigure(sink.local_addr().port(), &all, &secret);
+    let checks = blast::commands::check(&config("s3cret pw")).await.unwrap();
+    assert!(checks[0].ok, "{checks:?}");
+    assert!(
+        checks[0].detail.contains("AUTH LOGIN accepted"),
+        "{checks:?}"
+    );
+    assert!(checks[0].detail.contains("TLSv1_3"), "{checks:?}");
+    for _ in 0..600 {
+        if sink.stats().messages >= 100 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(sink.stats().messages, 100);
 }
 
 /// Submits `data` over SMTP to 127.0.0.1:`port` as a remote MTA would: one

@@ -70,6 +70,10 @@ Options:
                        (absolute path; needs --tls-key), for blast relays with
                        tls = "starttls" (docs/postfix.md)
   --tls-key FILE       start: the PEM private key of --tls-cert
+  --sasl-user USER     start: offer AUTH (Cyrus SASL, sasldb in DIR) for USER, with
+                       the password in BLAST_MTA_SASL_PASSWORD; needs saslpasswd2
+                       (apt-get install sasl2-bin)
+  --sasl-mechs "M ..." start: with --sasl-user, the mechanisms offered (default "PLAIN LOGIN")
   --purge              stop: remove DIR afterwards (queued mail is lost; a --log
                        outside DIR is kept)
 
@@ -122,6 +126,10 @@ blast_bin=
 pipe_user=
 tls_cert=
 tls_key=
+sasl_user=
+sasl_mechs="PLAIN LOGIN"
+# The realm users are stored under; Postfix appends it to the login name.
+sasl_realm=blast.invalid
 
 need_arg() {
   [ "$2" -ge 2 ] || die "option $1 needs a value"
@@ -158,6 +166,10 @@ while [ $# -gt 0 ]; do
     --tls-cert=*) tls_cert=${1#*=}; shift ;;
     --tls-key) need_arg "$1" $#; tls_key=$2; shift 2 ;;
     --tls-key=*) tls_key=${1#*=}; shift ;;
+    --sasl-user) need_arg "$1" $#; sasl_user=$2; shift 2 ;;
+    --sasl-user=*) sasl_user=${1#*=}; shift ;;
+    --sasl-mechs) need_arg "$1" $#; sasl_mechs=$2; shift 2 ;;
+    --sasl-mechs=*) sasl_mechs=${1#*=}; shift ;;
     -h | --help)
       usage
       exit 0
@@ -229,6 +241,14 @@ if [ -n "$tls_cert$tls_key" ]; then
     [[ "$f" =~ ^/[A-Za-z0-9._/-]+$ ]] || die "--tls-cert/--tls-key need an absolute path of letters, digits and . _ / -, got '$f'"
     [ -r "$f" ] || die "cannot read $f"
   done
+fi
+
+# --sasl-user: the user goes into the sasldb, the mechanisms into smtpd.conf.
+if [ -n "$sasl_user" ]; then
+  [[ "$sasl_user" =~ ^[A-Za-z0-9._-]+$ ]] || die "--sasl-user takes letters, digits and . _ -, got '$sasl_user'"
+  [ -n "${BLAST_MTA_SASL_PASSWORD:-}" ] || die "--sasl-user needs the password in BLAST_MTA_SASL_PASSWORD"
+  mechs_re='^[A-Z0-9 -]+$'
+  [[ "$sasl_mechs" =~ $mechs_re ]] || die "--sasl-mechs takes mechanism names such as \"PLAIN LOGIN\", got '$sasl_mechs'"
 fi
 
 # --bounce-domain: every value ends up in main.cf or in the pipe's argv in
@@ -420,7 +440,18 @@ EOF
 }
 
 write_main_cf() {
-  local transport_block tls_block relay_restrictions="permit_mynetworks, reject"
+  local transport_block tls_block sasl_block="" relay_restrictions="permit_mynetworks, reject"
+  if [ -n "$sasl_user" ]; then
+    sasl_block="# --sasl-user: AUTH through Cyrus SASL. Debian's Postfix reads the SASL
+# settings from \$config_directory/sasl/smtpd.conf (cyrus_sasl_config_path
+# is not used); the users are in a sasldb in the data directory, under the
+# realm below, which Postfix appends to the login name. Mechanisms offered:
+# $sasl_mechs (a change here makes start reload the instance).
+smtpd_sasl_auth_enable = yes
+smtpd_sasl_type = cyrus
+smtpd_sasl_path = smtpd
+smtpd_sasl_local_domain = $sasl_realm"
+  fi
   if [ -n "$tls_cert" ]; then
     tls_block="# --tls-cert: STARTTLS offered (not required) to blast's injectors; the
 # Received header and the log (loglevel 1) say which protocol and cipher.
@@ -483,6 +514,7 @@ mynetworks = 127.0.0.0/8 [::1]/128
 smtpd_relay_restrictions = $relay_restrictions
 $tls_block
 smtp_tls_security_level = none
+$sasl_block
 
 $transport_block
 
@@ -758,6 +790,36 @@ wait_greeting() {
   done
 }
 
+# --sasl-user: DIR/etc/sasl/smtpd.conf and the user's sasldb, readable by
+# smtpd (which runs as postfix). Rewritten on every start.
+setup_sasl() {
+  [ -n "$sasl_user" ] || return 0
+  # saslpasswd2, the PLAIN/LOGIN plugins and the sasldb plugin.
+  if ! command -v saslpasswd2 >/dev/null ||
+    ! dpkg -s libsasl2-modules libsasl2-modules-db >/dev/null 2>&1; then
+    command -v apt-get >/dev/null || die "--sasl-user needs Cyrus SASL (saslpasswd2, the PLAIN/LOGIN and sasldb plugins)"
+    say "installing Cyrus SASL (sasl2-bin libsasl2-modules libsasl2-modules-db)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      sasl2-bin libsasl2-modules libsasl2-modules-db >/dev/null ||
+      { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+        --no-install-recommends sasl2-bin libsasl2-modules libsasl2-modules-db >/dev/null; } ||
+      die "apt-get install sasl2-bin failed"
+  fi
+  mkdir -p "$etc/sasl"
+  cat >"$etc/sasl/smtpd.conf" <<EOF
+pwcheck_method: auxprop
+auxprop_plugin: sasldb
+mech_list: $sasl_mechs
+sasldb_path: $data/sasldb2
+EOF
+  rm -f "$data/sasldb2"
+  printf '%s' "$BLAST_MTA_SASL_PASSWORD" |
+    saslpasswd2 -p -c -f "$data/sasldb2" -u "$sasl_realm" "$sasl_user" ||
+    die "saslpasswd2 could not create $data/sasldb2"
+  chown postfix:postfix "$data/sasldb2"
+  chmod 0640 "$data/sasldb2"
+}
+
 # ---------------------------------------------------------------- commands --
 
 cmd_start() {
@@ -788,6 +850,7 @@ cmd_start() {
       die "the new configuration is not valid; the running instance keeps its old one"
     fi
     say "already running (master pid $pid) with another configuration: rewriting it and reloading"
+    setup_sasl
     install -p -m 0644 "$tmp/main.cf" "$etc/main.cf"
     install -p -m 0644 "$tmp/master.cf" "$etc/master.cf"
     postfix -c "$etc" reload || {
@@ -819,6 +882,7 @@ cmd_start() {
   chmod 0755 "$dir" "$etc" "$spool"
   chown postfix:postfix "$data"
   chmod 0700 "$data"
+  setup_sasl
 
   avail=$(($(df -Pk "$spool" | awk 'NR == 2 { print $4 }') * 1024))
   if [ "$avail" -lt $((2 * queue_minfree)) ]; then
