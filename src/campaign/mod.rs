@@ -509,18 +509,14 @@ impl<T: Transport> Injector<T> {
             // Waiting for work (the renderers behind, or the tail of the
             // run) also closes an idle session, before the relay's own
             // timeout can turn the next message into an ambiguous loss.
-            let next = self.work.next(self.relay, &self.stop);
-            tokio::pin!(next);
-            let next = loop {
-                tokio::select! {
-                    biased;
-                    job = &mut next => break job,
-                    _ = tokio::time::sleep(IDLE_CLOSE), if session.is_some() => {
-                        if let Some(s) = session.take() {
-                            s.close().await;
-                        }
-                    }
-                }
+            // A message at hand needs no idle timer (the per-message path).
+            let at_hand = match self.stop.is_cancelled() {
+                false => self.work.try_next(self.relay),
+                true => None,
+            };
+            let next = match at_hand {
+                Some(job) => Some(job),
+                None => self.wait_for_work(&mut session).await,
             };
             let Some(mut job) = next else {
                 self.gate.cancel(permit);
@@ -664,6 +660,23 @@ impl<T: Transport> Injector<T> {
         // After an abort the session is mid-transaction: drop it, no QUIT.
         if let Some(s) = session.filter(|_| !self.abort.is_cancelled()) {
             s.close().await;
+        }
+    }
+
+    /// Waits for the next message; a session left idle meanwhile is closed.
+    async fn wait_for_work(&self, session: &mut Option<T::Session>) -> Option<Job> {
+        let next = self.work.next(self.relay, &self.stop);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                biased;
+                job = &mut next => return job,
+                _ = tokio::time::sleep(IDLE_CLOSE), if session.is_some() => {
+                    if let Some(s) = session.take() {
+                        s.close().await;
+                    }
+                }
+            }
         }
     }
 

@@ -106,6 +106,29 @@ impl Work {
         Some(job)
     }
 
+    /// A message at hand, taken without waiting or registering for
+    /// wake-ups: the common case while the renderers keep ahead. `None`
+    /// when there is none right now (see [`Work::next`] to wait).
+    pub(super) fn try_next(&self, relay: usize) -> Option<Job> {
+        if self.queued.load(Ordering::Acquire) > 0 {
+            if let Some(job) = self.take_retry(relay) {
+                return Some(job);
+            }
+        }
+        if self.fresh_done.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut fresh = self.fresh.try_lock().ok()?;
+        match fresh.try_recv() {
+            Ok(job) => Some(job),
+            Err(mpsc::error::TryRecvError::Disconnected) => {
+                self.fresh_done.store(true, Ordering::Release);
+                None
+            }
+            Err(mpsc::error::TryRecvError::Empty) => None,
+        }
+    }
+
     /// The next message for an injector of `relay`, or `None` when all work
     /// is done or `stop` is cancelled.
     pub(super) async fn next(&self, relay: usize, stop: &CancellationToken) -> Option<Job> {
@@ -118,24 +141,11 @@ impl Work {
                 self.done.cancel();
                 return None;
             }
-            // Fast path, the common case while the renderers keep ahead: a
-            // message at hand, taken without registering for wake-ups.
-            if self.queued.load(Ordering::Acquire) > 0 {
-                if let Some(job) = self.take_retry(relay) {
-                    return Some(job);
-                }
+            if let Some(job) = self.try_next(relay) {
+                return Some(job);
             }
-            if !fresh_done {
-                if let Ok(mut fresh) = self.fresh.try_lock() {
-                    match fresh.try_recv() {
-                        Ok(job) => return Some(job),
-                        Err(mpsc::error::TryRecvError::Disconnected) => {
-                            self.fresh_done.store(true, Ordering::Release);
-                            continue;
-                        }
-                        Err(mpsc::error::TryRecvError::Empty) => {}
-                    }
-                }
+            if self.fresh_done.load(Ordering::Acquire) != fresh_done {
+                continue;
             }
             // Registered before looking again, so a requeue in between
             // still wakes us.
