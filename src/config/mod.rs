@@ -666,8 +666,9 @@ impl Config {
                 routed_away += 1;
                 continue;
             }
-            let relay = relay_from_table(t, base, env, &mut template_files)
+            let mut relay = relay_from_table(t, base, env, &mut template_files)
                 .map_err(|m| err("delivery.smtp", m))?;
+            relay.from_domains = domains;
             relays.push(relay);
         }
         if relays.is_empty() && routed_away > 0 {

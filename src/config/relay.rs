@@ -107,7 +107,8 @@ impl fmt::Debug for Secret {
 /// Where relay passwords come from unless a relay names its own variable.
 pub const SMTP_PASSWORD_ENV: &str = "BLAST_SMTP_PASSWORD";
 
-/// One `delivery.smtp` entry, validated: URL, TLS, credentials, limits.
+/// One `delivery.smtp` entry, validated: URL, TLS, credentials, limits
+/// (`from_domains` is the caller's: it routes before this validates).
 /// A relative `ca_file` is read now and added to `frozen` (the files
 /// `blast schedule` stores with the campaign), like a template.
 pub(super) fn relay_from_table(
@@ -200,8 +201,6 @@ pub(super) fn relay_from_table(
         };
         relay.password = Some(Secret(password));
     }
-    relay.from_domains = from_domains(t.from_domains.as_deref().unwrap_or_default())
-        .map_err(|m| format!("{relay}: {m}"))?;
     Ok(relay)
 }
 
