@@ -240,13 +240,7 @@ async fn second_sigint_stops_faster() {
 fn send_over_starttls_with_auth_between_two_processes() {
     let dir = tempfile::tempdir().unwrap();
     let pki = crate::relays::pki();
-    for (name, pem) in [
-        ("ca.pem", &pki.ca_pem),
-        ("cert.pem", &pki.cert_pem),
-        ("key.pem", &pki.key_pem),
-    ] {
-        std::fs::write(dir.path().join(name), pem).unwrap();
-    }
+    pki.write_to(dir.path());
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()

@@ -21,6 +21,16 @@ use blast::sink::{Faults, Received};
 use crate::bounce::{dsn, unsubscribe_mail};
 use crate::util::{self, header, ledger_rows, Backend, World};
 
+/// Waits (at most a minute) until `sink` has `n` messages from Postfix.
+async fn delivered(sink: &blast::sink::Sink, n: u64) {
+    for _ in 0..600 {
+        if sink.stats().messages >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// scripts/mta/postfix.sh in this checkout.
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/mta/postfix.sh")
@@ -183,12 +193,7 @@ async fn campaign_through_postfix_arrives_exactly_once() {
     }
 
     // Postfix delivers everything to the sink, each recipient once.
-    for _ in 0..600 {
-        if sink.stats().messages >= n as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    delivered(&sink, n as u64).await;
     let mut count: HashMap<String, u32> = HashMap::new();
     for r in sink.received() {
         for rcpt in &r.rcpt_to {
@@ -220,13 +225,7 @@ async fn campaign_over_starttls_into_postfix() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(n).await;
     let pki = crate::relays::pki();
-    for (name, pem) in [
-        ("ca.pem", &pki.ca_pem),
-        ("cert.pem", &pki.cert_pem),
-        ("key.pem", &pki.key_pem),
-    ] {
-        std::fs::write(w.path(name), pem).unwrap();
-    }
+    pki.write_to(w.dir.path());
     let sink = util::sink(Faults::default()).await;
     let cert = w.path("cert.pem").display().to_string();
     let key = w.path("key.pem").display().to_string();
@@ -245,12 +244,7 @@ async fn campaign_over_starttls_into_postfix() {
         Err(e) => panic!("{e}\nPostfix log:\n{}", postfix.log()),
     };
     assert_eq!((s.sent, s.failed, s.deferred), (n as u64, 0, 0), "{s:?}");
-    for _ in 0..600 {
-        if sink.stats().messages >= n as u64 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    delivered(&sink, n as u64).await;
     let received = sink.received();
     let mut ids: Vec<i64> = received
         .iter()
@@ -280,13 +274,7 @@ async fn campaign_with_auth_over_starttls_into_postfix() {
     let pki = crate::relays::pki();
     let w = World::new(Backend::Sqlite).await;
     w.seed(100).await;
-    for (name, pem) in [
-        ("ca.pem", &pki.ca_pem),
-        ("cert.pem", &pki.cert_pem),
-        ("key.pem", &pki.key_pem),
-    ] {
-        std::fs::write(w.path(name), pem).unwrap();
-    }
+    pki.write_to(w.dir.path());
     let sink = util::sink(Faults::default()).await;
     let (cert, key) = (
         w.path("cert.pem").display().to_string(),
@@ -338,12 +326,7 @@ async fn campaign_with_auth_over_starttls_into_postfix() {
         "{checks:?}"
     );
     assert!(checks[0].detail.contains("TLSv1_3"), "{checks:?}");
-    for _ in 0..600 {
-        if sink.stats().messages >= 100 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    delivered(&sink, 100).await;
     assert_eq!(sink.stats().messages, 100);
 }
 

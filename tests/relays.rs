@@ -20,6 +20,19 @@ pub(crate) struct Pki {
     pub(crate) key_pem: String,
 }
 
+impl Pki {
+    /// Writes `ca.pem`, `cert.pem` and `key.pem` into `dir`.
+    pub(crate) fn write_to(&self, dir: &std::path::Path) {
+        for (name, pem) in [
+            ("ca.pem", &self.ca_pem),
+            ("cert.pem", &self.cert_pem),
+            ("key.pem", &self.key_pem),
+        ] {
+            std::fs::write(dir.join(name), pem).unwrap();
+        }
+    }
+}
+
 pub(crate) fn pki() -> Pki {
     let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
     ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
