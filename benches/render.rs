@@ -5,8 +5,8 @@
 use std::path::Path;
 
 use blast::config::{Config, Overrides};
+use blast::model::Recipient;
 use blast::render::{Identity, Renderer};
-use blast::source::Recipient;
 
 fn main() {
     divan::main();

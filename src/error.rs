@@ -1,6 +1,6 @@
 //! The crate's error type. Library code returns [`Result`]; only `main.rs`
 //! converts to `anyhow` for printing. A failure that concerns one recipient is
-//! not an [`Error`]: it is an [`Outcome`](crate::transport::Outcome) recorded in
+//! not an [`Error`]: it is an [`Outcome`](crate::model::Outcome) recorded in
 //! the ledger, and the campaign goes on.
 
 use std::path::PathBuf;

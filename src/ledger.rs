@@ -32,7 +32,8 @@ use crate::clock;
 use crate::config::RetryPolicy;
 use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
-use crate::transport::{classify, Outcome, Reply};
+use crate::model::{Outcome, Record, Reply, Status};
+use crate::transport::classify;
 use time::OffsetDateTime;
 
 /// Flush at least this often.
@@ -41,25 +42,6 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
 pub const FLUSH_ROWS: usize = 1000;
 /// Rows per multi-row INSERT (up to 12 parameters each) inside a flush.
 const ROWS_PER_STATEMENT: usize = 100;
-
-/// One recipient's outcome, on its way to the database.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Record {
-    /// Audience row id.
-    pub recipient_id: i64,
-    /// Address as in the audience.
-    pub email: String,
-    /// What happened.
-    pub outcome: Outcome,
-    /// Which relay answered (None for local failures).
-    pub relay: Option<String>,
-    /// Earlier attempts (deferrals) of this recipient in this campaign.
-    pub attempts: u32,
-    /// When it was first deferred, if it was.
-    pub first_attempt_at: Option<String>,
-    /// The address is on the suppression list: nothing was sent.
-    pub suppressed: bool,
-}
 
 /// Where records are stored.
 pub trait Ledger: Send + 'static {
@@ -348,12 +330,13 @@ pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<S
     for r in rows {
         let status: String = r.try_get("status")?;
         let n: i64 = r.try_get("n")?;
-        match status.as_str() {
-            "sent" => c.sent += n,
-            "failed" => c.failed += n,
-            "deferred" => c.deferred += n,
-            "suppressed" => c.suppressed += n,
-            _ => {}
+        match status.parse::<Status>() {
+            Ok(Status::Sent) => c.sent += n,
+            Ok(Status::Failed) => c.failed += n,
+            Ok(Status::Deferred) => c.deferred += n,
+            Ok(Status::Suppressed) => c.suppressed += n,
+            // Reserved tags (`queued`, `sending`) mean "not done": pending.
+            Err(_) => {}
         }
     }
     // The inbound side: signed bounces and complaints, and unsubscribes.
@@ -427,7 +410,7 @@ impl SqlLedger {
                     .bind(self.campaign_id)
                     .bind(r.record.recipient_id)
                     .bind(r.record.email.as_str())
-                    .bind(r.status)
+                    .bind(r.status.as_str())
                     .bind(r.reply.code.map(i32::from))
                     .bind(r.reply.enhanced.as_deref())
                     .bind(r.text.as_str())
@@ -466,7 +449,7 @@ impl SqlLedger {
                 q = q
                     .bind(self.campaign_id)
                     .bind(r.record.recipient_id)
-                    .bind(r.status)
+                    .bind(r.status.as_str())
                     .bind(r.reply.code.map(i32::from))
                     .bind(r.reply.enhanced.as_deref())
                     .bind(r.text.as_str())
@@ -515,7 +498,7 @@ async fn record_suppressions(
 /// A record as stored: its final status and schedule worked out.
 struct Stored<'a> {
     record: &'a Record,
-    status: &'static str,
+    status: Status,
     reply: &'a Reply,
     text: String,
     queue_id: Option<&'a str>,
@@ -540,7 +523,7 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
         suppress: false,
     };
     if r.suppressed {
-        out.status = "suppressed";
+        out.status = Status::Suppressed;
         return out;
     }
     match &r.outcome {
@@ -554,7 +537,7 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
                 .unwrap_or(now);
             out.first_attempt_at = Some(clock::db_timestamp(first));
             if now - first >= retry.give_up_after {
-                out.status = "failed";
+                out.status = Status::Failed;
                 out.text = format!(
                     "gave up after {} deferred attempts over {}: {}",
                     r.attempts + 1,

@@ -6,6 +6,8 @@
 //! The modules follow the data flow:
 //! `source → render → bounded channel → N injectors (transport) → ledger`.
 //!
+//! - [`model`]: the domain types every stage shares (recipient, envelope,
+//!   outcome, record, status); no I/O.
 //! - [`cli`]: clap types; no I/O.
 //! - [`config`]: campaign file + env + flags → validated [`config::Config`].
 //! - [`db`]: pools and migrations; the only code that sees connection URLs.
@@ -26,7 +28,6 @@
 //! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
 //! - [`tls`]: rustls configurations and plain-or-TLS connection halves.
-//! - [`bounce`]: reading bounce mail from a Maildir, an mbox or stdin.
 //! - [`clock`], [`error`]: the time seam and the error type.
 
 #![forbid(unsafe_code)]
@@ -44,6 +45,7 @@ pub mod error;
 pub mod import;
 pub mod lease;
 pub mod ledger;
+pub mod model;
 pub mod progress;
 pub mod render;
 pub mod schedule;

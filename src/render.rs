@@ -18,24 +18,12 @@ use tera::{Context, Tera};
 
 use crate::config::{address_part, MessageConfig, Unsubscribe};
 use crate::error::{Error, Result};
+use crate::model::{Envelope, Outgoing, Recipient};
 use crate::sign::{Key, Pattern, Var};
-use crate::source::Recipient;
-use crate::transport::Envelope;
 
 const SUBJECT: &str = "message.subject";
 const TO_NAME: &str = "message.to_name";
 const ENVELOPE_FROM: &str = "delivery.envelope_from";
-
-/// A message ready for a transport.
-#[derive(Debug, Clone)]
-pub struct Outgoing {
-    /// Envelope (bounce address and the one recipient).
-    pub envelope: Envelope,
-    /// The recipient's address as it appears in the audience (for the ledger).
-    pub email: String,
-    /// The complete RFC 5322 message.
-    pub bytes: Vec<u8>,
-}
 
 /// One recipient's rendered templates, before MIME encoding. Header values
 /// are already flattened to one line.

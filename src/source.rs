@@ -12,48 +12,13 @@ use sqlx::{AssertSqlSafe, Column, Row, TypeInfo, ValueRef};
 use crate::config::Audience;
 use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
-
-/// One row of the audience.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Recipient {
-    /// Unique, stable integer id (the ledger key).
-    pub id: i64,
-    /// Address as stored (validated at render time).
-    pub email: String,
-    /// Every other column, as template variables. JSON columns are nested
-    /// values, and the keys of an `attributes` JSON object are lifted to the
-    /// top level (a real column of the same name wins).
-    pub vars: Map<String, Value>,
-    /// Earlier attempts in this campaign (deferrals), 0 for a first send.
-    pub attempts: u32,
-    /// When this recipient was first deferred, if it was.
-    pub first_attempt_at: Option<String>,
-    /// Why the address is on the suppression list, if it is.
-    pub suppressed: Option<String>,
-}
-
-impl Recipient {
-    /// A recipient that has never been tried and is not suppressed.
-    pub fn new(id: i64, email: impl Into<String>, vars: Map<String, Value>) -> Recipient {
-        Recipient {
-            id,
-            email: email.into(),
-            vars,
-            attempts: 0,
-            first_attempt_at: None,
-            suppressed: None,
-        }
-    }
-}
+use crate::model::{Recipient, FINAL_STATUSES_SQL};
 
 /// Something that yields recipients page by page; an empty page means done.
 pub trait Source: Send + 'static {
     /// The next page, in ascending id order.
     fn next_page(&mut self) -> impl Future<Output = Result<Vec<Recipient>>> + Send;
 }
-
-/// Ledger statuses that end a recipient's campaign (never sent again).
-pub const FINAL_STATUSES: &str = "'sent', 'failed', 'suppressed'";
 
 /// Reads the audience from SQL.
 #[derive(Debug)]
@@ -171,7 +136,7 @@ fn page_sql(backend: Backend, audience: &Audience, retries_only: bool) -> String
              LEFT JOIN LATERAL (SELECT x.status, x.attempts, x.first_attempt_at, x.next_attempt_at \
                  FROM blast_deliveries x WHERE x.campaign_id = $3 AND x.recipient_id = a.id) AS d ON TRUE \
              WHERE a.id > $1 AND a.id <= $2 \
-             AND (d.status IS NULL OR (d.status NOT IN ({FINAL_STATUSES}) \
+             AND (d.status IS NULL OR (d.status NOT IN ({FINAL_STATUSES_SQL}) \
                   AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $5))) \
              {only} ORDER BY a.id LIMIT $4"
         ),
@@ -189,7 +154,7 @@ fn page_sql(backend: Backend, audience: &Audience, retries_only: bool) -> String
              WHERE a.id > $1 AND a.id <= $2 \
              AND NOT EXISTS (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $3 \
                  AND d.recipient_id = a.id \
-                 AND (d.status IN ({FINAL_STATUSES}) OR (d.status = 'deferred' AND d.next_attempt_at > $5))) \
+                 AND (d.status IN ({FINAL_STATUSES_SQL}) OR (d.status = 'deferred' AND d.next_attempt_at > $5))) \
              {only_sqlite} ORDER BY a.id LIMIT $4",
             only_sqlite = if retries_only {
                 "AND EXISTS (SELECT 1 FROM blast_deliveries r WHERE r.campaign_id = $3 \
@@ -225,7 +190,7 @@ pub async fn pending_count(
     let sql = format!(
         "SELECT COUNT(*) FROM ({}) AS a WHERE a.id <= $1 AND NOT EXISTS \
          (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $2 AND d.recipient_id = a.id \
-          AND d.status IN ({FINAL_STATUSES}))",
+          AND d.status IN ({FINAL_STATUSES_SQL}))",
         audience.select_sql()
     );
     let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))

@@ -6,10 +6,11 @@
 use std::time::Duration;
 
 use blast::config::{Config, Overrides, Relay, Tls};
+use blast::model::{Envelope, Outcome};
 use blast::sink::{Faults, Sink, SinkAuth, SinkConfig};
 use blast::tls::Verify;
 use blast::transport::smtp::Smtp;
-use blast::transport::{Envelope, Outcome, Session, Transport};
+use blast::transport::{Session, Transport};
 
 use crate::util::{Backend, World};
 

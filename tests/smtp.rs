@@ -4,9 +4,10 @@
 use std::time::Duration;
 
 use blast::config::Relay;
+use blast::model::{Envelope, Outcome, Status};
 use blast::sink::{Faults, Sink, SinkConfig};
 use blast::transport::smtp::Smtp;
-use blast::transport::{Envelope, Outcome, Session, Transport};
+use blast::transport::{Session, Transport};
 
 async fn sink(pipelining: bool, chunking: bool, faults: Faults) -> Sink {
     Sink::start(SinkConfig {
@@ -61,12 +62,12 @@ async fn mode(pipelining: bool, chunking: bool) {
         let outcome = s.send(&env, msg.as_bytes()).await.unwrap();
         match (i % 3, i % 2) {
             (0, 0) => {
-                assert_eq!(outcome.status(), "failed", "{i}: {outcome:?}");
+                assert_eq!(outcome.status(), Status::Failed, "{i}: {outcome:?}");
                 assert_eq!(outcome.reply().code, Some(550));
                 assert!(outcome.reply().text.contains(&format!("refused r{i}")));
             }
             (0, _) => {
-                assert_eq!(outcome.status(), "deferred", "{i}: {outcome:?}");
+                assert_eq!(outcome.status(), Status::Deferred, "{i}: {outcome:?}");
                 assert_eq!(outcome.reply().enhanced.as_deref(), Some("4.3.0"));
             }
             _ => match &outcome {
@@ -154,5 +155,5 @@ async fn refused_mail_from() {
         to: "x@example.com".into(),
     };
     let o = s.send(&env, b"Subject: x\r\n\r\nx\r\n").await.unwrap();
-    assert_eq!((o.status(), o.reply().code), ("failed", Some(530)));
+    assert_eq!((o.status(), o.reply().code), (Status::Failed, Some(530)));
 }

@@ -104,7 +104,7 @@ impl Breaker {
 }
 
 /// A refusal that is about the relay or the session, not the recipient.
-pub fn relay_refusal(reply: &crate::transport::Reply) -> bool {
+pub fn relay_refusal(reply: &crate::model::Reply) -> bool {
     let text = reply.text.to_ascii_lowercase();
     matches!(reply.code, Some(530) | Some(535) | Some(538))
         || reply.enhanced.as_deref() == Some("5.7.0")

@@ -24,11 +24,12 @@ use crate::adaptive::{Aimd, Gate, Mark};
 use crate::clock;
 use crate::config::{Concurrency, QueueProbe};
 use crate::error::Result;
-use crate::ledger::{self, Ledger, Record};
-use crate::render::{Outgoing, Renderer};
-use crate::source::{Recipient, Source};
+use crate::ledger::{self, Ledger};
+use crate::model::{Outcome, Outgoing, Recipient, Record};
+use crate::render::Renderer;
+use crate::source::Source;
 use crate::suppress::Live;
-use crate::transport::{Outcome, Session, SessionError, Transport};
+use crate::transport::{Session, SessionError, Transport};
 
 /// Messages rendered ahead of the injectors, per injector, between
 /// [`QUEUE_MIN`] and [`QUEUE_MAX`] in all. Bounded so that rendering waits

@@ -2,7 +2,7 @@
 //! decides "sent, deferred or failed" from a server's words lives here and is
 //! tested with a table.
 
-use super::{Outcome, Reply};
+use crate::model::{Outcome, Reply};
 
 /// Builds a [`Reply`] from a basic code and the reply's text lines.
 pub fn reply(code: u16, lines: &[&str]) -> Reply {
@@ -174,7 +174,7 @@ mod tests {
         ];
         for &(code, text, status, enh, qid) in table {
             let o = outcome(reply(code, &[text]));
-            assert_eq!(o.status(), status, "{code} {text}");
+            assert_eq!(o.status().as_str(), status, "{code} {text}");
             assert_eq!(o.reply().enhanced.as_deref(), enh, "{code} {text}");
             let got_qid = match &o {
                 Outcome::Sent { queue_id, .. } => queue_id.as_deref(),

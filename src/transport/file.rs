@@ -3,7 +3,8 @@
 
 use std::path::PathBuf;
 
-use super::{Envelope, Outcome, Reply, SessionError, Transport};
+use super::{SessionError, Transport};
+use crate::model::{Envelope, Outcome, Reply};
 
 /// Writes messages into a folder.
 #[derive(Debug, Clone)]

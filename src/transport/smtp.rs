@@ -22,8 +22,9 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 
-use super::{classify, Envelope, Outcome, Reply, SessionError, Transport};
+use super::{classify, SessionError, Transport};
 use crate::config::{Relay, Tls};
+use crate::model::{Envelope, Outcome, Reply};
 use crate::tls::{self, Reader, TlsError, Writer};
 
 /// Longest reply line accepted (RFC 5321 says 512; be generous).

@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use super::{classify, Envelope, Outcome, SessionError, Transport};
+use super::{classify, SessionError, Transport};
+use crate::model::{Envelope, Outcome};
 
 /// A message the stub received.
 #[derive(Debug, Clone)]
