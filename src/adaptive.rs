@@ -320,14 +320,56 @@ impl Aimd {
     }
 }
 
-/// A slot to run one transaction in: [`Gate::begin`] it when the work is
-/// there, then [`Gate::release`] it (or [`Gate::cancel`] it unused).
+/// A slot to run one transaction in, released when it drops: [`begin`]
+/// it when the work is there, then end it with [`release`] and the
+/// transaction's mark. Dropped unstarted (no work, a suppressed message, a
+/// stop) it is given back unused; dropped started without a release (an
+/// abandoned transaction) it ends without a sample or a mark. No path can
+/// leak a slot of the relay's limit or leave a circuit half-open.
+///
+/// [`begin`]: Permit::begin
+/// [`release`]: Permit::release
 #[derive(Debug)]
+#[must_use = "a permit dropped at once gives its slot back"]
 pub struct Permit {
+    gate: Arc<Gate>,
     id: u64,
     started: Option<Instant>,
     /// The one half-open probe of an open circuit.
     probe: bool,
+    /// The transaction's result, set by [`Permit::release`].
+    result: Option<Option<Mark>>,
+}
+
+impl Permit {
+    /// The transaction starts now (the watchdog starts watching it).
+    pub fn begin(&mut self) {
+        let now = Instant::now();
+        self.started = Some(now);
+        self.gate
+            .outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(self.id, (now, false));
+        self.gate.lock().begin();
+    }
+
+    /// Ends the transaction: `mark` says why it counts as congestion, else
+    /// its round trip is a sample. Releasing a permit that never began is
+    /// the same as dropping it unused.
+    pub fn release(mut self, mark: Option<Mark>) {
+        self.result = Some(mark);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        match (self.started, self.result) {
+            (None, _) => self.gate.give_back(self.probe),
+            (Some(started), Some(mark)) => self.gate.end(self.id, started, mark),
+            (Some(_), None) => self.gate.abandon(self.id),
+        }
+    }
 }
 
 /// Consecutive connection failures that open a relay's circuit.
@@ -403,13 +445,13 @@ impl Gate {
 
     /// Waits for a free slot under the current limit, while the relay's
     /// circuit is closed (or for the one probe when it is half-open).
-    pub async fn acquire(&self) -> Permit {
+    pub async fn acquire(self: &Arc<Self>) -> Permit {
         self.acquire_ranked(0).await
     }
 
     /// [`Gate::acquire`] for the injector of `rank` within its relay: it
     /// runs only while `rank` is under the limit.
-    pub async fn acquire_ranked(&self, rank: usize) -> Permit {
+    pub async fn acquire_ranked(self: &Arc<Self>, rank: usize) -> Permit {
         loop {
             // Register interest before checking, so a release in between is not missed.
             let notified = self.changed.notified();
@@ -439,9 +481,11 @@ impl Gate {
                 None => {
                     let id = self.next_id.fetch_add(1, Ordering::Relaxed);
                     return Permit {
+                        gate: self.clone(),
                         id,
                         started: None,
                         probe,
+                        result: None,
                     };
                 }
                 Some(wait) => {
@@ -533,25 +577,9 @@ impl Gate {
         self.health().opened
     }
 
-    /// The permit's transaction starts now (the watchdog starts watching it).
-    pub fn begin(&self, permit: &mut Permit) {
-        let now = Instant::now();
-        permit.started = Some(now);
-        self.outstanding
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(permit.id, (now, false));
-        self.lock().begin();
-    }
-
-    /// Gives back a permit whose transaction never started.
-    pub fn cancel(&self, permit: Permit) {
-        if permit.started.is_some() {
-            // Started after all: end it without a sample.
-            self.release(permit, None);
-            return;
-        }
-        if permit.probe {
+    /// Takes back a permit whose transaction never started.
+    fn give_back(&self, probe: bool) {
+        if probe {
             // The probe never ran (its message was suppressed, or the run
             // stopped): the next injector may probe instead.
             self.health().probing = false;
@@ -562,24 +590,21 @@ impl Gate {
             a.cancel();
             full
         };
-        if was_full || permit.probe {
+        if was_full || probe {
             self.changed.notify_waiters();
         }
     }
 
-    /// Ends a transaction: `mark` says why it counts as congestion, else its
-    /// round trip is a sample. A transaction already marked as a stall by
-    /// the watchdog is not marked twice.
-    pub fn release(&self, permit: Permit, mark: Option<Mark>) {
-        let Some(started) = permit.started else {
-            return self.cancel(permit);
-        };
+    /// Ends transaction `id`, started at `started`: `mark` says why it
+    /// counts as congestion, else its round trip is a sample. A transaction
+    /// already marked as a stall by the watchdog is not marked twice.
+    fn end(&self, id: u64, started: Instant, mark: Option<Mark>) {
         let now = Instant::now();
         let stalled = self
             .outstanding
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .remove(&permit.id)
+            .remove(&id)
             .is_some_and(|(_, marked)| marked);
         let rtt = now.duration_since(started);
         self.observe(now, mark);
@@ -598,6 +623,24 @@ impl Gate {
             full || a.limit() > before
         };
         if wake {
+            self.changed.notify_waiters();
+        }
+    }
+
+    /// Ends transaction `id` with no result (abandoned by the operator's
+    /// second SIGINT): frees its slot, teaches the limit and circuit nothing.
+    fn abandon(&self, id: u64) {
+        self.outstanding
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        let was_full = {
+            let mut a = self.lock();
+            let full = a.in_flight() >= a.limit();
+            a.release(Instant::now(), None, None);
+            full
+        };
+        if was_full {
             self.changed.notify_waiters();
         }
     }
@@ -755,9 +798,9 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn the_watchdog_marks_a_stall_while_it_is_outstanding() {
-        let gate = Gate::new(Aimd::adaptive(Some(8), 64, Instant::now()));
+        let gate = Arc::new(Gate::new(Aimd::adaptive(Some(8), 64, Instant::now())));
         let mut p = gate.acquire().await;
-        gate.begin(&mut p);
+        p.begin();
         tokio::time::advance(Duration::from_millis(500)).await;
         gate.watch();
         assert_eq!(gate.snapshot().marks().stall, 0, "under the 750 ms default");
@@ -767,7 +810,7 @@ mod tests {
         assert_eq!(s.marks().stall, 1, "marked before it ended");
         assert_eq!(s.limit(), 4, "halved at once");
         // Ending it later marks nothing more.
-        gate.release(p, Some(Mark::Connection));
+        p.release(Some(Mark::Connection));
         assert_eq!(gate.snapshot().marks().total(), 1);
     }
 
@@ -779,27 +822,36 @@ mod tests {
         let waiter = tokio::spawn(async move { g.acquire().await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert!(!waiter.is_finished());
-        gate.cancel(p);
+        drop(p);
         let q = tokio::time::timeout(Duration::from_secs(1), waiter)
             .await
             .expect("woken")
             .unwrap();
-        gate.cancel(q);
+        assert_eq!(gate.snapshot().in_flight(), 1);
+        drop(q);
         assert_eq!(gate.snapshot().in_flight(), 0);
     }
 
-    async fn fail(gate: &Gate, mark: Mark) {
+    async fn fail(gate: &Arc<Gate>, mark: Mark) {
         let mut p = gate.acquire().await;
-        gate.begin(&mut p);
-        gate.release(p, Some(mark));
+        p.begin();
+        p.release(Some(mark));
     }
 
     #[tokio::test(start_paused = true)]
     async fn the_circuit_opens_probes_once_and_closes_but_never_for_the_last_relay() {
         let healthy = Arc::new(AtomicUsize::new(2));
         let now = Instant::now();
-        let a = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
-        let b = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
+        let a = Arc::new(Gate::with_health(
+            Aimd::fixed(4, now),
+            healthy.clone(),
+            true,
+        ));
+        let b = Arc::new(Gate::with_health(
+            Aimd::fixed(4, now),
+            healthy.clone(),
+            true,
+        ));
         for _ in 0..OPEN_AFTER_FAILURES {
             fail(&a, Mark::Connection).await;
         }
@@ -818,19 +870,19 @@ mod tests {
         let second = tokio::time::timeout(Duration::from_millis(500), a.acquire()).await;
         assert!(second.is_err(), "one probe at a time");
         // The probe fails: open again, twice as long.
-        a.begin(&mut probe);
-        a.release(probe, Some(Mark::Connection));
+        probe.begin();
+        probe.release(Some(Mark::Connection));
         let t = Instant::now();
         let mut probe = a.acquire().await;
         assert!(t.elapsed() >= REOPEN_MIN * 2, "waited {:?}", t.elapsed());
         // It succeeds: closed, usable again by everyone.
-        a.begin(&mut probe);
-        a.release(probe, None);
+        probe.begin();
+        probe.release(None);
         assert!(!a.is_open());
         assert_eq!(healthy.load(Ordering::Acquire), 1);
         let mut p = b.acquire().await;
-        b.begin(&mut p);
-        b.release(p, None);
+        p.begin();
+        p.release(None);
         assert_eq!(healthy.load(Ordering::Acquire), 2, "B answers again");
         assert_eq!(a.times_opened(), 1);
         let _p1 = a.acquire().await;
@@ -841,17 +893,53 @@ mod tests {
     async fn a_probe_that_never_ran_lets_the_next_one_probe() {
         let healthy = Arc::new(AtomicUsize::new(2));
         let now = Instant::now();
-        let a = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
-        let _b = Gate::with_health(Aimd::fixed(4, now), healthy.clone(), true);
+        let a = Arc::new(Gate::with_health(
+            Aimd::fixed(4, now),
+            healthy.clone(),
+            true,
+        ));
+        let _b = Arc::new(Gate::with_health(
+            Aimd::fixed(4, now),
+            healthy.clone(),
+            true,
+        ));
         for _ in 0..OPEN_AFTER_FAILURES {
             fail(&a, Mark::Connection).await;
         }
         assert!(a.is_open());
         // The probe's message turns out to be suppressed: cancelled unsent.
-        let probe = a.acquire().await;
-        a.cancel(probe);
+        drop(a.acquire().await);
         let next = tokio::time::timeout(Duration::from_secs(5), a.acquire()).await;
         assert!(next.is_ok(), "the relay stays half-open for good");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_way_a_permit_ends_gives_its_slot_back() {
+        let gate = Arc::new(Gate::new(Aimd::fixed(2, Instant::now())));
+        // Unused, released, abandoned mid-transaction, and released unstarted.
+        drop(gate.acquire().await);
+        let mut p = gate.acquire().await;
+        p.begin();
+        p.release(None);
+        let mut p = gate.acquire().await;
+        p.begin();
+        drop(p);
+        gate.acquire().await.release(Some(Mark::Deferred));
+        let s = gate.snapshot();
+        assert_eq!(s.in_flight(), 0);
+        assert_eq!(
+            s.marks().total(),
+            0,
+            "an abandoned or unstarted permit marks nothing"
+        );
+        assert!(
+            gate.outstanding.lock().unwrap().is_empty(),
+            "nothing left to watch"
+        );
+        // Both slots are free again.
+        let _a = gate.acquire().await;
+        let b = tokio::time::timeout(Duration::from_secs(1), gate.acquire()).await;
+        assert!(b.is_ok());
     }
 
     #[test]

@@ -10,12 +10,12 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::campaign::{self, RunOptions, Stats, Summary};
+use crate::campaign::{self, Pipeline, RunOptions, Stats, Summary};
 use crate::config::{Concurrency, Config};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::lease::{Interruption, Lease};
-use crate::ledger::{self, MemoryLedger, SqlLedger, StatusCounts};
+use crate::ledger::{self, Ledger, MemoryLedger, SqlLedger, StatusCounts};
 use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
 use crate::sign::Key;
@@ -40,21 +40,37 @@ pub async fn send(
 
 /// [`send`], plus `abort`: when cancelled after `stop`, transactions in
 /// flight are abandoned instead of finished (the operator's second SIGINT).
+/// A dry run and a real one take the same path; only the transport, the
+/// ledger and the campaign's ownership differ.
 pub async fn send_with_abort(
     cfg: &Config,
     mode: progress::Mode,
     stop: impl Future<Output = ()> + Send + 'static,
     abort: CancellationToken,
 ) -> Result<Summary> {
-    let injectors: usize = cfg
-        .delivery
-        .concurrency
-        .per_relay(&cfg.delivery.relays)
-        .iter()
-        .sum();
-    let stats = Arc::new(Stats::new(injectors));
     // Templates first: a syntax error must abort before anything else happens.
-    let mut renderer = Renderer::compile(
+    let renderer = compile(cfg)?;
+    let db = Db::connect(&cfg.database).await?;
+    let prepared = Prepared::open(cfg, &db, renderer, abort).await?;
+    let run = Background::start(cfg, &db, &prepared, stop);
+    let result = match &cfg.dry_run {
+        Some(dir) => {
+            let dir = dry_run_dir(cfg, dir);
+            let transport = FileTransport::new(dir.clone()).map_err(|e| Error::io(dir, e))?;
+            prepared
+                .execute(cfg, mode, transport, MemoryLedger::new(), &run.token)
+                .await
+        }
+        None => send_live(cfg, &db, prepared, mode, &run.token).await,
+    };
+    run.finish().await;
+    db.close().await;
+    result
+}
+
+/// The campaign's templates, compiled (signed later, once its id is known).
+fn compile(cfg: &Config) -> Result<Renderer> {
+    Renderer::compile(
         &cfg.message,
         &cfg.vars,
         Identity {
@@ -62,197 +78,275 @@ pub async fn send_with_abort(
             campaign_id: 0,
             key: None,
         },
-    )?;
-    let db = Db::connect(&cfg.database).await?;
-    let mut campaign =
-        ledger::open_campaign(&db, &cfg.name, source::max_id(&db, &cfg.audience)).await?;
-    if campaign.max_recipient_id < 0 {
-        // A scheduled campaign fixes its audience when it first runs.
-        let max = source::max_id(&db, &cfg.audience).await?;
-        ledger::fix_max_id(&db, campaign.id, max).await?;
-        campaign.max_recipient_id = max;
-    }
-    renderer.set_campaign(campaign.id, Key::load(&db).await?);
-    let renderer = Arc::new(renderer);
-    if cfg.dry_run.is_none() {
-        ledger::set_inbound_patterns(
-            &db,
-            campaign.id,
-            cfg.message.verp.as_ref().map(|p| p.as_str()),
-            cfg.message.unsubscribe.mailto.as_str(),
-        )
-        .await?;
-    }
-    let source = SqlSource::new(
-        db.clone(),
-        &cfg.audience,
-        campaign.id,
-        campaign.max_recipient_id,
-        cfg.batch_size,
-        cfg.limit,
     )
-    .retries_only(cfg.retries_only);
+}
 
-    let token = CancellationToken::new();
-    let watcher = {
-        let token = token.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = stop => token.cancel(),
-                _ = token.cancelled() => {}
-            }
+/// Where a dry run writes its `.eml` files.
+fn dry_run_dir(cfg: &Config, dir: &std::path::Path) -> PathBuf {
+    if dir.as_os_str().is_empty() {
+        PathBuf::from("blast-dry-run").join(sanitize(&cfg.name))
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+/// A campaign opened for a run: its ledger row, the signed templates, the
+/// audience and the options to run by.
+struct Prepared {
+    campaign: ledger::CampaignRow,
+    renderer: Arc<Renderer>,
+    source: SqlSource,
+    opts: RunOptions,
+    stats: Arc<Stats>,
+}
+
+impl Prepared {
+    /// Finds or creates the campaign (fixing a scheduled campaign's
+    /// audience at its first run), signs the templates with its id and
+    /// opens its audience.
+    async fn open(
+        cfg: &Config,
+        db: &Db,
+        mut renderer: Renderer,
+        abort: CancellationToken,
+    ) -> Result<Prepared> {
+        let mut campaign =
+            ledger::open_campaign(db, &cfg.name, source::max_id(db, &cfg.audience)).await?;
+        if campaign.max_recipient_id < 0 {
+            let max = source::max_id(db, &cfg.audience).await?;
+            ledger::fix_max_id(db, campaign.id, max).await?;
+            campaign.max_recipient_id = max;
+        }
+        renderer.set_campaign(campaign.id, Key::load(db).await?);
+        if cfg.dry_run.is_none() {
+            ledger::set_inbound_patterns(
+                db,
+                campaign.id,
+                cfg.message.verp.as_ref().map(|p| p.as_str()),
+                cfg.message.unsubscribe.mailto.as_str(),
+            )
+            .await?;
+        }
+        let source = SqlSource::new(
+            db.clone(),
+            &cfg.audience,
+            campaign.id,
+            campaign.max_recipient_id,
+            cfg.batch_size,
+            cfg.limit,
+        )
+        .retries_only(cfg.retries_only);
+        let injectors = cfg
+            .delivery
+            .concurrency
+            .per_relay(&cfg.delivery.relays)
+            .iter()
+            .sum();
+        Ok(Prepared {
+            opts: run_options(cfg, db, abort).await?,
+            campaign,
+            renderer: Arc::new(renderer),
+            source,
+            stats: Arc::new(Stats::new(injectors)),
         })
+    }
+
+    /// Runs the pipeline through `transport` into `ledger` with the
+    /// progress display.
+    async fn execute<T: Transport, L: Ledger>(
+        self,
+        cfg: &Config,
+        mode: progress::Mode,
+        transport: T,
+        ledger: L,
+        stop: &CancellationToken,
+    ) -> Result<Summary> {
+        let progress = Progress::start(&cfg.name, self.stats.clone(), mode);
+        let pipeline = Pipeline {
+            name: cfg.name.clone(),
+            source: self.source,
+            renderer: self.renderer,
+            transport: Arc::new(transport),
+            ledger,
+            options: self.opts,
+        };
+        let r = campaign::run(pipeline, self.stats, stop.clone()).await;
+        progress.finish().await;
+        r
+    }
+}
+
+/// The options a run of `cfg` goes by (each relay's remembered limit for
+/// `auto`, read from `db`).
+async fn run_options(cfg: &Config, db: &Db, abort: CancellationToken) -> Result<RunOptions> {
+    let initial_limits = match cfg.delivery.concurrency {
+        Concurrency::Auto { .. } if cfg.dry_run.is_none() => {
+            let names: Vec<String> = cfg.delivery.relays.iter().map(|r| r.to_string()).collect();
+            ledger::relay_limits(db, &names).await?
+        }
+        _ => Vec::new(),
     };
-    // Counting a large audience can take a while: do it beside the first sends.
-    let counter = {
-        let (db, audience, stats) = (db.clone(), cfg.audience.clone(), stats.clone());
-        let (id, max) = (campaign.id, campaign.max_recipient_id);
-        let limit = cfg.limit;
-        tokio::spawn(async move {
-            if let Ok(n) = source::pending_count(&db, &audience, id, max).await {
-                let n = n.max(0) as u64;
-                stats
-                    .total
-                    .store(limit.map_or(n, |l| l.min(n)), Ordering::Relaxed);
-            }
-        })
-    };
-    let opts = RunOptions {
+    Ok(RunOptions {
         concurrency: cfg.delivery.concurrency,
         relays: cfg.delivery.relays.clone(),
-        initial_limits: match cfg.delivery.concurrency {
-            Concurrency::Auto { .. } if cfg.dry_run.is_none() => {
-                let names: Vec<String> =
-                    cfg.delivery.relays.iter().map(|r| r.to_string()).collect();
-                ledger::relay_limits(&db, &names).await?
-            }
-            _ => Vec::new(),
-        },
+        initial_limits,
         queue_probe: cfg.delivery.queue_probe.clone(),
         rate: cfg.delivery.rate,
         breaker_threshold: cfg.delivery.breaker_threshold,
         abort,
         suppressions: Live::default(),
-    };
-    // Watch for unsubscribes and bounces arriving while this run sends.
-    let suppression_watch = tokio::spawn(suppress::watch(
-        db.clone(),
-        opts.suppressions.clone(),
-        crate::clock::now() - SUPPRESSION_SKEW,
-        token.clone(),
-    ));
+    })
+}
 
-    let result = match &cfg.dry_run {
-        Some(dir) => {
-            let dir = if dir.as_os_str().is_empty() {
-                PathBuf::from("blast-dry-run").join(sanitize(&cfg.name))
-            } else {
-                dir.clone()
-            };
-            let transport = FileTransport::new(dir.clone()).map_err(|e| Error::io(dir, e))?;
-            let progress = Progress::start(&cfg.name, stats.clone(), mode);
-            let r = campaign::run(
-                &cfg.name,
-                source,
-                renderer,
-                Arc::new(transport),
-                MemoryLedger::new(),
-                &opts,
-                stats,
-                token.clone(),
-            )
-            .await;
-            progress.finish().await;
-            r
-        }
-        None => {
-            let mut transport = Smtp::new(
-                cfg.delivery.relays.clone(),
-                cfg.delivery.helo.clone(),
-                cfg.delivery.timeout,
-            )?;
-            transport.extensions.chunking = cfg.delivery.chunking;
-            sendable(&campaign)?;
-            // One sender per campaign: take the lease before the first message.
-            let lease = Arc::new(Lease::acquire(&db, campaign.id, &cfg.name).await?);
-            let result = async {
-                probe(&transport, cfg.delivery.relays.len()).await?;
-                ledger::set_state(&db, campaign.id, "running", None).await?;
-                let why = Arc::new(std::sync::Mutex::new(None));
-                let done = CancellationToken::new();
-                let keeper = lease.keep(token.clone(), done.clone(), why.clone());
-                let progress = Progress::start(&cfg.name, stats.clone(), mode);
-                let ledger = SqlLedger::new(db.clone(), campaign.id, cfg.delivery.retry.clone());
-                let r = campaign::run(
-                    &cfg.name,
-                    source,
-                    renderer,
-                    Arc::new(transport),
-                    ledger,
-                    &opts,
-                    stats,
-                    token.clone(),
-                )
-                .await;
-                progress.finish().await;
-                done.cancel();
-                let _ = keeper.await;
-                if let Ok(summary) = &r {
-                    // The next run starts from where this one ended.
-                    let limits: Vec<(String, usize)> = summary
-                        .relays
-                        .iter()
-                        .filter(|r| r.adaptive)
-                        .map(|r| (r.relay.clone(), r.limit))
-                        .collect();
-                    if let Err(e) = ledger::save_relay_limits(&db, &limits).await {
-                        tracing::warn!("remembering relay limits: {e}");
-                    }
+/// The tasks beside a run: the stop signal turned into a token, the
+/// audience count for the progress display, and the watch for
+/// suppressions arriving while the run sends.
+struct Background {
+    token: CancellationToken,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    counter: tokio::task::JoinHandle<()>,
+}
+
+impl Background {
+    /// Starts the tasks for `prepared`'s run of `cfg`.
+    fn start(
+        cfg: &Config,
+        db: &Db,
+        prepared: &Prepared,
+        stop: impl Future<Output = ()> + Send + 'static,
+    ) -> Background {
+        let token = CancellationToken::new();
+        let watcher = {
+            let token = token.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = stop => token.cancel(),
+                    _ = token.cancelled() => {}
                 }
-                let why = why.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                let mut summary = r?;
-                match (&summary.breaker, why) {
-                    (Some(reason), _) => {
-                        ledger::requeue(&db, campaign.id, &summary.breaker_streak).await?;
-                        ledger::set_state(
-                            &db,
-                            campaign.id,
-                            "paused",
-                            Some(&format!("circuit breaker: {reason}")),
-                        )
-                        .await?;
-                    }
-                    // Paused or cancelled from outside: that state stays.
-                    (None, Some(Interruption::Paused(_) | Interruption::Cancelled(_))) => {}
-                    (None, Some(Interruption::LeaseLost(m))) => {
-                        summary.interrupted = true;
-                        tracing::warn!("{m}");
-                    }
-                    (None, None) => {
-                        let state = if summary.interrupted {
-                            "stopped"
-                        } else {
-                            "finished"
-                        };
-                        ledger::set_state(&db, campaign.id, state, None).await?;
-                    }
+            })
+        };
+        // Counting a large audience can take a while: do it beside the first sends.
+        let counter = {
+            let (db, audience, stats) = (db.clone(), cfg.audience.clone(), prepared.stats.clone());
+            let (id, max) = (prepared.campaign.id, prepared.campaign.max_recipient_id);
+            let limit = cfg.limit;
+            tokio::spawn(async move {
+                if let Ok(n) = source::pending_count(&db, &audience, id, max).await {
+                    let n = n.max(0) as u64;
+                    stats
+                        .total
+                        .store(limit.map_or(n, |l| l.min(n)), Ordering::Relaxed);
                 }
-                Ok(summary)
-            }
-            .await;
-            // Release even after an error, so a re-run needs no cleanup.
-            if let Err(e) = lease.release().await {
-                tracing::warn!("releasing the campaign lease: {e}");
-            }
-            result
+            })
+        };
+        // Watch for unsubscribes and bounces arriving while this run sends.
+        let suppressions = tokio::spawn(suppress::watch(
+            db.clone(),
+            prepared.opts.suppressions.clone(),
+            crate::clock::now() - SUPPRESSION_SKEW,
+            token.clone(),
+        ));
+        Background {
+            token,
+            tasks: vec![watcher, suppressions],
+            counter,
         }
-    };
-    token.cancel();
-    let _ = watcher.await;
-    let _ = suppression_watch.await;
-    counter.abort();
-    db.close().await;
+    }
+
+    /// Ends the tasks once the run is over.
+    async fn finish(self) {
+        self.token.cancel();
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        self.counter.abort();
+    }
+}
+
+/// A real send: the campaign must be sendable, its lease held and a relay
+/// answering before the first message; afterwards its state says how the
+/// run ended.
+async fn send_live(
+    cfg: &Config,
+    db: &Db,
+    prepared: Prepared,
+    mode: progress::Mode,
+    stop: &CancellationToken,
+) -> Result<Summary> {
+    let transport = smtp_transport(cfg)?;
+    sendable(&prepared.campaign)?;
+    let campaign_id = prepared.campaign.id;
+    // One sender per campaign: take the lease before the first message.
+    let lease = Arc::new(Lease::acquire(db, campaign_id, &cfg.name).await?);
+    let result = async {
+        probe(&transport, cfg.delivery.relays.len()).await?;
+        ledger::set_state(db, campaign_id, "running", None).await?;
+        let keeper = lease.keep(stop.clone());
+        let ledger = SqlLedger::new(db.clone(), campaign_id, cfg.delivery.retry.clone());
+        let r = prepared.execute(cfg, mode, transport, ledger, stop).await;
+        let why = keeper.finish().await;
+        settle(db, campaign_id, r?, why).await
+    }
+    .await;
+    // Release even after an error, so a re-run needs no cleanup.
+    if let Err(e) = lease.release().await {
+        tracing::warn!("releasing the campaign lease: {e}");
+    }
     result
+}
+
+/// The SMTP transport for `cfg`'s relays.
+fn smtp_transport(cfg: &Config) -> Result<Smtp> {
+    let mut transport = Smtp::new(
+        cfg.delivery.relays.clone(),
+        cfg.delivery.helo.clone(),
+        cfg.delivery.timeout,
+    )?;
+    transport.extensions.chunking = cfg.delivery.chunking;
+    Ok(transport)
+}
+
+/// After a real run: remembers the relays' limits for the next one, and
+/// records the campaign's state (paused by the breaker, stopped, finished;
+/// a pause or cancel from outside stays as it is).
+async fn settle(
+    db: &Db,
+    campaign_id: i64,
+    mut summary: Summary,
+    why: Option<Interruption>,
+) -> Result<Summary> {
+    // The next run starts from where this one ended.
+    let limits: Vec<(String, usize)> = summary
+        .relays
+        .iter()
+        .filter(|r| r.adaptive)
+        .map(|r| (r.relay.clone(), r.limit))
+        .collect();
+    if let Err(e) = ledger::save_relay_limits(db, &limits).await {
+        tracing::warn!("remembering relay limits: {e}");
+    }
+    match (&summary.breaker, why) {
+        (Some(reason), _) => {
+            ledger::requeue(db, campaign_id, &summary.breaker_streak).await?;
+            let why = format!("circuit breaker: {reason}");
+            ledger::set_state(db, campaign_id, "paused", Some(&why)).await?;
+        }
+        // Paused or cancelled from outside: that state stays.
+        (None, Some(Interruption::Paused(_) | Interruption::Cancelled(_))) => {}
+        (None, Some(Interruption::LeaseLost(m))) => {
+            summary.interrupted = true;
+            tracing::warn!("{m}");
+        }
+        (None, None) => {
+            let state = if summary.interrupted {
+                "stopped"
+            } else {
+                "finished"
+            };
+            ledger::set_state(db, campaign_id, state, None).await?;
+        }
+    }
+    Ok(summary)
 }
 
 /// Refuses campaigns an operator stopped (paused, cancelled, held).

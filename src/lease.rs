@@ -45,6 +45,25 @@ pub enum Interruption {
     LeaseLost(String),
 }
 
+/// The task keeping a lease; [`Keeper::finish`] ends it.
+#[derive(Debug)]
+pub struct Keeper {
+    done: CancellationToken,
+    task: JoinHandle<()>,
+    why: Arc<Mutex<Option<Interruption>>>,
+}
+
+impl Keeper {
+    /// Stops keeping the lease; returns why the run was stopped from
+    /// outside, if it was.
+    pub async fn finish(self) -> Option<Interruption> {
+        self.done.cancel();
+        let _ = self.task.await;
+        let why = self.why.lock().unwrap_or_else(|p| p.into_inner()).take();
+        why
+    }
+}
+
 /// A held lease.
 #[derive(Debug)]
 pub struct Lease {
@@ -137,57 +156,62 @@ impl Lease {
         Ok(n == 1)
     }
 
-    /// Keeps the lease alive and watches for pause/cancel until `done` is
-    /// cancelled. When the campaign is paused or cancelled from outside (or
-    /// the lease is lost) it records why and cancels `stop`.
-    pub fn keep(
-        self: &Arc<Self>,
-        stop: CancellationToken,
-        done: CancellationToken,
-        why: Arc<Mutex<Option<Interruption>>>,
-    ) -> JoinHandle<()> {
+    /// Keeps the lease alive and watches for pause/cancel until the
+    /// returned [`Keeper`] is finished. When the campaign is paused or
+    /// cancelled from outside (or the lease is lost) it records why and
+    /// cancels `stop`.
+    pub fn keep(self: &Arc<Self>, stop: CancellationToken) -> Keeper {
         let lease = self.clone();
-        tokio::spawn(async move {
-            let mut since_extend = Duration::ZERO;
-            loop {
-                tokio::select! {
-                    _ = done.cancelled() => return,
-                    _ = tokio::time::sleep(POLL) => {}
-                }
-                since_extend += POLL;
-                let interruption = match lease.poll().await {
-                    Ok(i) => i,
-                    Err(e) => {
-                        // A transient database error must not stop sending;
-                        // the lease has TTL / POLL chances to recover.
-                        tracing::warn!("lease keeper: {e}");
-                        None
-                    }
-                };
-                let interruption = match interruption {
-                    Some(i) => Some(i),
-                    None if since_extend >= HEARTBEAT => {
-                        since_extend = Duration::ZERO;
-                        match lease.extend().await {
-                            Ok(false) => Some(Interruption::LeaseLost(
-                                "another process took over the campaign's lease".into(),
-                            )),
-                            Ok(true) => None,
-                            Err(e) => {
-                                tracing::warn!("lease keeper: {e}");
-                                None
-                            }
-                        }
-                    }
-                    None => None,
-                };
-                if let Some(i) = interruption {
+        let done = CancellationToken::new();
+        let why = Arc::new(Mutex::new(None));
+        let task = {
+            let (done, why) = (done.clone(), why.clone());
+            tokio::spawn(async move {
+                if let Some(i) = lease.watch(done).await {
                     *why.lock().unwrap_or_else(|p| p.into_inner()) = Some(i);
                     stop.cancel();
-                    return;
                 }
+            })
+        };
+        Keeper { done, task, why }
+    }
+
+    /// Polls every [`POLL`] and extends every [`HEARTBEAT`] until `done`;
+    /// returns why the run must stop, if it must.
+    async fn watch(&self, done: CancellationToken) -> Option<Interruption> {
+        let mut since_extend = Duration::ZERO;
+        loop {
+            tokio::select! {
+                _ = done.cancelled() => return None,
+                _ = tokio::time::sleep(POLL) => {}
             }
-        })
+            since_extend += POLL;
+            let interruption = match self.poll().await {
+                Ok(i) => i,
+                Err(e) => {
+                    // A transient database error must not stop sending;
+                    // the lease has TTL / POLL chances to recover.
+                    tracing::warn!("lease keeper: {e}");
+                    None
+                }
+            };
+            if interruption.is_some() {
+                return interruption;
+            }
+            if since_extend < HEARTBEAT {
+                continue;
+            }
+            since_extend = Duration::ZERO;
+            match self.extend().await {
+                Ok(false) => {
+                    return Some(Interruption::LeaseLost(
+                        "another process took over the campaign's lease".into(),
+                    ))
+                }
+                Ok(true) => {}
+                Err(e) => tracing::warn!("lease keeper: {e}"),
+            }
+        }
     }
 
     /// Reads the campaign's state: paused or cancelled from outside?

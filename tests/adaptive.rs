@@ -6,7 +6,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use blast::campaign::{self, RunOptions, Stats, Summary};
+use blast::campaign::{self, Pipeline, RunOptions, Stats, Summary};
 use blast::config::{Concurrency, MessageConfig, Relay, TemplateSource, Unsubscribe};
 use blast::ledger::MemoryLedger;
 use blast::model::Recipient;
@@ -147,18 +147,17 @@ async fn run_paced(
             }
         })
     };
-    let summary = campaign::run(
-        "model",
-        VecSource { next: 1, n, pace },
-        renderer(),
+    let pipeline = Pipeline {
+        name: "model".into(),
+        source: VecSource { next: 1, n, pace },
+        renderer: renderer(),
         transport,
-        MemoryLedger::new(),
-        &opts,
-        stats,
-        CancellationToken::new(),
-    )
-    .await
-    .unwrap();
+        ledger: MemoryLedger::new(),
+        options: opts,
+    };
+    let summary = campaign::run(pipeline, stats, CancellationToken::new())
+        .await
+        .unwrap();
     let seconds = start.elapsed().as_secs_f64();
     sampler.abort();
     let samples = std::mem::take(&mut *samples.lock().unwrap());

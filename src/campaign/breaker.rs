@@ -1,7 +1,7 @@
 //! The campaign circuit breaker: a streak of refusals across domains, or a
 //! refusal that is about the relay, pauses the campaign.
 
-use super::*;
+use crate::model::{Outcome, Reply};
 
 /// The per-campaign circuit breaker: when the relay refuses everything (it
 /// wants AUTH, it denies relaying, or N refusals in a row across different
@@ -104,7 +104,7 @@ impl Breaker {
 }
 
 /// A refusal that is about the relay or the session, not the recipient.
-pub fn relay_refusal(reply: &crate::model::Reply) -> bool {
+pub fn relay_refusal(reply: &Reply) -> bool {
     let text = reply.text.to_ascii_lowercase();
     matches!(reply.code, Some(530) | Some(535) | Some(538))
         || reply.enhanced.as_deref() == Some("5.7.0")

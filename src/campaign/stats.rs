@@ -1,7 +1,16 @@
 //! The runner's live counters (read by the progress display) and the
 //! end-of-run summary built from them.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{Breaker, RunOptions};
+use crate::adaptive::Gate;
+use crate::config::Concurrency;
+use crate::model::Outcome;
 
 /// Live counters, shared with the progress display.
 #[derive(Debug)]
@@ -264,6 +273,65 @@ impl Stats {
             p90: ms(0.9),
             p99: ms(0.99),
         }
+    }
+}
+
+impl Stats {
+    /// The end-of-run summary of campaign `name`, which ran for `elapsed`
+    /// with `breaker` and `opts`; `interrupted` when stopped before the
+    /// audience was exhausted.
+    pub(super) fn summary(
+        &self,
+        name: &str,
+        breaker: &Breaker,
+        opts: &RunOptions,
+        elapsed: Duration,
+        interrupted: bool,
+    ) -> Summary {
+        let seconds = elapsed.as_secs_f64();
+        let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let (sent, failed, deferred) = (load(&self.sent), load(&self.failed), load(&self.deferred));
+        Summary {
+            campaign: name.to_string(),
+            sent,
+            failed,
+            deferred,
+            retries: load(&self.retries),
+            suppressed: load(&self.suppressed),
+            possibly_duplicated: load(&self.possibly_duplicated),
+            rerouted: load(&self.rerouted),
+            breaker: breaker.reason(),
+            breaker_streak: breaker.streak(),
+            seconds,
+            rate: if seconds > 0.0 {
+                (sent + failed + deferred) as f64 / seconds
+            } else {
+                0.0
+            },
+            interrupted,
+            first_message_ms: load(&self.first_outcome_us) as f64 / 1000.0,
+            latency_ms: self.latency_summary(),
+            injectors: self.injector_summaries(),
+            relays: self.relay_summaries(matches!(opts.concurrency, Concurrency::Auto { .. })),
+            queue_max: opts.queue_probe.as_ref().map(|_| load(&self.queue_max)),
+        }
+    }
+
+    /// Each injector's transactions and mean latency so far.
+    fn injector_summaries(&self) -> Vec<InjectorSummary> {
+        self.injectors
+            .iter()
+            .enumerate()
+            .map(|(slot, i)| {
+                let n = i.messages.load(Ordering::Relaxed);
+                let busy = i.busy_us.load(Ordering::Relaxed) as f64 / 1000.0;
+                InjectorSummary {
+                    slot,
+                    messages: n,
+                    mean_ms: if n > 0 { busy / n as f64 } else { 0.0 },
+                }
+            })
+            .collect()
     }
 }
 

@@ -2,7 +2,16 @@
 //! 4xx answers sent on to another relay) first, then freshly rendered
 //! messages; and when all the work is done.
 
-use super::*;
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, Mutex, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::adaptive::Gate;
+use crate::model::Outgoing;
 
 /// A rendered message on its way to an injector.
 pub(super) struct Job {
@@ -35,49 +44,54 @@ pub const AMBIGUOUS_NOTE: &str =
 /// the renderers are done, nothing is requeued, and no injector holds a
 /// message that it might still requeue.
 pub(super) struct Work {
-    pub(super) fresh: Mutex<mpsc::Receiver<Job>>,
+    fresh: Mutex<mpsc::Receiver<Job>>,
     /// Requeued messages. At most one per injector (each comes from an
     /// injector's hand), so the scan for one a relay may take is short.
-    pub(super) retry: std::sync::Mutex<std::collections::VecDeque<Job>>,
+    retry: std::sync::Mutex<VecDeque<Job>>,
     /// Woken when a message is requeued.
-    pub(super) requeued: tokio::sync::Notify,
+    requeued: Notify,
     /// Every relay's gate, to tell which relays are usable.
-    pub(super) gates: Vec<Arc<Gate>>,
+    gates: Vec<Arc<Gate>>,
     /// Injectors per relay (a relay with none cannot take a message).
-    pub(super) injectors: Vec<usize>,
+    injectors: Vec<usize>,
     /// Messages rendered and not yet recorded: in the fresh channel, in an
     /// injector's hand or in the retry queue. Counted by the renderers
     /// before a message enters the channel and only decremented once it
     /// has an outcome, so moving between hand and queue never shows zero.
-    pub(super) outstanding: Arc<AtomicU64>,
+    outstanding: Arc<AtomicU64>,
     /// Messages in the retry queue.
-    pub(super) queued: AtomicU64,
-    pub(super) fresh_done: std::sync::atomic::AtomicBool,
+    queued: AtomicU64,
+    /// The fresh channel is closed and drained: the renderers are done.
+    fresh_done: AtomicBool,
     /// Cancelled once all work is done, for injectors waiting on their
     /// relay's limit rather than on work.
     pub(super) done: CancellationToken,
 }
 
 impl Work {
-    pub(super) fn new(
-        fresh: mpsc::Receiver<Job>,
-        gates: Vec<Arc<Gate>>,
-        injectors: Vec<usize>,
-    ) -> Work {
-        Work {
+    /// The work of a run with these relays' gates and injectors per relay,
+    /// and the feed its renderers fill, holding up to `queue` messages.
+    pub(super) fn new(gates: Vec<Arc<Gate>>, injectors: Vec<usize>, queue: usize) -> (Work, Feed) {
+        let (tx, fresh) = mpsc::channel(queue);
+        let work = Work {
             fresh: Mutex::new(fresh),
-            retry: std::sync::Mutex::new(std::collections::VecDeque::new()),
-            requeued: tokio::sync::Notify::new(),
+            retry: std::sync::Mutex::new(VecDeque::new()),
+            requeued: Notify::new(),
             gates,
             injectors,
             outstanding: Arc::new(AtomicU64::new(0)),
             queued: AtomicU64::new(0),
-            fresh_done: std::sync::atomic::AtomicBool::new(false),
+            fresh_done: AtomicBool::new(false),
             done: CancellationToken::new(),
-        }
+        };
+        let feed = Feed {
+            tx,
+            outstanding: work.outstanding.clone(),
+        };
+        (work, feed)
     }
 
-    pub(super) fn retry_queue(&self) -> std::sync::MutexGuard<'_, std::collections::VecDeque<Job>> {
+    fn retry_queue(&self) -> MutexGuard<'_, VecDeque<Job>> {
         self.retry.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -95,7 +109,7 @@ impl Work {
 
     /// A requeued message `relay` may send: one it did not defer, or one
     /// that no other usable relay is left to take.
-    pub(super) fn take_retry(&self, relay: usize) -> Option<Job> {
+    fn take_retry(&self, relay: usize) -> Option<Job> {
         let mut q = self.retry_queue();
         let bit = if relay < 64 { 1u64 << relay } else { 0 };
         let i = q
@@ -109,7 +123,12 @@ impl Work {
     /// A message at hand, taken without waiting or registering for
     /// wake-ups: the common case while the renderers keep ahead. `None`
     /// when there is none right now (see [`Work::next`] to wait).
-    pub(super) fn try_next(&self, relay: usize) -> Option<Job> {
+    pub(super) fn try_next(&self, relay: usize) -> Option<InHand<'_>> {
+        self.try_next_job(relay).map(|job| self.hand(job))
+    }
+
+    /// [`Work::try_next`] without the guard.
+    fn try_next_job(&self, relay: usize) -> Option<Job> {
         if self.queued.load(Ordering::Acquire) > 0 {
             if let Some(job) = self.take_retry(relay) {
                 return Some(job);
@@ -131,7 +150,21 @@ impl Work {
 
     /// The next message for an injector of `relay`, or `None` when all work
     /// is done or `stop` is cancelled.
-    pub(super) async fn next(&self, relay: usize, stop: &CancellationToken) -> Option<Job> {
+    pub(super) async fn next(&self, relay: usize, stop: &CancellationToken) -> Option<InHand<'_>> {
+        let job = self.next_job(relay, stop).await?;
+        Some(self.hand(job))
+    }
+
+    /// A job in an injector's hand, counted finished when the hand lets go.
+    fn hand(&self, job: Job) -> InHand<'_> {
+        InHand {
+            work: self,
+            job: Some(job),
+        }
+    }
+
+    /// [`Work::next`] without the guard.
+    async fn next_job(&self, relay: usize, stop: &CancellationToken) -> Option<Job> {
         loop {
             if stop.is_cancelled() {
                 return None;
@@ -141,7 +174,7 @@ impl Work {
                 self.done.cancel();
                 return None;
             }
-            if let Some(job) = self.try_next(relay) {
+            if let Some(job) = self.try_next_job(relay) {
                 return Some(job);
             }
             if self.fresh_done.load(Ordering::Acquire) != fresh_done {
@@ -173,30 +206,117 @@ impl Work {
         }
     }
 
-    /// The message taken by [`Work::next`] has an outcome (or was dropped at a stop).
-    pub(super) fn finished(&self) {
+    /// A message left an injector's hand with an outcome (or was dropped
+    /// at a stop): it is no longer outstanding.
+    fn finished(&self) {
         self.outstanding.fetch_sub(1, Ordering::AcqRel);
     }
 
-    /// Puts a message back for any injector (any relay) to send.
-    pub(super) fn requeue(&self, job: Job) {
+    /// Puts a message back for any injector (any relay) to send; it stays
+    /// outstanding.
+    fn requeue(&self, job: Job) {
         self.queued.fetch_add(1, Ordering::AcqRel);
         self.retry_queue().push_back(job);
         self.requeued.notify_waiters();
     }
+}
 
-    /// After `relay` answered `job` with a 4xx: requeues it for another
+/// A message in an injector's hand. It leaves the hand in exactly one of
+/// three ways: [`InHand::finish`] (it has an outcome), [`InHand::requeue`]
+/// (unanswered, back to the queue) or [`InHand::defer_elsewhere`]; dropped
+/// any other way (a stop, an abort) it counts as finished, so the end of
+/// the run can never wait for a message nobody holds.
+#[must_use = "a message dropped from the hand is never sent"]
+pub(super) struct InHand<'w> {
+    work: &'w Work,
+    /// `Some` until one of the consuming methods takes it.
+    job: Option<Job>,
+}
+
+impl InHand<'_> {
+    /// The message.
+    pub(super) fn job(&self) -> &Job {
+        self.job
+            .as_ref()
+            .expect("a hand holds its job until consumed")
+    }
+
+    /// The message, to note what happened to it.
+    pub(super) fn job_mut(&mut self) -> &mut Job {
+        self.job
+            .as_mut()
+            .expect("a hand holds its job until consumed")
+    }
+
+    /// The message has an outcome: it leaves the work.
+    pub(super) fn finish(mut self) -> Job {
+        let job = self
+            .job
+            .take()
+            .expect("a hand holds its job until consumed");
+        self.work.finished();
+        job
+    }
+
+    /// The message was not answered: back to the queue for any relay.
+    pub(super) fn requeue(mut self) {
+        if let Some(job) = self.job.take() {
+            self.work.requeue(job);
+        }
+    }
+
+    /// After `relay` answered with a 4xx: requeues the message for another
     /// relay that has not deferred it and whose circuit is closed (`None`),
-    /// or gives it back when there is none (its 4xx is the outcome).
-    pub(super) fn defer_elsewhere(&self, mut job: Job, relay: usize) -> Option<Job> {
+    /// or keeps it in hand when there is none (its 4xx is the outcome).
+    pub(super) fn defer_elsewhere(mut self, relay: usize) -> Option<Self> {
         if relay >= 64 {
-            return Some(job);
+            return Some(self);
         }
-        job.deferred_by |= 1 << relay;
-        if !self.other_relay_usable(job.deferred_by) {
-            return Some(job);
+        let mask = {
+            let job = self.job_mut();
+            job.deferred_by |= 1 << relay;
+            job.deferred_by
+        };
+        if !self.work.other_relay_usable(mask) {
+            return Some(self);
         }
-        self.requeue(job);
+        self.requeue();
         None
+    }
+}
+
+impl Drop for InHand<'_> {
+    fn drop(&mut self) {
+        if self.job.take().is_some() {
+            self.work.finished();
+        }
+    }
+}
+
+/// The renderers' end of the work: counts a message outstanding before it
+/// enters the channel, so that moving between channel, hand and retry
+/// queue never shows zero outstanding while work remains.
+#[derive(Clone)]
+pub(super) struct Feed {
+    tx: mpsc::Sender<Job>,
+    outstanding: Arc<AtomicU64>,
+}
+
+impl Feed {
+    /// Hands `job` to the injectors, waiting for room. False when the run
+    /// is stopping or the injectors are gone.
+    pub(super) async fn push(&self, job: Job, stop: &CancellationToken) -> bool {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => false,
+            slot = self.tx.reserve() => match slot {
+                Ok(slot) => {
+                    self.outstanding.fetch_add(1, Ordering::AcqRel);
+                    slot.send(job);
+                    true
+                }
+                Err(_) => false,
+            },
+        }
     }
 }

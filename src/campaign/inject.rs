@@ -1,0 +1,359 @@
+//! One SMTP injector: one connection, one transaction at a time, in four
+//! steps per message: acquire a slot under its relay's limit, take a
+//! message, send it, settle the answer. Slots ([`Permit`]) and messages
+//! ([`InHand`]) are guards that give themselves back when dropped, so no
+//! path out of a step (a stop, an abort, a lost connection) can leak a
+//! slot or leave the end of the run waiting for a message nobody holds.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use governor::DefaultDirectRateLimiter;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::work::{relay_bit, InHand, Work, AMBIGUOUS_NOTE};
+use super::{Breaker, Stats};
+use crate::adaptive::{Gate, Mark, Permit};
+use crate::clock;
+use crate::model::{Outcome, Record};
+use crate::suppress::Live;
+use crate::transport::{Session, SessionError, Transport};
+
+/// An injector kept out of its relay's limit, or waiting for work, this long
+/// closes its connection.
+const IDLE_CLOSE: Duration = Duration::from_secs(5);
+/// Reconnect backoff bounds after a lost connection.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What an injector does after a step.
+enum Flow {
+    /// On to the next message.
+    Next,
+    /// The run is over for this injector.
+    Stop,
+}
+
+/// How a send ended.
+enum Sent {
+    /// The server answered.
+    Answered(Outcome),
+    /// The session broke before an answer.
+    Lost(SessionError),
+    /// The operator's second SIGINT abandoned the transaction.
+    Abandoned,
+}
+
+/// A message checked against the suppressions that arrived mid-run.
+enum Unsuppressed<'w> {
+    /// Still to be sent.
+    Send(InHand<'w>),
+    /// Suppressed meanwhile: the record that says so.
+    Skip(Record),
+}
+
+/// One injector's connection and its reconnect backoff.
+struct Conn<S> {
+    session: Option<S>,
+    backoff: Duration,
+}
+
+impl<S: Session> Conn<S> {
+    /// Closes the session politely, if there is one.
+    async fn close(&mut self) {
+        if let Some(s) = self.session.take() {
+            s.close().await;
+        }
+    }
+}
+
+/// One SMTP injector: one connection, one transaction at a time.
+pub(super) struct Injector<T: Transport> {
+    /// Its number among all injectors (for per-injector stats).
+    pub(super) slot: usize,
+    /// Its number among its relay's injectors.
+    pub(super) rank: usize,
+    /// The relay it sends to.
+    pub(super) relay: usize,
+    /// That relay, as logs and the ledger name it.
+    pub(super) relay_name: String,
+    /// That relay's limit and circuit.
+    pub(super) gate: Arc<Gate>,
+    /// That relay's own rate limit, if any.
+    pub(super) relay_limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// The campaign's rate limit, if any.
+    pub(super) limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// The transport.
+    pub(super) transport: Arc<T>,
+    /// Where messages come from.
+    pub(super) work: Arc<Work>,
+    /// Where outcomes go.
+    pub(super) records: mpsc::Sender<Record>,
+    /// The run's counters.
+    pub(super) stats: Arc<Stats>,
+    /// The campaign's circuit breaker.
+    pub(super) breaker: Arc<Breaker>,
+    /// Finish the transaction at hand, then stop.
+    pub(super) stop: CancellationToken,
+    /// Abandon the transaction at hand.
+    pub(super) abort: CancellationToken,
+    /// Addresses suppressed since the run started.
+    pub(super) suppressions: Live,
+}
+
+impl<T: Transport> Injector<T> {
+    /// Sends messages until the work is done or the run stops.
+    pub(super) async fn run(self) {
+        let mut conn = Conn {
+            session: None,
+            backoff: BACKOFF_MIN,
+        };
+        while let Some(permit) = self.acquire(&mut conn).await {
+            let Some(hand) = self.take(&mut conn).await else {
+                break;
+            };
+            if let Flow::Stop = self.deliver(&mut conn, permit, hand).await {
+                break;
+            }
+        }
+        // After an abort the session is mid-transaction: drop it, no QUIT.
+        if !self.abort.is_cancelled() {
+            conn.close().await;
+        }
+    }
+
+    /// A slot under this relay's limit: a relay with room takes the next
+    /// message, one that is congested or down does not. Kept out of the
+    /// limit for a while, the injector frees the MTA's process.
+    async fn acquire(&self, conn: &mut Conn<T::Session>) -> Option<Permit> {
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return None,
+                _ = self.work.done.cancelled() => return None,
+                p = self.gate.acquire_ranked(self.rank) => return Some(p),
+                _ = tokio::time::sleep(IDLE_CLOSE), if conn.session.is_some() => conn.close().await,
+            }
+        }
+    }
+
+    /// The next message. One at hand needs no idle timer (the per-message
+    /// path); waiting for one (the renderers behind, or the tail of the
+    /// run) closes an idle session, before the relay's own timeout can turn
+    /// the next message into an ambiguous loss.
+    async fn take(&self, conn: &mut Conn<T::Session>) -> Option<InHand<'_>> {
+        if self.stop.is_cancelled() {
+            return None;
+        }
+        if let Some(hand) = self.work.try_next(self.relay) {
+            return Some(hand);
+        }
+        let next = self.work.next(self.relay, &self.stop);
+        tokio::pin!(next);
+        loop {
+            tokio::select! {
+                biased;
+                hand = &mut next => return hand,
+                _ = tokio::time::sleep(IDLE_CLOSE), if conn.session.is_some() => conn.close().await,
+            }
+        }
+    }
+
+    /// One message from the hand to the ledger.
+    async fn deliver(
+        &self,
+        conn: &mut Conn<T::Session>,
+        mut permit: Permit,
+        hand: InHand<'_>,
+    ) -> Flow {
+        let hand = match self.unsuppressed(hand) {
+            Unsuppressed::Send(hand) => hand,
+            Unsuppressed::Skip(record) => {
+                drop(permit);
+                return self.record(record).await;
+            }
+        };
+        if !self.pace().await {
+            return Flow::Stop;
+        }
+        permit.begin();
+        match self.send(conn, &hand).await {
+            Sent::Answered(outcome) => {
+                conn.backoff = BACKOFF_MIN;
+                self.settle(permit, hand, outcome).await
+            }
+            Sent::Lost(e) => self.lost(conn, permit, hand, e).await,
+            Sent::Abandoned => Flow::Stop,
+        }
+    }
+
+    /// The message, unless its address was suppressed after its page was
+    /// read (an unsubscribe takes effect while the campaign runs): then the
+    /// record that says so.
+    fn unsuppressed<'w>(&self, hand: InHand<'w>) -> Unsuppressed<'w> {
+        let Some(why) = self.suppressions.get(&hand.job().out.email) else {
+            return Unsuppressed::Send(hand);
+        };
+        self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+        let job = hand.finish();
+        Unsuppressed::Skip(Record::suppressed(
+            job.out.envelope.recipient_id,
+            job.out.email,
+            &why,
+            job.attempts,
+            job.first_attempt_at,
+        ))
+    }
+
+    /// Waits for the campaign's and the relay's rate limits; false when
+    /// stopped meanwhile.
+    async fn pace(&self) -> bool {
+        for l in [&self.limiter, &self.relay_limiter].into_iter().flatten() {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return false,
+                _ = l.until_ready() => {}
+            }
+        }
+        true
+    }
+
+    /// Sends the message, connecting first if needed.
+    async fn send(&self, conn: &mut Conn<T::Session>, hand: &InHand<'_>) -> Sent {
+        let session = match conn.session.take() {
+            Some(s) => s,
+            None => match self.transport.connect(self.relay).await {
+                Ok(s) => s,
+                Err(e) => return Sent::Lost(e),
+            },
+        };
+        let session = conn.session.insert(session);
+        let job = hand.job();
+        tokio::select! {
+            biased;
+            _ = self.abort.cancelled() => Sent::Abandoned,
+            r = session.send(&job.out.envelope, &job.out.bytes) => match r {
+                Ok(outcome) => {
+                    self.stats.transaction(self.slot, session.latency());
+                    Sent::Answered(outcome)
+                }
+                Err(e) => Sent::Lost(e),
+            },
+        }
+    }
+
+    /// The session is gone and the message unanswered: back to the queue
+    /// (another relay may take it), and this injector waits before its
+    /// relay is tried again.
+    async fn lost(
+        &self,
+        conn: &mut Conn<T::Session>,
+        permit: Permit,
+        mut hand: InHand<'_>,
+        e: SessionError,
+    ) -> Flow {
+        conn.session = None;
+        permit.release(Some(Mark::Connection));
+        hand.job_mut().ambiguous |= e.ambiguous;
+        hand.requeue();
+        if self.settings_failed(&e) || !self.wait_retry(&e, &mut conn.backoff).await {
+            return Flow::Stop;
+        }
+        Flow::Next
+    }
+
+    /// The server answered: the slot is released with its mark, a 4xx goes
+    /// on to another relay if one can take it, anything else is recorded.
+    async fn settle(&self, permit: Permit, hand: InHand<'_>, mut outcome: Outcome) -> Flow {
+        // A 4xx is congestion (never a latency sample); 2xx and 5xx are samples.
+        let deferred = matches!(&outcome, Outcome::Deferred(r) if r.code.is_some_and(|c| (400..500).contains(&c)));
+        permit.release(deferred.then_some(Mark::Deferred));
+        // A 4xx says "not now, not here": another relay that has not
+        // deferred this message takes it at once, so a relay refusing
+        // fast does not defer the campaign's recipients.
+        let hand = match deferred {
+            true => match hand.defer_elsewhere(self.relay) {
+                None => {
+                    self.stats.rerouted.fetch_add(1, Ordering::Relaxed);
+                    return Flow::Next;
+                }
+                Some(hand) => hand,
+            },
+            false => hand,
+        };
+        let job = hand.finish();
+        if job.ambiguous {
+            // Lost after the message data once: the MTA may have it twice.
+            self.stats
+                .possibly_duplicated
+                .fetch_add(1, Ordering::Relaxed);
+            outcome.note(AMBIGUOUS_NOTE);
+        }
+        let id = job.out.envelope.recipient_id;
+        let outcome = self.breaker.observe(id, &job.out.email, outcome);
+        if self.breaker.tripped() {
+            self.stop.cancel();
+        }
+        self.stats.count(&outcome);
+        self.record(Record {
+            recipient_id: id,
+            email: job.out.email,
+            outcome,
+            relay: Some(self.relay_name.clone()),
+            attempts: job.attempts,
+            first_attempt_at: job.first_attempt_at,
+            suppressed: false,
+        })
+        .await
+    }
+
+    /// Hands a record to the ledger; a ledger that is gone ends the run.
+    async fn record(&self, record: Record) -> Flow {
+        match self.records.send(record).await {
+            Ok(()) => Flow::Next,
+            Err(_) => Flow::Stop,
+        }
+    }
+
+    /// A setting went wrong mid-run (a certificate, a password, STARTTLS
+    /// gone): with no other relay to carry on, pauses the campaign for the
+    /// operator (true) instead of retrying forever.
+    fn settings_failed(&self, e: &SessionError) -> bool {
+        if !e.permanent || self.work.other_relay_usable(relay_bit(self.relay)) {
+            return false;
+        }
+        let relay = &self.relay_name;
+        let why = e
+            .message
+            .strip_prefix(&format!("{relay}: "))
+            .unwrap_or(&e.message);
+        tracing::error!("{relay}: {why} (pausing the campaign)");
+        self.breaker.trip(format!("{relay}: {why}"));
+        self.stop.cancel();
+        true
+    }
+
+    /// Logs a lost connection and sleeps with capped exponential backoff and
+    /// jitter. Returns false when stopped meanwhile.
+    async fn wait_retry(&self, e: &SessionError, backoff: &mut Duration) -> bool {
+        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        // Jitter keeps N injectors from reconnecting in lockstep.
+        let jitter =
+            Duration::from_millis((self.slot as u64 * 37 + clock::now().nanosecond() as u64) % 100);
+        let wait = *backoff + jitter;
+        tracing::warn!(
+            "injector {}: {} unreachable ({e}), retrying in {:.1}s",
+            self.slot,
+            self.relay_name,
+            wait.as_secs_f64()
+        );
+        *backoff = (*backoff * 2).min(BACKOFF_MAX);
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => false,
+            _ = tokio::time::sleep(wait) => true,
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! The front of the pipeline: pages of recipients from the source, cut into
+//! chunks for the render workers, which turn each recipient into a message
+//! for the injectors, or into a record of why it gets none (a suppressed
+//! address, a message that cannot be built).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use time::OffsetDateTime;
+use tokio::sync::{mpsc, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use super::work::{Feed, Job};
+use super::Stats;
+use crate::clock;
+use crate::error::Result;
+use crate::model::{Outcome, Recipient, Record};
+use crate::render::Renderer;
+use crate::source::Source;
+
+/// Recipients per unit of render work: small enough that a render task
+/// never holds a runtime worker for long (about 1 ms), large enough to keep
+/// channel traffic low.
+const RENDER_CHUNK: usize = 32;
+
+/// Chunks of recipients waiting for a render worker.
+pub(super) const RENDER_QUEUE_CHUNKS: usize = 8;
+
+/// The render workers' shared input.
+pub(super) type Chunks = Arc<Mutex<mpsc::Receiver<Vec<Recipient>>>>;
+
+/// Pages through the source and hands chunks of recipients to the render
+/// workers. Returns Ok(true) when the source was exhausted.
+pub(super) async fn produce<S: Source>(
+    source: &mut S,
+    chunks: &mpsc::Sender<Vec<Recipient>>,
+    stop: &CancellationToken,
+) -> Result<bool> {
+    loop {
+        let page = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return Ok(false),
+            page = source.next_page() => page?,
+        };
+        if page.is_empty() {
+            return Ok(true);
+        }
+        let mut page = page.into_iter().peekable();
+        while page.peek().is_some() {
+            let chunk: Vec<Recipient> = page.by_ref().take(RENDER_CHUNK).collect();
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return Ok(false),
+                sent = chunks.send(chunk) => if sent.is_err() { return Ok(false) },
+            }
+        }
+    }
+}
+
+/// A recipient after rendering.
+enum Prepared {
+    /// Its message, for the injectors.
+    Send(Job),
+    /// Why it gets none, for the ledger.
+    Skip(Record),
+}
+
+/// What a render worker needs besides its input.
+#[derive(Clone)]
+pub(super) struct RenderWorker {
+    /// The compiled templates.
+    pub(super) renderer: Arc<Renderer>,
+    /// Where messages go.
+    pub(super) feed: Feed,
+    /// Where recipients that get no message are recorded.
+    pub(super) records: mpsc::Sender<Record>,
+    /// The run's counters.
+    pub(super) stats: Arc<Stats>,
+    /// The run's stop signal.
+    pub(super) stop: CancellationToken,
+}
+
+impl RenderWorker {
+    /// Recipients in, finished messages out, until the input closes or the
+    /// run stops. Several run in parallel so rendering and MIME building
+    /// use every core.
+    pub(super) async fn run(self, chunks: Chunks) {
+        while let Some(chunk) = self.next_chunk(&chunks).await {
+            let now = clock::now();
+            for recipient in chunk {
+                let handed = match self.prepare(recipient, now) {
+                    Prepared::Send(job) => self.feed.push(job, &self.stop).await,
+                    Prepared::Skip(record) => self.records.send(record).await.is_ok(),
+                };
+                if !handed {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The next chunk, or `None` at a stop or once the producer is done.
+    async fn next_chunk(&self, chunks: &Chunks) -> Option<Vec<Recipient>> {
+        tokio::select! {
+            biased;
+            _ = self.stop.cancelled() => None,
+            chunk = async { chunks.lock().await.recv().await } => chunk,
+        }
+    }
+
+    /// A recipient's message, or the record of why it gets none: its
+    /// address is suppressed, or its message cannot be built.
+    fn prepare(&self, recipient: Recipient, now: OffsetDateTime) -> Prepared {
+        if let Some(reason) = &recipient.suppressed {
+            self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+            return Prepared::Skip(Record::suppressed(
+                recipient.id,
+                recipient.email,
+                reason,
+                recipient.attempts,
+                recipient.first_attempt_at,
+            ));
+        }
+        match self.renderer.render(&recipient, now) {
+            Ok(out) => Prepared::Send(Job {
+                out,
+                attempts: recipient.attempts,
+                first_attempt_at: recipient.first_attempt_at,
+                ambiguous: false,
+                deferred_by: 0,
+            }),
+            Err(e) => {
+                let outcome = Outcome::local_failure(e.to_string());
+                self.stats.count(&outcome);
+                Prepared::Skip(Record {
+                    recipient_id: recipient.id,
+                    email: recipient.email,
+                    outcome,
+                    relay: None,
+                    attempts: recipient.attempts,
+                    first_attempt_at: recipient.first_attempt_at,
+                    suppressed: false,
+                })
+            }
+        }
+    }
+}
