@@ -10,7 +10,7 @@ use blast::bounce::mailbox::{Inbox, Source};
 use blast::db::Db;
 use blast::sink::{Faults, Received};
 
-use crate::util::{header, sink, spawn_send, wait_for, Backend, World};
+use crate::util::{blast, header, sink, spawn_send, wait_for, Backend, World};
 
 const VERP: &str =
     "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n";
@@ -305,7 +305,7 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
     ));
     text.extend(b"\nFrom nobody Sun Nov 29 12:00:01 2026\nnot a header line at all\n\n");
     std::fs::write(&mbox, text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blast"))
+    let out = blast()
         .args(["bounce", "ingest", "--json", "--mbox"])
         .arg(&mbox)
         .args(["--database", &w.url])
@@ -328,7 +328,7 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
     let run_stdin = |bytes: Vec<u8>, url: String| {
         let input = w.path("stdin.eml");
         std::fs::write(&input, bytes).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_blast"))
+        let out = blast()
             .args(["bounce", "ingest", "--stdin", "--quarantine"])
             .arg(w.path("stdin-quarantine"))
             .args(["--database", &url])

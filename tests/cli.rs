@@ -4,11 +4,7 @@ use std::process::Command;
 
 use blast::sink::Faults;
 
-use crate::util::{self, Backend, World};
-
-fn blast() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_blast"))
-}
+use crate::util::{self, blast, Backend, World};
 
 /// Exit 0 when everyone was accepted, a JSON summary on stdout, and status counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

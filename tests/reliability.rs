@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::future::pending;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,11 +11,7 @@ use blast::progress::Mode;
 use blast::sink::{Faults, Sink, SinkConfig};
 use blast::Error;
 
-use crate::util::{self, ledger_rows, Backend, World};
-
-fn blast() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_blast"))
-}
+use crate::util::{self, blast, ledger_rows, Backend, World};
 
 async fn scalar(w: &World, sql: &str) -> i64 {
     let db = w.db().await;

@@ -1,10 +1,12 @@
 //! Test harness: a fresh database per test (SQLite file in a temp dir, or a new
 //! PostgreSQL database on the server named by `BLAST_TEST_PG_URL`), a campaign
-//! file writer, audience seeding, and an in-process sink.
+//! file writer, audience seeding, an in-process sink, the `blast` binary, and
+//! bounded waits.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use blast::config::{Config, Overrides};
 use blast::db::Db;
@@ -141,6 +143,11 @@ pub async fn sink(faults: Faults) -> Sink {
     })
     .await
     .unwrap()
+}
+
+/// The `blast` binary built for this test run, as an operator runs it.
+pub fn blast() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blast"))
 }
 
 /// The PostgreSQL server for tests. Required: `scripts/test.sh` starts one.
