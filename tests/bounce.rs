@@ -10,7 +10,7 @@ use blast::bounce::mailbox::{Inbox, Source};
 use blast::db::Db;
 use blast::sink::{Faults, Received};
 
-use crate::util::{blast, header, sink, spawn_send, wait_for, Backend, World};
+use crate::util::{blast, header, only_to, sink, spawn_send, wait_for, Backend, World};
 
 const VERP: &str =
     "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n";
@@ -71,13 +71,6 @@ async fn sent(w: &World, name: &str) -> Vec<Received> {
     s.shutdown().await
 }
 
-fn to(got: &[Received], addr: &str) -> Received {
-    got.iter()
-        .find(|m| m.rcpt_to[0] == addr)
-        .unwrap_or_else(|| panic!("{addr} was sent nothing"))
-        .clone()
-}
-
 fn write_maildir(dir: &Path, mails: &[(&str, Vec<u8>)]) {
     for sub in ["new", "cur", "tmp"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -107,11 +100,11 @@ async fn ingest_maildir(backend: Backend) {
     w.seed(6).await;
     let got = sent(&w, "c1").await;
     let (m1, m2, m3, m4, m5) = (
-        to(&got, "user1@example.com"),
-        to(&got, "user2@example.com"),
-        to(&got, "user3@example.com"),
-        to(&got, "user4@example.com"),
-        to(&got, "user5@example.com"),
+        only_to(&got, "user1@example.com"),
+        only_to(&got, "user2@example.com"),
+        only_to(&got, "user3@example.com"),
+        only_to(&got, "user4@example.com"),
+        only_to(&got, "user5@example.com"),
     );
     // A forged bounce: right shape, wrong signature.
     let forged_to = m5.mail_from.replace(
@@ -255,7 +248,7 @@ async fn soft_bounces_suppress_at_the_limit() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(1).await;
     let got = sent(&w, "soft").await;
-    let m = to(&got, "user1@example.com");
+    let m = only_to(&got, "user1@example.com");
     let db = w.db().await;
     let mut ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
     for i in 1..=3 {
@@ -290,8 +283,8 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(3).await;
     let got = sent(&w, "cli").await;
-    let m1 = to(&got, "user1@example.com");
-    let m2 = to(&got, "user2@example.com");
+    let m1 = only_to(&got, "user1@example.com");
+    let m2 = only_to(&got, "user2@example.com");
 
     // mbox: a hard bounce and a garbage message, quarantined beside it.
     let mbox = w.path("bounces.mbox");

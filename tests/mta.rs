@@ -16,10 +16,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 use blast::progress::Mode;
-use blast::sink::{Faults, Received};
+use blast::sink::Faults;
 
 use crate::bounce::{dsn, unsubscribe_mail};
-use crate::util::{self, header, ledger_rows, Backend, World};
+use crate::util::{self, header, ledger_rows, only_to, Backend, World};
 
 /// Waits (at most a minute) until `sink` has `n` messages from Postfix.
 async fn delivered(sink: &blast::sink::Sink, n: u64) {
@@ -376,14 +376,6 @@ fn submit(port: u16, from: &str, to: &str, data: &[u8]) {
     say("QUIT\r\n".into(), b'2');
 }
 
-/// The message the sink got for `addr`.
-fn to(got: &[Received], addr: &str) -> Received {
-    got.iter()
-        .find(|m| m.rcpt_to == [addr])
-        .unwrap_or_else(|| panic!("{addr} was sent nothing"))
-        .clone()
-}
-
 /// Files in a quarantine Maildir (new/ and cur/).
 fn quarantined(dir: &Path) -> Vec<PathBuf> {
     ["new", "cur"]
@@ -456,7 +448,10 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let got = sink.received();
-    let (m1, m2) = (to(&got, "user1@example.com"), to(&got, "user2@example.com"));
+    let (m1, m2) = (
+        only_to(&got, "user1@example.com"),
+        only_to(&got, "user2@example.com"),
+    );
 
     let db = w.db().await;
     // What remote MTAs and people send back: a hard bounce to user1's VERP

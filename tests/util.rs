@@ -10,7 +10,7 @@ use std::process::Command;
 
 use blast::config::{Config, Overrides};
 use blast::db::Db;
-use blast::sink::{Faults, Sink, SinkConfig};
+use blast::sink::{Faults, Received, Sink, SinkConfig};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -202,6 +202,20 @@ pub fn header(msg: &[u8], name: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// The first message in `got` whose envelope has exactly one recipient,
+/// `addr`; panics if there is none. One RCPT per envelope is what blast
+/// sends (a VERP sender names one recipient) and what Postfix relays of it,
+/// so a message that reached `addr` together with others does not match.
+pub fn only_to(got: &[Received], addr: &str) -> Received {
+    got.iter()
+        .find(|m| m.rcpt_to == [addr])
+        .unwrap_or_else(|| {
+            let envelopes: Vec<&[String]> = got.iter().map(|m| &m.rcpt_to[..]).collect();
+            panic!("{addr} was sent nothing on its own; envelopes: {envelopes:?}")
+        })
+        .clone()
 }
 
 /// All header names of a raw message, lower-cased.
