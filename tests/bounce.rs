@@ -10,7 +10,7 @@ use blast::bounce::mailbox::{Inbox, Source};
 use blast::db::Db;
 use blast::sink::{Faults, Received};
 
-use crate::util::{blast, header, only_to, sink, spawn_send, wait_for, Backend, World};
+use crate::util::{blast, header, only_to, sink, spawn_send, wait_for, wait_until, Backend, World};
 
 const VERP: &str =
     "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n";
@@ -385,18 +385,17 @@ async fn hard_bounce_mid_campaign_suppresses_for_the_next_campaign() {
         .await
         .unwrap()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while blast::ledger::recipient_address(&db, campaign, rid)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ledger row never written"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("the ledger row of recipient {rid}");
+    wait_until(&what, Duration::from_millis(20), || async {
+        match blast::ledger::recipient_address(&db, campaign, rid)
+            .await
+            .unwrap()
+        {
+            Some(_) => Ok(()),
+            None => Err("no row".to_string()),
+        }
+    })
+    .await;
     let mut ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
     let bytes = dsn(
         &m.mail_from,

@@ -148,9 +148,7 @@ async fn sigterm_flushes_the_ledger() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    while sink.stats().messages < 200 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    util::wait_for(&sink, 200).await;
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()

@@ -13,23 +13,13 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use blast::progress::Mode;
 use blast::sink::Faults;
 
 use crate::bounce::{dsn, unsubscribe_mail};
-use crate::util::{self, header, ledger_rows, only_to, Backend, World};
-
-/// Waits (at most a minute) until `sink` has `n` messages from Postfix.
-async fn delivered(sink: &blast::sink::Sink, n: u64) {
-    for _ in 0..600 {
-        if sink.stats().messages >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use crate::util::{self, header, ledger_rows, only_to, wait_until, Backend, World};
 
 /// scripts/mta/postfix.sh in this checkout.
 fn script() -> PathBuf {
@@ -193,7 +183,7 @@ async fn campaign_through_postfix_arrives_exactly_once() {
     }
 
     // Postfix delivers everything to the sink, each recipient once.
-    delivered(&sink, n as u64).await;
+    util::wait_for(&sink, n as u64).await;
     let mut count: HashMap<String, u32> = HashMap::new();
     for r in sink.received() {
         for rcpt in &r.rcpt_to {
@@ -244,7 +234,7 @@ async fn campaign_over_starttls_into_postfix() {
         Err(e) => panic!("{e}\nPostfix log:\n{}", postfix.log()),
     };
     assert_eq!((s.sent, s.failed, s.deferred), (n as u64, 0, 0), "{s:?}");
-    delivered(&sink, n as u64).await;
+    util::wait_for(&sink, n as u64).await;
     let received = sink.received();
     let mut ids: Vec<i64> = received
         .iter()
@@ -326,7 +316,7 @@ async fn campaign_with_auth_over_starttls_into_postfix() {
         "{checks:?}"
     );
     assert!(checks[0].detail.contains("TLSv1_3"), "{checks:?}");
-    delivered(&sink, 100).await;
+    util::wait_for(&sink, 100).await;
     assert_eq!(sink.stats().messages, 100);
 }
 
@@ -438,15 +428,7 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         .await
         .unwrap();
     assert_eq!((s.sent, s.failed, s.deferred), (3, 0, 0), "{s:?}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.stats().messages < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "Postfix relayed {:?}",
-            sink.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    util::wait_for(&sink, 3).await;
     let got = sink.received();
     let (m1, m2) = (
         only_to(&got, "user1@example.com"),
@@ -486,25 +468,24 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
     );
 
     // Bounded wait until the pipe has run blast on all three.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    let what = "the pipe to run blast on all three";
+    wait_until(what, Duration::from_millis(200), || async {
         let user1 = blast::suppress::reason(&db, "user1@example.com")
             .await
             .unwrap();
         let user2 = blast::suppress::reason(&db, "user2@example.com")
             .await
             .unwrap();
-        if user1.is_some() && user2.is_some() && !quarantined(&quarantine).is_empty() {
-            break;
+        match user1.is_some() && user2.is_some() && !quarantined(&quarantine).is_empty() {
+            true => Ok(()),
+            false => Err(format!(
+                "user1 {user1:?}, user2 {user2:?}, quarantine {:?}; log:\n{}",
+                quarantined(&quarantine),
+                postfix.log()
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "after 30 s: user1 {user1:?}, user2 {user2:?}, quarantine {:?}; log:\n{}",
-            quarantined(&quarantine),
-            postfix.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
 
     let why = blast::suppress::reason(&db, "user1@example.com")
         .await
@@ -563,11 +544,17 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
 
     // Postfix delivered all three to blast at the first try (no exit 75),
     // relayed nothing of them to the sink, and holds nothing.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while postfix.queue_size() > 0 {
-        assert!(Instant::now() < deadline, "queue:\n{}", postfix.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "Postfix's queue to empty",
+        Duration::from_millis(100),
+        || async {
+            match postfix.queue_size() {
+                0 => Ok(()),
+                q => Err(format!("{q} queued; log:\n{}", postfix.log())),
+            }
+        },
+    )
+    .await;
     let log = postfix.log();
     let piped: Vec<&str> = log.lines().filter(|l| l.contains("relay=blast")).collect();
     assert_eq!(piped.len(), 3, "{log}");
@@ -624,11 +611,14 @@ async fn two_postfix_relays_survive_one_going_down() {
     };
     let stamp = || blast::clock::db_timestamp(blast::clock::now());
     // Let both relays work, then take B down for 2 s.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ledger_rows(&db, "two").await.len() < 600 {
-        assert!(Instant::now() < deadline, "campaign did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = "the campaign to record 600 deliveries";
+    wait_until(what, Duration::from_millis(50), || async {
+        match ledger_rows(&db, "two").await.len() {
+            r if r >= 600 => Ok(()),
+            r => Err(format!("{r} recorded")),
+        }
+    })
+    .await;
     let t_stop = stamp();
     tokio::task::block_in_place(|| b.stop_keep_queue());
     let t_down = stamp();

@@ -25,11 +25,7 @@ async fn stop_then_resume(backend: Backend) {
 
     // Stop once the sink has taken about a third of the audience.
     let watch = sink.clone();
-    let stop = async move {
-        while watch.stats().messages < (n / 3) as u64 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
+    let stop = async move { util::wait_for(&watch, (n / 3) as u64).await };
     let first = blast::commands::send(&cfg, Mode::Quiet, stop)
         .await
         .unwrap();

@@ -5,8 +5,10 @@
 
 #![allow(dead_code)]
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::{Duration, Instant};
 
 use blast::config::{Config, Overrides};
 use blast::db::Db;
@@ -274,9 +276,43 @@ pub fn spawn_send(
     })
 }
 
-/// Waits until `sink` has accepted at least `n` messages.
-pub async fn wait_for(sink: &Sink, n: u64) {
-    while sink.stats().messages < n {
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+/// How long [`wait_until`] waits before the test fails: tens of seconds, so a
+/// slow or busy CI machine passes, while a regression fails with a message
+/// instead of hanging the suite.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Calls `check` every `every` until it gives `Ok`, and returns that value.
+/// While not ready `check` gives `Err` with what it saw; after [`PATIENCE`]
+/// (wall-clock time, also under paused tokio time) the test fails with
+/// `what` it was waiting for and the last thing seen.
+pub async fn wait_until<T, F, Fut>(what: &str, every: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "waited {} s for {what}; last seen: {seen}",
+                PATIENCE.as_secs()
+            ),
+        }
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Waits until `sink` has accepted at least `n` messages; the test fails
+/// after [`PATIENCE`].
+pub async fn wait_for(sink: &Sink, n: u64) {
+    let what = format!("the sink to accept {n} messages");
+    wait_until(&what, Duration::from_millis(2), || async move {
+        match sink.stats().messages {
+            m if m >= n => Ok(()),
+            m => Err(format!("{m} accepted")),
+        }
+    })
+    .await
 }
