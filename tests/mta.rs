@@ -15,8 +15,9 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+use blast::db::Db;
 use blast::progress::Mode;
-use blast::sink::Faults;
+use blast::sink::{Faults, Received, Sink};
 
 use crate::bounce::{dsn, unsubscribe_mail};
 use crate::util::{self, header, ledger_rows, only_to, wait_until, Backend, World};
@@ -78,6 +79,30 @@ impl Postfix {
             String::from_utf8_lossy(&out.stderr)
         );
         Postfix { dir, port }
+    }
+
+    /// Like [`Postfix::start`], and mail to bounce.example.com and
+    /// lists.example.com goes through the pipe transport to `blast bounce
+    /// ingest --stdin` on `database`, run as `nobody`, quarantining into
+    /// `quarantine`.
+    fn start_piping_to_blast(relay_port: u16, database: &str, quarantine: &Path) -> Postfix {
+        Postfix::start_with(
+            relay_port,
+            &[
+                "--bounce-domain",
+                "bounce.example.com",
+                "--bounce-domain",
+                "lists.example.com",
+                "--database",
+                database,
+                "--quarantine",
+                quarantine.to_str().unwrap(),
+                "--blast",
+                env!("CARGO_BIN_EXE_blast"),
+                "--pipe-user",
+                "nobody",
+            ],
+        )
     }
 
     /// Stops the instance, keeping its queue (a crash-free outage).
@@ -384,35 +409,41 @@ fn quarantined(dir: &Path) -> Vec<PathBuf> {
 async fn bounces_and_unsubscribes_come_back_through_postfix() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(3).await;
-    // The pipe's blast runs as nobody: give it the database and its directory.
-    // The test's own connections run as root; SQLite gives the -wal and -shm
-    // files a root process creates to the database file's owner, so they do
-    // not lock nobody out.
+    give_to_nobody(&w);
+    let sink = util::sink(Faults::default()).await;
+    let quarantine = w.path("quarantine");
+    let postfix = Postfix::start_piping_to_blast(sink.local_addr().port(), &w.url, &quarantine);
+    let (m1, m2) = send_verp_campaign(&w, &postfix, &sink).await;
+
+    let db = w.db().await;
+    mail_back(postfix.port, &m1, &m2);
+    wait_for_the_pipe(&db, &quarantine, &postfix).await;
+    assert_user1_bounced_and_user2_unsubscribed(&db).await;
+    assert_one_bounce_event_for_user1(&db).await;
+    assert_garbage_quarantined(&quarantine);
+    assert_all_three_piped_at_the_first_try(&postfix, &sink).await;
+    db.close().await;
+    drop(postfix);
+}
+
+/// Gives the world's directory, database included, to `nobody`, whom the
+/// pipe's blast runs as. The test's own connections run as root; SQLite
+/// gives the -wal and -shm files a root process creates to the database
+/// file's owner, so they do not lock nobody out.
+fn give_to_nobody(w: &World) {
     let chown = Command::new("chown")
         .args(["-R", "nobody:"])
         .arg(w.dir.path())
         .status()
         .unwrap();
     assert!(chown.success());
-    let sink = util::sink(Faults::default()).await;
-    let quarantine = w.path("quarantine");
-    let postfix = Postfix::start_with(
-        sink.local_addr().port(),
-        &[
-            "--bounce-domain",
-            "bounce.example.com",
-            "--bounce-domain",
-            "lists.example.com",
-            "--database",
-            &w.url,
-            "--quarantine",
-            quarantine.to_str().unwrap(),
-            "--blast",
-            env!("CARGO_BIN_EXE_blast"),
-            "--pipe-user",
-            "nobody",
-        ],
-    );
+}
+
+/// Sends the "loop" campaign (VERP on bounce.example.com, a List-Unsubscribe
+/// mailto on lists.example.com) to the three recipients through `postfix`,
+/// waits until Postfix has relayed all three to `sink`, and returns what
+/// user1 and user2 got.
+async fn send_verp_campaign(w: &World, postfix: &Postfix, sink: &Sink) -> (Received, Received) {
     let path = w.campaign(
         "loop",
         "Hi",
@@ -428,17 +459,19 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         .await
         .unwrap();
     assert_eq!((s.sent, s.failed, s.deferred), (3, 0, 0), "{s:?}");
-    util::wait_for(&sink, 3).await;
+    util::wait_for(sink, 3).await;
     let got = sink.received();
-    let (m1, m2) = (
+    (
         only_to(&got, "user1@example.com"),
         only_to(&got, "user2@example.com"),
-    );
+    )
+}
 
-    let db = w.db().await;
-    // What remote MTAs and people send back: a hard bounce to user1's VERP
-    // address (null sender), user2's mail to the List-Unsubscribe mailto, and
-    // something nobody can use, to the bounce domain.
+/// What remote MTAs and people send back, over SMTP to Postfix on `port`: a
+/// hard bounce to user1's VERP address (null sender), user2's mail to the
+/// List-Unsubscribe mailto, and something nobody can use, to the bounce
+/// domain.
+fn mail_back(port: u16, m1: &Received, m2: &Received) {
     let mailto = header(&m2.data, "List-Unsubscribe")
         .unwrap()
         .split(['<', '>'])
@@ -453,58 +486,70 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         "550 5.1.1 <user1@example.com>: Recipient address rejected: User unknown",
         &m1.data,
     );
-    submit(postfix.port, "", &m1.mail_from, &bounce);
+    submit(port, "", &m1.mail_from, &bounce);
     submit(
-        postfix.port,
+        port,
         "user2@example.com",
         &mailto,
         &unsubscribe_mail(&m2.data),
     );
     submit(
-        postfix.port,
+        port,
         "",
         "bounces@bounce.example.com",
         b"%%% garbage 8c1e: no bounce, no signature %%%\r\n",
     );
+}
 
-    // Bounded wait until the pipe has run blast on all three.
+/// Waits until the pipe has run blast on all three mails of [`mail_back`]:
+/// user1 and user2 suppressed, something in the quarantine.
+async fn wait_for_the_pipe(db: &Db, quarantine: &Path, postfix: &Postfix) {
     let what = "the pipe to run blast on all three";
     wait_until(what, Duration::from_millis(200), || async {
-        let user1 = blast::suppress::reason(&db, "user1@example.com")
+        let user1 = blast::suppress::reason(db, "user1@example.com")
             .await
             .unwrap();
-        let user2 = blast::suppress::reason(&db, "user2@example.com")
+        let user2 = blast::suppress::reason(db, "user2@example.com")
             .await
             .unwrap();
-        match user1.is_some() && user2.is_some() && !quarantined(&quarantine).is_empty() {
+        match user1.is_some() && user2.is_some() && !quarantined(quarantine).is_empty() {
             true => Ok(()),
             false => Err(format!(
                 "user1 {user1:?}, user2 {user2:?}, quarantine {:?}; log:\n{}",
-                quarantined(&quarantine),
+                quarantined(quarantine),
                 postfix.log()
             )),
         }
     })
     .await;
+}
 
-    let why = blast::suppress::reason(&db, "user1@example.com")
+/// user1 is suppressed for the hard bounce, user2 for unsubscribing, user3
+/// not at all.
+async fn assert_user1_bounced_and_user2_unsubscribed(db: &Db) {
+    let why = blast::suppress::reason(db, "user1@example.com")
         .await
         .unwrap()
         .unwrap();
     assert!(why.starts_with("hard bounce: 5.1.1"), "{why}");
     assert_eq!(
-        blast::suppress::reason(&db, "user2@example.com")
+        blast::suppress::reason(db, "user2@example.com")
             .await
             .unwrap()
             .as_deref(),
         Some("unsubscribe")
     );
     assert_eq!(
-        blast::suppress::reason(&db, "user3@example.com")
+        blast::suppress::reason(db, "user3@example.com")
             .await
             .unwrap(),
         None
     );
+}
+
+/// blast_bounces holds one event, the hard bounce, tied to user1 in the
+/// "loop" campaign (from the VERP address).
+async fn assert_one_bounce_event_for_user1(db: &Db) {
     use sqlx::Row;
     let rows = sqlx::query(
         "SELECT address, kind, class, status, campaign_id, recipient_id FROM blast_bounces",
@@ -513,7 +558,7 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
     .await
     .unwrap();
     assert_eq!(rows.len(), 1, "one event: the bounce");
-    let campaign = blast::ledger::campaign_id(&db, "loop")
+    let campaign = blast::ledger::campaign_id(db, "loop")
         .await
         .unwrap()
         .unwrap();
@@ -524,11 +569,13 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
     assert_eq!(r.get::<Option<String>, _>(3).as_deref(), Some("5.1.1"));
     assert_eq!(r.get::<Option<i64>, _>(4), Some(campaign));
     assert_eq!(r.get::<Option<i64>, _>(5), Some(1));
+}
 
-    // The garbage is in the quarantine Maildir, with the pipe's R and O
-    // headers on top: the null sender, and where it was sent. (pipe writes
-    // LF line ends.)
-    let files = quarantined(&quarantine);
+/// The garbage is in the quarantine Maildir, with the pipe's R and O
+/// headers on top: the null sender, and where it was sent. (pipe writes
+/// LF line ends.)
+fn assert_garbage_quarantined(quarantine: &Path) {
+    let files = quarantined(quarantine);
     assert_eq!(files.len(), 1, "{files:?}");
     let q = std::fs::read_to_string(&files[0]).unwrap();
     let top: Vec<&str> = q.lines().take(2).collect();
@@ -541,9 +588,12 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         "{q}"
     );
     assert!(q.contains("garbage 8c1e"), "{q}");
+}
 
-    // Postfix delivered all three to blast at the first try (no exit 75),
-    // relayed nothing of them to the sink, and holds nothing.
+/// Postfix delivered all three to blast at the first try (no exit 75),
+/// relayed nothing of them to the sink (which has only the campaign's
+/// three), and holds nothing.
+async fn assert_all_three_piped_at_the_first_try(postfix: &Postfix, sink: &Sink) {
     wait_until(
         "Postfix's queue to empty",
         Duration::from_millis(100),
@@ -570,8 +620,6 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         3,
         "bounce mail went to the pipe only"
     );
-    db.close().await;
-    drop(postfix);
 }
 
 /// Two tuned Postfix instances as two relays; one is stopped mid-campaign
