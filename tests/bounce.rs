@@ -10,7 +10,9 @@ use blast::bounce::mailbox::{Inbox, Source};
 use blast::db::Db;
 use blast::sink::{Faults, Received};
 
-use crate::util::{blast, header, only_to, sink, spawn_send, wait_for, wait_until, Backend, World};
+use crate::util::{
+    blast, header, only_to, sink, slow_sink, spawn_send, wait_for, wait_until, Backend, World,
+};
 
 const VERP: &str =
     "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n";
@@ -362,11 +364,7 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
 async fn hard_bounce_mid_campaign_suppresses_for_the_next_campaign() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(100).await;
-    let slow = sink(Faults {
-        latency: Some(Duration::from_millis(10)),
-        ..Default::default()
-    })
-    .await;
+    let slow = slow_sink(Duration::from_millis(10)).await;
     let path = w.campaign("first", "Hi", "Hello {{ id }}\n", None, VERP);
     let cfg = w.config(&path, Some(&slow), 2);
     let run = spawn_send(&cfg);

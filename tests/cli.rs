@@ -134,11 +134,7 @@ async fn preview_prints_one_recipient() {
 async fn sigterm_flushes_the_ledger() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(2000).await;
-    let sink = util::sink(Faults {
-        latency: Some(std::time::Duration::from_millis(2)),
-        ..Default::default()
-    })
-    .await;
+    let sink = util::slow_sink(std::time::Duration::from_millis(2)).await;
     let path = w.campaign("term", "Hi", "x", None, "");
     let smtp = format!("smtp://{}", sink.local_addr());
     let child = blast()
@@ -177,11 +173,7 @@ async fn sigterm_flushes_the_ledger() {
 async fn second_sigint_stops_faster() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(200).await;
-    let sink = util::sink(Faults {
-        latency: Some(std::time::Duration::from_secs(3)),
-        ..Default::default()
-    })
-    .await;
+    let sink = util::slow_sink(std::time::Duration::from_secs(3)).await;
     let path = w.campaign("twice", "Hi", "x", None, "");
     let smtp = format!("smtp://{}", sink.local_addr());
     let child = blast()

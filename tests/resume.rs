@@ -13,13 +13,7 @@ async fn stop_then_resume(backend: Backend) {
     let n = 3000;
     let w = World::new(backend).await;
     w.seed(n).await;
-    let sink = std::sync::Arc::new(
-        util::sink(Faults {
-            latency: Some(Duration::from_millis(1)),
-            ..Default::default()
-        })
-        .await,
-    );
+    let sink = std::sync::Arc::new(util::slow_sink(Duration::from_millis(1)).await);
     let path = w.campaign("resume", "Hi {{ first_name }}", "{{ token }}", None, "");
     let cfg = w.config(&path, Some(&sink), 4);
 

@@ -85,11 +85,7 @@ async fn run_due_sends_frozen_campaigns_when_due() {
 async fn concurrent_run_due_never_double_sends() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(1000).await;
-    let sink = util::sink(Faults {
-        latency: Some(Duration::from_millis(1)),
-        ..Default::default()
-    })
-    .await;
+    let sink = util::slow_sink(Duration::from_millis(1)).await;
     let path = w.campaign("race", "Hi", "x", None, "");
     let text = std::fs::read_to_string(&path).unwrap()
         + &format!("[delivery]\nsmtp = \"smtp://{}\"\n", sink.local_addr());

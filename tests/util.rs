@@ -147,6 +147,16 @@ pub async fn sink(faults: Faults) -> Sink {
     .unwrap()
 }
 
+/// Like [`sink`], taking `latency` over each message, so a campaign is still
+/// running when the test acts on it.
+pub async fn slow_sink(latency: Duration) -> Sink {
+    sink(Faults {
+        latency: Some(latency),
+        ..Default::default()
+    })
+    .await
+}
+
 /// The `blast` binary built for this test run, as an operator runs it.
 pub fn blast() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blast"))
