@@ -109,10 +109,7 @@ async fn sigkill(backend: Backend) {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(
         count.len(),
         n,
@@ -391,10 +388,7 @@ async fn pause_and_resume_across_processes() {
         .await
         .unwrap();
     assert_eq!(first.sent + s.sent, 3000, "{first:?} {s:?}");
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(count.len(), 3000);
     assert!(count.values().all(|&c| c == 1));
 }

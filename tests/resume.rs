@@ -1,4 +1,3 @@
-use std::collections::HashMap;
 use std::future::pending;
 use std::time::Duration;
 
@@ -37,10 +36,7 @@ async fn stop_then_resume(backend: Backend) {
     assert!(!second.interrupted);
     assert_eq!(first.sent + second.sent, n as u64, "{first:?} {second:?}");
 
-    let mut count: HashMap<String, u32> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(count.len(), n as usize, "nobody skipped");
     assert!(count.values().all(|&c| c == 1), "nobody doubled");
     let db = w.db().await;

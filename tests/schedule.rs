@@ -1,6 +1,5 @@
 //! Scheduled campaigns: frozen specs, run-due, concurrent run-due, holds.
 
-use std::collections::HashMap;
 use std::future::pending;
 use std::time::Duration;
 
@@ -114,10 +113,7 @@ async fn concurrent_run_due_never_double_sends() {
         })
         .sum();
     assert_eq!(sent, 1000, "{a:?} {b:?}");
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(count.len(), 1000);
     assert!(count.values().all(|&c| c == 1));
 }

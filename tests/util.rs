@@ -5,6 +5,7 @@
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -228,6 +229,16 @@ pub fn only_to(got: &[Received], addr: &str) -> Received {
             panic!("{addr} was sent nothing on its own; envelopes: {envelopes:?}")
         })
         .clone()
+}
+
+/// How many messages each recipient got, keyed by each envelope's first
+/// RCPT (blast sends one per envelope).
+pub fn per_recipient(got: &[Received]) -> HashMap<String, usize> {
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for r in got {
+        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
+    }
+    count
 }
 
 /// All header names of a raw message, lower-cased.
