@@ -348,11 +348,7 @@ async fn an_outage_moves_traffic_to_the_other_relay_and_back() {
 async fn the_queue_probe_marks_congestion() {
     let w = crate::util::World::new(crate::util::Backend::Sqlite).await;
     w.seed(600).await;
-    let sink = crate::util::sink(Faults {
-        latency: Some(Duration::from_millis(50)),
-        ..Default::default()
-    })
-    .await;
+    let sink = crate::util::slow_sink(Duration::from_millis(50)).await;
     let depth = w.path("queue-depth");
     std::fs::write(&depth, "9000\n").unwrap();
     let extra = format!(

@@ -10,7 +10,9 @@ use blast::bounce::mailbox::{Inbox, Source};
 use blast::db::Db;
 use blast::sink::{Faults, Received};
 
-use crate::util::{header, sink, spawn_send, wait_for, Backend, World};
+use crate::util::{
+    blast, header, only_to, sink, slow_sink, spawn_send, wait_for, wait_until, Backend, World,
+};
 
 const VERP: &str =
     "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n";
@@ -71,13 +73,6 @@ async fn sent(w: &World, name: &str) -> Vec<Received> {
     s.shutdown().await
 }
 
-fn to(got: &[Received], addr: &str) -> Received {
-    got.iter()
-        .find(|m| m.rcpt_to[0] == addr)
-        .unwrap_or_else(|| panic!("{addr} was sent nothing"))
-        .clone()
-}
-
 fn write_maildir(dir: &Path, mails: &[(&str, Vec<u8>)]) {
     for sub in ["new", "cur", "tmp"] {
         std::fs::create_dir_all(dir.join(sub)).unwrap();
@@ -107,11 +102,11 @@ async fn ingest_maildir(backend: Backend) {
     w.seed(6).await;
     let got = sent(&w, "c1").await;
     let (m1, m2, m3, m4, m5) = (
-        to(&got, "user1@example.com"),
-        to(&got, "user2@example.com"),
-        to(&got, "user3@example.com"),
-        to(&got, "user4@example.com"),
-        to(&got, "user5@example.com"),
+        only_to(&got, "user1@example.com"),
+        only_to(&got, "user2@example.com"),
+        only_to(&got, "user3@example.com"),
+        only_to(&got, "user4@example.com"),
+        only_to(&got, "user5@example.com"),
     );
     // A forged bounce: right shape, wrong signature.
     let forged_to = m5.mail_from.replace(
@@ -255,7 +250,7 @@ async fn soft_bounces_suppress_at_the_limit() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(1).await;
     let got = sent(&w, "soft").await;
-    let m = to(&got, "user1@example.com");
+    let m = only_to(&got, "user1@example.com");
     let db = w.db().await;
     let mut ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
     for i in 1..=3 {
@@ -290,8 +285,8 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(3).await;
     let got = sent(&w, "cli").await;
-    let m1 = to(&got, "user1@example.com");
-    let m2 = to(&got, "user2@example.com");
+    let m1 = only_to(&got, "user1@example.com");
+    let m2 = only_to(&got, "user2@example.com");
 
     // mbox: a hard bounce and a garbage message, quarantined beside it.
     let mbox = w.path("bounces.mbox");
@@ -305,7 +300,7 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
     ));
     text.extend(b"\nFrom nobody Sun Nov 29 12:00:01 2026\nnot a header line at all\n\n");
     std::fs::write(&mbox, text).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blast"))
+    let out = blast()
         .args(["bounce", "ingest", "--json", "--mbox"])
         .arg(&mbox)
         .args(["--database", &w.url])
@@ -328,7 +323,7 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
     let run_stdin = |bytes: Vec<u8>, url: String| {
         let input = w.path("stdin.eml");
         std::fs::write(&input, bytes).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_blast"))
+        let out = blast()
             .args(["bounce", "ingest", "--stdin", "--quarantine"])
             .arg(w.path("stdin-quarantine"))
             .args(["--database", &url])
@@ -369,11 +364,7 @@ async fn ingest_mbox_and_stdin_through_the_binary() {
 async fn hard_bounce_mid_campaign_suppresses_for_the_next_campaign() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(100).await;
-    let slow = sink(Faults {
-        latency: Some(Duration::from_millis(10)),
-        ..Default::default()
-    })
-    .await;
+    let slow = slow_sink(Duration::from_millis(10)).await;
     let path = w.campaign("first", "Hi", "Hello {{ id }}\n", None, VERP);
     let cfg = w.config(&path, Some(&slow), 2);
     let run = spawn_send(&cfg);
@@ -392,18 +383,17 @@ async fn hard_bounce_mid_campaign_suppresses_for_the_next_campaign() {
         .await
         .unwrap()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while blast::ledger::recipient_address(&db, campaign, rid)
-        .await
-        .unwrap()
-        .is_none()
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "ledger row never written"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let what = format!("the ledger row of recipient {rid}");
+    wait_until(&what, Duration::from_millis(20), || async {
+        match blast::ledger::recipient_address(&db, campaign, rid)
+            .await
+            .unwrap()
+        {
+            Some(_) => Ok(()),
+            None => Err("no row".to_string()),
+        }
+    })
+    .await;
     let mut ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
     let bytes = dsn(
         &m.mail_from,

@@ -4,11 +4,7 @@ use std::process::Command;
 
 use blast::sink::Faults;
 
-use crate::util::{self, Backend, World};
-
-fn blast() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_blast"))
-}
+use crate::util::{self, blast, Backend, World};
 
 /// Exit 0 when everyone was accepted, a JSON summary on stdout, and status counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -138,11 +134,7 @@ async fn preview_prints_one_recipient() {
 async fn sigterm_flushes_the_ledger() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(2000).await;
-    let sink = util::sink(Faults {
-        latency: Some(std::time::Duration::from_millis(2)),
-        ..Default::default()
-    })
-    .await;
+    let sink = util::slow_sink(std::time::Duration::from_millis(2)).await;
     let path = w.campaign("term", "Hi", "x", None, "");
     let smtp = format!("smtp://{}", sink.local_addr());
     let child = blast()
@@ -152,9 +144,7 @@ async fn sigterm_flushes_the_ledger() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    while sink.stats().messages < 200 {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    util::wait_for(&sink, 200).await;
     let kill = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
@@ -183,11 +173,7 @@ async fn sigterm_flushes_the_ledger() {
 async fn second_sigint_stops_faster() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(200).await;
-    let sink = util::sink(Faults {
-        latency: Some(std::time::Duration::from_secs(3)),
-        ..Default::default()
-    })
-    .await;
+    let sink = util::slow_sink(std::time::Duration::from_secs(3)).await;
     let path = w.campaign("twice", "Hi", "x", None, "");
     let smtp = format!("smtp://{}", sink.local_addr());
     let child = blast()

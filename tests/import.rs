@@ -5,7 +5,7 @@ use blast::import::{import_file, ImportOptions, RowError};
 use blast::progress::Mode;
 use blast::sink::Faults;
 
-use crate::util::{self, header, Backend, World};
+use crate::util::{self, blast, header, Backend, World};
 
 fn fixture() -> std::path::PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/csv/subscribers_mixed.csv")
@@ -88,7 +88,7 @@ async fn import_then_send_postgres() {
 fn import_command_reports_bad_rows() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}", dir.path().join("i.db").display());
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_blast"))
+    let out = blast()
         .args([
             "import",
             fixture().to_str().unwrap(),

@@ -9,7 +9,7 @@ use blast::sign::Key;
 use blast::sink::Faults;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::util::{self, header, sink, spawn_send, wait_for, Backend, World};
+use crate::util::{self, header, sink, slow_sink, spawn_send, wait_for, Backend, World};
 
 const VERP: &str =
     "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n";
@@ -221,11 +221,7 @@ async fn unsubscribe_during_campaign(backend: Backend) {
     let server = Server::start(db.clone()).await;
 
     // This week's campaign goes slowly: 2 injectors, 20 ms per message.
-    let slow = sink(Faults {
-        latency: Some(Duration::from_millis(20)),
-        ..Default::default()
-    })
-    .await;
+    let slow = slow_sink(Duration::from_millis(20)).await;
     let path = w.campaign("week-2", "Hi", "Hello {{ id }}\n", None, "");
     let mut cfg = w.config(&path, Some(&slow), 2);
     cfg.batch_size = 20;

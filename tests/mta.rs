@@ -13,23 +13,14 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use blast::db::Db;
 use blast::progress::Mode;
-use blast::sink::{Faults, Received};
+use blast::sink::{Faults, Received, Sink};
 
 use crate::bounce::{dsn, unsubscribe_mail};
-use crate::util::{self, header, ledger_rows, Backend, World};
-
-/// Waits (at most a minute) until `sink` has `n` messages from Postfix.
-async fn delivered(sink: &blast::sink::Sink, n: u64) {
-    for _ in 0..600 {
-        if sink.stats().messages >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
+use crate::util::{self, header, ledger_rows, only_to, wait_until, Backend, World};
 
 /// scripts/mta/postfix.sh in this checkout.
 fn script() -> PathBuf {
@@ -88,6 +79,30 @@ impl Postfix {
             String::from_utf8_lossy(&out.stderr)
         );
         Postfix { dir, port }
+    }
+
+    /// Like [`Postfix::start`], and mail to bounce.example.com and
+    /// lists.example.com goes through the pipe transport to `blast bounce
+    /// ingest --stdin` on `database`, run as `nobody`, quarantining into
+    /// `quarantine`.
+    fn start_piping_to_blast(relay_port: u16, database: &str, quarantine: &Path) -> Postfix {
+        Postfix::start_with(
+            relay_port,
+            &[
+                "--bounce-domain",
+                "bounce.example.com",
+                "--bounce-domain",
+                "lists.example.com",
+                "--database",
+                database,
+                "--quarantine",
+                quarantine.to_str().unwrap(),
+                "--blast",
+                env!("CARGO_BIN_EXE_blast"),
+                "--pipe-user",
+                "nobody",
+            ],
+        )
     }
 
     /// Stops the instance, keeping its queue (a crash-free outage).
@@ -193,7 +208,7 @@ async fn campaign_through_postfix_arrives_exactly_once() {
     }
 
     // Postfix delivers everything to the sink, each recipient once.
-    delivered(&sink, n as u64).await;
+    util::wait_for(&sink, n as u64).await;
     let mut count: HashMap<String, u32> = HashMap::new();
     for r in sink.received() {
         for rcpt in &r.rcpt_to {
@@ -244,7 +259,7 @@ async fn campaign_over_starttls_into_postfix() {
         Err(e) => panic!("{e}\nPostfix log:\n{}", postfix.log()),
     };
     assert_eq!((s.sent, s.failed, s.deferred), (n as u64, 0, 0), "{s:?}");
-    delivered(&sink, n as u64).await;
+    util::wait_for(&sink, n as u64).await;
     let received = sink.received();
     let mut ids: Vec<i64> = received
         .iter()
@@ -326,7 +341,7 @@ async fn campaign_with_auth_over_starttls_into_postfix() {
         "{checks:?}"
     );
     assert!(checks[0].detail.contains("TLSv1_3"), "{checks:?}");
-    delivered(&sink, 100).await;
+    util::wait_for(&sink, 100).await;
     assert_eq!(sink.stats().messages, 100);
 }
 
@@ -376,14 +391,6 @@ fn submit(port: u16, from: &str, to: &str, data: &[u8]) {
     say("QUIT\r\n".into(), b'2');
 }
 
-/// The message the sink got for `addr`.
-fn to(got: &[Received], addr: &str) -> Received {
-    got.iter()
-        .find(|m| m.rcpt_to == [addr])
-        .unwrap_or_else(|| panic!("{addr} was sent nothing"))
-        .clone()
-}
-
 /// Files in a quarantine Maildir (new/ and cur/).
 fn quarantined(dir: &Path) -> Vec<PathBuf> {
     ["new", "cur"]
@@ -402,35 +409,41 @@ fn quarantined(dir: &Path) -> Vec<PathBuf> {
 async fn bounces_and_unsubscribes_come_back_through_postfix() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(3).await;
-    // The pipe's blast runs as nobody: give it the database and its directory.
-    // The test's own connections run as root; SQLite gives the -wal and -shm
-    // files a root process creates to the database file's owner, so they do
-    // not lock nobody out.
+    give_to_nobody(&w);
+    let sink = util::sink(Faults::default()).await;
+    let quarantine = w.path("quarantine");
+    let postfix = Postfix::start_piping_to_blast(sink.local_addr().port(), &w.url, &quarantine);
+    let (m1, m2) = send_verp_campaign(&w, &postfix, &sink).await;
+
+    let db = w.db().await;
+    mail_back(postfix.port, &m1, &m2);
+    wait_for_the_pipe(&db, &quarantine, &postfix).await;
+    assert_user1_bounced_and_user2_unsubscribed(&db).await;
+    assert_one_bounce_event_for_user1(&db).await;
+    assert_garbage_quarantined(&quarantine);
+    assert_all_three_piped_at_the_first_try(&postfix, &sink).await;
+    db.close().await;
+    drop(postfix);
+}
+
+/// Gives the world's directory, database included, to `nobody`, whom the
+/// pipe's blast runs as. The test's own connections run as root; SQLite
+/// gives the -wal and -shm files a root process creates to the database
+/// file's owner, so they do not lock nobody out.
+fn give_to_nobody(w: &World) {
     let chown = Command::new("chown")
         .args(["-R", "nobody:"])
         .arg(w.dir.path())
         .status()
         .unwrap();
     assert!(chown.success());
-    let sink = util::sink(Faults::default()).await;
-    let quarantine = w.path("quarantine");
-    let postfix = Postfix::start_with(
-        sink.local_addr().port(),
-        &[
-            "--bounce-domain",
-            "bounce.example.com",
-            "--bounce-domain",
-            "lists.example.com",
-            "--database",
-            &w.url,
-            "--quarantine",
-            quarantine.to_str().unwrap(),
-            "--blast",
-            env!("CARGO_BIN_EXE_blast"),
-            "--pipe-user",
-            "nobody",
-        ],
-    );
+}
+
+/// Sends the "loop" campaign (VERP on bounce.example.com, a List-Unsubscribe
+/// mailto on lists.example.com) to the three recipients through `postfix`,
+/// waits until Postfix has relayed all three to `sink`, and returns what
+/// user1 and user2 got.
+async fn send_verp_campaign(w: &World, postfix: &Postfix, sink: &Sink) -> (Received, Received) {
     let path = w.campaign(
         "loop",
         "Hi",
@@ -446,22 +459,19 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         .await
         .unwrap();
     assert_eq!((s.sent, s.failed, s.deferred), (3, 0, 0), "{s:?}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while sink.stats().messages < 3 {
-        assert!(
-            Instant::now() < deadline,
-            "Postfix relayed {:?}",
-            sink.stats()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    util::wait_for(sink, 3).await;
     let got = sink.received();
-    let (m1, m2) = (to(&got, "user1@example.com"), to(&got, "user2@example.com"));
+    (
+        only_to(&got, "user1@example.com"),
+        only_to(&got, "user2@example.com"),
+    )
+}
 
-    let db = w.db().await;
-    // What remote MTAs and people send back: a hard bounce to user1's VERP
-    // address (null sender), user2's mail to the List-Unsubscribe mailto, and
-    // something nobody can use, to the bounce domain.
+/// What remote MTAs and people send back, over SMTP to Postfix on `port`: a
+/// hard bounce to user1's VERP address (null sender), user2's mail to the
+/// List-Unsubscribe mailto, and something nobody can use, to the bounce
+/// domain.
+fn mail_back(port: u16, m1: &Received, m2: &Received) {
     let mailto = header(&m2.data, "List-Unsubscribe")
         .unwrap()
         .split(['<', '>'])
@@ -476,59 +486,70 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         "550 5.1.1 <user1@example.com>: Recipient address rejected: User unknown",
         &m1.data,
     );
-    submit(postfix.port, "", &m1.mail_from, &bounce);
+    submit(port, "", &m1.mail_from, &bounce);
     submit(
-        postfix.port,
+        port,
         "user2@example.com",
         &mailto,
         &unsubscribe_mail(&m2.data),
     );
     submit(
-        postfix.port,
+        port,
         "",
         "bounces@bounce.example.com",
         b"%%% garbage 8c1e: no bounce, no signature %%%\r\n",
     );
+}
 
-    // Bounded wait until the pipe has run blast on all three.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let user1 = blast::suppress::reason(&db, "user1@example.com")
+/// Waits until the pipe has run blast on all three mails of [`mail_back`]:
+/// user1 and user2 suppressed, something in the quarantine.
+async fn wait_for_the_pipe(db: &Db, quarantine: &Path, postfix: &Postfix) {
+    let what = "the pipe to run blast on all three";
+    wait_until(what, Duration::from_millis(200), || async {
+        let user1 = blast::suppress::reason(db, "user1@example.com")
             .await
             .unwrap();
-        let user2 = blast::suppress::reason(&db, "user2@example.com")
+        let user2 = blast::suppress::reason(db, "user2@example.com")
             .await
             .unwrap();
-        if user1.is_some() && user2.is_some() && !quarantined(&quarantine).is_empty() {
-            break;
+        match user1.is_some() && user2.is_some() && !quarantined(quarantine).is_empty() {
+            true => Ok(()),
+            false => Err(format!(
+                "user1 {user1:?}, user2 {user2:?}, quarantine {:?}; log:\n{}",
+                quarantined(quarantine),
+                postfix.log()
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "after 30 s: user1 {user1:?}, user2 {user2:?}, quarantine {:?}; log:\n{}",
-            quarantined(&quarantine),
-            postfix.log()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    })
+    .await;
+}
 
-    let why = blast::suppress::reason(&db, "user1@example.com")
+/// user1 is suppressed for the hard bounce, user2 for unsubscribing, user3
+/// not at all.
+async fn assert_user1_bounced_and_user2_unsubscribed(db: &Db) {
+    let why = blast::suppress::reason(db, "user1@example.com")
         .await
         .unwrap()
         .unwrap();
     assert!(why.starts_with("hard bounce: 5.1.1"), "{why}");
     assert_eq!(
-        blast::suppress::reason(&db, "user2@example.com")
+        blast::suppress::reason(db, "user2@example.com")
             .await
             .unwrap()
             .as_deref(),
         Some("unsubscribe")
     );
     assert_eq!(
-        blast::suppress::reason(&db, "user3@example.com")
+        blast::suppress::reason(db, "user3@example.com")
             .await
             .unwrap(),
         None
     );
+}
+
+/// blast_bounces holds one event, the hard bounce, tied to user1 in the
+/// "loop" campaign (from the VERP address).
+async fn assert_one_bounce_event_for_user1(db: &Db) {
     use sqlx::Row;
     let rows = sqlx::query(
         "SELECT address, kind, class, status, campaign_id, recipient_id FROM blast_bounces",
@@ -537,7 +558,7 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
     .await
     .unwrap();
     assert_eq!(rows.len(), 1, "one event: the bounce");
-    let campaign = blast::ledger::campaign_id(&db, "loop")
+    let campaign = blast::ledger::campaign_id(db, "loop")
         .await
         .unwrap()
         .unwrap();
@@ -548,11 +569,13 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
     assert_eq!(r.get::<Option<String>, _>(3).as_deref(), Some("5.1.1"));
     assert_eq!(r.get::<Option<i64>, _>(4), Some(campaign));
     assert_eq!(r.get::<Option<i64>, _>(5), Some(1));
+}
 
-    // The garbage is in the quarantine Maildir, with the pipe's R and O
-    // headers on top: the null sender, and where it was sent. (pipe writes
-    // LF line ends.)
-    let files = quarantined(&quarantine);
+/// The garbage is in the quarantine Maildir, with the pipe's R and O
+/// headers on top: the null sender, and where it was sent. (pipe writes
+/// LF line ends.)
+fn assert_garbage_quarantined(quarantine: &Path) {
+    let files = quarantined(quarantine);
     assert_eq!(files.len(), 1, "{files:?}");
     let q = std::fs::read_to_string(&files[0]).unwrap();
     let top: Vec<&str> = q.lines().take(2).collect();
@@ -565,14 +588,23 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         "{q}"
     );
     assert!(q.contains("garbage 8c1e"), "{q}");
+}
 
-    // Postfix delivered all three to blast at the first try (no exit 75),
-    // relayed nothing of them to the sink, and holds nothing.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while postfix.queue_size() > 0 {
-        assert!(Instant::now() < deadline, "queue:\n{}", postfix.log());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+/// Postfix delivered all three to blast at the first try (no exit 75),
+/// relayed nothing of them to the sink (which has only the campaign's
+/// three), and holds nothing.
+async fn assert_all_three_piped_at_the_first_try(postfix: &Postfix, sink: &Sink) {
+    wait_until(
+        "Postfix's queue to empty",
+        Duration::from_millis(100),
+        || async {
+            match postfix.queue_size() {
+                0 => Ok(()),
+                q => Err(format!("{q} queued; log:\n{}", postfix.log())),
+            }
+        },
+    )
+    .await;
     let log = postfix.log();
     let piped: Vec<&str> = log.lines().filter(|l| l.contains("relay=blast")).collect();
     assert_eq!(piped.len(), 3, "{log}");
@@ -588,8 +620,6 @@ async fn bounces_and_unsubscribes_come_back_through_postfix() {
         3,
         "bounce mail went to the pipe only"
     );
-    db.close().await;
-    drop(postfix);
 }
 
 /// Two tuned Postfix instances as two relays; one is stopped mid-campaign
@@ -629,11 +659,14 @@ async fn two_postfix_relays_survive_one_going_down() {
     };
     let stamp = || blast::clock::db_timestamp(blast::clock::now());
     // Let both relays work, then take B down for 2 s.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while ledger_rows(&db, "two").await.len() < 600 {
-        assert!(Instant::now() < deadline, "campaign did not start");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = "the campaign to record 600 deliveries";
+    wait_until(what, Duration::from_millis(50), || async {
+        match ledger_rows(&db, "two").await.len() {
+            r if r >= 600 => Ok(()),
+            r => Err(format!("{r} recorded")),
+        }
+    })
+    .await;
     let t_stop = stamp();
     tokio::task::block_in_place(|| b.stop_keep_queue());
     let t_down = stamp();

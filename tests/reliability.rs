@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::future::pending;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,11 +11,7 @@ use blast::progress::Mode;
 use blast::sink::{Faults, Sink, SinkConfig};
 use blast::Error;
 
-use crate::util::{self, ledger_rows, Backend, World};
-
-fn blast() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_blast"))
-}
+use crate::util::{self, blast, ledger_rows, Backend, World};
 
 async fn scalar(w: &World, sql: &str) -> i64 {
     let db = w.db().await;
@@ -33,13 +28,7 @@ async fn scalar(w: &World, sql: &str) -> i64 {
 async fn second_sender_is_refused() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(400).await;
-    let sink = Arc::new(
-        util::sink(Faults {
-            latency: Some(Duration::from_millis(5)),
-            ..Default::default()
-        })
-        .await,
-    );
+    let sink = Arc::new(util::slow_sink(Duration::from_millis(5)).await);
     let path = w.campaign("lease", "Hi", "x", None, "");
     let cfg = w.config(&path, Some(&sink), 2);
     let first = util::spawn_send(&cfg);
@@ -66,11 +55,7 @@ async fn sigkill(backend: Backend) {
     let concurrency = 4;
     let w = World::new(backend).await;
     w.seed(n as i64).await;
-    let sink = util::sink(Faults {
-        latency: Some(Duration::from_millis(1)),
-        ..Default::default()
-    })
-    .await;
+    let sink = util::slow_sink(Duration::from_millis(1)).await;
     let path = w.campaign("kill", "Hi {{ first_name }}", "{{ token }}", None, "");
     let smtp = format!("smtp://{}", sink.local_addr());
     let mut seed = std::process::id() as u64 ^ 0x9E37_79B9_7F4A_7C15;
@@ -124,10 +109,7 @@ async fn sigkill(backend: Backend) {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(
         count.len(),
         n,
@@ -371,13 +353,7 @@ async fn breaker_trips_on_a_streak_of_refusals() {
 async fn pause_and_resume_across_processes() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(3000).await;
-    let sink = Arc::new(
-        util::sink(Faults {
-            latency: Some(Duration::from_millis(2)),
-            ..Default::default()
-        })
-        .await,
-    );
+    let sink = Arc::new(util::slow_sink(Duration::from_millis(2)).await);
     let path = w.campaign("pause", "Hi", "x", None, "");
     let cfg = w.config(&path, Some(&sink), 2);
     let run = util::spawn_send(&cfg);
@@ -412,10 +388,7 @@ async fn pause_and_resume_across_processes() {
         .await
         .unwrap();
     assert_eq!(first.sent + s.sent, 3000, "{first:?} {s:?}");
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(count.len(), 3000);
     assert!(count.values().all(|&c| c == 1));
 }
@@ -425,13 +398,7 @@ async fn pause_and_resume_across_processes() {
 async fn cancel_is_final() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(2000).await;
-    let sink = Arc::new(
-        util::sink(Faults {
-            latency: Some(Duration::from_millis(2)),
-            ..Default::default()
-        })
-        .await,
-    );
+    let sink = Arc::new(util::slow_sink(Duration::from_millis(2)).await);
     let path = w.campaign("cancel", "Hi", "x", None, "");
     let cfg = w.config(&path, Some(&sink), 2);
     let run = util::spawn_send(&cfg);

@@ -1,4 +1,3 @@
-use std::collections::HashMap;
 use std::future::pending;
 use std::time::Duration;
 
@@ -13,23 +12,13 @@ async fn stop_then_resume(backend: Backend) {
     let n = 3000;
     let w = World::new(backend).await;
     w.seed(n).await;
-    let sink = std::sync::Arc::new(
-        util::sink(Faults {
-            latency: Some(Duration::from_millis(1)),
-            ..Default::default()
-        })
-        .await,
-    );
+    let sink = std::sync::Arc::new(util::slow_sink(Duration::from_millis(1)).await);
     let path = w.campaign("resume", "Hi {{ first_name }}", "{{ token }}", None, "");
     let cfg = w.config(&path, Some(&sink), 4);
 
     // Stop once the sink has taken about a third of the audience.
     let watch = sink.clone();
-    let stop = async move {
-        while watch.stats().messages < (n / 3) as u64 {
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
-    };
+    let stop = async move { util::wait_for(&watch, (n / 3) as u64).await };
     let first = blast::commands::send(&cfg, Mode::Quiet, stop)
         .await
         .unwrap();
@@ -47,10 +36,7 @@ async fn stop_then_resume(backend: Backend) {
     assert!(!second.interrupted);
     assert_eq!(first.sent + second.sent, n as u64, "{first:?} {second:?}");
 
-    let mut count: HashMap<String, u32> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(count.len(), n as usize, "nobody skipped");
     assert!(count.values().all(|&c| c == 1), "nobody doubled");
     let db = w.db().await;

@@ -1,6 +1,5 @@
 //! Scheduled campaigns: frozen specs, run-due, concurrent run-due, holds.
 
-use std::collections::HashMap;
 use std::future::pending;
 use std::time::Duration;
 
@@ -85,11 +84,7 @@ async fn run_due_sends_frozen_campaigns_when_due() {
 async fn concurrent_run_due_never_double_sends() {
     let w = World::new(Backend::Sqlite).await;
     w.seed(1000).await;
-    let sink = util::sink(Faults {
-        latency: Some(Duration::from_millis(1)),
-        ..Default::default()
-    })
-    .await;
+    let sink = util::slow_sink(Duration::from_millis(1)).await;
     let path = w.campaign("race", "Hi", "x", None, "");
     let text = std::fs::read_to_string(&path).unwrap()
         + &format!("[delivery]\nsmtp = \"smtp://{}\"\n", sink.local_addr());
@@ -118,10 +113,7 @@ async fn concurrent_run_due_never_double_sends() {
         })
         .sum();
     assert_eq!(sent, 1000, "{a:?} {b:?}");
-    let mut count: HashMap<String, usize> = HashMap::new();
-    for r in sink.received() {
-        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
-    }
+    let count = util::per_recipient(&sink.received());
     assert_eq!(count.len(), 1000);
     assert!(count.values().all(|&c| c == 1));
 }

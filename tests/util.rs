@@ -1,14 +1,19 @@
 //! Test harness: a fresh database per test (SQLite file in a temp dir, or a new
 //! PostgreSQL database on the server named by `BLAST_TEST_PG_URL`), a campaign
-//! file writer, audience seeding, and an in-process sink.
+//! file writer, audience seeding, an in-process sink, the `blast` binary, and
+//! bounded waits.
 
 #![allow(dead_code)]
 
+use std::collections::HashMap;
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
 
 use blast::config::{Config, Overrides};
 use blast::db::Db;
-use blast::sink::{Faults, Sink, SinkConfig};
+use blast::sink::{Faults, Received, Sink, SinkConfig};
 
 /// Which database a test runs on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,6 +148,21 @@ pub async fn sink(faults: Faults) -> Sink {
     .unwrap()
 }
 
+/// Like [`sink`], taking `latency` over each message, so a campaign is still
+/// running when the test acts on it.
+pub async fn slow_sink(latency: Duration) -> Sink {
+    sink(Faults {
+        latency: Some(latency),
+        ..Default::default()
+    })
+    .await
+}
+
+/// The `blast` binary built for this test run, as an operator runs it.
+pub fn blast() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_blast"))
+}
+
 /// The PostgreSQL server for tests. Required: `scripts/test.sh` starts one.
 pub fn pg_url() -> String {
     std::env::var("BLAST_TEST_PG_URL").expect(
@@ -195,6 +215,30 @@ pub fn header(msg: &[u8], name: &str) -> Option<String> {
         }
     }
     None
+}
+
+/// The first message in `got` whose envelope has exactly one recipient,
+/// `addr`; panics if there is none. One RCPT per envelope is what blast
+/// sends (a VERP sender names one recipient) and what Postfix relays of it,
+/// so a message that reached `addr` together with others does not match.
+pub fn only_to(got: &[Received], addr: &str) -> Received {
+    got.iter()
+        .find(|m| m.rcpt_to == [addr])
+        .unwrap_or_else(|| {
+            let envelopes: Vec<&[String]> = got.iter().map(|m| &m.rcpt_to[..]).collect();
+            panic!("{addr} was sent nothing on its own; envelopes: {envelopes:?}")
+        })
+        .clone()
+}
+
+/// How many messages each recipient got, keyed by each envelope's first
+/// RCPT (blast sends one per envelope).
+pub fn per_recipient(got: &[Received]) -> HashMap<String, usize> {
+    let mut count: HashMap<String, usize> = HashMap::new();
+    for r in got {
+        *count.entry(r.rcpt_to[0].clone()).or_default() += 1;
+    }
+    count
 }
 
 /// All header names of a raw message, lower-cased.
@@ -253,9 +297,43 @@ pub fn spawn_send(
     })
 }
 
-/// Waits until `sink` has accepted at least `n` messages.
-pub async fn wait_for(sink: &Sink, n: u64) {
-    while sink.stats().messages < n {
-        tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+/// How long [`wait_until`] waits before the test fails: tens of seconds, so a
+/// slow or busy CI machine passes, while a regression fails with a message
+/// instead of hanging the suite.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Calls `check` every `every` until it gives `Ok`, and returns that value.
+/// While not ready `check` gives `Err` with what it saw; after [`PATIENCE`]
+/// (wall-clock time, also under paused tokio time) the test fails with
+/// `what` it was waiting for and the last thing seen.
+pub async fn wait_until<T, F, Fut>(what: &str, every: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match check().await {
+            Ok(v) => return v,
+            Err(seen) => assert!(
+                Instant::now() < deadline,
+                "waited {} s for {what}; last seen: {seen}",
+                PATIENCE.as_secs()
+            ),
+        }
+        tokio::time::sleep(every).await;
     }
+}
+
+/// Waits until `sink` has accepted at least `n` messages; the test fails
+/// after [`PATIENCE`].
+pub async fn wait_for(sink: &Sink, n: u64) {
+    let what = format!("the sink to accept {n} messages");
+    wait_until(&what, Duration::from_millis(2), || async move {
+        match sink.stats().messages {
+            m if m >= n => Ok(()),
+            m => Err(format!("{m} accepted")),
+        }
+    })
+    .await
 }
