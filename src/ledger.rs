@@ -672,3 +672,156 @@ pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>
     }
     Ok(written)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use tokio::sync::mpsc;
+
+    use super::{insert_sql, stored, write_loop, Ledger, FLUSH_EVERY, FLUSH_ROWS};
+    use crate::config::RetryPolicy;
+    use crate::db::Backend;
+    use crate::error::Result;
+    use crate::model::{Outcome, Record, Reply, Status};
+
+    fn record(id: i64, outcome: Outcome) -> Record {
+        Record {
+            recipient_id: id,
+            email: format!("u{id}@example.com"),
+            outcome,
+            relay: Some("smtp://127.0.0.1:25".into()),
+            attempts: 0,
+            first_attempt_at: None,
+            suppressed: false,
+        }
+    }
+
+    fn reply(code: u16, enhanced: Option<&str>, text: &str) -> Reply {
+        Reply {
+            code: Some(code),
+            enhanced: enhanced.map(str::to_string),
+            text: text.into(),
+        }
+    }
+
+    /// Remembers each batch's size and when it was written.
+    #[derive(Clone, Default)]
+    struct Batches(Arc<Mutex<Vec<(usize, tokio::time::Instant)>>>);
+
+    impl Ledger for Batches {
+        async fn record(&mut self, batch: &[Record]) -> Result<()> {
+            self.0
+                .lock()
+                .unwrap()
+                .push((batch.len(), tokio::time::Instant::now()));
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn batches_are_flushed_when_full_or_after_flush_every() {
+        let batches = Batches::default();
+        let (tx, rx) = mpsc::channel(FLUSH_ROWS);
+        let writer = tokio::spawn(write_loop(batches.clone(), rx));
+        let start = tokio::time::Instant::now();
+        for i in 0..2500 {
+            tx.send(record(i, Outcome::local_failure("x")))
+                .await
+                .unwrap();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        tx.send(record(9999, Outcome::local_failure("x")))
+            .await
+            .unwrap();
+        drop(tx);
+        assert_eq!(writer.await.unwrap().unwrap(), 2501);
+        let got = batches.0.lock().unwrap().clone();
+        let sizes: Vec<usize> = got.iter().map(|b| b.0).collect();
+        assert_eq!(sizes, vec![1000, 1000, 500, 1]);
+        // The partial batch waited FLUSH_EVERY for more, no longer.
+        assert_eq!(got[2].1 - start, FLUSH_EVERY);
+        // The last one was written when its sender closed, without waiting.
+        assert_eq!(got[3].1 - start, Duration::from_secs(1));
+    }
+
+    #[test]
+    fn insert_sql_numbers_postgres_parameters_and_uses_anonymous_ones_on_sqlite() {
+        let pg = insert_sql(
+            Backend::Postgres,
+            "INSERT INTO t (a, b) VALUES ",
+            2,
+            3,
+            " ON CONFLICT DO NOTHING",
+        );
+        assert_eq!(
+            pg,
+            "INSERT INTO t (a, b) VALUES ($1,$2),($3,$4),($5,$6) ON CONFLICT DO NOTHING"
+        );
+        let lite = insert_sql(Backend::Sqlite, "INSERT INTO t (a, b) VALUES ", 2, 2, "");
+        assert_eq!(lite, "INSERT INTO t (a, b) VALUES (?,?),(?,?)");
+    }
+
+    #[test]
+    fn stored_decides_status_schedule_and_suppression() {
+        let retry = RetryPolicy::default();
+        let now = crate::clock::now();
+        let sent = record(
+            1,
+            Outcome::Sent {
+                reply: reply(250, Some("2.0.0"), "Ok: queued as ABC"),
+                queue_id: Some("ABC".into()),
+            },
+        );
+        let s = stored(&sent, &retry, now);
+        assert_eq!(
+            (s.status, s.queue_id, s.suppress),
+            (Status::Sent, Some("ABC"), false)
+        );
+
+        let deferred = record(2, Outcome::Deferred(reply(451, None, "try later")));
+        let s = stored(&deferred, &retry, now);
+        assert_eq!(s.status, Status::Deferred);
+        let due = s
+            .next_attempt_at
+            .as_deref()
+            .and_then(crate::clock::parse_db_timestamp);
+        // Stored timestamps drop sub-second precision.
+        let wait = due.map(|d| (d - now).whole_seconds());
+        assert!(
+            matches!(wait, Some(299..=300)),
+            "first retry after 5 min: {wait:?}"
+        );
+
+        let mut old = deferred.clone();
+        old.attempts = 7;
+        old.first_attempt_at = Some(crate::clock::db_timestamp(now - retry.give_up_after));
+        let s = stored(&old, &retry, now);
+        assert_eq!(s.status, Status::Failed, "given up after give_up_after");
+        assert!(
+            s.text
+                .starts_with("gave up after 8 deferred attempts over 2d"),
+            "{}",
+            s.text
+        );
+
+        let gone = record(
+            3,
+            Outcome::Failed(reply(550, Some("5.1.1"), "5.1.1 user unknown")),
+        );
+        assert!(
+            stored(&gone, &retry, now).suppress,
+            "a hard bounce suppresses"
+        );
+        let policy = record(4, Outcome::Failed(reply(554, Some("5.7.1"), "5.7.1 spam")));
+        assert!(
+            !stored(&policy, &retry, now).suppress,
+            "a policy block does not"
+        );
+
+        let mut skipped = record(5, Outcome::local_failure("address is suppressed: x"));
+        skipped.suppressed = true;
+        assert_eq!(stored(&skipped, &retry, now).status, Status::Suppressed);
+    }
+}

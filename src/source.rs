@@ -20,6 +20,49 @@ pub trait Source: Send + 'static {
     fn next_page(&mut self) -> impl Future<Output = Result<Vec<Recipient>>> + Send;
 }
 
+/// An audience in memory, served in pages, for tests and benchmarks.
+#[derive(Debug, Clone)]
+pub struct VecSource {
+    rows: std::collections::VecDeque<Recipient>,
+    page: usize,
+    pace: std::time::Duration,
+}
+
+impl VecSource {
+    /// `rows` in pages of `page` (at least 1).
+    pub fn new(rows: Vec<Recipient>, page: usize) -> VecSource {
+        VecSource {
+            rows: rows.into(),
+            page: page.max(1),
+            pace: std::time::Duration::ZERO,
+        }
+    }
+
+    /// Recipients `1..=n` at `user{i}@example.com`, with no variables.
+    pub fn numbered(n: i64, page: usize) -> VecSource {
+        let rows = (1..=n)
+            .map(|i| Recipient::new(i, format!("user{i}@example.com"), Map::new()))
+            .collect();
+        VecSource::new(rows, page)
+    }
+
+    /// Each page takes `pace` to fetch (tokio time), like a slow database.
+    pub fn paced(mut self, pace: std::time::Duration) -> VecSource {
+        self.pace = pace;
+        self
+    }
+}
+
+impl Source for VecSource {
+    async fn next_page(&mut self) -> Result<Vec<Recipient>> {
+        if !self.pace.is_zero() {
+            tokio::time::sleep(self.pace).await;
+        }
+        let n = self.page.min(self.rows.len());
+        Ok(self.rows.drain(..n).collect())
+    }
+}
+
 /// Reads the audience from SQL.
 #[derive(Debug)]
 pub struct SqlSource {

@@ -9,34 +9,14 @@ use std::time::Duration;
 use blast::campaign::{self, Pipeline, RunOptions, Stats, Summary};
 use blast::config::{Concurrency, MessageConfig, Relay, TemplateSource, Unsubscribe};
 use blast::ledger::MemoryLedger;
-use blast::model::Recipient;
 use blast::render::{Identity, Renderer};
 use blast::sign::{Pattern, Var};
 use blast::sink::load::{LoadConfig, LoadModel, Phase};
 use blast::sink::{Faults, Sink, SinkConfig};
-use blast::source::Source;
+use blast::source::VecSource;
 use blast::transport::smtp::Smtp;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-
-/// `n` recipients, served in pages of 1000, each page after `pace`.
-struct VecSource {
-    next: i64,
-    n: i64,
-    pace: Duration,
-}
-
-impl Source for VecSource {
-    async fn next_page(&mut self) -> blast::Result<Vec<Recipient>> {
-        tokio::time::sleep(self.pace).await;
-        let end = (self.next + 1000).min(self.n + 1);
-        let page = (self.next..end)
-            .map(|i| Recipient::new(i, format!("user{i}@example.com"), Default::default()))
-            .collect();
-        self.next = end;
-        Ok(page)
-    }
-}
 
 fn renderer() -> Arc<Renderer> {
     let message = MessageConfig {
@@ -149,7 +129,7 @@ async fn run_paced(
     };
     let pipeline = Pipeline {
         name: "model".into(),
-        source: VecSource { next: 1, n, pace },
+        source: VecSource::numbered(n, 1000).paced(pace),
         renderer: renderer(),
         transport,
         ledger: MemoryLedger::new(),

@@ -113,3 +113,76 @@ pub fn relay_refusal(reply: &Reply) -> bool {
         || text.contains("relay not permitted")
         || text.contains("authentication required")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::{relay_refusal, Breaker};
+    use crate::model::{Outcome, Reply, Status};
+
+    fn failed(code: u16, text: &str) -> Outcome {
+        Outcome::Failed(Reply {
+            code: Some(code),
+            enhanced: None,
+            text: text.into(),
+        })
+    }
+
+    fn sent() -> Outcome {
+        Outcome::Sent {
+            reply: Reply::default(),
+            queue_id: None,
+        }
+    }
+
+    #[test]
+    fn a_streak_across_three_domains_trips_it() {
+        let b = Breaker::new(5);
+        for i in 0..4 {
+            b.observe(i, &format!("u@d{}.example", i % 3), failed(550, "no"));
+        }
+        assert!(!b.tripped());
+        b.observe(4, "u@d1.example", failed(550, "no"));
+        assert!(b.tripped());
+        assert_eq!(b.streak().len(), 5);
+        assert!(b
+            .reason()
+            .unwrap()
+            .contains("5 refusals in a row across 3 domains"));
+    }
+
+    #[test]
+    fn one_domain_refusing_or_an_acceptance_between_does_not() {
+        let b = Breaker::new(3);
+        for i in 0..10 {
+            b.observe(i, "u@one.example", failed(550, "no"));
+        }
+        assert!(
+            !b.tripped(),
+            "one domain refusing is that domain's business"
+        );
+        let b = Breaker::new(3);
+        b.observe(1, "u@a.example", failed(550, "no"));
+        b.observe(2, "u@b.example", failed(550, "no"));
+        b.observe(3, "u@c.example", sent());
+        b.observe(4, "u@d.example", failed(550, "no"));
+        assert!(!b.tripped());
+        assert!(b.streak().is_empty(), "no streak reported until tripped");
+    }
+
+    #[test]
+    fn a_relay_refusal_trips_at_once_and_becomes_a_deferral() {
+        let b = Breaker::new(0);
+        let o = b.observe(
+            1,
+            "u@a.example",
+            failed(530, "5.7.0 Authentication required"),
+        );
+        assert_eq!(o.status(), Status::Deferred);
+        assert!(b.tripped());
+        assert!(relay_refusal(o.reply()));
+        // Local failures (no SMTP code) are not the relay's.
+        let b = Breaker::new(1);
+        b.observe(1, "u@a.example", Outcome::local_failure("bad address"));
+        assert!(!b.tripped());
+    }
+}

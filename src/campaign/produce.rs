@@ -21,7 +21,7 @@ use crate::source::Source;
 /// Recipients per unit of render work: small enough that a render task
 /// never holds a runtime worker for long (about 1 ms), large enough to keep
 /// channel traffic low.
-const RENDER_CHUNK: usize = 32;
+pub(super) const RENDER_CHUNK: usize = 32;
 
 /// Chunks of recipients waiting for a render worker.
 pub(super) const RENDER_QUEUE_CHUNKS: usize = 8;

@@ -320,3 +320,98 @@ impl Feed {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::time::Instant;
+    use tokio_util::sync::CancellationToken;
+
+    use super::{Job, Work};
+    use crate::adaptive::{Aimd, Gate};
+    use crate::model::{Envelope, Outgoing};
+
+    fn job(id: i64) -> Job {
+        Job {
+            out: Outgoing {
+                envelope: Envelope {
+                    recipient_id: id,
+                    from: "b@example.com".into(),
+                    to: format!("u{id}@example.com"),
+                },
+                email: format!("u{id}@example.com"),
+                bytes: Vec::new(),
+            },
+            attempts: 0,
+            first_attempt_at: None,
+            ambiguous: false,
+            deferred_by: 0,
+        }
+    }
+
+    fn work(relays: usize) -> (Arc<Work>, super::Feed) {
+        let gates = (0..relays)
+            .map(|_| Arc::new(Gate::new(Aimd::fixed(4, Instant::now()))))
+            .collect();
+        let (w, f) = Work::new(gates, vec![1; relays], 16);
+        (Arc::new(w), f)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_work_is_done_only_when_no_hand_and_no_queue_holds_a_message() {
+        let (work, feed) = work(1);
+        let stop = CancellationToken::new();
+        assert!(feed.push(job(1), &stop).await);
+        assert!(feed.push(job(2), &stop).await);
+        drop(feed);
+        let a = work.try_next(0).expect("at hand");
+        let b = work.next(0, &stop).await.expect("second");
+        // One goes back unanswered; the other is dropped at a stop.
+        a.requeue();
+        drop(b);
+        assert!(!work.done.is_cancelled());
+        let a = work.next(0, &stop).await.expect("the requeued one");
+        assert_eq!(a.job().out.envelope.recipient_id, 1);
+        let finished = tokio::time::timeout(std::time::Duration::from_secs(5), work.next(0, &stop));
+        tokio::pin!(finished);
+        assert!(
+            tokio::time::timeout(std::time::Duration::from_millis(200), &mut finished)
+                .await
+                .is_err(),
+            "not done while a hand holds a message"
+        );
+        let _ = a.finish();
+        assert!(finished.await.expect("done promptly").is_none());
+        assert!(work.done.is_cancelled());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_message_goes_to_a_relay_that_did_not_defer_it() {
+        let (work, feed) = work(2);
+        let stop = CancellationToken::new();
+        assert!(feed.push(job(7), &stop).await);
+        let hand = work.try_next(0).unwrap();
+        assert!(hand.defer_elsewhere(0).is_none(), "relay 1 can take it");
+        assert!(work.try_next(0).is_none(), "relay 0 deferred it");
+        let hand = work.try_next(1).expect("relay 1 takes it");
+        // Deferred by both: the 4xx is its outcome.
+        let hand = hand.defer_elsewhere(1).expect("nobody left to take it");
+        assert_eq!(hand.job().deferred_by, 0b11);
+        let _ = hand.finish();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_ends_waiting_for_work() {
+        let (work, _feed) = work(1);
+        let stop = CancellationToken::new();
+        let waiting = {
+            let (work, stop) = (work.clone(), stop.clone());
+            tokio::spawn(async move { work.next(0, &stop).await.is_none() })
+        };
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        stop.cancel();
+        assert!(waiting.await.unwrap());
+        assert!(!work.done.is_cancelled(), "stopped, not done");
+    }
+}

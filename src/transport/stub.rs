@@ -1,9 +1,12 @@
 //! An in-memory transport for tests: records every message it is given and
 //! answers with outcomes scripted per address (default: sent). It can also
-//! refuse to connect, to test the unreachable-relay path.
+//! refuse to connect, lose sessions mid-transaction and take time per
+//! message (on tokio's clock, so paused-time tests stay instant), to test
+//! the runner's unreachable-relay, retry, backpressure and abort paths.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::{classify, SessionError, Transport};
 use crate::model::{Envelope, Outcome};
@@ -23,6 +26,10 @@ struct Inner {
     delivered: Vec<Delivered>,
     scripted: HashMap<String, Outcome>,
     refuse_connect: bool,
+    /// Sessions still to lose, and whether after the message data.
+    lose: Vec<bool>,
+    latency: Duration,
+    connections: u64,
 }
 
 /// The test double. Clones share state.
@@ -49,6 +56,22 @@ impl Stub {
         self.lock().refuse_connect = refuse;
     }
 
+    /// The next `n` sends lose their session instead of answering;
+    /// `ambiguous`: lost after the message data (the MTA may have it).
+    pub fn lose_sessions(&self, n: usize, ambiguous: bool) {
+        self.lock().lose.extend(std::iter::repeat_n(ambiguous, n));
+    }
+
+    /// Every send takes `latency` before its answer (tokio time).
+    pub fn set_latency(&self, latency: Duration) {
+        self.lock().latency = latency;
+    }
+
+    /// Sessions opened so far.
+    pub fn connections(&self) -> u64 {
+        self.lock().connections
+    }
+
     /// Everything delivered so far, in order.
     pub fn delivered(&self) -> Vec<Delivered> {
         self.lock().delivered.clone()
@@ -70,13 +93,15 @@ impl Transport for Stub {
     type Session = StubSession;
 
     async fn connect(&self, _slot: usize) -> Result<StubSession, SessionError> {
-        if self.lock().refuse_connect {
+        let mut inner = self.lock();
+        if inner.refuse_connect {
             return Err(SessionError {
                 message: "stub: connection refused".into(),
                 ambiguous: false,
                 permanent: false,
             });
         }
+        inner.connections += 1;
         Ok(StubSession { stub: self.clone() })
     }
 
@@ -87,7 +112,18 @@ impl Transport for Stub {
 
 impl super::Session for StubSession {
     async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Outcome, SessionError> {
+        let latency = self.stub.lock().latency;
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
         let mut inner = self.stub.lock();
+        if let Some(ambiguous) = inner.lose.pop() {
+            return Err(SessionError {
+                message: "stub: connection lost".into(),
+                ambiguous,
+                permanent: false,
+            });
+        }
         if let Some(o) = inner.scripted.get(&envelope.to.to_ascii_lowercase()) {
             return Ok(o.clone());
         }
