@@ -501,7 +501,10 @@ pub async fn preview(cfg: &Config, id: Option<i64>) -> Result<Vec<u8>> {
     })?;
     let out = renderer
         .render(&recipient, crate::clock::now())
-        .map_err(|e| Error::Audience(format!("recipient {}: {e}", recipient.id)))?;
+        .map_err(|e| Error::Render {
+            recipient: recipient.id,
+            message: e.to_string(),
+        })?;
     let mut bytes = format!("Return-Path: <{}>\r\n", out.envelope.from).into_bytes();
     bytes.extend_from_slice(&out.bytes);
     Ok(bytes)

@@ -44,6 +44,24 @@ pub enum Error {
     /// The audience query does not return what blast needs.
     #[error("audience: {0}")]
     Audience(String),
+    /// One recipient's message could not be built (`blast preview`; during a
+    /// send this is an outcome recorded for that recipient, not an error).
+    #[error("recipient {recipient}: {message}")]
+    Render {
+        /// The recipient's audience id.
+        recipient: i64,
+        /// What went wrong, naming the template and variable.
+        message: String,
+    },
+    /// A scheduled campaign's stored copy of its file (written by `blast
+    /// schedule`) cannot be read back.
+    #[error("campaign {campaign:?}: its stored campaign file is unreadable: {message}")]
+    StoredSpec {
+        /// The campaign name.
+        campaign: String,
+        /// Why.
+        message: String,
+    },
     /// No SMTP relay could be reached when the campaign started.
     #[error("SMTP relay {relay} unreachable: {message}")]
     Unreachable {
@@ -81,7 +99,8 @@ pub enum Error {
     #[error("no campaign named {0:?} in this database")]
     UnknownCampaign(String),
     /// Stored state that blast itself wrote is unusable (for example a
-    /// damaged signing key), or the OS could not provide randomness.
+    /// damaged signing key), the OS could not provide randomness, or a task
+    /// of blast's own panicked.
     #[error("internal: {0}")]
     Internal(String),
     /// A suppression-list or inbound-mail operation was given bad input.

@@ -1,5 +1,6 @@
 //! Where rendered messages go. One trait, [`Transport`], with three
-//! implementations: [`smtp::Smtp`] (a real relay, through lettre),
+//! implementations: [`smtp::Smtp`] (a real relay: blast's own pipelining
+//! SMTP client, with lettre's types for addresses and AUTH mechanisms),
 //! [`stub::Stub`] (in memory, scripted outcomes, for tests) and
 //! [`file::FileTransport`] (`.eml` files, for `--dry-run`). Transports know
 //! nothing of campaigns or SQL; they turn one envelope plus bytes into one
