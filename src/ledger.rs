@@ -402,7 +402,8 @@ impl SqlLedger {
                  reply = excluded.reply, queue_id = excluded.queue_id, relay = excluded.relay, \
                  attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at, \
                  first_attempt_at = COALESCE(blast_deliveries.first_attempt_at, excluded.first_attempt_at), \
-                 next_attempt_at = excluded.next_attempt_at",
+                 next_attempt_at = excluded.next_attempt_at \
+                 WHERE blast_deliveries.status NOT IN ('sent', 'failed', 'suppressed')",
             );
             let mut q = sqlx::query(AssertSqlSafe(sql));
             for r in chunk {

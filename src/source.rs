@@ -118,12 +118,16 @@ impl SqlSource {
             .fetch_all(self.db.pool())
             .await
             .map_err(audience_error)?;
-        let page = rows
+        let mut page = rows
             .iter()
             .map(|r| decode(self.db.backend(), r))
             .collect::<Result<Vec<_>>>()?;
-        if let Some(last) = page.last() {
-            self.last_id = last.id;
+        // An audience query that JOINs can return an id twice: one message
+        // per recipient id. Copies in later pages are past `last_id`.
+        let mut seen = std::collections::HashSet::with_capacity(page.len());
+        page.retain(|r| seen.insert(r.id));
+        if let Some(last) = page.iter().map(|r| r.id).max() {
+            self.last_id = last;
         }
         if let Some(r) = &mut self.remaining {
             *r -= page.len() as u64;
