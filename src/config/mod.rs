@@ -3,18 +3,17 @@
 //! never opens a database or a socket. Secrets are expanded from `${VARS}` and
 //! never printed: [`Config`]'s `Debug` redacts URLs.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::error::{Error, Result};
 use crate::sign::{Pattern, Var};
 
+mod raw;
 mod relay;
 
+use raw::{CampaignFile, ConcurrencyFile, OneOrMany, RelayFile, RelayTable, UnsubscribeFile};
 use relay::{from_domains, relay_from_table, serves};
 pub use relay::{Relay, Secret, Tls, SMTP_PASSWORD_ENV};
 
@@ -93,119 +92,10 @@ impl fmt::Display for Concurrency {
     }
 }
 
-/// `concurrency = 8` or `concurrency = "auto"`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ConcurrencyFile {
-    Number(i64),
-    Text(String),
-}
 /// Default keyset page size when reading the audience.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
 /// Default SMTP command timeout.
 pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The campaign file as written (raw input, no I/O beyond reading it).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CampaignFile {
-    name: String,
-    database: Option<String>,
-    send_at: Option<String>,
-    max_delay: Option<String>,
-    audience: AudienceFile,
-    #[serde(default)]
-    vars: toml::Table,
-    message: MessageFile,
-    delivery: Option<DeliveryFile>,
-    bounces: Option<BouncesFile>,
-    unsubscribe: Option<UnsubscribeFile>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BouncesFile {
-    verp: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnsubscribeFile {
-    url: String,
-    mailto: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AudienceFile {
-    table: Option<String>,
-    #[serde(rename = "where")]
-    filter: Option<String>,
-    query: Option<String>,
-    batch_size: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MessageFile {
-    from: String,
-    reply_to: Option<String>,
-    to_name: Option<String>,
-    subject: String,
-    text: Option<PathBuf>,
-    html: Option<PathBuf>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeliveryFile {
-    smtp: Option<OneOrMany>,
-    concurrency: Option<ConcurrencyFile>,
-    rate: Option<u32>,
-    envelope_from: Option<String>,
-    helo: Option<String>,
-    timeout_secs: Option<u64>,
-    retry: Option<Vec<String>>,
-    give_up_after: Option<String>,
-    breaker_threshold: Option<u32>,
-    chunking: Option<bool>,
-    queue_probe: Option<String>,
-    queue_target: Option<u64>,
-}
-
-/// `smtp = "smtp://..."` or `smtp = ["smtp://...", { url = "smtp://...", ... }]`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<RelayFile>),
-}
-
-/// One relay: a URL, or a table with per-relay settings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RelayFile {
-    Url(String),
-    Table(RelayTable),
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RelayTable {
-    url: String,
-    weight: Option<u32>,
-    max_concurrency: Option<usize>,
-    rate: Option<u32>,
-    tls: Option<String>,
-    ca_file: Option<PathBuf>,
-    #[serde(default)]
-    danger_accept_invalid_certs: bool,
-    user: Option<String>,
-    password_env: Option<String>,
-    from_domains: Option<Vec<String>>,
-}
 
 /// Command-line values that override the campaign file.
 #[derive(Debug, Default, Clone)]
