@@ -1,7 +1,7 @@
 //! Stage 1 of reading a campaign: the file as written. These serde structs
 //! only give the TOML a shape (unknown keys are refused here, so the error
-//! names the key); every check of a value is in [`super::Config::parse`],
-//! and the typed result is [`super::Config`]. Like ripgrep's `LowArgs`.
+//! names the key); every check of a value is in [`super::sections`], and
+//! the typed result is [`super::Config`]. Like ripgrep's `LowArgs`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

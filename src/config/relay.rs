@@ -2,6 +2,7 @@
 //! AUTH credentials from the environment, per-relay limits, and which From
 //! domains it may carry.
 
+use super::raw::RelayTable;
 use super::*;
 
 /// A relay blast injects into.
