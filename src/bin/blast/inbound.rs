@@ -2,8 +2,12 @@
 //! and `blast bounce parse|ingest`.
 
 use std::path::Path;
+use std::process::ExitCode;
 
-use super::*;
+use anyhow::Context as _;
+use blast::cli::{BounceIngestArgs, BounceParseArgs, ServeArgs, SuppressCommand};
+
+use super::shutdown_signal;
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let db = blast::db::Db::connect(&args.database).await?;
