@@ -2,7 +2,20 @@
 //! and AUTH, the fault replies, and the Maildir writes. The listener, the
 //! shared counters and the configuration live in the parent module.
 
-use super::*;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::time::timeout;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    load, next_queue_id, Received, Shared, GOODBYE_TIMEOUT, KEEP_BUFFER_CAPACITY, MAX_COMMAND_LINE,
+    MAX_RECIPIENTS, READ_BUFFER,
+};
 
 /// How a session's command loop ended without error.
 pub(super) enum End {
