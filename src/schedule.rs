@@ -13,8 +13,10 @@ use std::future::Future;
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use sqlx::any::AnyRow;
 use sqlx::Row;
 use time::OffsetDateTime;
+use tokio_util::sync::CancellationToken;
 
 use crate::campaign::Summary;
 use crate::clock;
@@ -142,7 +144,7 @@ pub async fn run_due(
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Vec<Due>> {
     let db = Db::connect(database).await?;
-    let stop_token = tokio_util::sync::CancellationToken::new();
+    let stop_token = CancellationToken::new();
     let watcher = {
         let t = stop_token.clone();
         tokio::spawn(async move {
@@ -155,81 +157,122 @@ pub async fn run_due(
     let mut report = Vec::new();
     loop {
         let now = clock::now();
-        let stamp = clock::db_timestamp(now);
-        let due = sqlx::query(
-            "SELECT c.name, c.state, c.send_at, c.spec FROM blast_campaigns c \
-             WHERE c.spec IS NOT NULL AND ( \
-               (c.state IN ('scheduled', 'ready') AND c.send_at <= $1) OR \
-               (c.state IN ('finished', 'stopped') AND EXISTS (SELECT 1 FROM blast_deliveries d \
-                  WHERE d.campaign_id = c.id AND d.status = 'deferred' \
-                  AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $1)))) \
-             ORDER BY c.send_at, c.id",
-        )
-        .bind(&stamp)
-        .fetch_all(db.pool())
-        .await?;
-        let next = due.iter().find_map(|r| {
-            let name: String = r.try_get("name").ok()?;
-            (!done.contains(&name)).then_some((name, r))
-        });
-        let Some((name, row)) = next else { break };
+        let Some((name, row)) = next_due(&db, now, &done).await? else {
+            break;
+        };
         done.insert(name.clone());
         if stop.is_cancelled() {
             break;
         }
-        let state: String = row.try_get("state")?;
-        let send_at: Option<String> = row.try_get("send_at")?;
-        let spec: String = row.try_get("spec")?;
-        let spec: Spec = serde_json::from_str(&spec).map_err(|e| {
-            Error::Audience(format!("campaign {name}: stored spec unreadable: {e}"))
-        })?;
-        let dir = tempfile_dir()?;
-        let cfg = match spec.load(dir.path(), database) {
-            Ok(c) => c,
-            Err(e) => {
-                report.push(Due::Failed {
-                    campaign: name,
-                    error: e.to_string(),
-                });
-                continue;
-            }
-        };
-        let late = send_at
-            .as_deref()
-            .and_then(clock::parse_db_timestamp)
-            .map(|t| now - t);
-        if state == "scheduled" && late.is_some_and(|l| l > cfg.max_delay) {
-            let reason = format!(
-                "overdue by {} (max_delay {}); `blast resume {name} --database ...` sends it anyway",
-                humanize(std::time::Duration::from_secs(late.map_or(0, |l| l.whole_seconds().max(0) as u64))),
-                humanize(cfg.max_delay)
-            );
-            if let Some(c) = ledger::find_campaign(&db, &name).await? {
-                ledger::set_state(&db, c.id, "held", Some(&reason)).await?;
-            }
-            tracing::warn!("campaign {name}: held: {reason}");
-            report.push(Due::Held {
-                campaign: name,
-                reason,
-            });
-            continue;
-        }
-        let token = stop.clone();
-        match crate::commands::send(&cfg, mode, async move { token.cancelled().await }).await {
-            Ok(summary) => report.push(Due::Sent {
-                campaign: name,
-                summary: Box::new(summary),
-            }),
-            Err(Error::Busy { .. }) => report.push(Due::Busy { campaign: name }),
-            Err(e) => report.push(Due::Failed {
-                campaign: name,
-                error: e.to_string(),
-            }),
-        }
+        report.push(run_one(&db, database, mode, &stop, now, name, &row).await?);
     }
     watcher.abort();
     db.close().await;
     Ok(report)
+}
+
+/// The first campaign due at `now` that this run has not taken yet, with
+/// its row. Due: scheduled for `now` or earlier, or finished (or stopped)
+/// with deferred recipients whose retry time has come. Asked again after
+/// every campaign, since sending one takes time and others fall due.
+async fn next_due(
+    db: &Db,
+    now: OffsetDateTime,
+    done: &HashSet<String>,
+) -> Result<Option<(String, AnyRow)>> {
+    let due = sqlx::query(
+        "SELECT c.name, c.state, c.send_at, c.spec FROM blast_campaigns c \
+         WHERE c.spec IS NOT NULL AND ( \
+           (c.state IN ('scheduled', 'ready') AND c.send_at <= $1) OR \
+           (c.state IN ('finished', 'stopped') AND EXISTS (SELECT 1 FROM blast_deliveries d \
+              WHERE d.campaign_id = c.id AND d.status = 'deferred' \
+              AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $1)))) \
+         ORDER BY c.send_at, c.id",
+    )
+    .bind(clock::db_timestamp(now))
+    .fetch_all(db.pool())
+    .await?;
+    Ok(due.into_iter().find_map(|r| {
+        let name: String = r.try_get("name").ok()?;
+        (!done.contains(&name)).then_some((name, r))
+    }))
+}
+
+/// Sends one due campaign from its frozen spec, or holds it if it is more
+/// than `max_delay` late. A campaign that fails is reported, not fatal;
+/// `Err` (a database failure, an unreadable spec) ends the run.
+async fn run_one(
+    db: &Db,
+    database: &str,
+    mode: progress::Mode,
+    stop: &CancellationToken,
+    now: OffsetDateTime,
+    name: String,
+    row: &AnyRow,
+) -> Result<Due> {
+    let state: String = row.try_get("state")?;
+    let send_at: Option<String> = row.try_get("send_at")?;
+    let spec: String = row.try_get("spec")?;
+    let spec: Spec = serde_json::from_str(&spec)
+        .map_err(|e| Error::Audience(format!("campaign {name}: stored spec unreadable: {e}")))?;
+    // Kept until the send is over: the relays' CA files are read from it
+    // when the transport is built, after loading.
+    let dir = tempfile_dir()?;
+    let cfg = match spec.load(dir.path(), database) {
+        Ok(c) => c,
+        Err(e) => {
+            return Ok(Due::Failed {
+                campaign: name,
+                error: e.to_string(),
+            })
+        }
+    };
+    let late = send_at
+        .as_deref()
+        .and_then(clock::parse_db_timestamp)
+        .map(|t| now - t);
+    if let Some(late) = late.filter(|l| state == "scheduled" && *l > cfg.max_delay) {
+        return hold(db, name, late, cfg.max_delay).await;
+    }
+    let token = stop.clone();
+    Ok(
+        match crate::commands::send(&cfg, mode, async move { token.cancelled().await }).await {
+            Ok(summary) => Due::Sent {
+                campaign: name,
+                summary: Box::new(summary),
+            },
+            Err(Error::Busy { .. }) => Due::Busy { campaign: name },
+            Err(e) => Due::Failed {
+                campaign: name,
+                error: e.to_string(),
+            },
+        },
+    )
+}
+
+/// Holds a campaign `late` by more than `max_delay`, with a reason that
+/// tells the operator how to send it anyway.
+async fn hold(
+    db: &Db,
+    name: String,
+    late: time::Duration,
+    max_delay: std::time::Duration,
+) -> Result<Due> {
+    let reason = format!(
+        "overdue by {} (max_delay {}); `blast resume {name} --database ...` sends it anyway",
+        humanize(std::time::Duration::from_secs(
+            late.whole_seconds().max(0) as u64
+        )),
+        humanize(max_delay)
+    );
+    if let Some(c) = ledger::find_campaign(db, &name).await? {
+        ledger::set_state(db, c.id, "held", Some(&reason)).await?;
+    }
+    tracing::warn!("campaign {name}: held: {reason}");
+    Ok(Due::Held {
+        campaign: name,
+        reason,
+    })
 }
 
 /// A private temporary folder for a spec's files, removed on drop.

@@ -23,6 +23,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
 
 use super::mailbox::{Disposition, Inbox, Summary as MailboxSummary};
 use super::parse::{self, Class, Finding, Kind, Report};
@@ -314,18 +315,52 @@ impl Ingestor {
             Class::Soft => "soft",
             Class::Other => "other",
         };
+        let mut event = Event {
+            address: address.to_string(),
+            kind,
+            class,
+            reason: f.reason.clone(),
+            status: f.status.clone(),
+            campaign_id: signed.map(|c| c.campaign),
+            recipient_id: signed.map(|c| c.recipient),
+            suppressed: None,
+            new: false,
+        };
         let now = clock::now();
+        event.new = self.insert(&event, f, source, hash, now).await?;
+        if !event.new || (signed.is_none() && !self.policy.trust_unsigned) {
+            return Ok(event);
+        }
+        if let Some(why) = self.suppression_reason(&event, f, now).await? {
+            let source = format!("bounce:{source}");
+            if suppress::add(&self.db, address, &why, &source).await? {
+                event.suppressed = Some(why);
+            }
+        }
+        Ok(event)
+    }
+
+    /// Stores `event`'s row; false when it is there already (the same
+    /// message ingested again: one row per message, address and kind).
+    async fn insert(
+        &self,
+        event: &Event,
+        f: &Finding,
+        source: &str,
+        hash: &str,
+        now: OffsetDateTime,
+    ) -> Result<bool> {
         let inserted = sqlx::query(
             "INSERT INTO blast_bounces (campaign_id, recipient_id, address, kind, class, reason, \
              status, diagnostic, source, message_hash, received_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (message_hash, address, kind) DO NOTHING",
         )
-        .bind(signed.map(|c| c.campaign))
-        .bind(signed.map(|c| c.recipient))
-        .bind(address)
-        .bind(kind)
-        .bind(class)
+        .bind(event.campaign_id)
+        .bind(event.recipient_id)
+        .bind(&event.address)
+        .bind(event.kind)
+        .bind(event.class)
         .bind(&f.reason)
         .bind(&f.status)
         .bind(&f.diagnostic)
@@ -336,22 +371,20 @@ impl Ingestor {
         .await?
         .rows_affected()
             > 0;
-        let mut event = Event {
-            address: address.to_string(),
-            kind,
-            class,
-            reason: f.reason.clone(),
-            status: f.status.clone(),
-            campaign_id: signed.map(|c| c.campaign),
-            recipient_id: signed.map(|c| c.recipient),
-            suppressed: None,
-            new: inserted,
-        };
-        if !inserted || (signed.is_none() && !self.policy.trust_unsigned) {
-            return Ok(event);
-        }
+        Ok(inserted)
+    }
+
+    /// Why a new event suppresses its address, if it does: any complaint,
+    /// a hard bounce, or the soft bounce that reaches the policy's limit
+    /// within its window.
+    async fn suppression_reason(
+        &self,
+        event: &Event,
+        f: &Finding,
+        now: OffsetDateTime,
+    ) -> Result<Option<String>> {
         let status = f.status.as_deref().unwrap_or("-");
-        let why = match (kind, f.class) {
+        Ok(match (event.kind, f.class) {
             ("complaint", _) => Some(format!(
                 "complaint: {}",
                 f.feedback_type.as_deref().unwrap_or("abuse")
@@ -363,7 +396,7 @@ impl Ingestor {
                     "SELECT COUNT(*) FROM blast_bounces WHERE address = $1 AND kind = 'bounce' \
                      AND class = 'soft' AND received_at >= $2",
                 )
-                .bind(address)
+                .bind(&event.address)
                 .bind(clock::db_timestamp(since))
                 .fetch_one(self.db.pool())
                 .await?;
@@ -376,14 +409,7 @@ impl Ingestor {
                 })
             }
             _ => None,
-        };
-        if let Some(why) = why {
-            let source = format!("bounce:{source}");
-            if suppress::add(&self.db, address, &why, &source).await? {
-                event.suppressed = Some(why);
-            }
-        }
-        Ok(event)
+        })
     }
 }
 

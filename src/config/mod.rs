@@ -2,21 +2,26 @@
 //! [`Config`]. Pure: reads the campaign file and the template and CA files it names,
 //! never opens a database or a socket. Secrets are expanded from `${VARS}` and
 //! never printed: [`Config`]'s `Debug` redacts URLs.
+//!
+//! Read in stages, as ripgrep reads its arguments: `raw.rs` is the file as
+//! written (serde, no checks), `sections.rs` checks one section at a time,
+//! and [`Config::parse`] puts the pieces together; `relay.rs` checks one
+//! relay.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use serde::Deserialize;
-
 use crate::error::{Error, Result};
-use crate::sign::{Pattern, Var};
+use crate::sign::Pattern;
 
+mod raw;
 mod relay;
+mod sections;
 
-use relay::{from_domains, relay_from_table, serves};
+use raw::CampaignFile;
 pub use relay::{Relay, Secret, Tls, SMTP_PASSWORD_ENV};
+use sections::Checked;
 
 /// The number of SMTP transactions in flight per relay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,119 +98,10 @@ impl fmt::Display for Concurrency {
     }
 }
 
-/// `concurrency = 8` or `concurrency = "auto"`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum ConcurrencyFile {
-    Number(i64),
-    Text(String),
-}
 /// Default keyset page size when reading the audience.
 pub const DEFAULT_BATCH_SIZE: usize = 1000;
 /// Default SMTP command timeout.
 pub const DEFAULT_SMTP_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// The campaign file as written (raw input, no I/O beyond reading it).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CampaignFile {
-    name: String,
-    database: Option<String>,
-    send_at: Option<String>,
-    max_delay: Option<String>,
-    audience: AudienceFile,
-    #[serde(default)]
-    vars: toml::Table,
-    message: MessageFile,
-    delivery: Option<DeliveryFile>,
-    bounces: Option<BouncesFile>,
-    unsubscribe: Option<UnsubscribeFile>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct BouncesFile {
-    verp: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct UnsubscribeFile {
-    url: String,
-    mailto: Option<String>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct AudienceFile {
-    table: Option<String>,
-    #[serde(rename = "where")]
-    filter: Option<String>,
-    query: Option<String>,
-    batch_size: Option<usize>,
-}
-
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct MessageFile {
-    from: String,
-    reply_to: Option<String>,
-    to_name: Option<String>,
-    subject: String,
-    text: Option<PathBuf>,
-    html: Option<PathBuf>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct DeliveryFile {
-    smtp: Option<OneOrMany>,
-    concurrency: Option<ConcurrencyFile>,
-    rate: Option<u32>,
-    envelope_from: Option<String>,
-    helo: Option<String>,
-    timeout_secs: Option<u64>,
-    retry: Option<Vec<String>>,
-    give_up_after: Option<String>,
-    breaker_threshold: Option<u32>,
-    chunking: Option<bool>,
-    queue_probe: Option<String>,
-    queue_target: Option<u64>,
-}
-
-/// `smtp = "smtp://..."` or `smtp = ["smtp://...", { url = "smtp://...", ... }]`.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum OneOrMany {
-    One(String),
-    Many(Vec<RelayFile>),
-}
-
-/// One relay: a URL, or a table with per-relay settings.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-enum RelayFile {
-    Url(String),
-    Table(RelayTable),
-}
-
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RelayTable {
-    url: String,
-    weight: Option<u32>,
-    max_concurrency: Option<usize>,
-    rate: Option<u32>,
-    tls: Option<String>,
-    ca_file: Option<PathBuf>,
-    #[serde(default)]
-    danger_accept_invalid_certs: bool,
-    user: Option<String>,
-    password_env: Option<String>,
-    from_domains: Option<Vec<String>>,
-}
 
 /// Command-line values that override the campaign file.
 #[derive(Debug, Default, Clone)]
@@ -439,27 +335,6 @@ impl fmt::Debug for Config {
     }
 }
 
-/// Headers blast writes itself; a campaign may not override them.
-const RESERVED_HEADERS: &[&str] = &[
-    "from",
-    "to",
-    "cc",
-    "bcc",
-    "subject",
-    "date",
-    "message-id",
-    "reply-to",
-    "mime-version",
-    "content-type",
-    "content-transfer-encoding",
-    "return-path",
-    "x-blast-campaign",
-    "x-blast-recipient",
-    "x-blast-sig",
-    "list-unsubscribe",
-    "list-unsubscribe-post",
-];
-
 impl Config {
     /// Reads `path`, applies `overrides` and environment, and validates.
     pub fn load(path: &Path, overrides: &Overrides) -> Result<Config> {
@@ -472,6 +347,10 @@ impl Config {
 
     /// Parses campaign text; `base` resolves relative template and SQLite paths,
     /// `env` looks up `${VARS}`. Pure apart from reading template files.
+    ///
+    /// In stages, as ripgrep parses its arguments: the TOML as written
+    /// (`raw.rs`, no checks), then one check per section (`sections.rs`),
+    /// then the pieces put together.
     pub fn parse(
         text: &str,
         file: &str,
@@ -482,258 +361,55 @@ impl Config {
         // toml's error already names the key and line; we add the file.
         let raw: CampaignFile =
             toml::from_str(text).map_err(|e| Error::config(file, "campaign", e.to_string()))?;
-        let err = |key: &str, msg: String| Error::config(file, key, msg);
+        Config::from_raw(raw, base, overrides, env)
+            .map_err(|e| Error::config(file, e.key, e.message))
+    }
 
-        let name = raw.name.trim().to_string();
-        if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control()) {
-            return Err(err("name", "must be 1-200 printable characters".into()));
-        }
-
-        let database = match (&overrides.database, &raw.database) {
-            (Some(db), _) => expand_env(db, &|k| env(k)).map_err(|m| err("--database", m))?,
-            (None, Some(db)) => {
-                let db = expand_env(db, &|k| env(k)).map_err(|m| err("database", m))?;
-                resolve_sqlite_path(&db, base)
-            }
-            (None, None) => {
-                return Err(err(
-                    "database",
-                    "missing: set `database = \"sqlite://blast.db\"` or pass --database".into(),
-                ))
-            }
-        };
-
-        let audience = match (raw.audience.table, raw.audience.query) {
-            (Some(t), None) => {
-                if !is_sql_identifier(&t) {
-                    return Err(err("audience.table", format!("{t:?} is not a table name (letters, digits, _ and one optional schema.)")));
-                }
-                Audience::Table {
-                    table: t,
-                    filter: raw.audience.filter.filter(|f| !f.trim().is_empty()),
-                }
-            }
-            (None, Some(q)) => {
-                if raw.audience.filter.is_some() {
-                    return Err(err(
-                        "audience.where",
-                        "only valid with `table`; put the condition in `query`".into(),
-                    ));
-                }
-                let lower = q.trim_start().to_ascii_lowercase();
-                if !(lower.starts_with("select") || lower.starts_with("with")) {
-                    return Err(err(
-                        "audience.query",
-                        "must be a SELECT (or WITH ... SELECT) statement".into(),
-                    ));
-                }
-                Audience::Query(q)
-            }
-            (Some(_), Some(_)) => {
-                return Err(err(
-                    "audience",
-                    "set either `table` or `query`, not both".into(),
-                ))
-            }
-            (None, None) => {
-                return Err(err(
-                    "audience",
-                    "set `table = \"subscribers\"` or `query = \"SELECT id, email, ...\"`".into(),
-                ))
-            }
-        };
-        let batch_size = raw.audience.batch_size.unwrap_or(DEFAULT_BATCH_SIZE);
-        if !(1..=100_000).contains(&batch_size) {
-            return Err(err(
-                "audience.batch_size",
-                "must be between 1 and 100000".into(),
-            ));
-        }
-
-        let vars = match serde_json::to_value(&raw.vars) {
-            Ok(serde_json::Value::Object(m)) => m,
-            _ => return Err(err("vars", "must be a table".into())),
-        };
-
+    /// Checks each section of `raw` and builds the [`Config`]. The checks
+    /// run in the order the file has always been checked in, so a file with
+    /// several mistakes still reports the same one first; that is why the
+    /// message and delivery checks interleave.
+    fn from_raw(
+        raw: CampaignFile,
+        base: &Path,
+        overrides: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Checked<Config> {
+        let name = sections::name(&raw.name)?;
+        let database = sections::database(
+            overrides.database.as_deref(),
+            raw.database.as_deref(),
+            base,
+            env,
+        )?;
+        let (audience, batch_size) = sections::audience(raw.audience)?;
+        let vars = sections::vars(&raw.vars)?;
         let m = raw.message;
-        let read_template = |key: &str, p: &Option<PathBuf>| -> Result<Option<TemplateSource>> {
-            let Some(p) = p else { return Ok(None) };
-            let full = base.join(p);
-            let body = std::fs::read_to_string(&full)
-                .map_err(|e| err(key, format!("cannot read {}: {e}", full.display())))?;
-            Ok(Some(TemplateSource {
-                name: full.display().to_string(),
-                body,
-            }))
-        };
-        let text_t = read_template("message.text", &m.text)?;
-        let html_t = read_template("message.html", &m.html)?;
-        let mut template_files: Vec<(String, String)> = [(&m.text, &text_t), (&m.html, &html_t)]
-            .into_iter()
-            .filter_map(|(p, t)| {
-                Some((p.as_ref()?.display().to_string(), t.as_ref()?.body.clone()))
-            })
-            .collect();
-        let send_at = match &raw.send_at {
-            Some(t) => Some(
-                time::OffsetDateTime::parse(t, &time::format_description::well_known::Rfc3339)
-                    .map_err(|e| {
-                        err(
-                            "send_at",
-                            format!("{t:?} is not an RFC 3339 time like 2026-12-01T09:00:00Z: {e}"),
-                        )
-                    })?,
-            ),
-            None => None,
-        };
-        let max_delay = match &raw.max_delay {
-            Some(d) => parse_duration(d).map_err(|m| err("max_delay", m))?,
-            None => DEFAULT_MAX_DELAY,
-        };
-        if text_t.is_none() && html_t.is_none() {
-            return Err(err(
-                "message",
-                "set `text` and/or `html` (template paths)".into(),
-            ));
-        }
-        if m.subject.trim().is_empty() {
-            return Err(err("message.subject", "must not be empty".into()));
-        }
-        let mut headers = Vec::new();
-        for (h, v) in m.headers {
-            if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-                return Err(err(
-                    &format!("message.headers.{h}"),
-                    "header names are letters, digits and '-'".into(),
-                ));
-            }
-            if RESERVED_HEADERS.contains(&h.to_ascii_lowercase().as_str()) {
-                return Err(err(
-                    &format!("message.headers.{h}"),
-                    "blast sets this header itself".into(),
-                ));
-            }
-            headers.push((h, v));
-        }
-
+        let templates = sections::templates(&m, base)?;
+        let send_at = sections::send_at(raw.send_at.as_deref())?;
+        let max_delay = sections::max_delay(raw.max_delay.as_deref())?;
+        sections::message(&templates, &m.subject)?;
+        let headers = sections::headers(m.headers)?;
         let d = raw.delivery.unwrap_or_default();
-        let mut retry = RetryPolicy::default();
-        if let Some(list) = &d.retry {
-            retry.delays = list
-                .iter()
-                .map(|s| parse_duration(s))
-                .collect::<std::result::Result<_, _>>()
-                .map_err(|m| err("delivery.retry", m))?;
-            if retry.delays.is_empty() {
-                return Err(err(
-                    "delivery.retry",
-                    "needs at least one delay, e.g. [\"5m\"]".into(),
-                ));
-            }
-        }
-        if let Some(g) = &d.give_up_after {
-            retry.give_up_after =
-                parse_duration(g).map_err(|m| err("delivery.give_up_after", m))?;
-        }
-        let entries: Vec<RelayFile> = if !overrides.smtp.is_empty() {
-            overrides.smtp.iter().cloned().map(RelayFile::Url).collect()
-        } else {
-            match d.smtp {
-                Some(OneOrMany::One(s)) => vec![RelayFile::Url(s)],
-                Some(OneOrMany::Many(v)) => v,
-                None => vec![RelayFile::Url("smtp://127.0.0.1:25".to_string())],
-            }
-        };
-        let from_domain = address_part(&m.from)
-            .rsplit_once('@')
-            .map(|(_, d)| d.trim_end_matches('.').to_ascii_lowercase())
-            .unwrap_or_default();
-        let mut relays = Vec::new();
-        let mut routed_away = 0;
-        for e in entries {
-            let t = match e {
-                RelayFile::Url(url) => RelayTable {
-                    url,
-                    ..Default::default()
-                },
-                RelayFile::Table(t) => t,
-            };
-            // Routing first: a relay this campaign may not use is not
-            // checked (its password or CA file may not be here at all).
-            let domains = from_domains(t.from_domains.as_deref().unwrap_or_default())
-                .map_err(|m| err("delivery.smtp", format!("{}: {m}", t.url)))?;
-            if !serves(&domains, &from_domain) {
-                routed_away += 1;
-                continue;
-            }
-            let mut relay = relay_from_table(t, base, env, &mut template_files)
-                .map_err(|m| err("delivery.smtp", m))?;
-            relay.from_domains = domains;
-            relays.push(relay);
-        }
-        if relays.is_empty() && routed_away > 0 {
-            return Err(err(
-                "delivery.smtp",
-                format!(
-                    "none of the {routed_away} relays may send mail from {from_domain:?}: \
-                     add it to a relay's from_domains, or add a relay without from_domains"
-                ),
-            ));
-        }
-        if relays.is_empty() {
-            return Err(err(
-                "delivery.smtp",
-                "needs at least one smtp:// URL".into(),
-            ));
-        }
-        let concurrency = match (overrides.concurrency, d.concurrency) {
-            (Some(c), _) => c,
-            (None, Some(ConcurrencyFile::Number(n))) => {
-                Concurrency::parse(&n.to_string()).map_err(|m| err("delivery.concurrency", m))?
-            }
-            (None, Some(ConcurrencyFile::Text(t))) => {
-                Concurrency::parse(&t).map_err(|m| err("delivery.concurrency", m))?
-            }
-            (None, None) => Concurrency::Auto {
-                max: crate::adaptive::DEFAULT_MAX,
-            },
-        };
-        let verp = match raw.bounces.and_then(|b| b.verp) {
-            Some(v) => {
-                if d.envelope_from.is_some() {
-                    return Err(err(
-                        "bounces.verp",
-                        "set either bounces.verp or delivery.envelope_from, not both".into(),
-                    ));
-                }
-                let p = Pattern::parse(&v, &[Var::Campaign, Var::Recipient, Var::Sig])
-                    .map_err(|m| err("bounces.verp", m))?;
-                check_address_pattern(&p).map_err(|m| err("bounces.verp", m))?;
-                Some(p)
-            }
-            None => None,
-        };
-        if d.queue_target.is_some() && d.queue_probe.is_none() {
-            return Err(err(
-                "delivery.queue_target",
-                "needs delivery.queue_probe (e.g. \"postqueue -j\")".into(),
-            ));
-        }
-        let envelope_from = d.envelope_from.unwrap_or_else(|| {
-            // Default bounce address: the From address itself.
-            address_part(&m.from).to_string()
-        });
-        let unsubscribe =
-            parse_unsubscribe(raw.unsubscribe, &m.from).map_err(|(k, m)| err(k, m))?;
-        let helo = d.helo.unwrap_or_else(|| "localhost".to_string());
-        let timeout = d
-            .timeout_secs
-            .map(Duration::from_secs)
-            .unwrap_or(DEFAULT_SMTP_TIMEOUT);
-        if timeout.is_zero() {
-            return Err(err("delivery.timeout_secs", "must be at least 1".into()));
-        }
-
+        let retry = sections::retry(d.retry.as_deref(), d.give_up_after.as_deref())?;
+        let mut template_files = templates.files;
+        let relays = sections::relays(
+            &overrides.smtp,
+            d.smtp,
+            &m.from,
+            base,
+            env,
+            &mut template_files,
+        )?;
+        let concurrency = sections::concurrency(overrides.concurrency, d.concurrency)?;
+        let verp = sections::verp(raw.bounces, d.envelope_from.is_some())?;
+        let queue_probe = sections::queue_probe(d.queue_probe, d.queue_target)?;
+        // Default bounce address: the From address itself.
+        let envelope_from = d
+            .envelope_from
+            .unwrap_or_else(|| address_part(&m.from).to_string());
+        let unsubscribe = sections::unsubscribe(raw.unsubscribe, &m.from)?;
+        let timeout = sections::timeout(d.timeout_secs)?;
         Ok(Config {
             name,
             database,
@@ -745,8 +421,8 @@ impl Config {
                 reply_to: m.reply_to,
                 to_name: m.to_name,
                 subject: m.subject,
-                text: text_t,
-                html: html_t,
+                text: templates.text,
+                html: templates.html,
                 headers,
                 envelope_from,
                 verp,
@@ -756,18 +432,12 @@ impl Config {
                 relays,
                 concurrency,
                 rate: overrides.rate.or(d.rate).unwrap_or(0),
-                helo,
+                helo: d.helo.unwrap_or_else(|| "localhost".to_string()),
                 timeout,
                 retry,
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
                 chunking: d.chunking.unwrap_or(true),
-                queue_probe: d
-                    .queue_probe
-                    .filter(|c| !c.trim().is_empty())
-                    .map(|command| QueueProbe {
-                        command,
-                        target: d.queue_target.unwrap_or(DEFAULT_QUEUE_TARGET),
-                    }),
+                queue_probe,
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),
@@ -776,66 +446,6 @@ impl Config {
             max_delay,
             template_files,
         })
-    }
-}
-
-/// Validates `[unsubscribe]`: an `https://` URL and a mailto address, each
-/// with one `{token}`. The mailto defaults to `unsubscribe+{token}@` the
-/// From domain. Errors are (key, message).
-fn parse_unsubscribe(
-    raw: Option<UnsubscribeFile>,
-    from: &str,
-) -> std::result::Result<Unsubscribe, (&'static str, String)> {
-    let raw = raw.ok_or((
-        "unsubscribe",
-        "missing: every campaign message carries List-Unsubscribe (RFC 8058); add \
-         [unsubscribe] with url = \"https://lists.example.com/unsubscribe/{token}\" \
-         (answered by `blast serve`)"
-            .to_string(),
-    ))?;
-    let url = Pattern::parse(raw.url.trim(), &[Var::Token]).map_err(|m| ("unsubscribe.url", m))?;
-    let rest = url.as_str().strip_prefix("https://").unwrap_or_default();
-    if rest.is_empty() || rest.starts_with('{') || url.as_str().contains(char::is_whitespace) {
-        return Err((
-            "unsubscribe.url",
-            format!(
-                "{:?} must be an https:// URL with a host (RFC 8058)",
-                url.as_str()
-            ),
-        ));
-    }
-    let mailto = match raw.mailto {
-        Some(m) => m.trim().trim_start_matches("mailto:").to_string(),
-        None => {
-            let domain = address_part(from)
-                .rsplit_once('@')
-                .map(|(_, d)| d)
-                .unwrap_or("");
-            format!("unsubscribe+{{token}}@{domain}")
-        }
-    };
-    let mailto = Pattern::parse(&mailto, &[Var::Token]).map_err(|m| ("unsubscribe.mailto", m))?;
-    check_address_pattern(&mailto).map_err(|m| ("unsubscribe.mailto", m))?;
-    Ok(Unsubscribe { url, mailto })
-}
-
-/// An address pattern must fill to `local@domain` with placeholders in the
-/// local part only.
-fn check_address_pattern(p: &Pattern) -> std::result::Result<(), String> {
-    let raw = p.as_str();
-    match raw.rsplit_once('@') {
-        Some((local, domain))
-            if !local.is_empty()
-                && !domain.is_empty()
-                && !domain.contains('{')
-                && raw.is_ascii()
-                && !raw.contains(|c: char| c.is_whitespace() || "<>,;\"".contains(c)) =>
-        {
-            Ok(())
-        }
-        _ => Err(format!(
-            "{raw:?} must be an ASCII address local@domain with the placeholders in the local part"
-        )),
     }
 }
 
@@ -861,38 +471,12 @@ pub fn expand_env(
     Ok(out)
 }
 
-/// Makes a relative `sqlite://file` relative to the campaign file, so cron jobs
-/// started from another directory open the same database.
-fn resolve_sqlite_path(url: &str, base: &Path) -> String {
-    let Some(rest) = url
-        .strip_prefix("sqlite://")
-        .or_else(|| url.strip_prefix("sqlite:"))
-    else {
-        return url.to_string();
-    };
-    if rest.starts_with('/') || rest.starts_with(":memory:") || rest.is_empty() {
-        return url.to_string();
-    }
-    format!("sqlite://{}", base.join(rest).display())
-}
-
 /// `Name <a@b>` → `a@b`; a bare address is returned as is.
 pub fn address_part(s: &str) -> &str {
     match (s.rfind('<'), s.rfind('>')) {
         (Some(a), Some(b)) if a < b => s[a + 1..b].trim(),
         _ => s.trim(),
     }
-}
-
-/// `name` or `schema.name`, letters, digits and `_` only.
-fn is_sql_identifier(s: &str) -> bool {
-    let parts: Vec<&str> = s.split('.').collect();
-    parts.len() <= 2
-        && parts.iter().all(|p| {
-            !p.is_empty()
-                && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_')
-                && !p.as_bytes()[0].is_ascii_digit()
-        })
 }
 
 #[cfg(test)]

@@ -2,7 +2,11 @@
 //! AUTH credentials from the environment, per-relay limits, and which From
 //! domains it may carry.
 
-use super::*;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use super::expand_env;
+use super::raw::RelayTable;
 
 /// A relay blast injects into.
 #[derive(Clone, PartialEq, Eq, Default)]
@@ -82,7 +86,7 @@ pub enum Tls {
 }
 
 impl Tls {
-    fn parse(s: &str) -> std::result::Result<Tls, String> {
+    fn parse(s: &str) -> Result<Tls, String> {
         match s {
             "none" => Ok(Tls::None),
             "starttls" => Ok(Tls::StartTls),
@@ -116,34 +120,70 @@ pub(super) fn relay_from_table(
     base: &Path,
     env: &dyn Fn(&str) -> Option<String>,
     frozen: &mut Vec<(String, String)>,
-) -> std::result::Result<Relay, String> {
+) -> Result<Relay, String> {
     let url = expand_env(&t.url, env)?;
     let mut relay = parse_relay(&url)?;
-    if t.weight == Some(0) || t.max_concurrency == Some(0) || t.rate == Some(0) {
+    set_limits(&mut relay, t.weight, t.max_concurrency, t.rate)?;
+    relay.tls = tls_mode(&relay, t.tls.as_deref())?;
+    relay.verify = verify(
+        &relay,
+        t.ca_file,
+        t.danger_accept_invalid_certs,
+        base,
+        frozen,
+    )?;
+    set_credentials(&mut relay, t.user, t.password_env, env)?;
+    Ok(relay)
+}
+
+/// `weight`, `max_concurrency` and `rate`: each at least 1 when set.
+fn set_limits(
+    relay: &mut Relay,
+    weight: Option<u32>,
+    max_concurrency: Option<usize>,
+    rate: Option<u32>,
+) -> Result<(), String> {
+    if weight == Some(0) || max_concurrency == Some(0) || rate == Some(0) {
         return Err(format!(
             "{relay}: weight, max_concurrency and rate must be at least 1"
         ));
     }
-    relay.weight = t.weight.unwrap_or(1);
-    relay.max_concurrency = t.max_concurrency.map(|m| m.min(1024));
-    relay.rate = t.rate;
-    match t.tls.as_deref().map(Tls::parse).transpose()? {
-        Some(tls) => {
-            if relay.tls == Tls::Implicit && tls != Tls::Implicit {
+    relay.weight = weight.unwrap_or(1);
+    relay.max_concurrency = max_concurrency.map(|m| m.min(1024));
+    relay.rate = rate;
+    Ok(())
+}
+
+/// The relay's encryption: `tls` as set, else what its URL and place imply.
+fn tls_mode(relay: &Relay, tls: Option<&str>) -> Result<Tls, String> {
+    match tls.map(Tls::parse).transpose()? {
+        Some(mode) => {
+            if relay.tls == Tls::Implicit && mode != Tls::Implicit {
                 return Err(format!(
                     "{relay}: an smtps:// URL is implicit TLS; drop tls = {:?} or use smtp://",
-                    t.tls.unwrap_or_default()
+                    tls.unwrap_or_default()
                 ));
             }
-            relay.tls = tls;
+            Ok(mode)
         }
-        None if relay.tls == Tls::Implicit => {}
+        None if relay.tls == Tls::Implicit => Ok(Tls::Implicit),
         // STARTTLS is required off this host: mail and passwords do not
         // cross a network in clear unless the operator says so.
-        None if relay.is_loopback() => relay.tls = Tls::None,
-        None => relay.tls = Tls::StartTls,
+        None if relay.is_loopback() => Ok(Tls::None),
+        None => Ok(Tls::StartTls),
     }
-    if let Some(p) = t.ca_file.as_ref().filter(|p| p.is_relative()) {
+}
+
+/// How the relay's certificate is checked (`relay.tls` is already set). A
+/// relative `ca_file` is read into `frozen`.
+fn verify(
+    relay: &Relay,
+    ca_file: Option<PathBuf>,
+    danger_accept_invalid_certs: bool,
+    base: &Path,
+    frozen: &mut Vec<(String, String)>,
+) -> Result<crate::tls::Verify, String> {
+    if let Some(p) = ca_file.as_ref().filter(|p| p.is_relative()) {
         let full = base.join(p);
         let pem = std::fs::read_to_string(&full)
             .map_err(|e| format!("{relay}: ca_file: cannot read {}: {e}", full.display()))?;
@@ -152,21 +192,32 @@ pub(super) fn relay_from_table(
             frozen.push((name, pem));
         }
     }
-    relay.verify = crate::tls::Verify {
-        ca_file: t.ca_file.map(|p| base.join(p)),
-        danger_accept_invalid_certs: t.danger_accept_invalid_certs,
+    let verify = crate::tls::Verify {
+        ca_file: ca_file.map(|p| base.join(p)),
+        danger_accept_invalid_certs,
     };
-    if relay.verify.ca_file.is_some() && t.danger_accept_invalid_certs {
+    if verify.ca_file.is_some() && danger_accept_invalid_certs {
         return Err(format!(
             "{relay}: ca_file and danger_accept_invalid_certs exclude each other"
         ));
     }
-    if relay.tls == Tls::None && (relay.verify.ca_file.is_some() || t.danger_accept_invalid_certs) {
+    if relay.tls == Tls::None && (verify.ca_file.is_some() || danger_accept_invalid_certs) {
         return Err(format!(
             "{relay}: ca_file and danger_accept_invalid_certs need tls = \"starttls\" or \"tls\""
         ));
     }
-    if let Some(u) = t.user {
+    Ok(verify)
+}
+
+/// The AUTH user (in the URL or `user =`, not both) and its password from
+/// the environment; never over a connection in clear off this host.
+fn set_credentials(
+    relay: &mut Relay,
+    user: Option<String>,
+    password_env: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<(), String> {
+    if let Some(u) = user {
         if relay.user.is_some() {
             return Err(format!(
                 "{relay}: user is set both in the URL and as user ="
@@ -174,38 +225,37 @@ pub(super) fn relay_from_table(
         }
         relay.user = Some(u);
     }
-    if t.password_env.is_some() && relay.user.is_none() {
+    if password_env.is_some() && relay.user.is_none() {
         return Err(format!(
             "{relay}: password_env is set but no user (user = \"...\" or smtp://user@host)"
         ));
     }
-    relay.password_env = t
-        .password_env
-        .unwrap_or_else(|| SMTP_PASSWORD_ENV.to_string());
-    if let Some(user) = &relay.user {
-        if user.is_empty() || user.contains(['\r', '\n']) {
-            return Err(format!("{relay}: bad user name"));
-        }
-        if relay.tls == Tls::None && !relay.is_loopback() {
-            return Err(format!(
-                "{relay}: AUTH over an unencrypted connection would send the password in clear; \
-                 remove tls = \"none\""
-            ));
-        }
-        let password = env(&relay.password_env).filter(|p| !p.is_empty());
-        let Some(password) = password else {
-            return Err(format!(
-                "{relay}: user {user:?} is set but the environment variable {} is not",
-                relay.password_env
-            ));
-        };
-        relay.password = Some(Secret(password));
+    relay.password_env = password_env.unwrap_or_else(|| SMTP_PASSWORD_ENV.to_string());
+    let Some(user) = &relay.user else {
+        return Ok(());
+    };
+    if user.is_empty() || user.contains(['\r', '\n']) {
+        return Err(format!("{relay}: bad user name"));
     }
-    Ok(relay)
+    if relay.tls == Tls::None && !relay.is_loopback() {
+        return Err(format!(
+            "{relay}: AUTH over an unencrypted connection would send the password in clear; \
+             remove tls = \"none\""
+        ));
+    }
+    let password = env(&relay.password_env).filter(|p| !p.is_empty());
+    let Some(password) = password else {
+        return Err(format!(
+            "{relay}: user {user:?} is set but the environment variable {} is not",
+            relay.password_env
+        ));
+    };
+    relay.password = Some(Secret(password));
+    Ok(())
 }
 
 /// `from_domains` normalized: lower case, no trailing dot.
-pub(super) fn from_domains(list: &[String]) -> std::result::Result<Vec<String>, String> {
+pub(super) fn from_domains(list: &[String]) -> Result<Vec<String>, String> {
     let list: Vec<String> = list
         .iter()
         .map(|d| d.trim().trim_end_matches('.').to_ascii_lowercase())
@@ -229,7 +279,7 @@ pub(super) fn serves(domains: &[String], domain: &str) -> bool {
 }
 
 /// Parses `smtp://[user@]host[:port]` or `smtps://...` (implicit TLS, port 465).
-pub(super) fn parse_relay(url: &str) -> std::result::Result<Relay, String> {
+pub(super) fn parse_relay(url: &str) -> Result<Relay, String> {
     let (rest, tls, default_port) = if let Some(r) = url.strip_prefix("smtp://") {
         (r, Tls::None, "25")
     } else if let Some(r) = url.strip_prefix("smtps://") {

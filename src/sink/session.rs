@@ -2,7 +2,20 @@
 //! and AUTH, the fault replies, and the Maildir writes. The listener, the
 //! shared counters and the configuration live in the parent module.
 
-use super::*;
+use std::io::{self, Write as _};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::time::timeout;
+use tokio_util::task::TaskTracker;
+
+use super::{
+    load, next_queue_id, Received, Shared, GOODBYE_TIMEOUT, KEEP_BUFFER_CAPACITY, MAX_COMMAND_LINE,
+    MAX_RECIPIENTS, READ_BUFFER,
+};
 
 /// How a session's command loop ended without error.
 pub(super) enum End {
@@ -396,20 +409,8 @@ impl Session {
             self.reply("502 5.5.1 Error: command not implemented");
             return Ok(Flow::Continue);
         };
-        if !self.greeted {
-            self.reply("503 5.5.1 Error: send HELO/EHLO first");
-            return Ok(Flow::Continue);
-        }
-        if self.shared.config.tls.is_some() && !self.is_tls() {
-            self.reply("538 5.7.11 Encryption required for requested authentication mechanism");
-            return Ok(Flow::Continue);
-        }
-        if self.authenticated.is_some() {
-            self.reply("503 5.5.1 Error: already authenticated");
-            return Ok(Flow::Continue);
-        }
-        if self.tx.mail_from.is_some() {
-            self.reply("503 5.5.1 Error: MAIL transaction in progress");
+        if let Some(refusal) = self.auth_refusal() {
+            self.reply(refusal);
             return Ok(Flow::Continue);
         }
         let mut words = arg.split_ascii_whitespace();
@@ -423,48 +424,13 @@ impl Session {
             self.reply("535 5.7.8 Error: authentication failed: unsupported mechanism");
             return Ok(Flow::Continue);
         }
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let decode = |s: &str| {
-            b64.decode(s.trim())
-                .ok()
-                .and_then(|b| String::from_utf8(b).ok())
-        };
-        let (user, password) = if mechanism == "PLAIN" {
-            let response = match initial {
-                Some(r) => r,
-                None => match self.challenge("").await? {
-                    Some(r) => r,
-                    None => return Ok(Flow::Continue),
-                },
-            };
-            let decoded = decode(&response).unwrap_or_default();
-            let mut parts = decoded.split('\0');
-            let _authzid = parts.next();
-            (
-                parts.next().unwrap_or("").to_string(),
-                parts.next().unwrap_or("").to_string(),
-            )
+        let credentials = if mechanism == "PLAIN" {
+            self.auth_plain(initial).await?
         } else {
-            let user = match initial {
-                Some(r) => r,
-                None => match self
-                    .challenge(&b64.encode(&account.login_prompts.0))
-                    .await?
-                {
-                    Some(r) => r,
-                    None => return Ok(Flow::Continue),
-                },
-            };
-            let Some(password) = self
-                .challenge(&b64.encode(&account.login_prompts.1))
-                .await?
-            else {
-                return Ok(Flow::Continue);
-            };
-            (
-                decode(&user).unwrap_or_default(),
-                decode(&password).unwrap_or_default(),
-            )
+            self.auth_login(initial, &account.login_prompts).await?
+        };
+        let Some((user, password)) = credentials else {
+            return Ok(Flow::Continue);
         };
         if user == account.user && password == account.password {
             self.authenticated = Some(user);
@@ -473,6 +439,70 @@ impl Session {
             self.reply("535 5.7.8 Error: authentication failed: bad credentials");
         }
         Ok(Flow::Continue)
+    }
+
+    /// The reply refusing AUTH at this point of the session, if it must be:
+    /// before EHLO, in clear when TLS is on offer, a second time, or inside
+    /// a mail transaction.
+    fn auth_refusal(&self) -> Option<&'static str> {
+        if !self.greeted {
+            Some("503 5.5.1 Error: send HELO/EHLO first")
+        } else if self.shared.config.tls.is_some() && !self.is_tls() {
+            Some("538 5.7.11 Encryption required for requested authentication mechanism")
+        } else if self.authenticated.is_some() {
+            Some("503 5.5.1 Error: already authenticated")
+        } else if self.tx.mail_from.is_some() {
+            Some("503 5.5.1 Error: MAIL transaction in progress")
+        } else {
+            None
+        }
+    }
+
+    /// AUTH PLAIN: the initial response, or one empty 334 challenge for it.
+    /// `None` when the client cancelled (already answered).
+    async fn auth_plain(
+        &mut self,
+        initial: Option<String>,
+    ) -> Result<Option<(String, String)>, SessionError> {
+        let response = match initial {
+            Some(r) => r,
+            None => match self.challenge("").await? {
+                Some(r) => r,
+                None => return Ok(None),
+            },
+        };
+        let decoded = decode_base64(&response).unwrap_or_default();
+        let mut parts = decoded.split('\0');
+        let _authzid = parts.next();
+        Ok(Some((
+            parts.next().unwrap_or("").to_string(),
+            parts.next().unwrap_or("").to_string(),
+        )))
+    }
+
+    /// AUTH LOGIN: the user (initial response or the first prompt), then
+    /// the password (the second prompt). `None` when the client cancelled
+    /// (already answered).
+    async fn auth_login(
+        &mut self,
+        initial: Option<String>,
+        prompts: &(String, String),
+    ) -> Result<Option<(String, String)>, SessionError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        let user = match initial {
+            Some(r) => r,
+            None => match self.challenge(&b64.encode(&prompts.0)).await? {
+                Some(r) => r,
+                None => return Ok(None),
+            },
+        };
+        let Some(password) = self.challenge(&b64.encode(&prompts.1)).await? else {
+            return Ok(None);
+        };
+        Ok(Some((
+            decode_base64(&user).unwrap_or_default(),
+            decode_base64(&password).unwrap_or_default(),
+        )))
     }
 
     /// Sends a 334 challenge and reads the client's line; `None` when the
@@ -763,47 +793,72 @@ impl Session {
     /// limit, Maildir, accounting and the final reply.
     async fn end_of_message(&mut self) -> Result<Flow, SessionError> {
         self.messages_seen += 1;
+        // A clone, so the configuration can be read while the session changes.
         let shared = Arc::clone(&self.shared);
-        let config = &shared.config;
-        if let Some(limit) = config.faults.drop_after {
+        if let Some(flow) = self.before_accept(&shared).await? {
+            return Ok(flow);
+        }
+        self.accept(&shared).await
+    }
+
+    /// What may hold or refuse a finished message before it is accepted, in
+    /// this order: `drop_after`, the size limit, `latency`, the load model.
+    /// `Some(flow)` ends the message there, its reply (if any) queued.
+    async fn before_accept(&mut self, shared: &Shared) -> Result<Option<Flow>, SessionError> {
+        let faults = &shared.config.faults;
+        if let Some(limit) = faults.drop_after {
             if self.messages_seen >= limit {
                 // Replies to earlier commands were due already; only this
                 // message's reply is withheld.
                 self.flush().await?;
-                return Ok(Flow::Drop);
+                return Ok(Some(Flow::Drop));
             }
         }
         if self.tx.too_big {
             self.tx.reset();
             self.reply("552 5.3.4 Error: message file too big");
-            return Ok(Flow::Continue);
+            return Ok(Some(Flow::Continue));
         }
-        if let Some(delay) = config.faults.latency {
+        if let Some(delay) = faults.latency {
             self.flush().await?;
             tokio::time::sleep(delay).await;
         }
-        if let Some(model) = &config.faults.load {
-            match model.admit() {
-                load::Verdict::Accept(wait) => {
-                    self.flush().await?;
-                    tokio::time::sleep(wait).await;
-                    model.done(true);
-                }
-                load::Verdict::Refuse(wait, line) => {
-                    self.flush().await?;
-                    tokio::time::sleep(wait).await;
-                    model.done(false);
-                    self.tx.reset();
-                    self.reply(&line);
-                    return Ok(Flow::Continue);
-                }
-                load::Verdict::Close(line) => {
-                    self.tx.reset();
-                    self.reply(&line);
-                    return Ok(Flow::Close);
-                }
+        match &faults.load {
+            Some(model) => self.admit(model).await,
+            None => Ok(None),
+        }
+    }
+
+    /// Asks the load model whether to take the message, and waits as long
+    /// as it says; `Some(flow)` when it refused the message.
+    async fn admit(&mut self, model: &load::LoadModel) -> Result<Option<Flow>, SessionError> {
+        match model.admit() {
+            load::Verdict::Accept(wait) => {
+                self.flush().await?;
+                tokio::time::sleep(wait).await;
+                model.done(true);
+                Ok(None)
+            }
+            load::Verdict::Refuse(wait, line) => {
+                self.flush().await?;
+                tokio::time::sleep(wait).await;
+                model.done(false);
+                self.tx.reset();
+                self.reply(&line);
+                Ok(Some(Flow::Continue))
+            }
+            load::Verdict::Close(line) => {
+                self.tx.reset();
+                self.reply(&line);
+                Ok(Some(Flow::Close))
             }
         }
+    }
+
+    /// Accepts the message: the Maildir (a failed write is a 451), the
+    /// counters, the 250 and the [`Received`] record.
+    async fn accept(&mut self, shared: &Shared) -> Result<Flow, SessionError> {
+        let config = &shared.config;
         let queue_id = next_queue_id();
         let mail_from = self.tx.mail_from.take().unwrap_or_default();
         let rcpt_to = std::mem::take(&mut self.tx.rcpts);
@@ -888,6 +943,15 @@ async fn write_maildir(
 fn push_reply(out: &mut Vec<u8>, line: &str) {
     out.extend_from_slice(line.as_bytes());
     out.extend_from_slice(b"\r\n");
+}
+
+/// Base64 to UTF-8 text; `None` for either kind of garbage (the caller
+/// treats it as a wrong credential).
+fn decode_base64(s: &str) -> Option<String> {
+    base64::engine::general_purpose::STANDARD
+        .decode(s.trim())
+        .ok()
+        .and_then(|b| String::from_utf8(b).ok())
 }
 
 /// Strips the line terminator (CRLF, or a bare LF from sloppy clients).

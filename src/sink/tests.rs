@@ -3,7 +3,7 @@
 use super::session::{parse_path, strip_prefix_ci};
 use super::*;
 use std::time::Instant as StdInstant;
-use tokio::io::AsyncReadExt;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
 /// Generous bound for a single read in tests, so a bug hangs no longer.

@@ -434,58 +434,62 @@ impl SmtpSession {
     /// AUTH PLAIN when offered, else AUTH LOGIN (RFC 4954); the responses
     /// come from lettre's mechanisms.
     async fn auth(&mut self, user: &str, password: &str) -> Result<(), SessionError> {
-        let credentials = &Credentials::new(user.to_string(), password.to_string());
-        let offers = |m: &str| self.caps.auth.iter().any(|a| a == m);
-        let mechanism = if offers("PLAIN") {
-            Mechanism::Plain
-        } else if offers("LOGIN") {
-            Mechanism::Login
-        } else {
+        let login = Login {
+            mechanism: self.pick_mechanism()?,
+            credentials: Credentials::new(user.to_string(), password.to_string()),
+            user,
+            password,
+        };
+        let command = match login.mechanism {
+            Mechanism::Plain => format!("AUTH PLAIN {}\r\n", login.respond(None, 0)?),
+            _ => "AUTH LOGIN\r\n".to_string(),
+        };
+        self.write(command.as_bytes()).await?;
+        self.flush().await?;
+        let r = self.read_reply().await?;
+        let r = self.answer_challenges(&login, r).await?;
+        if r.code != 235 {
             return Err(SessionError {
-                message: format!(
-                    "the relay offers neither AUTH PLAIN nor LOGIN (offers: {})",
-                    if self.caps.auth.is_empty() {
-                        "no AUTH at all".to_string()
-                    } else {
-                        self.caps.auth.join(" ")
-                    }
-                ),
+                message: format!("{} {}", r.code, r.lines.join(" ")),
                 ambiguous: false,
-                permanent: true,
+                // 535 and other 5xx: wrong credentials will not get better.
+                permanent: (500..600).contains(&r.code),
             });
-        };
-        let b64 = base64::engine::general_purpose::STANDARD;
-        let refused = |why: String| SessionError {
-            message: why,
-            ambiguous: false,
-            permanent: true,
-        };
-        let respond = |challenge: Option<&str>, round: usize| {
-            match mechanism.response(credentials, challenge) {
-                Ok(r) => Ok(b64.encode(r)),
-                // lettre knows the usual LOGIN prompts ("Username:",
-                // "Password:"); for any other text (empty, localized),
-                // answer by position as every LOGIN server expects.
-                Err(_) if mechanism == Mechanism::Login && round <= 2 => {
-                    Ok(b64.encode(if round == 1 { user } else { password }))
-                }
-                Err(e) => Err(refused(format!("AUTH {mechanism}: {e}"))),
+        }
+        self.auth = Some(match login.mechanism {
+            Mechanism::Plain => "PLAIN",
+            _ => "LOGIN",
+        });
+        Ok(())
+    }
+
+    /// PLAIN when the relay offers it, else LOGIN; a relay offering neither
+    /// is refused for good.
+    fn pick_mechanism(&self) -> Result<Mechanism, SessionError> {
+        let offers = |m: &str| self.caps.auth.iter().any(|a| a == m);
+        if offers("PLAIN") {
+            return Ok(Mechanism::Plain);
+        }
+        if offers("LOGIN") {
+            return Ok(Mechanism::Login);
+        }
+        Err(auth_refused(format!(
+            "the relay offers neither AUTH PLAIN nor LOGIN (offers: {})",
+            if self.caps.auth.is_empty() {
+                "no AUTH at all".to_string()
+            } else {
+                self.caps.auth.join(" ")
             }
-        };
-        let mut r = match mechanism {
-            Mechanism::Plain => {
-                let first = respond(None, 0)?;
-                self.write(format!("AUTH PLAIN {first}\r\n").as_bytes())
-                    .await?;
-                self.flush().await?;
-                self.read_reply().await?
-            }
-            _ => {
-                self.write(b"AUTH LOGIN\r\n").await?;
-                self.flush().await?;
-                self.read_reply().await?
-            }
-        };
+        )))
+    }
+
+    /// Answers 334 challenges, starting from `r`, until the relay gives
+    /// its verdict, which is returned.
+    async fn answer_challenges(
+        &mut self,
+        login: &Login<'_>,
+        mut r: RawReply,
+    ) -> Result<RawReply, SessionError> {
         // LOGIN answers base64 challenges ("Username:", "Password:").
         let mut rounds = 0;
         while r.code == 334 {
@@ -495,37 +499,24 @@ impl SmtpSession {
                 self.write(b"*\r\n").await?;
                 self.flush().await?;
                 let _ = self.read_reply().await?;
-                return Err(refused(format!(
-                    "AUTH {mechanism}: unexpected challenge {:?}",
+                return Err(auth_refused(format!(
+                    "AUTH {}: unexpected challenge {:?}",
+                    login.mechanism,
                     r.lines.join(" ")
                 )));
             }
             let challenge = r.lines.first().map(String::as_str).unwrap_or("");
-            let decoded = b64
+            let decoded = base64::engine::general_purpose::STANDARD
                 .decode(challenge.trim())
                 .ok()
                 .and_then(|c| String::from_utf8(c).ok())
                 .unwrap_or_default();
-            let answer = respond(Some(&decoded), rounds)?;
+            let answer = login.respond(Some(&decoded), rounds)?;
             self.write(format!("{answer}\r\n").as_bytes()).await?;
             self.flush().await?;
             r = self.read_reply().await?;
         }
-        if r.code == 235 {
-            self.auth = Some(match mechanism {
-                Mechanism::Plain => "PLAIN",
-                _ => "LOGIN",
-            });
-        }
-        if r.code != 235 {
-            return Err(SessionError {
-                message: format!("{} {}", r.code, r.lines.join(" ")),
-                ambiguous: false,
-                // 535 and other 5xx: wrong credentials will not get better.
-                permanent: (500..600).contains(&r.code),
-            });
-        }
-        Ok(())
+        Ok(r)
     }
 
     async fn write(&mut self, bytes: &[u8]) -> Result<(), SessionError> {
@@ -746,6 +737,42 @@ impl SmtpSession {
                 let _ = socket2::SockRef::from(stream).set_tcp_quickack(true);
             }
         }
+    }
+}
+
+/// One AUTH exchange: the mechanism, and what it answers with.
+struct Login<'a> {
+    mechanism: Mechanism,
+    credentials: Credentials,
+    user: &'a str,
+    password: &'a str,
+}
+
+impl Login<'_> {
+    /// The base64 answer to `challenge` (decoded; `None` for PLAIN's
+    /// initial response) in challenge round `round` (1-based; 0 before any).
+    fn respond(&self, challenge: Option<&str>, round: usize) -> Result<String, SessionError> {
+        let b64 = base64::engine::general_purpose::STANDARD;
+        match self.mechanism.response(&self.credentials, challenge) {
+            Ok(r) => Ok(b64.encode(r)),
+            // lettre knows the usual LOGIN prompts ("Username:",
+            // "Password:"); for any other text (empty, localized),
+            // answer by position as every LOGIN server expects.
+            Err(_) if self.mechanism == Mechanism::Login && round <= 2 => {
+                Ok(b64.encode(if round == 1 { self.user } else { self.password }))
+            }
+            Err(e) => Err(auth_refused(format!("AUTH {}: {e}", self.mechanism))),
+        }
+    }
+}
+
+/// An AUTH failure that retrying will not cure: the operator must act
+/// (see [`SessionError::permanent`]).
+fn auth_refused(why: String) -> SessionError {
+    SessionError {
+        message: why,
+        ambiguous: false,
+        permanent: true,
     }
 }
 

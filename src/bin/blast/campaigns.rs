@@ -1,7 +1,15 @@
 //! Campaign subcommands: send and retry, pause, cancel, resume, schedule,
 //! run-due, list, and the end-of-run report with its exit code.
 
-use super::*;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use blast::cli::{ControlArgs, ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs, SendArgs};
+use blast::commands::Control;
+use blast::config::{Config, Overrides};
+use blast::progress::Mode;
+
+use super::{load, progress_mode, shutdown_signal, signals};
 
 /// `blast check`: every relay, as a send would reach it; exit 0 when all
 /// of them work, 2 otherwise.

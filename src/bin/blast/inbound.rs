@@ -1,7 +1,13 @@
 //! The inbound side: `blast serve` (one-click unsubscribe), `blast suppress`
 //! and `blast bounce parse|ingest`.
 
-use super::*;
+use std::path::Path;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use blast::cli::{BounceIngestArgs, BounceParseArgs, ServeArgs, SuppressCommand};
+
+use super::shutdown_signal;
 
 pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     let db = blast::db::Db::connect(&args.database).await?;
@@ -17,108 +23,140 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// `blast suppress add|remove|list|import`: one function per subcommand.
 pub(crate) async fn suppress(command: SuppressCommand) -> anyhow::Result<ExitCode> {
-    use blast::suppress;
     match command {
         SuppressCommand::Add {
             addresses,
             reason,
             database,
-        } => {
-            let db = blast::db::Db::connect(&database).await?;
-            for a in &addresses {
-                let new = suppress::add(&db, a, &reason, "operator").await?;
-                eprintln!(
-                    "blast suppress: {a}: {}",
-                    if new {
-                        "suppressed"
-                    } else {
-                        "already suppressed"
-                    }
-                );
-            }
-            db.close().await;
-        }
+        } => suppress_add(&database, &addresses, &reason).await,
         SuppressCommand::Remove {
             addresses,
             database,
-        } => {
-            let db = blast::db::Db::connect(&database).await?;
-            let mut missing = 0;
-            for a in &addresses {
-                let removed = suppress::remove(&db, a).await?;
-                missing += usize::from(!removed);
-                eprintln!(
-                    "blast suppress: {a}: {}",
-                    if removed {
-                        "removed"
-                    } else {
-                        "was not suppressed"
-                    }
-                );
-            }
-            db.close().await;
-            return Ok(if missing == 0 {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::from(1)
-            });
-        }
+        } => suppress_remove(&database, &addresses).await,
         SuppressCommand::List {
             filter,
             limit,
             json,
             database,
-        } => {
-            let db = blast::db::Db::connect(&database).await?;
-            let rows = suppress::list(&db, filter.as_deref(), limit).await?;
-            db.close().await;
-            for r in rows {
-                if json {
-                    println!("{}", serde_json::to_string(&r)?);
-                } else {
-                    println!(
-                        "{}\t{}\t{}\t{}",
-                        r.address, r.reason, r.source, r.created_at
-                    );
-                }
-            }
-        }
+        } => suppress_list(&database, filter.as_deref(), limit, json).await,
         SuppressCommand::Import {
             file,
             reason,
             json,
             database,
-        } => {
-            let db = blast::db::Db::connect(&database).await?;
-            let source = format!("import:{}", file.display());
-            let summary = if file.as_os_str() == "-" {
-                suppress::import(&db, std::io::stdin().lock(), &reason, &source).await?
+        } => suppress_import(&database, &file, &reason, json).await,
+    }
+}
+
+/// `blast suppress add`: one line per address; always exit 0, since an
+/// address already suppressed is where the operator wanted it.
+async fn suppress_add(
+    database: &str,
+    addresses: &[String],
+    reason: &str,
+) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(database).await?;
+    for a in addresses {
+        let new = blast::suppress::add(&db, a, reason, "operator").await?;
+        eprintln!(
+            "blast suppress: {a}: {}",
+            if new {
+                "suppressed"
             } else {
-                let f = std::fs::File::open(&file)
-                    .with_context(|| format!("cannot open {}", file.display()))?;
-                suppress::import(&db, std::io::BufReader::new(f), &reason, &source).await?
-            };
-            db.close().await;
-            for bad in &summary.invalid {
-                eprintln!("blast suppress import: {}: {bad}", file.display());
+                "already suppressed"
             }
-            if json {
-                println!("{}", serde_json::to_string(&summary)?);
+        );
+    }
+    db.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `blast suppress remove`: exit 1 when an address was not suppressed, so
+/// a script notices a typo.
+async fn suppress_remove(database: &str, addresses: &[String]) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(database).await?;
+    let mut missing = 0;
+    for a in addresses {
+        let removed = blast::suppress::remove(&db, a).await?;
+        missing += usize::from(!removed);
+        eprintln!(
+            "blast suppress: {a}: {}",
+            if removed {
+                "removed"
+            } else {
+                "was not suppressed"
             }
-            eprintln!(
-                "blast suppress import: {}: {} suppressed, {} already suppressed, {} invalid",
-                file.display(),
-                summary.added,
-                summary.already,
-                summary.invalid.len()
+        );
+    }
+    db.close().await;
+    Ok(if missing == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+/// `blast suppress list`: tab-separated lines, or one JSON object a line.
+async fn suppress_list(
+    database: &str,
+    filter: Option<&str>,
+    limit: Option<u64>,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(database).await?;
+    let rows = blast::suppress::list(&db, filter, limit).await?;
+    db.close().await;
+    for r in rows {
+        if json {
+            println!("{}", serde_json::to_string(&r)?);
+        } else {
+            println!(
+                "{}\t{}\t{}\t{}",
+                r.address, r.reason, r.source, r.created_at
             );
-            if !summary.invalid.is_empty() {
-                return Ok(ExitCode::from(1));
-            }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `blast suppress import FILE` (`-` for stdin): bad lines are reported and
+/// exit 1, the good ones are imported anyway.
+async fn suppress_import(
+    database: &str,
+    file: &Path,
+    reason: &str,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let db = blast::db::Db::connect(database).await?;
+    let source = format!("import:{}", file.display());
+    let summary = if file.as_os_str() == "-" {
+        blast::suppress::import(&db, std::io::stdin().lock(), reason, &source).await?
+    } else {
+        let f =
+            std::fs::File::open(file).with_context(|| format!("cannot open {}", file.display()))?;
+        blast::suppress::import(&db, std::io::BufReader::new(f), reason, &source).await?
+    };
+    db.close().await;
+    for bad in &summary.invalid {
+        eprintln!("blast suppress import: {}: {bad}", file.display());
+    }
+    if json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    eprintln!(
+        "blast suppress import: {}: {} suppressed, {} already suppressed, {} invalid",
+        file.display(),
+        summary.added,
+        summary.already,
+        summary.invalid.len()
+    );
+    Ok(if summary.invalid.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
 }
 
 /// `blast bounce parse`: one line per file; a bad file is reported and skipped (exit 1).

@@ -8,13 +8,9 @@
 
 use std::process::ExitCode;
 
-use anyhow::Context as _;
 use clap::Parser;
 
-use blast::cli::{
-    BounceCommand, BounceIngestArgs, BounceParseArgs, Cli, Command, ControlArgs, ImportArgs,
-    ListArgs, ResumeArgs, RunDueArgs, ScheduleArgs, SendArgs, ServeArgs, SinkArgs, SuppressCommand,
-};
+use blast::cli::{BounceCommand, Cli, Command};
 use blast::commands::Control;
 use blast::config::{Config, Overrides};
 use blast::progress::Mode;
@@ -23,9 +19,9 @@ mod campaigns;
 mod inbound;
 mod tools;
 
-use campaigns::*;
-use inbound::*;
-use tools::*;
+use campaigns::{check, control, list, preview, resume, run_due, schedule, send, status};
+use inbound::{bounce_ingest, bounce_parse, serve, suppress};
+use tools::{import, sink};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

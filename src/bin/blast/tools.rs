@@ -1,6 +1,11 @@
 //! Tools around campaigns: `blast sink` (a test MTA) and `blast import` (CSV).
 
-use super::*;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use blast::cli::{ImportArgs, SinkArgs};
+
+use super::shutdown_signal;
 
 pub(crate) async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     let mut faults = blast::sink::Faults {
