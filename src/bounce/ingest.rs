@@ -25,7 +25,8 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::mailbox::{Disposition, Inbox, Summary as MailboxSummary};
-use super::parse::{self, Class, Finding, Kind, Report};
+use super::parse::{self, Finding, Kind, Report};
+use crate::classify::Class;
 use crate::clock;
 use crate::db::Db;
 use crate::error::Result;
@@ -309,11 +310,7 @@ impl Ingestor {
             (Kind::Complaint, _) => "complaint",
             (k, _) => kind_name(k),
         };
-        let class = match f.class {
-            Class::Hard => "hard",
-            Class::Soft => "soft",
-            Class::Other => "other",
-        };
+        let class = f.class.as_str();
         let now = clock::now();
         let inserted = sqlx::query(
             "INSERT INTO blast_bounces (campaign_id, recipient_id, address, kind, class, reason, \

@@ -1,10 +1,10 @@
-//! Classification: a remote server's words and status code → a reason name
-//! and a [`Class`].
+//! Reasons: a remote server's words and status code → a reason name and a
+//! [`Class`].
 //!
-//! Owns the pattern tables and the status-code table. It knows nothing of
-//! mail formats; callers hand it the diagnostic text of one recipient. Text
-//! wins over the status code, because servers send generic codes (`5.0.0`,
-//! `550 5.1.1` for a full mailbox) far more often than misleading words.
+//! Owns the rules over the phrase tables of [`super::phrases`] and the
+//! status-code table. Text wins over the status code, because servers send
+//! generic codes (`5.0.0`, `550 5.1.1` for a full mailbox) far more often
+//! than misleading words.
 
 use super::phrases::{DEFINITE_USERUNKNOWN, TABLE, WEAK_USERUNKNOWN};
 use super::Class;
@@ -31,12 +31,12 @@ fn text_reason(text: &str) -> Option<(&'static str, bool)> {
 }
 
 /// The reason named by `text` alone, if any phrase of the tables occurs in it.
-pub(crate) fn reason_from_text(text: &str) -> Option<&'static str> {
+pub fn reason_from_text(text: &str) -> Option<&'static str> {
     text_reason(text).map(|(r, _)| r)
 }
 
 /// The reason an RFC 3463 status code stands for when the text says nothing.
-pub(crate) fn reason_from_status(status: &str) -> &'static str {
+pub fn reason_from_status(status: &str) -> &'static str {
     let mut parts = status.splitn(3, '.');
     let class = parts.next().unwrap_or("");
     let rest = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
@@ -65,7 +65,7 @@ pub(crate) fn reason_from_status(status: &str) -> &'static str {
 
 /// The SMTP command a failure answered, when the text says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Command {
+enum Command {
     /// MAIL FROM: the sender was refused.
     Mail,
     /// RCPT TO: the recipient was refused.
@@ -75,7 +75,7 @@ pub(crate) enum Command {
 }
 
 /// Finds which SMTP command a failure answered, from the MTAs' usual wording.
-pub(crate) fn command(text: &str) -> Option<Command> {
+fn command(text: &str) -> Option<Command> {
     let lower = text
         .split_whitespace()
         .collect::<Vec<_>>()
@@ -138,7 +138,7 @@ pub(crate) fn command(text: &str) -> Option<Command> {
 /// user refused at DATA is a content filter, not a missing mailbox, unless
 /// the status says `x.1.1`; and anything refused at MAIL FROM is about the
 /// sender.
-pub(crate) fn reason(text: &str, status: Option<&str>) -> &'static str {
+pub fn reason(text: &str, status: Option<&str>) -> &'static str {
     reason_in(text, "", status)
 }
 
@@ -146,7 +146,7 @@ pub(crate) fn reason(text: &str, status: Option<&str>) -> &'static str {
 /// text (`context`: the notice's paragraph, a session transcript). The reply's
 /// words win; the context fills in when the reply names no reason, and says
 /// which SMTP command failed.
-pub(crate) fn reason_in(reply: &str, context: &str, status: Option<&str>) -> &'static str {
+pub fn reason_in(reply: &str, context: &str, status: Option<&str>) -> &'static str {
     let by_status = status.map(reason_from_status);
     let mut code = status.unwrap_or("").split('.').skip(1);
     let (subject, detail) = (code.next().unwrap_or(""), code.next().unwrap_or(""));
@@ -177,7 +177,7 @@ pub(crate) fn reason_in(reply: &str, context: &str, status: Option<&str>) -> &'s
 }
 
 /// The class a reason belongs to.
-pub(crate) fn class_of(reason: &str) -> Class {
+pub fn class_of(reason: &str) -> Class {
     if HARD_REASONS.contains(&reason) {
         Class::Hard
     } else if OTHER_REASONS.contains(&reason) {
