@@ -28,12 +28,12 @@ use serde::Serialize;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::mpsc;
 
+use crate::classify;
 use crate::clock;
 use crate::config::RetryPolicy;
 use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
 use crate::model::{Outcome, Record, Reply, Status};
-use crate::transport::classify;
 use time::OffsetDateTime;
 
 /// Flush at least this often.
