@@ -83,7 +83,7 @@ mod breaker;
 mod stats;
 mod work;
 
-pub use breaker::{relay_refusal, Breaker};
+pub use breaker::Breaker;
 pub use stats::{
     Histogram, InjectorStats, InjectorSummary, LatencySummary, RelaySummary, Stats, Summary,
 };

@@ -6,6 +6,8 @@
 //! - reply parsing and the outcome mapping: [`reply`] builds a [`Reply`]
 //!   (with its RFC 3463 [`enhanced_status`]), [`outcome`] maps it to
 //!   sent / deferred / failed, [`queue_id`] finds the MTA's queue id;
+//! - what a refusal is about: [`relay_refusal`] (the relay or the session,
+//!   which the campaign breaker pauses on);
 //! - reasons: the phrase tables ([`phrases`]) and the rules that turn a
 //!   diagnostic text and a status code into a reason name and a [`Class`]
 //!   ([`reasons`]). Bounce parsing calls them for each failed recipient of a
@@ -125,6 +127,24 @@ pub fn queue_id(text: &str) -> Option<&str> {
             .filter(|id| enhanced_status(id).is_none());
     }
     None
+}
+
+/// A refusal that is about the relay or the session, not the recipient: a
+/// session code (530 authentication required, 535 credentials refused, 538
+/// encryption required), enhanced status 5.7.0, any of the table's
+/// `norelaying` phrases ("relay access denied", "unable to relay", ...), or
+/// "authentication required". The campaign breaker pauses on it and records
+/// the recipient as deferred. The rest of the `securityerror` wording
+/// (certificates, "security policy") is left out: a relay also says it about
+/// one message.
+pub fn relay_refusal(reply: &Reply) -> bool {
+    matches!(reply.code, Some(530 | 535 | 538))
+        || reply.enhanced.as_deref() == Some("5.7.0")
+        || reasons::mentions(&reply.text, "norelaying")
+        || reply
+            .text
+            .to_ascii_lowercase()
+            .contains("authentication required")
 }
 
 /// A permanent refusal that says the address itself is gone (RFC 3463

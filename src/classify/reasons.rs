@@ -35,6 +35,16 @@ pub fn reason_from_text(text: &str) -> Option<&'static str> {
     text_reason(text).map(|(r, _)| r)
 }
 
+/// True when `text` uses any of the table's phrases for `reason`, whatever
+/// reason an earlier row of the table would give the whole text.
+pub(crate) fn mentions(text: &str, reason: &str) -> bool {
+    let lower = text.to_lowercase();
+    TABLE
+        .iter()
+        .filter(|(r, _)| *r == reason)
+        .any(|(_, phrases)| phrases.iter().any(|p| lower.contains(p)))
+}
+
 /// The reason an RFC 3463 status code stands for when the text says nothing.
 pub fn reason_from_status(status: &str) -> &'static str {
     let mut parts = status.splitn(3, '.');
