@@ -6,8 +6,10 @@
 //! - reply parsing and the outcome mapping: [`reply`] builds a [`Reply`]
 //!   (with its RFC 3463 [`enhanced_status`]), [`outcome`] maps it to
 //!   sent / deferred / failed, [`queue_id`] finds the MTA's queue id;
-//! - what a refusal is about: [`relay_refusal`] (the relay or the session,
-//!   which the campaign breaker pauses on);
+//! - what a refusal is about: [`reply_reason`] (the same reason bounce
+//!   parsing gives the same words), [`suppresses`] (a 5xx whose reason is
+//!   hard: the ledger suppresses the address) and [`relay_refusal`] (the
+//!   relay or the session, which the campaign breaker pauses on);
 //! - reasons: the phrase tables ([`phrases`]) and the rules that turn a
 //!   diagnostic text and a status code into a reason name and a [`Class`]
 //!   ([`reasons`]). Bounce parsing calls them for each failed recipient of a
@@ -147,136 +149,29 @@ pub fn relay_refusal(reply: &Reply) -> bool {
             .contains("authentication required")
 }
 
-/// A permanent refusal that says the address itself is gone (RFC 3463
-/// 5.1.x: bad mailbox, bad domain, moved; or the usual wording without an
-/// enhanced code). Such an address is suppressed at once.
-pub fn is_hard_bounce(reply: &Reply) -> bool {
-    if !matches!(reply.code, Some(500..=599)) {
-        return false;
+/// The reason a server's reply names, decided as bounce parsing decides it
+/// for a returned mail's diagnostic: the reply's words first, its enhanced
+/// status when they name nothing. A 2xx reply is `delivered` whatever it
+/// says.
+pub fn reply_reason(reply: &Reply) -> &'static str {
+    match reply.code {
+        Some(200..=299) => "delivered",
+        _ => reason(&reply.text, reply.enhanced.as_deref()),
     }
-    if let Some(e) = &reply.enhanced {
-        return e.starts_with("5.1.") && e != "5.1.0";
-    }
-    let text = reply.text.to_ascii_lowercase();
-    [
-        "user unknown",
-        "unknown user",
-        "no such user",
-        "does not exist",
-        "mailbox unavailable",
-        "invalid recipient",
-        "no mailbox",
-    ]
-    .iter()
-    .any(|p| text.contains(p))
+}
+
+/// A synchronous refusal that puts the address on the suppression list: a
+/// 5xx whose [`reply_reason`] is of [`Class::Hard`] (user unknown, host
+/// unknown, moved, not accepting mail), the class bounce ingest gives the
+/// same words arriving later in a bounce (which may say more: the SMTP
+/// command a transcript names, the notice around the reply). A refusal about
+/// the relay ([`relay_refusal`]) says nothing of the address and never
+/// suppresses.
+pub fn suppresses(reply: &Reply) -> bool {
+    matches!(reply.code, Some(500..=599))
+        && class_of(reply_reason(reply)) == Class::Hard
+        && !relay_refusal(reply)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn replies_classify() {
-        /// (code, text, status, enhanced, queue id)
-        type Row<'a> = (u16, &'a str, &'a str, Option<&'a str>, Option<&'a str>);
-        let table: &[Row<'_>] = &[
-            (
-                250,
-                "2.0.0 Ok: queued as 4F1A2B3C4D",
-                "sent",
-                Some("2.0.0"),
-                Some("4F1A2B3C4D"),
-            ),
-            (
-                250,
-                "OK id=1uXyZa-000ABC-7Q",
-                "sent",
-                None,
-                Some("1uXyZa-000ABC-7Q"),
-            ),
-            (
-                250,
-                "2.0.0 5AT9x1Qp012345 Message accepted for delivery",
-                "sent",
-                Some("2.0.0"),
-                Some("5AT9x1Qp012345"),
-            ),
-            (250, "Ok", "sent", None, None),
-            (
-                451,
-                "4.3.0 Try again later",
-                "deferred",
-                Some("4.3.0"),
-                None,
-            ),
-            (
-                421,
-                "4.7.0 Too many connections, slow down",
-                "deferred",
-                Some("4.7.0"),
-                None,
-            ),
-            (
-                452,
-                "4.5.3 Too many recipients",
-                "deferred",
-                Some("4.5.3"),
-                None,
-            ),
-            (
-                550,
-                "5.1.1 <x@y>: Recipient address rejected: User unknown",
-                "failed",
-                Some("5.1.1"),
-                None,
-            ),
-            (
-                554,
-                "5.7.1 Relay access denied",
-                "failed",
-                Some("5.7.1"),
-                None,
-            ),
-            (354, "End data with <CR><LF>.<CR><LF>", "failed", None, None),
-            (550, "5.1.1.1 not an enhanced code", "failed", None, None),
-        ];
-        for &(code, text, status, enh, qid) in table {
-            let o = outcome(reply(code, &[text]));
-            assert_eq!(o.status().as_str(), status, "{code} {text}");
-            assert_eq!(o.reply().enhanced.as_deref(), enh, "{code} {text}");
-            let got_qid = match &o {
-                Outcome::Sent { queue_id, .. } => queue_id.as_deref(),
-                _ => None,
-            };
-            assert_eq!(got_qid, qid, "{code} {text}");
-        }
-    }
-
-    #[test]
-    fn hard_bounces() {
-        let table: &[(u16, &str, bool)] = &[
-            (
-                550,
-                "5.1.1 <a@b>: Recipient address rejected: User unknown",
-                true,
-            ),
-            (550, "5.1.10 Null MX", true),
-            (553, "5.1.3 Bad recipient address syntax", true),
-            (550, "Requested action not taken: mailbox unavailable", true),
-            (550, "5.7.1 Relay access denied", false),
-            (552, "5.2.2 Mailbox full", false),
-            (450, "4.1.1 User unknown (try later)", false),
-            (550, "5.1.0 Address rejected", false),
-        ];
-        for &(code, text, hard) in table {
-            assert_eq!(is_hard_bounce(&reply(code, &[text])), hard, "{code} {text}");
-        }
-    }
-
-    #[test]
-    fn multi_line_replies_are_joined() {
-        let r = reply(550, &["5.7.1 Message rejected", "see https://example.com"]);
-        assert_eq!(r.text, "5.7.1 Message rejected see https://example.com");
-        assert_eq!(r.enhanced.as_deref(), Some("5.7.1"));
-    }
-}
+mod tests;
