@@ -19,6 +19,12 @@
 //! [`FLUSH_EVERY`] of accepted mail plus one write. docs/reliability.md states
 //! this for operators; tests/reliability.rs kills blast with SIGKILL to check
 //! it.
+//!
+//! # Suppression
+//! A refusal that says the address is gone (a 5xx reply whose reason is
+//! hard, decided by [`crate::classify::suppresses`], the classifier bounce
+//! ingest uses too) puts the address on `blast_suppressions` with source
+//! `smtp`, in the same transaction as the outcome.
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -28,12 +34,12 @@ use serde::Serialize;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::mpsc;
 
+use crate::classify;
 use crate::clock;
 use crate::config::RetryPolicy;
 use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
 use crate::model::{Outcome, Record, Reply, Status};
-use crate::transport::classify;
 use time::OffsetDateTime;
 
 /// Flush at least this often.
@@ -466,7 +472,8 @@ impl SqlLedger {
     }
 }
 
-/// A synchronous hard bounce puts the address on the suppression list.
+/// A synchronous hard bounce ([`classify::suppresses`]) puts the address on
+/// the suppression list.
 async fn record_suppressions(
     db: &Db,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
@@ -510,7 +517,8 @@ struct Stored<'a> {
 
 /// Decides what a record means for the ledger: a deferral is scheduled by
 /// `retry`, or turns into a failure once `give_up_after` has passed since the
-/// first one; a hard bounce also suppresses the address.
+/// first one; a 5xx whose reason is hard ([`classify::suppresses`]) also
+/// suppresses the address.
 fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored<'a> {
     let reply = r.outcome.reply();
     let mut out = Stored {
@@ -529,7 +537,7 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
     }
     match &r.outcome {
         Outcome::Sent { queue_id, .. } => out.queue_id = queue_id.as_deref(),
-        Outcome::Failed(reply) => out.suppress = classify::is_hard_bounce(reply),
+        Outcome::Failed(reply) => out.suppress = classify::suppresses(reply),
         Outcome::Deferred(reply) => {
             let first = r
                 .first_attempt_at

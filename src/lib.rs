@@ -15,6 +15,7 @@
 //! - [`source`]: keyset-paginated audience rows; read-only SQL.
 //! - [`render`]: compiled templates → finished messages; pure.
 //! - [`transport`]: the `Transport` trait with SMTP, stub and file implementations.
+//! - [`classify`]: what a server's reply or status code means (reason, hard/soft).
 //! - [`ledger`]: the sole writer of delivery status.
 //! - [`lease`]: one sender per campaign; pause/cancel from other processes.
 //! - [`schedule`]: stored campaigns, `run-due` for cron.
@@ -36,6 +37,7 @@
 pub mod adaptive;
 pub mod bounce;
 pub mod campaign;
+pub mod classify;
 pub mod cli;
 pub mod clock;
 pub mod commands;

@@ -26,7 +26,8 @@ use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 
 use super::mailbox::{Disposition, Inbox, Summary as MailboxSummary};
-use super::parse::{self, Class, Finding, Kind, Report};
+use super::parse::{self, Finding, Kind, Report};
+use crate::classify::Class;
 use crate::clock;
 use crate::db::Db;
 use crate::error::Result;
@@ -310,11 +311,7 @@ impl Ingestor {
             (Kind::Complaint, _) => "complaint",
             (k, _) => kind_name(k),
         };
-        let class = match f.class {
-            Class::Hard => "hard",
-            Class::Soft => "soft",
-            Class::Other => "other",
-        };
+        let class = f.class.as_str();
         let mut event = Event {
             address: address.to_string(),
             kind,

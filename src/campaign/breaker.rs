@@ -1,7 +1,13 @@
 //! The campaign circuit breaker: a streak of refusals across domains, or a
-//! refusal that is about the relay, pauses the campaign.
+//! refusal that is about the relay, pauses the campaign. Whether a refusal is
+//! about the relay is [`classify::relay_refusal`]'s call; the breaker owns
+//! only the counting and the decision to pause.
 
-use crate::model::{Outcome, Reply};
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard};
+
+use crate::classify;
+use crate::model::Outcome;
 
 /// The per-campaign circuit breaker: when the relay refuses everything (it
 /// wants AUTH, it denies relaying, or N refusals in a row across different
@@ -12,13 +18,13 @@ use crate::model::{Outcome, Reply};
 #[derive(Debug)]
 pub struct Breaker {
     threshold: u32,
-    state: std::sync::Mutex<BreakerState>,
+    state: Mutex<BreakerState>,
 }
 
 #[derive(Debug, Default)]
 struct BreakerState {
     streak: Vec<(i64, String)>,
-    domains: std::collections::HashSet<String>,
+    domains: HashSet<String>,
     tripped: Option<String>,
 }
 
@@ -28,11 +34,11 @@ impl Breaker {
     pub fn new(threshold: u32) -> Breaker {
         Breaker {
             threshold,
-            state: std::sync::Mutex::new(BreakerState::default()),
+            state: Mutex::new(BreakerState::default()),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, BreakerState> {
+    fn lock(&self) -> MutexGuard<'_, BreakerState> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -53,7 +59,7 @@ impl Breaker {
         if let Some((_, domain)) = email.rsplit_once('@') {
             st.domains.insert(domain.to_ascii_lowercase());
         }
-        if relay_refusal(&reply) {
+        if classify::relay_refusal(&reply) {
             st.tripped.get_or_insert_with(|| {
                 format!(
                     "the relay refuses to take mail: {} {}",
@@ -103,20 +109,10 @@ impl Breaker {
     }
 }
 
-/// A refusal that is about the relay or the session, not the recipient.
-pub fn relay_refusal(reply: &Reply) -> bool {
-    let text = reply.text.to_ascii_lowercase();
-    matches!(reply.code, Some(530) | Some(535) | Some(538))
-        || reply.enhanced.as_deref() == Some("5.7.0")
-        || text.contains("relay access denied")
-        || text.contains("relaying denied")
-        || text.contains("relay not permitted")
-        || text.contains("authentication required")
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{relay_refusal, Breaker};
+    use super::Breaker;
+    use crate::classify::relay_refusal;
     use crate::model::{Outcome, Reply, Status};
 
     fn failed(code: u16, text: &str) -> Outcome {

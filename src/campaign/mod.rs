@@ -103,7 +103,7 @@ mod tests;
 mod watch;
 mod work;
 
-pub use breaker::{relay_refusal, Breaker};
+pub use breaker::Breaker;
 pub use stats::{
     Histogram, InjectorStats, InjectorSummary, LatencySummary, RelaySummary, Stats, Summary,
 };

@@ -4,14 +4,13 @@
 //! [`stub::Stub`] (in memory, scripted outcomes, for tests) and
 //! [`file::FileTransport`] (`.eml` files, for `--dry-run`). Transports know
 //! nothing of campaigns or SQL; they turn one envelope plus bytes into one
-//! [`Outcome`], and [`classify`] is the single place that maps replies and
-//! errors to outcomes.
+//! [`Outcome`]. What a reply means (sent, deferred or failed) is decided by
+//! [`crate::classify`], the single place that maps replies to outcomes.
 
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
 
-pub mod classify;
 pub mod file;
 pub mod smtp;
 pub mod stub;

@@ -22,7 +22,8 @@ use rustls::pki_types::ServerName;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 
-use super::{classify, SessionError, Transport};
+use super::{SessionError, Transport};
+use crate::classify;
 use crate::config::{Relay, Tls};
 use crate::model::{Envelope, Outcome, Reply};
 use crate::tls::{self, Reader, TlsError, Writer};

@@ -8,7 +8,8 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::{classify, SessionError, Transport};
+use super::{SessionError, Transport};
+use crate::classify;
 use crate::model::{Envelope, Outcome};
 
 /// A message the stub received.

@@ -4,7 +4,8 @@
 //! Owns the Feedback-Type and finding the complaining recipient. Every
 //! finding is class other, reason `feedback`.
 
-use super::{mime::Section, text, Class, Ctx, Finding, Kind};
+use super::{mime::Section, text, Ctx, Finding, Kind};
+use crate::classify::Class;
 
 /// Reads a complaint; `None` when the mail is not one.
 pub(crate) fn parse(ctx: &Ctx<'_>) -> Option<(Kind, Vec<Finding>)> {

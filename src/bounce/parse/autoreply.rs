@@ -5,7 +5,8 @@
 //! other, reason `vacation`. Bounces also carry `Auto-Submitted`, so this
 //! runs only after the bounce recognisers said no.
 
-use super::{text, Class, Ctx, Finding, Kind};
+use super::{text, Ctx, Finding, Kind};
+use crate::classify::Class;
 
 /// Subject beginnings that mark an automatic reply, lower-case.
 const SUBJECT_PREFIXES: &[&str] = &[

@@ -6,7 +6,8 @@
 //! the human-readable notice is searched for the recipient's paragraph
 //! ([`super::vendors::segment_for`]).
 
-use super::{classify, mime::Section, text, vendors, Class, Ctx, Finding, Kind};
+use super::{mime::Section, text, vendors, Ctx, Finding, Kind};
+use crate::classify::{self, Class};
 
 /// One per-recipient field group, as read.
 #[derive(Debug, Default)]

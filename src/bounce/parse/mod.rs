@@ -3,14 +3,15 @@
 //!
 //! Owns recognising the formats (RFC 3464 delivery reports, RFC 5965 abuse
 //! reports, RFC 3834 auto-replies, Amazon SES notifications and the plain-text
-//! notices of Postfix, Sendmail, Exim, qmail, Exchange, Gmail, ...) and the
-//! hard/soft/other classification. It does not decide what to do about a
-//! bounce (suppress, retry, count); that is ingestion's job.
+//! notices of Postfix, Sendmail, Exim, qmail, Exchange, Gmail, ...) and
+//! finding each failed recipient's diagnostic text and status code. What
+//! those words mean (reason, hard/soft/other) is [`crate::classify`]'s call,
+//! the same one the ledger makes for a synchronous SMTP refusal. It does not
+//! decide what to do about a bounce (suppress, retry, count); that is
+//! ingestion's job.
 //!
 //! Layout: [`mime`] turns bytes into sections; [`dsn`], [`arf`], [`ses`],
 //! [`autoreply`] and [`vendors`] each read one family of formats;
-//! [`classify`] maps diagnostic text and status codes to a reason and class,
-//! with its phrase tables in [`phrases`];
 //! [`text`] holds the string helpers they share.
 //!
 //! Reading a file ([`parse_file`]) is kept apart from parsing bytes
@@ -18,10 +19,8 @@
 
 mod arf;
 mod autoreply;
-mod classify;
 mod dsn;
 mod mime;
-mod phrases;
 mod ses;
 mod text;
 mod vendors;
@@ -33,20 +32,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
-/// How bad a failure is for the address.
-///
-/// hard = address gone (user unknown, host unknown, moved, not accepting mail); soft = every other failure
-/// (mailbox full, blocked, filtered, rate limited, expired, policy, ...); other = complaints, auto-replies, delivery notices.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Class {
-    /// The address is gone; stop sending to it.
-    Hard,
-    /// A failure that may pass (full, blocked, expired, policy, ...).
-    Soft,
-    /// Not a failure: a complaint, an auto-reply, a delivery notice.
-    Other,
-}
+use crate::classify::{self, Class};
 
 /// What kind of mail this is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -90,11 +76,7 @@ pub struct Finding {
 impl std::fmt::Display for Finding {
     /// One readable line: `recipient class/reason status (feedback type): diagnostic`.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let class = match self.class {
-            Class::Hard => "hard",
-            Class::Soft => "soft",
-            Class::Other => "other",
-        };
+        let class = self.class.as_str();
         write!(
             f,
             "{} {class}/{} {}",

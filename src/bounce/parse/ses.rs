@@ -6,7 +6,8 @@
 
 use serde_json::Value;
 
-use super::{classify, text, Class, Ctx, Finding, Kind};
+use super::{text, Ctx, Finding, Kind};
+use crate::classify::{self, Class};
 
 /// Reads an SES notification from the body; `None` when there is none.
 pub(crate) fn parse(ctx: &Ctx<'_>) -> Option<(Kind, Vec<Finding>)> {

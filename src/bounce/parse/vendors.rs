@@ -9,7 +9,8 @@
 //! head of a line), followed by what the remote server said. So one scanner
 //! serves them all, with per-format marker tables instead of per-format code.
 
-use super::{classify, text, Ctx, Finding, Kind};
+use super::{text, Ctx, Finding, Kind};
+use crate::classify;
 
 /// Lines (lower-case, trimmed) that start the quoted original message.
 const ORIGINAL_MARKERS: &[&str] = &[

@@ -1,4 +1,4 @@
-//! The phrase tables behind [`super::classify`]: which words in a remote
+//! The phrase tables behind [`super::reasons`]: which words in a remote
 //! server's reply name which reason.
 //!
 //! Data only. The phrases come from reading real bounces of many MTAs and
@@ -11,7 +11,7 @@
 /// Order matters: the first reason with a matching phrase wins. Reasons whose
 /// wording overlaps "user unknown" (a full or disabled mailbox, a rejected
 /// *sender*, a policy block quoting the address) come before it.
-pub(crate) const TABLE: &[(&str, &[&str])] = &[
+pub(super) const TABLE: &[(&str, &[&str])] = &[
     (
         // Local delivery agents failing, whatever they say about the user.
         "mailererror",
@@ -460,7 +460,7 @@ pub(crate) const TABLE: &[(&str, &[&str])] = &[
 /// refusals (Postfix prefixes every RCPT restriction with "Recipient address
 /// rejected"). They count only when nothing else in the table matches, and a
 /// specific status code overrides them.
-pub(crate) const WEAK_USERUNKNOWN: &[&str] = &[
+pub(super) const WEAK_USERUNKNOWN: &[&str] = &[
     "recipient address rejected",
     "address rejected",
     "recipient rejected",
@@ -477,4 +477,4 @@ pub(crate) const WEAK_USERUNKNOWN: &[&str] = &[
 ];
 
 /// Wording that means the user is unknown whatever command it answered.
-pub(crate) const DEFINITE_USERUNKNOWN: &[&str] = &["user doesn't have a", "this user doesn't have"];
+pub(super) const DEFINITE_USERUNKNOWN: &[&str] = &["user doesn't have a", "this user doesn't have"];
