@@ -833,4 +833,41 @@ mod tests {
         skipped.suppressed = true;
         assert_eq!(stored(&skipped, &retry, now).status, Status::Suppressed);
     }
+
+    #[tokio::test]
+    async fn a_final_status_is_never_replaced_by_a_later_write() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("l.db").display());
+        let db = crate::db::Db::connect(&url).await.unwrap();
+        let c = super::open_campaign(&db, "c", async { Ok(10) })
+            .await
+            .unwrap();
+        let mut ledger = super::SqlLedger::new(db.clone(), c.id, RetryPolicy::default());
+        let sent = record(
+            1,
+            Outcome::Sent {
+                reply: reply(250, None, "Ok: queued as A1"),
+                queue_id: Some("A1".into()),
+            },
+        );
+        ledger.record(&[sent]).await.unwrap();
+        // A late answer for the same recipient (a worker that lost its
+        // claim, a duplicate): deferred, then failed.
+        let late = [
+            record(1, Outcome::Deferred(reply(451, None, "later"))),
+            record(1, Outcome::Failed(reply(550, None, "no"))),
+        ];
+        for r in late {
+            ledger.record(&[r]).await.unwrap();
+        }
+        let (status, queue_id): (String, Option<String>) = sqlx::query_as(
+            "SELECT status, queue_id FROM blast_deliveries WHERE campaign_id = $1 AND recipient_id = 1",
+        )
+        .bind(c.id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+        assert_eq!((status.as_str(), queue_id.as_deref()), ("sent", Some("A1")));
+        db.close().await;
+    }
 }

@@ -270,3 +270,41 @@ async fn dry_run_writes_files_and_records_nothing() {
         "dry-run must not mark anyone sent"
     );
 }
+
+/// Issue 12: an audience query that returns every id twice (a JOIN) sends
+/// each recipient one message, within a page and across page boundaries,
+/// and the ledger batch never fails on the copies.
+async fn duplicate_ids(backend: Backend) {
+    let n = 500;
+    let w = World::new(backend).await;
+    w.seed(n).await;
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign("dups", "Hi {{ id }}", "Hello {{ email }}", None, "");
+    let toml = std::fs::read_to_string(&path).unwrap().replace(
+        "table = \"subscribers\"",
+        "query = \"SELECT s.* FROM subscribers s JOIN (SELECT 1 AS k UNION ALL SELECT 2 AS k) twice ON 1 = 1\"\nbatch_size = 7",
+    );
+    std::fs::write(&path, toml).unwrap();
+    let cfg = w.config(&path, Some(&sink), 4);
+    let summary = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!((summary.sent, summary.failed), (n as u64, 0), "{summary:?}");
+    let per = util::per_recipient(&sink.received());
+    assert_eq!(per.len(), n as usize);
+    assert!(per.values().all(|&c| c == 1), "someone got two messages");
+    let db = w.db().await;
+    assert_eq!(ledger_rows(&db, "dups").await.len(), n as usize);
+    db.close().await;
+    sink.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_ids_are_sent_once_sqlite() {
+    duplicate_ids(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_ids_are_sent_once_postgres() {
+    duplicate_ids(Backend::Postgres).await;
+}
