@@ -20,6 +20,7 @@ use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
 use crate::sign::Key;
 use crate::source::{self, SqlSource};
+use crate::state::{self, State, Transition};
 use crate::suppress::{self, Live};
 use crate::transport::file::FileTransport;
 use crate::transport::smtp::Smtp;
@@ -280,7 +281,17 @@ async fn send_live(
     let lease = Arc::new(Lease::acquire(db, campaign_id, &cfg.name).await?);
     let result = async {
         probe(&transport, cfg.delivery.relays.len()).await?;
-        ledger::set_state(db, campaign_id, "running", None).await?;
+        // Paused or cancelled while the relays were probed: send nothing.
+        if !state::apply(db, campaign_id, Transition::Start, None).await? {
+            let now = ledger::find_campaign(db, &cfg.name)
+                .await?
+                .ok_or_else(|| Error::UnknownCampaign(cfg.name.clone()))?;
+            sendable(&now)?;
+            return Err(Error::Internal(format!(
+                "campaign {:?} could not start from state {}",
+                cfg.name, now.state
+            )));
+        }
         let keeper = lease.keep(stop.clone());
         let ledger = SqlLedger::new(db.clone(), campaign_id, cfg.delivery.retry.clone());
         let r = prepared.execute(cfg, mode, transport, ledger, stop).await;
@@ -329,7 +340,7 @@ async fn settle(
         (Some(reason), _) => {
             ledger::requeue(db, campaign_id, &summary.breaker_streak).await?;
             let why = format!("circuit breaker: {reason}");
-            ledger::set_state(db, campaign_id, "paused", Some(&why)).await?;
+            state::apply(db, campaign_id, Transition::Trip, Some(&why)).await?;
         }
         // Paused or cancelled from outside: that state stays.
         (None, Some(Interruption::Paused(_) | Interruption::Cancelled(_))) => {}
@@ -337,13 +348,14 @@ async fn settle(
             summary.interrupted = true;
             tracing::warn!("{m}");
         }
+        // Only from `running`: a pause or cancel that arrived after the
+        // keeper's last look stays.
         (None, None) => {
-            let state = if summary.interrupted {
-                "stopped"
-            } else {
-                "finished"
+            let end = match summary.interrupted {
+                true => Transition::Stop,
+                false => Transition::Finish,
             };
-            ledger::set_state(db, campaign_id, state, None).await?;
+            state::apply(db, campaign_id, end, None).await?;
         }
     }
     Ok(summary)
@@ -351,10 +363,10 @@ async fn settle(
 
 /// Refuses campaigns an operator stopped (paused, cancelled, held).
 fn sendable(c: &ledger::CampaignRow) -> Result<()> {
-    let hint = match c.state.as_str() {
-        "paused" => "`blast resume` continues it",
-        "held" => "it was overdue; `blast resume` sends it anyway",
-        "cancelled" => "a cancelled campaign is not sent again; use a new name",
+    let hint = match c.state.parse::<State>() {
+        Ok(State::Paused) => "`blast resume` continues it",
+        Ok(State::Held) => "it was overdue; `blast resume` sends it anyway",
+        Ok(State::Cancelled) => "a cancelled campaign is not sent again; use a new name",
         _ => return Ok(()),
     };
     Err(Error::NotSendable {
@@ -551,21 +563,20 @@ pub async fn control(
         reason: row.reason.clone(),
         hint: hint.to_string(),
     };
-    match (action, row.state.as_str()) {
-        (_, "cancelled") => return Err(refuse("it cannot be changed any more")),
-        (Control::Pause, "finished") | (Control::Cancel, "finished") => {
-            return Err(refuse("there is nothing left to stop"))
-        }
-        (Control::Resume, "paused" | "held") => {
-            ledger::set_state(&db, row.id, "ready", None).await?
-        }
-        (Control::Resume, _) => {}
-        (Control::Pause | Control::Cancel, _) => {
-            let (state, default) = match action {
-                Control::Pause => ("paused", "paused by the operator"),
-                _ => ("cancelled", "cancelled by the operator"),
-            };
-            ledger::set_state(&db, row.id, state, Some(reason.unwrap_or(default))).await?
+    let (transition, default) = match action {
+        Control::Pause => (Transition::Pause, Some("paused by the operator")),
+        Control::Cancel => (Transition::Cancel, Some("cancelled by the operator")),
+        Control::Resume => (Transition::Resume, None),
+    };
+    if !state::apply(&db, row.id, transition, reason.or(default)).await? {
+        match (action, row.state.as_str()) {
+            (_, "cancelled") => return Err(refuse("it cannot be changed any more")),
+            (Control::Pause | Control::Cancel, "finished") => {
+                return Err(refuse("there is nothing left to stop"))
+            }
+            // Nothing to resume: it is not paused or held.
+            (Control::Resume, _) => {}
+            _ => return Err(refuse("its state changed meanwhile; look again")),
         }
     }
     let row = ledger::find_campaign(&db, name)

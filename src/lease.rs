@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock;
 use crate::db::Db;
 use crate::error::{Error, Result};
+use crate::state::State;
 
 /// A lease not extended for this long is free for others.
 pub const TTL: Duration = Duration::from_secs(30);
@@ -223,9 +224,9 @@ impl Lease {
         let state: String = row.try_get("state")?;
         let reason: Option<String> = row.try_get("reason")?;
         let reason = reason.unwrap_or_default();
-        Ok(match state.as_str() {
-            "paused" => Some(Interruption::Paused(reason)),
-            "cancelled" => Some(Interruption::Cancelled(reason)),
+        Ok(match state.parse::<State>() {
+            Ok(State::Paused) => Some(Interruption::Paused(reason)),
+            Ok(State::Cancelled) => Some(Interruption::Cancelled(reason)),
             _ => None,
         })
     }

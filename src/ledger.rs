@@ -275,20 +275,6 @@ pub async fn find_campaign(db: &Db, name: &str) -> Result<Option<CampaignRow>> {
     })
 }
 
-/// Records the campaign's run state and why (for paused, held, cancelled).
-pub async fn set_state(db: &Db, campaign_id: i64, state: &str, reason: Option<&str>) -> Result<()> {
-    sqlx::query(
-        "UPDATE blast_campaigns SET state = $1, reason = $2, updated_at = $3 WHERE id = $4",
-    )
-    .bind(state)
-    .bind(reason)
-    .bind(clock::db_timestamp(clock::now()))
-    .bind(campaign_id)
-    .execute(db.pool())
-    .await?;
-    Ok(())
-}
-
 /// Counts per status for `blast status`.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct StatusCounts {

@@ -17,6 +17,7 @@
 //! - [`transport`]: the `Transport` trait with SMTP, stub and file implementations.
 //! - [`classify`]: what a server's reply or status code means (reason, hard/soft).
 //! - [`ledger`]: the sole writer of delivery status.
+//! - [`state`]: the campaign state machine; every transition a compare-and-set.
 //! - [`lease`]: one sender per campaign; pause/cancel from other processes.
 //! - [`schedule`]: stored campaigns, `run-due` for cron.
 //! - [`adaptive`]: per-relay AIMD concurrency limits on congestion marks.
@@ -55,6 +56,7 @@ pub mod serve;
 pub mod sign;
 pub mod sink;
 pub mod source;
+pub mod state;
 pub mod suppress;
 pub mod tls;
 pub mod transport;

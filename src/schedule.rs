@@ -25,6 +25,7 @@ use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ledger::{self, humanize, CampaignRow};
 use crate::progress;
+use crate::state::{self, Transition};
 
 /// A campaign as frozen by `blast schedule`.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -213,8 +214,10 @@ async fn run_one(
     let state: String = row.try_get("state")?;
     let send_at: Option<String> = row.try_get("send_at")?;
     let spec: String = row.try_get("spec")?;
-    let spec: Spec = serde_json::from_str(&spec)
-        .map_err(|e| Error::Audience(format!("campaign {name}: stored spec unreadable: {e}")))?;
+    let spec: Spec = serde_json::from_str(&spec).map_err(|e| Error::StoredSpec {
+        campaign: name.clone(),
+        message: e.to_string(),
+    })?;
     // Kept until the send is over: the relays' CA files are read from it
     // when the transport is built, after loading.
     let dir = tempfile_dir()?;
@@ -266,7 +269,7 @@ async fn hold(
         humanize(max_delay)
     );
     if let Some(c) = ledger::find_campaign(db, &name).await? {
-        ledger::set_state(db, c.id, "held", Some(&reason)).await?;
+        state::apply(db, c.id, Transition::Hold, Some(&reason)).await?;
     }
     tracing::warn!("campaign {name}: held: {reason}");
     Ok(Due::Held {
