@@ -83,7 +83,8 @@ pub fn owner_id() -> String {
     )
 }
 
-fn hostname() -> String {
+/// This host's name, as lease owners begin with it.
+pub(crate) fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())

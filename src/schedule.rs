@@ -173,8 +173,11 @@ pub async fn run_due(
 }
 
 /// The first campaign due at `now` that this run has not taken yet, with
-/// its row. Due: scheduled for `now` or earlier, or finished (or stopped)
-/// with deferred recipients whose retry time has come. Asked again after
+/// its row. Due: scheduled for `now` or earlier; finished with deferred
+/// recipients whose retry time has come; or left unfinished by a run that
+/// ended early: `stopped` (SIGTERM during a reboot) or still `running` with
+/// no live sender (SIGKILL, OOM: its lease expired, or it was this host's
+/// and the lease decides whether its process is gone). Asked again after
 /// every campaign, since sending one takes time and others fall due.
 async fn next_due(
     db: &Db,
@@ -185,12 +188,15 @@ async fn next_due(
         "SELECT c.name, c.state, c.send_at, c.spec FROM blast_campaigns c \
          WHERE c.spec IS NOT NULL AND ( \
            (c.state IN ('scheduled', 'ready') AND c.send_at <= $1) OR \
+           c.state = 'stopped' OR \
+           (c.state = 'running' AND (c.lease_until IS NULL OR c.lease_until < $1 OR c.lease_owner LIKE $2)) OR \
            (c.state IN ('finished', 'stopped') AND EXISTS (SELECT 1 FROM blast_deliveries d \
               WHERE d.campaign_id = c.id AND d.status = 'deferred' \
               AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $1)))) \
          ORDER BY c.send_at, c.id",
     )
     .bind(clock::db_timestamp(now))
+    .bind(format!("{}/%", crate::lease::hostname()))
     .fetch_all(db.pool())
     .await?;
     Ok(due.into_iter().find_map(|r| {

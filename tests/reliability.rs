@@ -469,3 +469,54 @@ async fn mta_outage_stalls_then_finishes() {
         "nobody twice (no connection died after the data)"
     );
 }
+
+/// A relay that greets only after `delay`: every connection to it goes to
+/// `sink` once the delay has passed.
+async fn slow_greeting(sink: &Sink, delay: Duration) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let target = sink.local_addr();
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                tokio::time::sleep(delay).await;
+                if let Ok(mut server) = tokio::net::TcpStream::connect(target).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Issue 12: a cancel given while `blast send` probes its relays is not
+/// overwritten by the start of the run: nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_during_the_relay_probe_sends_nothing() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(100).await;
+    let sink = util::sink(Faults::default()).await;
+    let relay = slow_greeting(&sink, Duration::from_secs(2)).await;
+    let path = w.campaign("probe", "Hi", "x", None, "");
+    let overrides = blast::config::Overrides {
+        smtp: vec![format!("smtp://{relay}")],
+        ..Default::default()
+    };
+    let cfg = blast::config::Config::load(&path, &overrides).unwrap();
+    let run = util::spawn_send(&cfg);
+    // The campaign row exists once the send has opened it (before the probe).
+    util::wait_until("the campaign row", Duration::from_millis(10), || async {
+        match blast::commands::control(&w.url, "probe", Control::Cancel, Some("oops")).await {
+            Ok(row) => Ok(row),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
+    let err = run.await.unwrap().unwrap_err();
+    assert!(err.to_string().contains("cancelled"), "{err}");
+    assert_eq!(sink.stats().messages, 0, "nothing sent after the cancel");
+    assert_eq!(
+        scalar(&w, "SELECT COUNT(*) FROM blast_deliveries").await,
+        0
+    );
+}

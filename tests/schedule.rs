@@ -154,3 +154,73 @@ async fn overdue_campaigns_are_held() {
         "{report:?}"
     );
 }
+
+/// Issue 12: a reboot (SIGTERM) or a crash (SIGKILL) in the middle of
+/// `blast run-due` leaves the campaign `stopped` or `running`; the next
+/// `run-due` finishes it, and nobody is skipped.
+async fn run_due_interrupted_then_finished(signal: &str, left_in: &str) {
+    let n = 1500;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(n).await;
+    let sink = util::slow_sink(Duration::from_millis(2)).await;
+    let path = w.campaign("reboot", "Hi", "x", None, "");
+    let text = std::fs::read_to_string(&path).unwrap()
+        + &format!("[delivery]\nsmtp = \"smtp://{}\"\nconcurrency = 4\n", sink.local_addr());
+    std::fs::write(&path, text.replace("name = ", "max_delay = \"100000d\"\nname = ")).unwrap();
+    schedule::schedule(&w.config(&path, None, 4), &path, at("2026-01-01T00:00:00Z"))
+        .await
+        .unwrap();
+    let child = util::blast()
+        .args(["run-due", "--database", &w.url, "--progress", "none"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    util::wait_for(&sink, 200).await;
+    let kill = std::process::Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let first = sink.stats().messages;
+    assert!(first < n as u64, "interrupted before the end ({first} sent)");
+    let db = w.db().await;
+    let state: String = sqlx::query_scalar("SELECT state FROM blast_campaigns WHERE name = 'reboot'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(state, left_in);
+
+    let report = schedule::run_due(&w.url, Mode::Quiet, pending()).await.unwrap();
+    assert!(
+        matches!(report.as_slice(), [Due::Sent { summary, .. }] if !summary.interrupted),
+        "{report:?}"
+    );
+    let count = util::per_recipient(&sink.received());
+    assert_eq!(count.len(), n as usize, "nobody skipped");
+    // Only messages the killed run had not recorded can go out twice: at
+    // most one per injector plus the ledger's unflushed window.
+    let twice = count.values().filter(|&&c| c > 1).count();
+    assert!(twice <= 4 + 2 * blast::ledger::FLUSH_ROWS, "{twice} sent twice");
+    if signal == "-TERM" {
+        assert_eq!(twice, 0, "a SIGTERM flushes the ledger before exiting");
+    }
+    let state: String = sqlx::query_scalar("SELECT state FROM blast_campaigns WHERE name = 'reboot'")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(state, "finished");
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_due_finishes_a_campaign_stopped_by_sigterm() {
+    run_due_interrupted_then_finished("-TERM", "stopped").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_due_finishes_a_campaign_left_running_by_sigkill() {
+    run_due_interrupted_then_finished("-KILL", "running").await;
+}
