@@ -515,8 +515,5 @@ async fn cancel_during_the_relay_probe_sends_nothing() {
     let err = run.await.unwrap().unwrap_err();
     assert!(err.to_string().contains("cancelled"), "{err}");
     assert_eq!(sink.stats().messages, 0, "nothing sent after the cancel");
-    assert_eq!(
-        scalar(&w, "SELECT COUNT(*) FROM blast_deliveries").await,
-        0
-    );
+    assert_eq!(scalar(&w, "SELECT COUNT(*) FROM blast_deliveries").await, 0);
 }

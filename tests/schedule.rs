@@ -165,8 +165,15 @@ async fn run_due_interrupted_then_finished(signal: &str, left_in: &str) {
     let sink = util::slow_sink(Duration::from_millis(2)).await;
     let path = w.campaign("reboot", "Hi", "x", None, "");
     let text = std::fs::read_to_string(&path).unwrap()
-        + &format!("[delivery]\nsmtp = \"smtp://{}\"\nconcurrency = 4\n", sink.local_addr());
-    std::fs::write(&path, text.replace("name = ", "max_delay = \"100000d\"\nname = ")).unwrap();
+        + &format!(
+            "[delivery]\nsmtp = \"smtp://{}\"\nconcurrency = 4\n",
+            sink.local_addr()
+        );
+    std::fs::write(
+        &path,
+        text.replace("name = ", "max_delay = \"100000d\"\nname = "),
+    )
+    .unwrap();
     schedule::schedule(&w.config(&path, None, 4), &path, at("2026-01-01T00:00:00Z"))
         .await
         .unwrap();
@@ -185,15 +192,21 @@ async fn run_due_interrupted_then_finished(signal: &str, left_in: &str) {
         .await
         .unwrap();
     let first = sink.stats().messages;
-    assert!(first < n as u64, "interrupted before the end ({first} sent)");
+    assert!(
+        first < n as u64,
+        "interrupted before the end ({first} sent)"
+    );
     let db = w.db().await;
-    let state: String = sqlx::query_scalar("SELECT state FROM blast_campaigns WHERE name = 'reboot'")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM blast_campaigns WHERE name = 'reboot'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!(state, left_in);
 
-    let report = schedule::run_due(&w.url, Mode::Quiet, pending()).await.unwrap();
+    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+        .await
+        .unwrap();
     assert!(
         matches!(report.as_slice(), [Due::Sent { summary, .. }] if !summary.interrupted),
         "{report:?}"
@@ -203,14 +216,18 @@ async fn run_due_interrupted_then_finished(signal: &str, left_in: &str) {
     // Only messages the killed run had not recorded can go out twice: at
     // most one per injector plus the ledger's unflushed window.
     let twice = count.values().filter(|&&c| c > 1).count();
-    assert!(twice <= 4 + 2 * blast::ledger::FLUSH_ROWS, "{twice} sent twice");
+    assert!(
+        twice <= 4 + 2 * blast::ledger::FLUSH_ROWS,
+        "{twice} sent twice"
+    );
     if signal == "-TERM" {
         assert_eq!(twice, 0, "a SIGTERM flushes the ledger before exiting");
     }
-    let state: String = sqlx::query_scalar("SELECT state FROM blast_campaigns WHERE name = 'reboot'")
-        .fetch_one(db.pool())
-        .await
-        .unwrap();
+    let state: String =
+        sqlx::query_scalar("SELECT state FROM blast_campaigns WHERE name = 'reboot'")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
     assert_eq!(state, "finished");
     db.close().await;
 }
