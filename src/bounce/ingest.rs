@@ -158,31 +158,8 @@ impl Ingestor {
             .collect();
 
         // An unsubscribe mail: the token in the address decides.
-        for to in &envelope {
-            let Some(token) = capture_one(&self.mailto, to, Var::Token) else {
-                continue;
-            };
-            let Some((campaign, recipient)) = self.key.check_token(&token) else {
-                return Ok(Verdict::Quarantine(format!(
-                    "mail to unsubscribe address {to} with an invalid token"
-                )));
-            };
-            let Some(address) = ledger::recipient_address(&self.db, campaign, recipient).await?
-            else {
-                return Ok(Verdict::Quarantine(format!(
-                    "unsubscribe token for campaign {campaign}, recipient {recipient}, which blast never sent"
-                )));
-            };
-            suppress::add(
-                &self.db,
-                &address,
-                "unsubscribe",
-                &format!("mailto:campaign={campaign}"),
-            )
-            .await?;
-            return Ok(Verdict::Unsubscribed {
-                address: suppress::normalize(&address),
-            });
+        if let Some(verdict) = self.unsubscribe(&envelope).await? {
+            return Ok(verdict);
         }
 
         let correlation = match self.by_verp(&envelope).await? {
@@ -224,6 +201,38 @@ impl Ingestor {
             events.push(event);
         }
         Ok(Verdict::Recorded(events))
+    }
+
+    /// A mail to the unsubscribe address: the signed token in it decides
+    /// (`None` when no envelope recipient is an unsubscribe address).
+    async fn unsubscribe(&self, envelope: &[String]) -> Result<Option<Verdict>> {
+        for to in envelope {
+            let Some(token) = capture_one(&self.mailto, to, Var::Token) else {
+                continue;
+            };
+            let Some((campaign, recipient)) = self.key.check_token(&token) else {
+                return Ok(Some(Verdict::Quarantine(format!(
+                    "mail to unsubscribe address {to} with an invalid token"
+                ))));
+            };
+            let Some(address) = ledger::recipient_address(&self.db, campaign, recipient).await?
+            else {
+                return Ok(Some(Verdict::Quarantine(format!(
+                    "unsubscribe token for campaign {campaign}, recipient {recipient}, which blast never sent"
+                ))));
+            };
+            suppress::add(
+                &self.db,
+                &address,
+                "unsubscribe",
+                &format!("mailto:campaign={campaign}"),
+            )
+            .await?;
+            return Ok(Some(Verdict::Unsubscribed {
+                address: suppress::normalize(&address),
+            }));
+        }
+        Ok(None)
     }
 
     /// The signed VERP address among the envelope recipients, if any.
