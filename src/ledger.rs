@@ -509,7 +509,7 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
     let reply = r.outcome.reply();
     let mut out = Stored {
         record: r,
-        status: r.outcome.status(),
+        status: r.status(),
         reply,
         text: reply.text.clone(),
         queue_id: None,
@@ -518,7 +518,6 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
         suppress: false,
     };
     if r.suppressed {
-        out.status = Status::Suppressed;
         return out;
     }
     match &r.outcome {

@@ -155,6 +155,15 @@ pub struct Record {
 }
 
 impl Record {
+    /// The status the ledger stores it with (before retry scheduling, which
+    /// may turn an old deferral into a failure).
+    pub fn status(&self) -> Status {
+        match self.suppressed {
+            true => Status::Suppressed,
+            false => self.outcome.status(),
+        }
+    }
+
     /// The record of a recipient skipped because `why` suppressed its
     /// address: nothing was sent, nothing went through a relay.
     pub fn suppressed(

@@ -123,11 +123,11 @@ impl SqlSource {
             .map(|r| decode(self.db.backend(), r))
             .collect::<Result<Vec<_>>>()?;
         // An audience query that JOINs can return an id twice: one message
-        // per recipient id. Copies in later pages are past `last_id`.
-        let mut seen = std::collections::HashSet::with_capacity(page.len());
-        page.retain(|r| seen.insert(r.id));
-        if let Some(last) = page.iter().map(|r| r.id).max() {
-            self.last_id = last;
+        // per recipient id. The page is in id order, so copies are adjacent;
+        // copies in later pages are past `last_id`.
+        page.dedup_by_key(|r| r.id);
+        if let Some(last) = page.last() {
+            self.last_id = last.id;
         }
         if let Some(r) = &mut self.remaining {
             *r -= page.len() as u64;

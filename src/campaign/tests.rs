@@ -105,17 +105,6 @@ fn reply(code: u16, text: &str) -> Reply {
     }
 }
 
-impl Record {
-    /// The status this record is stored with.
-    fn status(&self) -> Status {
-        if self.suppressed {
-            Status::Suppressed
-        } else {
-            self.outcome.status()
-        }
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn messages_go_out_in_audience_order_within_the_render_window_and_once_each() {
     let (stub, ledger) = (Stub::new(), MemoryLedger::new());

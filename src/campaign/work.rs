@@ -111,7 +111,7 @@ impl Work {
     /// that no other usable relay is left to take.
     fn take_retry(&self, relay: usize) -> Option<Job> {
         let mut q = self.retry_queue();
-        let bit = if relay < 64 { 1u64 << relay } else { 0 };
+        let bit = relay_bit(relay);
         let i = q
             .iter()
             .position(|j| j.deferred_by & bit == 0 || !self.other_relay_usable(j.deferred_by))?;
@@ -269,12 +269,13 @@ impl InHand<'_> {
     /// relay that has not deferred it and whose circuit is closed (`None`),
     /// or keeps it in hand when there is none (its 4xx is the outcome).
     pub(super) fn defer_elsewhere(mut self, relay: usize) -> Option<Self> {
-        if relay >= 64 {
+        let bit = relay_bit(relay);
+        if bit == 0 {
             return Some(self);
         }
         let mask = {
             let job = self.job_mut();
-            job.deferred_by |= 1 << relay;
+            job.deferred_by |= bit;
             job.deferred_by
         };
         if !self.work.other_relay_usable(mask) {

@@ -28,7 +28,7 @@ struct Inner {
     scripted: HashMap<String, Outcome>,
     refuse_connect: bool,
     /// Sessions still to lose, and whether after the message data.
-    lose: Vec<bool>,
+    lose: std::collections::VecDeque<bool>,
     latency: Duration,
     connections: u64,
 }
@@ -118,7 +118,7 @@ impl super::Session for StubSession {
             tokio::time::sleep(latency).await;
         }
         let mut inner = self.stub.lock();
-        if let Some(ambiguous) = inner.lose.pop() {
+        if let Some(ambiguous) = inner.lose.pop_front() {
             return Err(SessionError {
                 message: "stub: connection lost".into(),
                 ambiguous,
