@@ -201,6 +201,10 @@ pub struct RunDueArgs {
     /// Database URL.
     #[arg(long, env = "BLAST_DATABASE")]
     pub database: String,
+    /// This process's name among each campaign's workers (default: the
+    /// host name). A second process with a live name skips the campaign.
+    #[arg(long, env = "BLAST_WORKER")]
+    pub worker: Option<String>,
     /// Print one JSON object per campaign on stdout.
     #[arg(long)]
     pub json: bool,
@@ -274,6 +278,11 @@ pub struct SendArgs {
     /// Send to the first N pending recipients only.
     #[arg(long)]
     pub limit: Option<u64>,
+    /// This process's name among the campaign's workers (default: the host
+    /// name). Workers with different names share a running campaign; a
+    /// second process with a live name exits at once with nothing to do.
+    #[arg(long, env = "BLAST_WORKER")]
+    pub worker: Option<String>,
     /// Render and write .eml files into DIR instead of sending (default
     /// `./blast-dry-run/<campaign>`); records nothing in the ledger.
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]

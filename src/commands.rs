@@ -10,21 +10,21 @@ use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::campaign::{self, Pipeline, RunOptions, Stats, Summary};
+use crate::campaign::{self, Pipeline, Rate, RunOptions, Stats, Summary};
 use crate::config::{Concurrency, Config};
 use crate::db::Db;
 use crate::error::{Error, Result};
-use crate::lease::{Interruption, Lease};
 use crate::ledger::{self, Ledger, MemoryLedger, SqlLedger, StatusCounts};
 use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
 use crate::sign::Key;
-use crate::source::{self, SqlSource};
-use crate::state::{self, State, Transition};
+use crate::source::{self, Source, SqlSource};
+use crate::state::{self, Started, State, Transition};
 use crate::suppress::{self, Live};
 use crate::transport::file::FileTransport;
 use crate::transport::smtp::Smtp;
 use crate::transport::{Session, Transport};
+use crate::worker::{self, claims, ClaimSource, Claims, Interruption, Worker};
 
 /// How far before its start a run looks for new suppressions (clock skew
 /// between the hosts that write them).
@@ -93,12 +93,49 @@ fn dry_run_dir(cfg: &Config, dir: &std::path::Path) -> PathBuf {
 
 /// A campaign opened for a run: its ledger row, the signed templates, the
 /// audience and the options to run by.
-struct Prepared {
+struct Prepared<S = SqlSource> {
     campaign: ledger::CampaignRow,
     renderer: Arc<Renderer>,
-    source: SqlSource,
+    source: S,
     opts: RunOptions,
     stats: Arc<Stats>,
+}
+
+impl<S: Source> Prepared<S> {
+    /// The same run reading its audience through `f(source)`.
+    fn map_source<S2: Source>(self, f: impl FnOnce(S) -> S2) -> Prepared<S2> {
+        Prepared {
+            campaign: self.campaign,
+            renderer: self.renderer,
+            source: f(self.source),
+            opts: self.opts,
+            stats: self.stats,
+        }
+    }
+
+    /// Runs the pipeline through `transport` into `ledger` with the
+    /// progress display.
+    async fn execute<T: Transport, L: Ledger>(
+        self,
+        cfg: &Config,
+        mode: progress::Mode,
+        transport: T,
+        ledger: L,
+        stop: &CancellationToken,
+    ) -> Result<Summary> {
+        let progress = Progress::start(&cfg.name, self.stats.clone(), mode);
+        let pipeline = Pipeline {
+            name: cfg.name.clone(),
+            source: self.source,
+            renderer: self.renderer,
+            transport: Arc::new(transport),
+            ledger,
+            options: self.opts,
+        };
+        let r = campaign::run(pipeline, self.stats, stop.clone()).await;
+        progress.finish().await;
+        r
+    }
 }
 
 impl Prepared {
@@ -151,30 +188,6 @@ impl Prepared {
             stats: Arc::new(Stats::new(injectors)),
         })
     }
-
-    /// Runs the pipeline through `transport` into `ledger` with the
-    /// progress display.
-    async fn execute<T: Transport, L: Ledger>(
-        self,
-        cfg: &Config,
-        mode: progress::Mode,
-        transport: T,
-        ledger: L,
-        stop: &CancellationToken,
-    ) -> Result<Summary> {
-        let progress = Progress::start(&cfg.name, self.stats.clone(), mode);
-        let pipeline = Pipeline {
-            name: cfg.name.clone(),
-            source: self.source,
-            renderer: self.renderer,
-            transport: Arc::new(transport),
-            ledger,
-            options: self.opts,
-        };
-        let r = campaign::run(pipeline, self.stats, stop.clone()).await;
-        progress.finish().await;
-        r
-    }
 }
 
 /// The options a run of `cfg` goes by (each relay's remembered limit for
@@ -192,7 +205,8 @@ async fn run_options(cfg: &Config, db: &Db, abort: CancellationToken) -> Result<
         relays: cfg.delivery.relays.clone(),
         initial_limits,
         queue_probe: cfg.delivery.queue_probe.clone(),
-        rate: cfg.delivery.rate,
+        rate: Rate::new(cfg.delivery.rate),
+        holdings: None,
         breaker_threshold: cfg.delivery.breaker_threshold,
         abort,
         suppressions: Live::default(),
@@ -264,9 +278,10 @@ impl Background {
     }
 }
 
-/// A real send: the campaign must be sendable, its lease held and a relay
-/// answering before the first message; afterwards its state says how the
-/// run ended.
+/// A real send: the campaign must be sendable, this process joined as one
+/// of its workers and a relay answering before the first message; it then
+/// sends the ranges of ids it claims until none is left, and its state
+/// says how the run ended.
 async fn send_live(
     cfg: &Config,
     db: &Db,
@@ -277,12 +292,77 @@ async fn send_live(
     let transport = smtp_transport(cfg)?;
     sendable(&prepared.campaign)?;
     let campaign_id = prepared.campaign.id;
-    // One sender per campaign: take the lease before the first message.
-    let lease = Arc::new(Lease::acquire(db, campaign_id, &cfg.name).await?);
+    let settings = &cfg.delivery.workers;
+    let worker = Worker::join(
+        db,
+        campaign_id,
+        &cfg.name,
+        &cfg.worker,
+        settings,
+        cfg.delivery.rate,
+    )
+    .await?;
+    let worker = Arc::new(worker);
     let result = async {
         probe(&transport, cfg.delivery.relays.len()).await?;
         // Paused or cancelled while the relays were probed: send nothing.
-        if !state::apply(db, campaign_id, Transition::Start, None).await? {
+        start(db, campaign_id, cfg, &worker).await?;
+        let claims = Arc::new(Claims::new(
+            db.clone(),
+            cfg.audience.clone(),
+            campaign_id,
+            &worker.name,
+            settings.ttl,
+        ));
+        let holdings = claims.holdings().clone();
+        let mut prepared = prepared.map_source(|s| {
+            ClaimSource::new(
+                s,
+                claims.clone(),
+                settings.claim_size,
+                settings.claim_time,
+                worker::POLL,
+            )
+        });
+        prepared.opts.holdings = Some(holdings.clone());
+        let others = worker.others_alive().await?;
+        prepared
+            .opts
+            .rate
+            .set(campaign::share(cfg.delivery.rate, others + 1));
+        let keeper = worker.keep(
+            claims.clone(),
+            prepared.stats.clone(),
+            prepared.opts.rate.clone(),
+            stop.clone(),
+        );
+        let ledger = SqlLedger::new(db.clone(), campaign_id, cfg.delivery.retry.clone())
+            .fenced(holdings.clone());
+        let r = prepared.execute(cfg, mode, transport, ledger, stop).await;
+        let why = keeper.finish().await;
+        // Ranges not finished go back to the pool for the other workers.
+        claims.release(&holdings.live()).await?;
+        settle(db, cfg, &worker, r?, why).await
+    }
+    .await;
+    // Leave even after an error, so the others need not wait out the TTL.
+    if let Err(e) = worker.leave().await {
+        tracing::warn!("leaving the campaign: {e}");
+    }
+    result
+}
+
+/// Puts the campaign in `running` for `worker`: a new pass, or joining the
+/// one under way; refused when an operator stopped it meanwhile.
+async fn start(db: &Db, campaign_id: i64, cfg: &Config, worker: &Worker) -> Result<()> {
+    match state::start(db, campaign_id).await? {
+        Started::NewPass => tracing::info!("worker {}: starting {:?}", worker.name, cfg.name),
+        Started::Joined => tracing::info!(
+            "worker {}: joining {:?}, which is running",
+            worker.name,
+            cfg.name
+        ),
+        Started::Refused => {
             let now = ledger::find_campaign(db, &cfg.name)
                 .await?
                 .ok_or_else(|| Error::UnknownCampaign(cfg.name.clone()))?;
@@ -292,18 +372,8 @@ async fn send_live(
                 cfg.name, now.state
             )));
         }
-        let keeper = lease.keep(stop.clone());
-        let ledger = SqlLedger::new(db.clone(), campaign_id, cfg.delivery.retry.clone());
-        let r = prepared.execute(cfg, mode, transport, ledger, stop).await;
-        let why = keeper.finish().await;
-        settle(db, campaign_id, r?, why).await
     }
-    .await;
-    // Release even after an error, so a re-run needs no cleanup.
-    if let Err(e) = lease.release().await {
-        tracing::warn!("releasing the campaign lease: {e}");
-    }
-    result
+    Ok(())
 }
 
 /// The SMTP transport for `cfg`'s relays.
@@ -322,10 +392,12 @@ fn smtp_transport(cfg: &Config) -> Result<Smtp> {
 /// a pause or cancel from outside stays as it is).
 async fn settle(
     db: &Db,
-    campaign_id: i64,
+    cfg: &Config,
+    worker: &Worker,
     mut summary: Summary,
     why: Option<Interruption>,
 ) -> Result<Summary> {
+    let campaign_id = worker.campaign_id();
     // The next run starts from where this one ended.
     let limits: Vec<(String, usize)> = summary
         .relays
@@ -351,14 +423,44 @@ async fn settle(
         // Only from `running`: a pause or cancel that arrived after the
         // keeper's last look stays.
         (None, None) => {
-            let end = match summary.interrupted {
-                true => Transition::Stop,
-                false => Transition::Finish,
-            };
-            state::apply(db, campaign_id, end, None).await?;
+            if let Some(end) = run_end(db, cfg, worker, &summary).await? {
+                state::apply(db, campaign_id, end, None).await?;
+            }
         }
     }
     Ok(summary)
+}
+
+/// How a worker's run ends the campaign: finished by whichever worker
+/// finds every range done; stopped by the last live worker interrupted;
+/// otherwise the campaign runs on with the others.
+async fn run_end(
+    db: &Db,
+    cfg: &Config,
+    worker: &Worker,
+    summary: &Summary,
+) -> Result<Option<Transition>> {
+    if summary.interrupted {
+        return Ok(match worker.others_alive().await? {
+            0 => Some(Transition::Stop),
+            n => {
+                tracing::info!(
+                    "worker {}: stopped; {n} other workers go on with the campaign",
+                    worker.name
+                );
+                None
+            }
+        });
+    }
+    // `--limit` sends a part and ends the run as before.
+    if cfg.limit.is_some() || claims::all_done(db, worker.campaign_id()).await? {
+        return Ok(Some(Transition::Finish));
+    }
+    tracing::info!(
+        "worker {}: no range left for this worker; the others finish the campaign",
+        worker.name
+    );
+    Ok(None)
 }
 
 /// Refuses campaigns an operator stopped (paused, cancelled, held).

@@ -46,6 +46,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "relays",
         include_str!("../schema/sqlite/0004_relays.sql"),
     ),
+    (
+        5,
+        "workers",
+        include_str!("../schema/sqlite/0005_workers.sql"),
+    ),
 ];
 /// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -64,6 +69,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         4,
         "relays",
         include_str!("../schema/postgres/0004_relays.sql"),
+    ),
+    (
+        5,
+        "workers",
+        include_str!("../schema/postgres/0005_workers.sql"),
     ),
 ];
 
@@ -121,6 +131,17 @@ impl Db {
     /// The dialect.
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    /// The database's clock, milliseconds since the epoch, as an SQL
+    /// expression. Leases and claims are timed by it and never by a
+    /// worker's own clock, so a host whose clock is off can neither steal a
+    /// live claim nor keep a dead one.
+    pub fn now_ms_sql(&self) -> &'static str {
+        match self.backend {
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        }
     }
 
     /// Applies the embedded migrations for this backend.

@@ -73,15 +73,28 @@ pub enum Error {
     /// A TLS configuration (trust store, CA file, certificate) is unusable.
     #[error("TLS: {0}")]
     Tls(#[from] crate::tls::TlsError),
-    /// Another process holds the campaign's lease.
-    #[error("campaign {campaign:?} is being sent by another process ({owner}); its lease runs until {until} and is renewed while it runs. If that process is gone, the lease expires by itself (on this host at once)")]
+    /// A live process already works on the campaign under this worker name
+    /// (cron started a run while the last one still sends): nothing to do.
+    #[error("campaign {campaign:?} already has a live worker named {worker:?} ({process}); nothing to do. If that process is gone, its name is free within {seconds}s (on this host at once); give another host's worker another --worker name")]
     Busy {
         /// The campaign name.
         campaign: String,
-        /// The lease holder (`host/pid/nonce`).
-        owner: String,
-        /// Lease expiry.
-        until: String,
+        /// The worker name.
+        worker: String,
+        /// The live process (`host/pid/nonce`).
+        process: String,
+        /// Seconds until its lease runs out unless renewed.
+        seconds: u64,
+    },
+    /// The campaign has `max_workers` live workers already: nothing to do.
+    #[error(
+        "campaign {campaign:?} already has its {max} workers (delivery.max_workers); nothing to do"
+    )]
+    WorkersFull {
+        /// The campaign name.
+        campaign: String,
+        /// `delivery.max_workers`.
+        max: u32,
     },
     /// The campaign is paused, cancelled or held and cannot be sent as is.
     #[error("campaign {campaign:?} is {state}{}: {hint}", reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default())]

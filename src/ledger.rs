@@ -40,6 +40,8 @@ use crate::config::RetryPolicy;
 use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
 use crate::model::{Outcome, Record, Reply, Status};
+use crate::worker::claims;
+use crate::worker::{Claim, Holdings};
 use time::OffsetDateTime;
 
 /// Flush at least this often.
@@ -364,6 +366,7 @@ pub struct SqlLedger {
     db: Db,
     campaign_id: i64,
     retry: RetryPolicy,
+    holdings: Option<Arc<Holdings>>,
 }
 
 impl SqlLedger {
@@ -374,31 +377,49 @@ impl SqlLedger {
             db,
             campaign_id,
             retry,
+            holdings: None,
         }
+    }
+
+    /// Fences every write with the claims in `holdings`: a record is stored
+    /// only while the claim it was sent under still carries the token it
+    /// was granted with (checked in the same statement), and claims whose
+    /// every recipient is recorded are marked done in the same transaction.
+    pub fn fenced(mut self, holdings: Arc<Holdings>) -> SqlLedger {
+        self.holdings = Some(holdings);
+        self
+    }
+
+    /// Each row's claim, when fenced; rows of ids never claimed are dropped
+    /// (with a warning: it would be a bug).
+    fn claims_of<'a>(&self, rows: Vec<Stored<'a>>) -> Vec<(Stored<'a>, Option<Claim>)> {
+        let Some(h) = &self.holdings else {
+            return rows.into_iter().map(|r| (r, None)).collect();
+        };
+        rows.into_iter()
+            .filter_map(|r| match h.claim_of(r.record.recipient_id) {
+                Some(c) => Some((r, Some(c))),
+                None => {
+                    tracing::warn!(
+                        "ledger: recipient {} is in no claim of this worker; not recorded",
+                        r.record.recipient_id
+                    );
+                    None
+                }
+            })
+            .collect()
     }
 
     async fn write(&mut self, batch: &[Record]) -> Result<()> {
         let now = clock::now();
         let stamp = clock::db_timestamp(now);
         let rows: Vec<Stored<'_>> = batch.iter().map(|r| stored(r, &self.retry, now)).collect();
+        let rows = self.claims_of(rows);
         let mut tx = self.db.pool().begin().await?;
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let sql = insert_sql(
-                self.db.backend(),
-                "INSERT INTO blast_deliveries (campaign_id, recipient_id, email, status, smtp_code, \
-                 enhanced_status, reply, queue_id, relay, updated_at, first_attempt_at, next_attempt_at) VALUES ",
-                12,
-                chunk.len(),
-                " ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET status = excluded.status, \
-                 smtp_code = excluded.smtp_code, enhanced_status = excluded.enhanced_status, \
-                 reply = excluded.reply, queue_id = excluded.queue_id, relay = excluded.relay, \
-                 attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at, \
-                 first_attempt_at = COALESCE(blast_deliveries.first_attempt_at, excluded.first_attempt_at), \
-                 next_attempt_at = excluded.next_attempt_at \
-                 WHERE blast_deliveries.status NOT IN ('sent', 'failed', 'suppressed')",
-            );
+            let sql = deliveries_sql(self.db.backend(), chunk.len(), self.holdings.is_some());
             let mut q = sqlx::query(AssertSqlSafe(sql));
-            for r in chunk {
+            for (r, claim) in chunk {
                 q = q
                     .bind(self.campaign_id)
                     .bind(r.record.recipient_id)
@@ -412,8 +433,12 @@ impl SqlLedger {
                     .bind(stamp.as_str())
                     .bind(r.first_attempt_at.as_deref())
                     .bind(r.next_attempt_at.as_deref());
+                if let Some(c) = claim {
+                    q = q.bind(c.first).bind(c.token);
+                }
             }
             q.execute(&mut *tx).await?;
+            let chunk: Vec<&Stored<'_>> = chunk.iter().map(|(r, _)| r).collect();
 
             // The history, for recipients tried more than once: every answer
             // of a recipient that was deferred at least once. A recipient
@@ -421,12 +446,13 @@ impl SqlLedger {
             // blast_deliveries; writing it twice cost ~15% of the rate.
             let history: Vec<&Stored<'_>> = chunk
                 .iter()
+                .copied()
                 .filter(|r| {
                     r.record.attempts > 0 || matches!(r.record.outcome, Outcome::Deferred(_))
                 })
                 .collect();
             if history.is_empty() {
-                record_suppressions(&self.db, &mut tx, chunk, &stamp).await?;
+                record_suppressions(&self.db, &mut tx, &chunk, &stamp).await?;
                 continue;
             }
             let sql = insert_sql(
@@ -451,11 +477,54 @@ impl SqlLedger {
                     .bind(stamp.as_str());
             }
             q.execute(&mut *tx).await?;
-            record_suppressions(&self.db, &mut tx, chunk, &stamp).await?;
+            record_suppressions(&self.db, &mut tx, &chunk, &stamp).await?;
+        }
+        if let Some(h) = &self.holdings {
+            let done = h.recorded(rows.iter().map(|(r, _)| r.record.recipient_id));
+            claims::complete(&mut tx, self.campaign_id, &done).await?;
         }
         tx.commit().await?;
         Ok(())
     }
+}
+
+/// The statement storing `rows` outcomes. Fenced, each row carries its
+/// claim's first id and token and is stored only if that claim still has
+/// that token: one statement, no read-then-write. On PostgreSQL the claim
+/// row is share-locked, so a worker taking it over waits for this
+/// transaction instead of slipping between its check and its write. A
+/// final status is never replaced.
+fn deliveries_sql(backend: Backend, rows: usize, fenced: bool) -> String {
+    const COLS: &str = "campaign_id, recipient_id, email, status, smtp_code, enhanced_status, \
+        reply, queue_id, relay, updated_at, first_attempt_at, next_attempt_at";
+    const UPSERT: &str = " ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET status = excluded.status, \
+         smtp_code = excluded.smtp_code, enhanced_status = excluded.enhanced_status, \
+         reply = excluded.reply, queue_id = excluded.queue_id, relay = excluded.relay, \
+         attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at, \
+         first_attempt_at = COALESCE(blast_deliveries.first_attempt_at, excluded.first_attempt_at), \
+         next_attempt_at = excluded.next_attempt_at \
+         WHERE blast_deliveries.status NOT IN ('sent', 'failed', 'suppressed')";
+    if !fenced {
+        return insert_sql(
+            backend,
+            &format!("INSERT INTO blast_deliveries ({COLS}) VALUES "),
+            12,
+            rows,
+            UPSERT,
+        );
+    }
+    let lock = match backend {
+        Backend::Postgres => " FOR SHARE",
+        Backend::Sqlite => "",
+    };
+    let values = insert_sql(backend, "", 14, rows, "");
+    let picked: Vec<String> = (1..=12).map(|i| format!("v.column{i}")).collect();
+    format!(
+        "INSERT INTO blast_deliveries ({COLS}) SELECT {} FROM (VALUES {values}) AS v \
+         WHERE EXISTS (SELECT 1 FROM blast_claims c WHERE c.campaign_id = v.column1 \
+           AND c.first_id = v.column13 AND c.token = v.column14{lock}){UPSERT}",
+        picked.join(", ")
+    )
 }
 
 /// A synchronous hard bounce ([`classify::suppresses`]) puts the address on
@@ -463,10 +532,10 @@ impl SqlLedger {
 async fn record_suppressions(
     db: &Db,
     tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    chunk: &[Stored<'_>],
+    chunk: &[&Stored<'_>],
     stamp: &str,
 ) -> Result<()> {
-    let hard: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.suppress).collect();
+    let hard: Vec<&Stored<'_>> = chunk.iter().copied().filter(|r| r.suppress).collect();
     if hard.is_empty() {
         return Ok(());
     }

@@ -18,7 +18,8 @@
 //! - [`classify`]: what a server's reply or status code means (reason, hard/soft).
 //! - [`ledger`]: the sole writer of delivery status.
 //! - [`state`]: the campaign state machine; every transition a compare-and-set.
-//! - [`lease`]: one sender per campaign; pause/cancel from other processes.
+//! - [`worker`]: workers sharing a campaign by fenced claims of id ranges;
+//!   pause/cancel from other processes.
 //! - [`schedule`]: stored campaigns, `run-due` for cron.
 //! - [`adaptive`]: per-relay AIMD concurrency limits on congestion marks.
 //! - [`campaign`]: the runner that connects the pipeline.
@@ -46,7 +47,6 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod import;
-pub mod lease;
 pub mod ledger;
 pub mod model;
 pub mod progress;
@@ -60,5 +60,6 @@ pub mod state;
 pub mod suppress;
 pub mod tls;
 pub mod transport;
+pub mod worker;
 
 pub use error::{Error, Result};

@@ -3,9 +3,10 @@
 //! do not change what is sent. `blast run-due` (for cron or a systemd timer)
 //! sends every campaign that is due, including due retries of stored
 //! campaigns, and exits when nothing is due. It never sends a campaign twice:
-//! `commands::send` takes the campaign's lease, so a second `run-due` started
-//! at the same moment skips it, and recipient-level resumption means a late
-//! second run finds nobody left. A campaign more than `max_delay` overdue is
+//! each `run-due` joins as a worker (named after its host, or `--worker`),
+//! so a second one on the same host finds its name taken and skips the
+//! campaign, one on another host shares the campaign's ranges, and
+//! recipient-level resumption means a late run finds nobody left. A campaign more than `max_delay` overdue is
 //! held for the operator instead of going out late without anyone noticing.
 
 use std::collections::HashSet;
@@ -14,7 +15,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
-use sqlx::Row;
+use sqlx::{AssertSqlSafe, Row};
 use time::OffsetDateTime;
 use tokio_util::sync::CancellationToken;
 
@@ -124,7 +125,8 @@ pub enum Due {
         /// Why.
         reason: String,
     },
-    /// Another process is sending it.
+    /// A live process of this worker name is sending it, or it has its
+    /// `max_workers`.
     Busy {
         /// Campaign.
         campaign: String,
@@ -139,11 +141,15 @@ pub enum Due {
 }
 
 /// Sends every due stored campaign once, then returns what it did.
+/// `worker` names this process among each campaign's workers (default:
+/// the host name).
 pub async fn run_due(
     database: &str,
+    worker: Option<&str>,
     mode: progress::Mode,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Vec<Due>> {
+    let worker = worker.map_or_else(crate::worker::hostname, |w| w.trim().to_string());
     let db = Db::connect(database).await?;
     let stop_token = CancellationToken::new();
     let watcher = {
@@ -158,14 +164,14 @@ pub async fn run_due(
     let mut report = Vec::new();
     loop {
         let now = clock::now();
-        let Some((name, row)) = next_due(&db, now, &done).await? else {
+        let Some((name, row)) = next_due(&db, now, &worker, &done).await? else {
             break;
         };
         done.insert(name.clone());
         if stop.is_cancelled() {
             break;
         }
-        report.push(run_one(&db, database, mode, &stop, now, name, &row).await?);
+        report.push(run_one(&db, database, &worker, mode, &stop, now, name, &row).await?);
     }
     watcher.abort();
     db.close().await;
@@ -176,27 +182,34 @@ pub async fn run_due(
 /// its row. Due: scheduled for `now` or earlier; finished with deferred
 /// recipients whose retry time has come; or left unfinished by a run that
 /// ended early: `stopped` (SIGTERM during a reboot) or still `running` with
-/// no live sender (SIGKILL, OOM: its lease expired, or it was this host's
-/// and the lease decides whether its process is gone). Asked again after
-/// every campaign, since sending one takes time and others fall due.
+/// live worker of this name (SIGKILL, OOM; or one another host's workers
+/// are sending, which this one joins). A live worker of this name on this
+/// host is left to [`crate::worker::Worker::join`], which knows whether its
+/// process is gone. Asked again after every campaign, since sending one
+/// takes time and others fall due.
 async fn next_due(
     db: &Db,
     now: OffsetDateTime,
+    worker: &str,
     done: &HashSet<String>,
 ) -> Result<Option<(String, AnyRow)>> {
-    let due = sqlx::query(
+    let db_now = db.now_ms_sql();
+    let due = sqlx::query(AssertSqlSafe(format!(
         "SELECT c.name, c.state, c.send_at, c.spec FROM blast_campaigns c \
          WHERE c.spec IS NOT NULL AND ( \
            (c.state IN ('scheduled', 'ready') AND c.send_at <= $1) OR \
            c.state = 'stopped' OR \
-           (c.state = 'running' AND (c.lease_until IS NULL OR c.lease_until < $1 OR c.lease_owner LIKE $2)) OR \
+           (c.state = 'running' AND NOT EXISTS (SELECT 1 FROM blast_workers w \
+              WHERE w.campaign_id = c.id AND w.name = $3 AND w.lease_until > {db_now} \
+              AND w.process NOT LIKE $2)) OR \
            (c.state IN ('finished', 'stopped') AND EXISTS (SELECT 1 FROM blast_deliveries d \
               WHERE d.campaign_id = c.id AND d.status = 'deferred' \
               AND (d.next_attempt_at IS NULL OR d.next_attempt_at <= $1)))) \
-         ORDER BY c.send_at, c.id",
-    )
+         ORDER BY c.send_at, c.id"
+    )))
     .bind(clock::db_timestamp(now))
-    .bind(format!("{}/%", crate::lease::hostname()))
+    .bind(format!("{}/%", crate::worker::hostname()))
+    .bind(worker)
     .fetch_all(db.pool())
     .await?;
     Ok(due.into_iter().find_map(|r| {
@@ -208,9 +221,11 @@ async fn next_due(
 /// Sends one due campaign from its frozen spec, or holds it if it is more
 /// than `max_delay` late. A campaign that fails is reported, not fatal;
 /// `Err` (a database failure, an unreadable spec) ends the run.
+#[allow(clippy::too_many_arguments)]
 async fn run_one(
     db: &Db,
     database: &str,
+    worker: &str,
     mode: progress::Mode,
     stop: &CancellationToken,
     now: OffsetDateTime,
@@ -228,7 +243,10 @@ async fn run_one(
     // when the transport is built, after loading.
     let dir = tempfile_dir()?;
     let cfg = match spec.load(dir.path(), database) {
-        Ok(c) => c,
+        Ok(mut c) => {
+            c.worker = worker.to_string();
+            c
+        }
         Err(e) => {
             return Ok(Due::Failed {
                 campaign: name,
@@ -250,7 +268,7 @@ async fn run_one(
                 campaign: name,
                 summary: Box::new(summary),
             },
-            Err(Error::Busy { .. }) => Due::Busy { campaign: name },
+            Err(Error::Busy { .. } | Error::WorkersFull { .. }) => Due::Busy { campaign: name },
             Err(e) => Due::Failed {
                 campaign: name,
                 error: e.to_string(),

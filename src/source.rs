@@ -137,6 +137,18 @@ impl SqlSource {
 }
 
 impl SqlSource {
+    /// Pages through ids `after < id <= upto` next (a claim's range),
+    /// within the campaign's fixed audience.
+    pub fn set_range(&mut self, after: i64, upto: i64) {
+        self.last_id = after;
+        self.max_id = upto;
+    }
+
+    /// Whether `limit` recipients were yielded already.
+    pub fn limit_reached(&self) -> bool {
+        self.remaining == Some(0)
+    }
+
     /// Only deferred recipients whose next attempt is due (`blast retry`).
     pub fn retries_only(mut self, only: bool) -> SqlSource {
         self.page_sql = page_sql(self.db.backend(), &self.audience, only);
@@ -225,6 +237,29 @@ pub async fn max_id(db: &Db, audience: &Audience) -> Result<i64> {
         .await
         .map_err(audience_error)?;
     Ok(max.unwrap_or(0))
+}
+
+/// The `n`-th audience id (1-based) after `after`, at most `upto`: where a
+/// claim of `n` recipients ends. None when fewer are left.
+pub async fn nth_id(
+    db: &Db,
+    audience: &Audience,
+    after: i64,
+    upto: i64,
+    n: u64,
+) -> Result<Option<i64>> {
+    let sql = format!(
+        "SELECT CAST(a.id AS BIGINT) FROM ({}) AS a WHERE a.id > $1 AND a.id <= $2 \
+         ORDER BY a.id LIMIT 1 OFFSET $3",
+        audience.select_sql()
+    );
+    sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(after)
+        .bind(upto)
+        .bind(n.saturating_sub(1).min(i64::MAX as u64) as i64)
+        .fetch_optional(db.pool())
+        .await
+        .map_err(audience_error)
 }
 
 /// How many recipients are still pending (for the progress bar's ETA).

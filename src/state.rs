@@ -91,8 +91,11 @@ impl FromStr for State {
 /// A change of state, with the states it may start from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transition {
-    /// A sender starts (or a recovering one restarts) the campaign.
+    /// A worker starts a new pass over the audience.
     Start,
+    /// A worker joins the pass under way (or recovers one whose workers
+    /// all died).
+    Join,
     /// The run ended with every recipient handled.
     Finish,
     /// The run was interrupted with recipients left.
@@ -113,7 +116,7 @@ impl Transition {
     /// The state it leads to.
     pub fn to(self) -> State {
         match self {
-            Transition::Start => State::Running,
+            Transition::Start | Transition::Join => State::Running,
             Transition::Finish => State::Finished,
             Transition::Stop => State::Stopped,
             Transition::Trip | Transition::Pause => State::Paused,
@@ -129,7 +132,8 @@ impl Transition {
     pub fn from(self) -> &'static [State] {
         use State::*;
         match self {
-            Transition::Start => &[New, Scheduled, Ready, Running, Stopped, Finished],
+            Transition::Start => &[New, Scheduled, Ready, Stopped, Finished],
+            Transition::Join => &[Running],
             Transition::Finish | Transition::Stop | Transition::Trip => &[Running],
             Transition::Pause => &[New, Scheduled, Ready, Running, Paused, Held, Stopped],
             Transition::Resume => &[Paused, Held],
@@ -142,13 +146,25 @@ impl Transition {
 /// Applies `t` to campaign `campaign_id` with `reason`, if its state is one
 /// `t` may start from, in one statement. True when it was applied.
 pub async fn apply(db: &Db, campaign_id: i64, t: Transition, reason: Option<&str>) -> Result<bool> {
+    let mut conn = db.pool().acquire().await?;
+    apply_on(&mut conn, campaign_id, t, reason, "").await
+}
+
+/// [`apply`] on `conn`, also setting `extra` (`, column = value`).
+async fn apply_on(
+    conn: &mut sqlx::AnyConnection,
+    campaign_id: i64,
+    t: Transition,
+    reason: Option<&str>,
+    extra: &str,
+) -> Result<bool> {
     let from: Vec<String> = t
         .from()
         .iter()
         .map(|s| format!("'{}'", s.as_str()))
         .collect();
     let sql = format!(
-        "UPDATE blast_campaigns SET state = $1, reason = $2, updated_at = $3 \
+        "UPDATE blast_campaigns SET state = $1, reason = $2, updated_at = $3{extra} \
          WHERE id = $4 AND state IN ({})",
         from.join(", ")
     );
@@ -157,9 +173,50 @@ pub async fn apply(db: &Db, campaign_id: i64, t: Transition, reason: Option<&str
         .bind(reason)
         .bind(clock::db_timestamp(clock::now()))
         .bind(campaign_id)
-        .execute(db.pool())
+        .execute(&mut *conn)
         .await?;
     Ok(done.rows_affected() > 0)
+}
+
+/// How a worker got into a running campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// It started a new pass: the claims start over from the first id.
+    NewPass,
+    /// It joined the pass under way.
+    Joined,
+    /// The campaign may not run (paused, held, cancelled meanwhile).
+    Refused,
+}
+
+/// Puts campaign `campaign_id` in `running` for a worker: a new pass from
+/// any state a run may start from (clearing the last pass's claims in the
+/// same transaction), else joining the pass under way.
+pub async fn start(db: &Db, campaign_id: i64) -> Result<Started> {
+    let mut tx = db.pool().begin().await?;
+    if apply_on(
+        &mut tx,
+        campaign_id,
+        Transition::Start,
+        None,
+        ", claimed_to = NULL",
+    )
+    .await?
+    {
+        sqlx::query("DELETE FROM blast_claims WHERE campaign_id = $1")
+            .bind(campaign_id)
+            .execute(&mut *tx)
+            .await?;
+        tx.commit().await?;
+        return Ok(Started::NewPass);
+    }
+    let joined = apply_on(&mut tx, campaign_id, Transition::Join, None, "").await?;
+    tx.commit().await?;
+    Ok(if joined {
+        Started::Joined
+    } else {
+        Started::Refused
+    })
 }
 
 #[cfg(test)]
@@ -179,6 +236,7 @@ mod tests {
     fn nothing_leaves_cancelled_and_a_sender_only_leaves_running() {
         for t in [
             Transition::Start,
+            Transition::Join,
             Transition::Finish,
             Transition::Stop,
             Transition::Trip,
@@ -193,6 +251,7 @@ mod tests {
             assert_eq!(t.from(), &[State::Running]);
         }
         assert!(!Transition::Start.from().contains(&State::Paused));
+        assert!(!Transition::Start.from().contains(&State::Running));
         assert!(!Transition::Start.from().contains(&State::Held));
     }
 

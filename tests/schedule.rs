@@ -47,7 +47,7 @@ async fn run_due_sends_frozen_campaigns_when_due() {
     )
     .unwrap();
 
-    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
         .await
         .unwrap();
     assert_eq!(report.len(), 1, "{report:?}");
@@ -73,7 +73,7 @@ async fn run_due_sends_frozen_campaigns_when_due() {
     );
 
     // Nothing due any more.
-    assert!(schedule::run_due(&w.url, Mode::Quiet, pending())
+    assert!(schedule::run_due(&w.url, None, Mode::Quiet, pending())
         .await
         .unwrap()
         .is_empty());
@@ -97,8 +97,8 @@ async fn concurrent_run_due_never_double_sends() {
         .await
         .unwrap();
     let (a, b) = tokio::join!(
-        schedule::run_due(&w.url, Mode::Quiet, pending()),
-        schedule::run_due(&w.url, Mode::Quiet, pending())
+        schedule::run_due(&w.url, None, Mode::Quiet, pending()),
+        schedule::run_due(&w.url, None, Mode::Quiet, pending())
     );
     let (a, b) = (a.unwrap(), b.unwrap());
     let sent: u64 = a
@@ -135,7 +135,7 @@ async fn overdue_campaigns_are_held() {
     schedule::schedule(&w.config(&path, None, 1), &path, at("2020-01-01T00:00:00Z"))
         .await
         .unwrap();
-    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
         .await
         .unwrap();
     assert!(
@@ -146,7 +146,7 @@ async fn overdue_campaigns_are_held() {
     blast::commands::control(&w.url, "old", Control::Resume, None)
         .await
         .unwrap();
-    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
         .await
         .unwrap();
     assert!(
@@ -204,7 +204,7 @@ async fn run_due_interrupted_then_finished(signal: &str, left_in: &str) {
             .unwrap();
     assert_eq!(state, left_in);
 
-    let report = schedule::run_due(&w.url, Mode::Quiet, pending())
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
         .await
         .unwrap();
     assert!(

@@ -14,12 +14,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::work::{relay_bit, InHand, Work, AMBIGUOUS_NOTE};
-use super::{Breaker, Stats};
+use super::{Breaker, Rate, Stats};
 use crate::adaptive::{Gate, Mark, Permit};
 use crate::clock;
 use crate::model::{Outcome, Record};
 use crate::suppress::Live;
 use crate::transport::{Session, SessionError, Transport};
+use crate::worker::Holdings;
 
 /// An injector kept out of its relay's limit, or waiting for work, this long
 /// closes its connection.
@@ -83,8 +84,10 @@ pub(super) struct Injector<T: Transport> {
     pub(super) gate: Arc<Gate>,
     /// That relay's own rate limit, if any.
     pub(super) relay_limiter: Option<Arc<DefaultDirectRateLimiter>>,
-    /// The campaign's rate limit, if any.
-    pub(super) limiter: Option<Arc<DefaultDirectRateLimiter>>,
+    /// The campaign's rate limit (this worker's share).
+    pub(super) rate: Arc<Rate>,
+    /// The claims this worker holds, if it works by claims.
+    pub(super) holdings: Option<Arc<Holdings>>,
     /// The transport.
     pub(super) transport: Arc<T>,
     /// Where messages come from.
@@ -178,6 +181,12 @@ impl<T: Transport> Injector<T> {
         if !self.pace().await {
             return Flow::Stop;
         }
+        // Checked last, just before the transaction: a worker that lost
+        // its claim (stopped past its lease) sends nothing more from it.
+        // The message is not recorded; whoever holds the claim sends it.
+        if !self.claimed(hand.job().out.envelope.recipient_id) {
+            return Flow::Next;
+        }
         permit.begin();
         match self.send(conn, &hand).await {
             Sent::Answered(outcome) => {
@@ -207,10 +216,17 @@ impl<T: Transport> Injector<T> {
         ))
     }
 
+    /// Whether this worker may send to recipient `id` now (always, when it
+    /// works without claims).
+    fn claimed(&self, id: i64) -> bool {
+        self.holdings.as_ref().is_none_or(|h| h.may_send(id))
+    }
+
     /// Waits for the campaign's and the relay's rate limits; false when
     /// stopped meanwhile.
     async fn pace(&self) -> bool {
-        for l in [&self.limiter, &self.relay_limiter].into_iter().flatten() {
+        let campaign = self.rate.current();
+        for l in [&campaign, &self.relay_limiter].into_iter().flatten() {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return false,

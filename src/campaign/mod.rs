@@ -37,6 +37,7 @@ use crate::render::Renderer;
 use crate::source::Source;
 use crate::suppress::Live;
 use crate::transport::Transport;
+use crate::worker::Holdings;
 
 /// Messages rendered ahead of the injectors, per injector, between
 /// [`QUEUE_MIN`] and [`QUEUE_MAX`] in all. Bounded so that rendering waits
@@ -61,8 +62,13 @@ pub struct RunOptions {
     pub initial_limits: Vec<Option<usize>>,
     /// The MTA queue probe, if configured.
     pub queue_probe: Option<QueueProbe>,
-    /// Max messages per second over all injectors; 0 = unlimited.
-    pub rate: u32,
+    /// Max messages per second over all injectors (this worker's share of
+    /// the campaign's rate, which may change while it runs).
+    pub rate: Arc<Rate>,
+    /// The claims this worker holds (several workers on one campaign): a
+    /// message goes out only while its claim is held. None = no claims
+    /// (a dry run, tests).
+    pub holdings: Option<Arc<Holdings>>,
     /// Consecutive 5xx (over at least three domains) that trip the breaker;
     /// 0 = never.
     pub breaker_threshold: u32,
@@ -97,6 +103,7 @@ pub struct Pipeline<S, T, L> {
 mod breaker;
 mod inject;
 mod produce;
+mod rate;
 mod stats;
 #[cfg(test)]
 mod tests;
@@ -104,6 +111,7 @@ mod watch;
 mod work;
 
 pub use breaker::Breaker;
+pub use rate::{share, Rate};
 pub use stats::{
     Histogram, InjectorStats, InjectorSummary, LatencySummary, RelaySummary, Stats, Summary,
 };
@@ -283,8 +291,6 @@ impl Relays {
         breaker: &Arc<Breaker>,
         stop: &CancellationToken,
     ) -> Vec<Injector<T>> {
-        let limiter =
-            NonZeroU32::new(opts.rate).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))));
         let plan = self
             .per_relay
             .iter()
@@ -298,7 +304,8 @@ impl Relays {
                 relay_name: transport.describe(relay),
                 gate: self.gates[relay].clone(),
                 relay_limiter: self.limiters[relay].clone(),
-                limiter: limiter.clone(),
+                rate: opts.rate.clone(),
+                holdings: opts.holdings.clone(),
                 transport: transport.clone(),
                 work: work.clone(),
                 records: records.clone(),

@@ -46,6 +46,23 @@ pub struct Stats {
     pub queue_max: AtomicU64,
     /// Each relay's name and concurrency gate, once the run has started.
     pub relays: std::sync::OnceLock<Vec<(String, Arc<Gate>)>>,
+    /// The whole campaign as the last heartbeat saw it, when several
+    /// workers share it.
+    pub campaign: std::sync::Mutex<Option<CampaignView>>,
+}
+
+/// The whole campaign, over all its live workers.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CampaignView {
+    /// Live workers, this one included.
+    pub workers: u64,
+    /// Recipients left of `total` (pending when this worker started),
+    /// counting what every worker sent since.
+    pub left: u64,
+    /// The live workers' rates, summed (msg/s).
+    pub rate: f64,
+    /// What the others had sent when this one first looked.
+    baseline: u64,
 }
 
 /// One injector's counters: what an operator needs to see whether adding
@@ -115,7 +132,29 @@ impl Stats {
             queue: AtomicU64::new(0),
             queue_max: AtomicU64::new(0),
             relays: std::sync::OnceLock::new(),
+            campaign: std::sync::Mutex::new(None),
         }
+    }
+
+    /// A heartbeat's view of the campaign: `workers` live ones that sent
+    /// `sent` in all, at `rate` msg/s in all.
+    pub fn set_campaign(&self, workers: u64, sent: u64, rate: f64) {
+        let mine = self.sent.load(Ordering::Relaxed);
+        let mut view = self.campaign.lock().unwrap_or_else(|p| p.into_inner());
+        let baseline = view.map_or(sent.saturating_sub(mine), |v| v.baseline);
+        let done = sent.saturating_sub(baseline);
+        *view = Some(CampaignView {
+            workers,
+            left: self.total.load(Ordering::Relaxed).saturating_sub(done),
+            rate,
+            baseline,
+        });
+    }
+
+    /// The campaign view, if several workers share the campaign.
+    pub fn campaign_view(&self) -> Option<CampaignView> {
+        let view = *self.campaign.lock().unwrap_or_else(|p| p.into_inner());
+        view.filter(|v| v.workers > 1)
     }
 
     /// Records one SMTP transaction by injector `slot`.

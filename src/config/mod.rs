@@ -120,6 +120,8 @@ pub struct Overrides {
     pub dry_run: Option<PathBuf>,
     /// `blast retry`: only deferred recipients that are due.
     pub retries_only: bool,
+    /// `--worker`: this process's worker name (default: the host name).
+    pub worker: Option<String>,
 }
 
 /// Who receives the campaign.
@@ -224,7 +226,39 @@ pub struct DeliveryConfig {
     /// does), run at most once a second; above `queue_target` every relay
     /// gets a congestion mark.
     pub queue_probe: Option<QueueProbe>,
+    /// How workers share the campaign.
+    pub workers: Workers,
 }
+
+/// How several workers share one campaign (see `docs/scale-out.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Workers {
+    /// At most this many live workers; None = no cap.
+    pub max_workers: Option<u32>,
+    /// Recipient ids per claim; None = sized to [`Workers::claim_time`] of
+    /// this worker's measured rate.
+    pub claim_size: Option<u64>,
+    /// How long one claim should last at this worker's rate.
+    pub claim_time: Duration,
+    /// A worker (and its claims) not heard from for this long is dead.
+    pub ttl: Duration,
+}
+
+impl Default for Workers {
+    fn default() -> Self {
+        Workers {
+            max_workers: None,
+            claim_size: None,
+            claim_time: DEFAULT_CLAIM_TIME,
+            ttl: DEFAULT_WORKER_TTL,
+        }
+    }
+}
+
+/// Default for `delivery.claim_time`.
+pub const DEFAULT_CLAIM_TIME: Duration = Duration::from_secs(15);
+/// Default for `delivery.worker_ttl`.
+pub const DEFAULT_WORKER_TTL: Duration = Duration::from_secs(30);
 
 /// The schedule for deferred (4xx) recipients.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -298,6 +332,8 @@ pub struct Config {
     pub dry_run: Option<PathBuf>,
     /// Send only deferred recipients that are due (`blast retry`).
     pub retries_only: bool,
+    /// This process's name among the campaign's workers.
+    pub worker: String,
     /// When a scheduled campaign is due (`send_at`).
     pub send_at: Option<time::OffsetDateTime>,
     /// A scheduled campaign later than this is held for the operator.
@@ -410,6 +446,13 @@ impl Config {
             .unwrap_or_else(|| address_part(&m.from).to_string());
         let unsubscribe = sections::unsubscribe(raw.unsubscribe, &m.from)?;
         let timeout = sections::timeout(d.timeout_secs)?;
+        let workers = sections::workers(
+            d.max_workers,
+            d.claim_size,
+            d.claim_time.as_deref(),
+            d.worker_ttl.as_deref(),
+        )?;
+        let worker = sections::worker(overrides.worker.as_deref())?;
         Ok(Config {
             name,
             database,
@@ -438,10 +481,12 @@ impl Config {
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
                 chunking: d.chunking.unwrap_or(true),
                 queue_probe,
+                workers,
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),
             retries_only: overrides.retries_only,
+            worker,
             send_at,
             max_delay,
             template_files,

@@ -66,6 +66,10 @@ pub(super) struct DeliveryFile {
     pub(super) chunking: Option<bool>,
     pub(super) queue_probe: Option<String>,
     pub(super) queue_target: Option<u64>,
+    pub(super) max_workers: Option<u32>,
+    pub(super) claim_size: Option<u64>,
+    pub(super) claim_time: Option<String>,
+    pub(super) worker_ttl: Option<String>,
 }
 
 /// `concurrency = 8` or `concurrency = "auto"`.

@@ -19,8 +19,8 @@ use super::raw::{
 use super::relay::{from_domains, relay_from_table, serves};
 use super::{
     address_part, expand_env, parse_duration, Audience, Concurrency, QueueProbe, Relay,
-    RetryPolicy, TemplateSource, Unsubscribe, DEFAULT_BATCH_SIZE, DEFAULT_MAX_DELAY,
-    DEFAULT_QUEUE_TARGET, DEFAULT_SMTP_TIMEOUT,
+    RetryPolicy, TemplateSource, Unsubscribe, Workers, DEFAULT_BATCH_SIZE, DEFAULT_CLAIM_TIME,
+    DEFAULT_MAX_DELAY, DEFAULT_QUEUE_TARGET, DEFAULT_SMTP_TIMEOUT, DEFAULT_WORKER_TTL,
 };
 use crate::sign::{Pattern, Var};
 
@@ -436,6 +436,56 @@ pub(super) fn unsubscribe(raw: Option<UnsubscribeFile>, from: &str) -> Checked<U
         Pattern::parse(&mailto, &[Var::Token]).map_err(|m| invalid("unsubscribe.mailto", m))?;
     check_address_pattern(&mailto).map_err(|m| invalid("unsubscribe.mailto", m))?;
     Ok(Unsubscribe { url, mailto })
+}
+
+/// `delivery.max_workers`, `claim_size`, `claim_time`, `worker_ttl`: how
+/// workers share a campaign.
+pub(super) fn workers(
+    max_workers: Option<u32>,
+    claim_size: Option<u64>,
+    claim_time: Option<&str>,
+    ttl: Option<&str>,
+) -> Checked<Workers> {
+    let duration = |key: &str, raw: Option<&str>, default: Duration| match raw {
+        Some(d) => match parse_duration(d) {
+            Ok(d) if d.is_zero() => Err(invalid(key, "must be at least 1s")),
+            Ok(d) => Ok(d),
+            Err(m) => Err(invalid(key, m)),
+        },
+        None => Ok(default),
+    };
+    if max_workers == Some(0) {
+        return Err(invalid("delivery.max_workers", "must be at least 1"));
+    }
+    if claim_size == Some(0) {
+        return Err(invalid("delivery.claim_size", "must be at least 1"));
+    }
+    let ttl = duration("delivery.worker_ttl", ttl, DEFAULT_WORKER_TTL)?;
+    if ttl < Duration::from_secs(3) {
+        return Err(invalid(
+            "delivery.worker_ttl",
+            "must be at least 3s (a worker heartbeats every sixth of it)",
+        ));
+    }
+    Ok(Workers {
+        max_workers,
+        claim_size,
+        claim_time: duration("delivery.claim_time", claim_time, DEFAULT_CLAIM_TIME)?,
+        ttl,
+    })
+}
+
+/// `--worker`: a name for this process among the campaign's workers
+/// (default: the host name).
+pub(super) fn worker(raw: Option<&str>) -> Checked<String> {
+    let name = match raw {
+        Some(n) => n.trim().to_string(),
+        None => crate::worker::hostname(),
+    };
+    if name.is_empty() || name.len() > 200 || name.chars().any(|c| c.is_control()) {
+        return Err(invalid("--worker", "must be 1 to 200 printable characters"));
+    }
+    Ok(name)
 }
 
 /// `delivery.timeout_secs`: the per-command SMTP timeout.

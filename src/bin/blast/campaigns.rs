@@ -91,6 +91,7 @@ pub(crate) async fn send(args: SendArgs, retries_only: bool) -> anyhow::Result<E
         limit: args.limit,
         dry_run: args.dry_run,
         retries_only,
+        worker: args.worker,
     };
     let cfg = load(&args.campaign.campaign, overrides)?;
     let mode = progress_mode(&args.progress);
@@ -98,7 +99,18 @@ pub(crate) async fn send(args: SendArgs, retries_only: bool) -> anyhow::Result<E
     // flight (the ledger still flushes what was answered).
     let (first, second) = signals();
     let summary =
-        blast::commands::send_with_abort(&cfg, mode, first.cancelled_owned(), second).await?;
+        match blast::commands::send_with_abort(&cfg, mode, first.cancelled_owned(), second).await {
+            Ok(s) => s,
+            // Cron started this run while another of the same name still
+            // sends, or the campaign has all the workers it may: not an error.
+            Err(
+                e @ (blast::error::Error::Busy { .. } | blast::error::Error::WorkersFull { .. }),
+            ) => {
+                eprintln!("blast: {e}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            Err(e) => return Err(e.into()),
+        };
     report(&summary, args.json)
 }
 
@@ -235,6 +247,7 @@ pub(crate) async fn schedule(args: ScheduleArgs) -> anyhow::Result<ExitCode> {
 pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
     let report = blast::schedule::run_due(
         &args.database,
+        args.worker.as_deref(),
         progress_mode(&args.progress),
         shutdown_signal(),
     )
@@ -255,7 +268,7 @@ pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
                 code = ExitCode::from(1);
             }
             blast::schedule::Due::Busy { campaign } => {
-                eprintln!("blast: {campaign}: being sent by another process; skipped")
+                eprintln!("blast: {campaign}: a live worker of this name sends it, or it has its max_workers; skipped")
             }
             blast::schedule::Due::Failed { campaign, error } => {
                 eprintln!("blast: {campaign}: error: {error}");

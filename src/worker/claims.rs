@@ -1,0 +1,368 @@
+//! Claims in the database: ranges of recipient ids handed to workers from
+//! `blast_claims`. A grant takes a new fencing token from the campaign row
+//! (`fence`, which only grows), then either takes over a range whose
+//! holder stopped renewing it (`FOR UPDATE SKIP LOCKED` on PostgreSQL) or
+//! cuts the next range off the keyset at the campaign's cursor
+//! (`claimed_to`). Every time compared is the database's clock.
+//!
+//! [`ClaimSource`] pages through the ranges this worker holds; inside a
+//! range, resumption is the ledger's: the page query skips recipients
+//! with a final outcome.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use sqlx::{AssertSqlSafe, Row};
+
+use super::holdings::{Claim, Holdings};
+use crate::config::Audience;
+use crate::db::{Backend, Db};
+use crate::error::Result;
+use crate::model::Recipient;
+use crate::source::{self, Source, SqlSource};
+
+/// Smallest claim when sized by rate (also the first claim's size).
+pub const MIN_CLAIM: u64 = 1_000;
+/// Largest claim when sized by rate.
+pub const MAX_CLAIM: u64 = 1_000_000;
+
+/// What [`Claims::next`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Next {
+    /// A range to send, now held.
+    Range(Claim),
+    /// Nothing free, but other workers hold unfinished ranges: ask again
+    /// later (one of them may die).
+    Wait,
+    /// Every range is granted and every other one done.
+    Done,
+    /// The campaign is not running (paused, cancelled, finished).
+    Stopped,
+}
+
+/// This worker's access to the campaign's claims.
+#[derive(Debug)]
+pub struct Claims {
+    db: Db,
+    audience: Audience,
+    campaign_id: i64,
+    worker: String,
+    ttl: Duration,
+    holdings: Arc<Holdings>,
+}
+
+impl Claims {
+    /// Claims of `campaign_id` for worker `worker`, leased for `ttl`.
+    pub fn new(
+        db: Db,
+        audience: Audience,
+        campaign_id: i64,
+        worker: &str,
+        ttl: Duration,
+    ) -> Claims {
+        Claims {
+            db,
+            audience,
+            campaign_id,
+            worker: worker.to_string(),
+            ttl,
+            holdings: Arc::new(Holdings::new(ttl)),
+        }
+    }
+
+    /// What this worker holds.
+    pub fn holdings(&self) -> &Arc<Holdings> {
+        &self.holdings
+    }
+
+    fn ttl_ms(&self) -> i64 {
+        self.ttl.as_millis() as i64
+    }
+
+    /// Grants this worker its next range of about `size` recipients.
+    pub async fn next(&self, size: u64) -> Result<Next> {
+        let asked = Instant::now();
+        let now = self.db.now_ms_sql();
+        let mut tx = self.db.pool().begin().await?;
+        // The new token; the campaign row stays locked to the commit, so
+        // grants happen one at a time.
+        let row = sqlx::query(
+            "UPDATE blast_campaigns SET fence = fence + 1 WHERE id = $1 AND state = 'running' \
+             RETURNING fence, claimed_to, max_recipient_id",
+        )
+        .bind(self.campaign_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(row) = row else {
+            return Ok(Next::Stopped);
+        };
+        let token: i64 = row.try_get("fence")?;
+        let claimed_to: Option<i64> = row.try_get("claimed_to")?;
+        let max: i64 = row.try_get("max_recipient_id")?;
+        let skip_locked = match self.db.backend() {
+            Backend::Postgres => " FOR UPDATE SKIP LOCKED",
+            Backend::Sqlite => "",
+        };
+        // A range whose holder stopped renewing it (or gave it back).
+        let orphan = sqlx::query(AssertSqlSafe(format!(
+            "UPDATE blast_claims SET worker = $1, token = $2, lease_until = {now} + $3 \
+             WHERE campaign_id = $4 AND first_id = (SELECT first_id FROM blast_claims \
+               WHERE campaign_id = $4 AND done = 0 AND lease_until < {now} \
+               ORDER BY first_id LIMIT 1{skip_locked}) \
+             RETURNING first_id, last_id"
+        )))
+        .bind(&self.worker)
+        .bind(token)
+        .bind(self.ttl_ms())
+        .bind(self.campaign_id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        if let Some(r) = orphan {
+            let claim = Claim {
+                first: r.try_get("first_id")?,
+                last: r.try_get("last_id")?,
+                token,
+            };
+            tx.commit().await?;
+            tracing::info!(
+                "worker {}: took over ids {}..={} (token {token}) from a worker that stopped renewing them",
+                self.worker,
+                claim.first,
+                claim.last
+            );
+            self.holdings.add(claim, asked);
+            return Ok(Next::Range(claim));
+        }
+        let after = claimed_to.unwrap_or(i64::MIN);
+        if after < max {
+            let last = source::nth_id(&self.db, &self.audience, after, max, size)
+                .await?
+                .unwrap_or(max);
+            let claim = Claim {
+                first: after + 1,
+                last,
+                token,
+            };
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO blast_claims (campaign_id, first_id, last_id, worker, token, lease_until, done) \
+                 VALUES ($1, $2, $3, $4, $5, {now} + $6, 0)"
+            )))
+            .bind(self.campaign_id)
+            .bind(claim.first)
+            .bind(claim.last)
+            .bind(&self.worker)
+            .bind(token)
+            .bind(self.ttl_ms())
+            .execute(&mut *tx)
+            .await?;
+            sqlx::query("UPDATE blast_campaigns SET claimed_to = $1 WHERE id = $2")
+                .bind(last)
+                .bind(self.campaign_id)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            self.holdings.add(claim, asked);
+            return Ok(Next::Range(claim));
+        }
+        // Nothing to grant (the token is rolled back with the rest).
+        let others: i64 = sqlx::query_scalar(
+            "SELECT COUNT(*) FROM blast_claims WHERE campaign_id = $1 AND done = 0 \
+             AND (worker IS NULL OR worker <> $2)",
+        )
+        .bind(self.campaign_id)
+        .bind(&self.worker)
+        .fetch_one(&mut *tx)
+        .await?;
+        drop(tx);
+        Ok(if others > 0 { Next::Wait } else { Next::Done })
+    }
+
+    /// Renews this worker's live claims; the ones another worker took
+    /// meanwhile are marked lost (and logged).
+    pub async fn renew(&self) -> Result<()> {
+        let now = self.db.now_ms_sql();
+        let sql = format!(
+            "UPDATE blast_claims SET lease_until = {now} + $1 \
+             WHERE campaign_id = $2 AND first_id = $3 AND token = $4 AND done = 0"
+        );
+        for claim in self.holdings.live() {
+            let asked = Instant::now();
+            let n = sqlx::query(AssertSqlSafe(sql.as_str()))
+                .bind(self.ttl_ms())
+                .bind(self.campaign_id)
+                .bind(claim.first)
+                .bind(claim.token)
+                .execute(self.db.pool())
+                .await?
+                .rows_affected();
+            if n == 1 {
+                self.holdings.renewed(claim, asked);
+                continue;
+            }
+            // Done meanwhile (by the ledger) is not a loss.
+            if self.holdings.is_live(claim) {
+                tracing::warn!(
+                    "worker {}: ids {}..={} (token {}) were taken over by another worker; \
+                     sending nothing more from them",
+                    self.worker,
+                    claim.first,
+                    claim.last,
+                    claim.token
+                );
+                self.holdings.lost(claim);
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives claims back to the pool at once (a forfeited claim, or all
+    /// live ones when this worker stops early).
+    pub async fn release(&self, claims: &[Claim]) -> Result<()> {
+        for c in claims {
+            sqlx::query(
+                "UPDATE blast_claims SET lease_until = 0 \
+                 WHERE campaign_id = $1 AND first_id = $2 AND token = $3 AND done = 0",
+            )
+            .bind(self.campaign_id)
+            .bind(c.first)
+            .bind(c.token)
+            .execute(self.db.pool())
+            .await?;
+            self.holdings.lost(*c);
+        }
+        Ok(())
+    }
+
+    /// Marks a claim with nothing left in it done.
+    pub async fn complete(&self, claim: Claim) -> Result<()> {
+        let mut conn = self.db.pool().acquire().await?;
+        complete(&mut conn, self.campaign_id, &[claim]).await
+    }
+}
+
+/// Marks `claims` done, each only under its own token (a claim that
+/// changed hands stays the new holder's).
+pub async fn complete(
+    conn: &mut sqlx::AnyConnection,
+    campaign_id: i64,
+    claims: &[Claim],
+) -> Result<()> {
+    for c in claims {
+        sqlx::query(
+            "UPDATE blast_claims SET done = 1 WHERE campaign_id = $1 AND first_id = $2 AND token = $3",
+        )
+        .bind(campaign_id)
+        .bind(c.first)
+        .bind(c.token)
+        .execute(&mut *conn)
+        .await?;
+    }
+    Ok(())
+}
+
+/// Whether every recipient of the campaign's pass is in a claim marked done.
+pub async fn all_done(db: &Db, campaign_id: i64) -> Result<bool> {
+    let open: i64 =
+        sqlx::query_scalar("SELECT COUNT(*) FROM blast_claims WHERE campaign_id = $1 AND done = 0")
+            .bind(campaign_id)
+            .fetch_one(db.pool())
+            .await?;
+    let row = sqlx::query("SELECT claimed_to, max_recipient_id FROM blast_campaigns WHERE id = $1")
+        .bind(campaign_id)
+        .fetch_one(db.pool())
+        .await?;
+    let claimed_to: Option<i64> = row.try_get("claimed_to")?;
+    let max: i64 = row.try_get("max_recipient_id")?;
+    Ok(open == 0 && claimed_to.is_some_and(|c| c >= max))
+}
+
+/// The audience as this worker's claims cut it: pages of one claimed range
+/// after another, until the campaign has no range left for it.
+#[derive(Debug)]
+pub struct ClaimSource {
+    inner: SqlSource,
+    claims: Arc<Claims>,
+    current: Option<Claim>,
+    /// Fixed claim size, or None to size by rate.
+    fixed: Option<u64>,
+    claim_time: Duration,
+    started: Option<Instant>,
+    yielded: u64,
+    poll: Duration,
+}
+
+impl ClaimSource {
+    /// Pages `inner` (whose range is set per claim) through `claims`.
+    pub fn new(
+        inner: SqlSource,
+        claims: Arc<Claims>,
+        fixed: Option<u64>,
+        claim_time: Duration,
+        poll: Duration,
+    ) -> ClaimSource {
+        ClaimSource {
+            inner,
+            claims,
+            current: None,
+            fixed,
+            claim_time,
+            started: None,
+            yielded: 0,
+            poll,
+        }
+    }
+
+    /// The next claim's size: fixed, or `claim_time` at the rate this
+    /// worker has yielded recipients so far.
+    fn size(&self) -> u64 {
+        if let Some(n) = self.fixed {
+            return n;
+        }
+        let Some(started) = self.started else {
+            return MIN_CLAIM;
+        };
+        let secs = started.elapsed().as_secs_f64().max(0.001);
+        let rate = self.yielded as f64 / secs;
+        ((rate * self.claim_time.as_secs_f64()) as u64).clamp(MIN_CLAIM, MAX_CLAIM)
+    }
+
+    async fn page(&mut self) -> Result<Vec<Recipient>> {
+        loop {
+            if let Some(c) = self.current {
+                if self.claims.holdings.is_live(c) {
+                    let page = self.inner.next_page().await?;
+                    if !page.is_empty() {
+                        self.claims.holdings.yielded(c, page.len());
+                        self.yielded += page.len() as u64;
+                        return Ok(page);
+                    }
+                    if self.inner.limit_reached() {
+                        return Ok(page);
+                    }
+                    if let Some(done) = self.claims.holdings.exhausted(c) {
+                        self.claims.complete(done).await?;
+                    }
+                }
+                self.current = None;
+            }
+            if self.inner.limit_reached() {
+                return Ok(Vec::new());
+            }
+            match self.claims.next(self.size()).await? {
+                Next::Range(c) => {
+                    self.started.get_or_insert_with(Instant::now);
+                    self.inner.set_range(c.first - 1, c.last);
+                    self.current = Some(c);
+                }
+                Next::Wait => tokio::time::sleep(self.poll).await,
+                Next::Done | Next::Stopped => return Ok(Vec::new()),
+            }
+        }
+    }
+}
+
+impl Source for ClaimSource {
+    fn next_page(&mut self) -> impl std::future::Future<Output = Result<Vec<Recipient>>> + Send {
+        self.page()
+    }
+}
