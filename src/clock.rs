@@ -10,10 +10,23 @@ use time::OffsetDateTime;
 const DB_FORMAT: &[BorrowedFormatItem<'static>] =
     format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
 
-/// The current UTC time.
+/// The current UTC time, shifted by `BLAST_CLOCK_SKEW_SECS` when set: a
+/// test hook to run a worker on a host whose clock is off. Leases and
+/// claims never use this clock (they use the database's), which is what
+/// the tests with a skewed worker show.
 #[allow(clippy::disallowed_methods)]
 pub fn now() -> OffsetDateTime {
-    OffsetDateTime::now_utc()
+    OffsetDateTime::now_utc() + skew()
+}
+
+fn skew() -> time::Duration {
+    static SKEW: std::sync::OnceLock<time::Duration> = std::sync::OnceLock::new();
+    *SKEW.get_or_init(|| {
+        std::env::var("BLAST_CLOCK_SKEW_SECS")
+            .ok()
+            .and_then(|s| s.trim().parse::<i64>().ok())
+            .map_or(time::Duration::ZERO, time::Duration::seconds)
+    })
 }
 
 /// A timestamp as stored in the database: RFC 3339 UTC with milliseconds, so it

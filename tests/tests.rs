@@ -29,3 +29,5 @@ mod resume;
 mod schedule;
 /// The SMTP injector's protocol modes (PIPELINING, CHUNKING, lock-step).
 mod smtp;
+/// Several workers on one PostgreSQL campaign: claims, fencing, faults.
+mod workers;

@@ -56,8 +56,15 @@ pub fn share(rate: u32, workers: u64) -> u32 {
     (u64::from(rate) / workers.max(1)).max(1) as u32
 }
 
+/// A limiter of `per_second` whose burst is a tenth of a second's worth:
+/// a limiter replaced when the share changes (or a worker joining) starts
+/// full, and a full second's burst per change would overshoot the rate.
 fn limiter(per_second: u32) -> Option<Arc<DefaultDirectRateLimiter>> {
-    NonZeroU32::new(per_second).map(|r| Arc::new(RateLimiter::direct(Quota::per_second(r))))
+    let rate = NonZeroU32::new(per_second)?;
+    let burst = NonZeroU32::new(per_second / 10).unwrap_or(NonZeroU32::MIN);
+    Some(Arc::new(RateLimiter::direct(
+        Quota::per_second(rate).allow_burst(burst),
+    )))
 }
 
 #[cfg(test)]

@@ -321,18 +321,20 @@ impl Worker {
             ))));
         }
         keep.claims.renew().await?;
-        let (workers, all_sent, all_rate) = self.campaign_view().await?;
-        keep.rate.set(share(self.campaign_rate, workers));
-        keep.stats.set_campaign(workers, all_sent, all_rate);
         Ok(None)
     }
 
-    /// Every poll: the campaign's state, and claims to give back.
+    /// Every poll: the campaign's state, claims to give back, the rate
+    /// share (a worker that joins or leaves re-splits it within a second)
+    /// and the campaign-wide progress.
     async fn poll(&self, keep: &Keep) -> Result<Option<Interruption>> {
         let forfeited = keep.claims.holdings().take_forfeited();
         if !forfeited.is_empty() {
             keep.claims.release(&forfeited).await?;
         }
+        let (workers, all_sent, all_rate) = self.campaign_view().await?;
+        keep.rate.set(share(self.campaign_rate, workers));
+        keep.stats.set_campaign(workers, all_sent, all_rate);
         let row = sqlx::query("SELECT state, reason FROM blast_campaigns WHERE id = $1")
             .bind(self.campaign_id)
             .fetch_one(self.db.pool())
