@@ -631,7 +631,8 @@ pub async fn status(cfg: &Config) -> Result<StatusCounts> {
         .await?
         .ok_or_else(|| Error::UnknownCampaign(cfg.name.clone()))?;
     let pending = source::pending_count(&db, &cfg.audience, row.id, row.max_recipient_id).await?;
-    let counts = ledger::status_counts(&db, &row, pending).await?;
+    let mut counts = ledger::status_counts(&db, &row, pending).await?;
+    counts.workers = worker::list(&db, row.id).await?;
     db.close().await;
     Ok(counts)
 }

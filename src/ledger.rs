@@ -219,19 +219,23 @@ pub struct ListRow {
     pub suppressed: i64,
     /// When something is next due: the scheduled time, or the earliest retry.
     pub next_due: Option<String>,
+    /// Live workers sending it now.
+    pub workers: i64,
 }
 
 /// Every campaign in the database with its counts, newest first.
 pub async fn list(db: &Db) -> Result<Vec<ListRow>> {
-    let rows = sqlx::query(
+    let now = db.now_ms_sql();
+    let rows = sqlx::query(AssertSqlSafe(format!(
         "SELECT c.name, c.state, c.reason, c.send_at, \
+           (SELECT COUNT(*) FROM blast_workers w WHERE w.campaign_id = c.id AND w.lease_until > {now}) AS workers, \
            (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'sent') AS sent, \
            (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'failed') AS failed, \
            (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'deferred') AS deferred, \
            (SELECT COUNT(*) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'suppressed') AS suppressed, \
            (SELECT MIN(d.next_attempt_at) FROM blast_deliveries d WHERE d.campaign_id = c.id AND d.status = 'deferred') AS retry_at \
-         FROM blast_campaigns c ORDER BY c.id DESC",
-    )
+         FROM blast_campaigns c ORDER BY c.id DESC"
+    )))
     .fetch_all(db.pool())
     .await?;
     let mut out = Vec::with_capacity(rows.len());
@@ -252,6 +256,7 @@ pub async fn list(db: &Db) -> Result<Vec<ListRow>> {
             failed: r.try_get("failed")?,
             deferred: r.try_get("deferred")?,
             suppressed: r.try_get("suppressed")?,
+            workers: r.try_get("workers")?,
         });
     }
     Ok(out)
@@ -278,7 +283,7 @@ pub async fn find_campaign(db: &Db, name: &str) -> Result<Option<CampaignRow>> {
 }
 
 /// Counts per status for `blast status`.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct StatusCounts {
     /// Campaign name.
     pub campaign: String,
@@ -304,6 +309,8 @@ pub struct StatusCounts {
     pub complaints: i64,
     /// Recipients who unsubscribed through this campaign's link or mailto.
     pub unsubscribed: i64,
+    /// The workers that sent it, live ones first (filled by `blast status`).
+    pub workers: Vec<crate::worker::WorkerRow>,
 }
 
 /// Counts per outcome for campaign `row`; `pending` comes from the caller.

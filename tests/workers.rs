@@ -336,6 +336,38 @@ async fn pause_stops_every_worker() {
         }
     })
     .await;
+    // The operator's view while both run: each worker, and their number.
+    util::wait_until(
+        "both workers in blast status",
+        Duration::from_millis(200),
+        || {
+            let out = blast()
+                .arg("status")
+                .arg(&path)
+                .arg("--json")
+                .output()
+                .unwrap();
+            async move {
+                let v: serde_json::Value =
+                    serde_json::from_slice(&out.stdout).map_err(|e| e.to_string())?;
+                let live: Vec<&str> = v["workers"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| w["alive"] == true && w["sent"].as_i64() > Some(0))
+                    .filter_map(|w| w["name"].as_str())
+                    .collect();
+                (live == ["p1", "p2"]).then_some(()).ok_or(v.to_string())
+            }
+        },
+    )
+    .await;
+    let out = blast()
+        .args(["list", "--json", "--database", &w.url])
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list[0]["workers"], 2, "{list}");
     let out = blast()
         .args(["pause", "pause", "--database", &w.url])
         .output()

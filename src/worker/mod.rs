@@ -377,7 +377,7 @@ impl Keeper {
 }
 
 /// One worker as `blast status` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct WorkerRow {
     /// Its name.
     pub name: String,

@@ -78,6 +78,24 @@ pub(crate) async fn status(args: blast::cli::StatusArgs) -> anyhow::Result<ExitC
         if let Some(reason) = &c.reason {
             println!("  reason      {reason}");
         }
+        if !c.workers.is_empty() {
+            println!(
+                "workers:\n  {:<20} {:<6} {:>6} {:>10} {:>9} {:>10}  process",
+                "name", "alive", "claims", "sent", "msg/s", "heartbeat"
+            );
+        }
+        for w in &c.workers {
+            println!(
+                "  {:<20} {:<6} {:>6} {:>10} {:>9.0} {:>9.1}s  {}",
+                w.name,
+                if w.alive { "yes" } else { "no" },
+                w.claims,
+                w.sent,
+                w.rate,
+                w.heartbeat_age,
+                w.process
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -305,14 +323,15 @@ pub(crate) async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     println!(
-        "{:<28} {:<10} {:>9} {:>7} {:>8} {:>10}  {:<24} reason",
-        "campaign", "state", "sent", "failed", "deferred", "suppressed", "next due"
+        "{:<28} {:<10} {:>7} {:>9} {:>7} {:>8} {:>10}  {:<24} reason",
+        "campaign", "state", "workers", "sent", "failed", "deferred", "suppressed", "next due"
     );
     for r in rows {
         println!(
-            "{:<28} {:<10} {:>9} {:>7} {:>8} {:>10}  {:<24} {}",
+            "{:<28} {:<10} {:>7} {:>9} {:>7} {:>8} {:>10}  {:<24} {}",
             r.campaign,
             r.state,
+            r.workers,
             r.sent,
             r.failed,
             r.deferred,
