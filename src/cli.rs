@@ -372,6 +372,11 @@ pub struct SinkArgs {
     /// Wait this many milliseconds before answering each message.
     #[arg(long)]
     pub latency_ms: Option<u64>,
+    /// Take at most N messages a second in all, however many connections
+    /// send (an MTA whose CPU or disk is the limit): each message waits
+    /// its share of the time. For scale-out benchmarks.
+    #[arg(long, value_name = "N")]
+    pub capacity: Option<u32>,
     /// Offer STARTTLS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,

@@ -315,10 +315,12 @@ async fn send_live(
             settings.ttl,
         ));
         let holdings = claims.holdings().clone();
+        let stats = prepared.stats.clone();
         let mut prepared = prepared.map_source(|s| {
             ClaimSource::new(
                 s,
                 claims.clone(),
+                stats.clone(),
                 settings.claim_size,
                 settings.claim_time,
                 worker::POLL,

@@ -151,6 +151,14 @@ impl Stats {
         });
     }
 
+    /// Recipients answered so far (sent, failed, deferred or suppressed).
+    pub fn answered(&self) -> u64 {
+        [&self.sent, &self.failed, &self.deferred, &self.suppressed]
+            .iter()
+            .map(|c| c.load(Ordering::Relaxed))
+            .sum()
+    }
+
     /// The campaign view, if several workers share the campaign.
     pub fn campaign_view(&self) -> Option<CampaignView> {
         let view = *self.campaign.lock().unwrap_or_else(|p| p.into_inner());

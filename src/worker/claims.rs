@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use sqlx::{AssertSqlSafe, Row};
 
 use super::holdings::{Claim, Holdings};
+use crate::campaign::Stats;
 use crate::config::Audience;
 use crate::db::{Backend, Db};
 use crate::error::Result;
@@ -135,9 +136,19 @@ impl Claims {
         }
         let after = claimed_to.unwrap_or(i64::MIN);
         if after < max {
-            let last = source::nth_id(&self.db, &self.audience, after, max, size)
-                .await?
-                .unwrap_or(max);
+            let live: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT COUNT(*) FROM blast_workers WHERE campaign_id = $1 AND lease_until > {now}"
+            )))
+            .bind(self.campaign_id)
+            .fetch_one(&mut *tx)
+            .await?;
+            let last = match source::nth_id(&self.db, &self.audience, after, max, 1).await? {
+                Some(first) => source::nth_id(&self.db, &self.audience, after, max, size)
+                    .await?
+                    .unwrap_or(max)
+                    .min(guided_end(first, max, live)),
+                None => max,
+            };
             let claim = Claim {
                 first: after + 1,
                 last,
@@ -260,6 +271,17 @@ pub async fn complete(
     Ok(())
 }
 
+/// The last id of a claim starting at id `first` when `live` workers share
+/// what is left up to `max`: at most half of a fair share of the id range
+/// (guided self-scheduling), so the last claims get small and the workers
+/// finish together instead of one sending a large last claim alone; never
+/// under [`MIN_CLAIM`] / 10 ids.
+fn guided_end(first: i64, max: i64, live: i64) -> i64 {
+    let span = max.saturating_sub(first).max(0);
+    let share = span / (2 * live.max(1));
+    first.saturating_add(share.max(MIN_CLAIM as i64 / 10 - 1))
+}
+
 /// Whether every recipient of the campaign's pass is in a claim marked done.
 pub async fn all_done(db: &Db, campaign_id: i64) -> Result<bool> {
     let open: i64 =
@@ -286,16 +308,20 @@ pub struct ClaimSource {
     /// Fixed claim size, or None to size by rate.
     fixed: Option<u64>,
     claim_time: Duration,
-    started: Option<Instant>,
-    yielded: u64,
+    /// When the first claim was granted, and the run's outcomes then.
+    started: Option<(Instant, u64)>,
+    last_size: u64,
+    stats: Arc<Stats>,
     poll: Duration,
 }
 
 impl ClaimSource {
-    /// Pages `inner` (whose range is set per claim) through `claims`.
+    /// Pages `inner` (whose range is set per claim) through `claims`;
+    /// `stats` are the run's counters, whose outcomes size the claims.
     pub fn new(
         inner: SqlSource,
         claims: Arc<Claims>,
+        stats: Arc<Stats>,
         fixed: Option<u64>,
         claim_time: Duration,
         poll: Duration,
@@ -307,23 +333,32 @@ impl ClaimSource {
             fixed,
             claim_time,
             started: None,
-            yielded: 0,
+            last_size: MIN_CLAIM,
+            stats,
             poll,
         }
     }
 
     /// The next claim's size: fixed, or `claim_time` at the rate this
-    /// worker has yielded recipients so far.
-    fn size(&self) -> u64 {
+    /// worker has answered recipients since its first claim (counted over
+    /// at least a second), growing at most twofold per claim. Counting
+    /// recipients handed to the pipeline instead would take the first
+    /// burst that fills the render queue for the rate, and the first
+    /// worker would claim the whole audience.
+    fn size(&mut self) -> u64 {
         if let Some(n) = self.fixed {
             return n;
         }
-        let Some(started) = self.started else {
+        let Some((started, at_start)) = self.started else {
             return MIN_CLAIM;
         };
-        let secs = started.elapsed().as_secs_f64().max(0.001);
-        let rate = self.yielded as f64 / secs;
-        ((rate * self.claim_time.as_secs_f64()) as u64).clamp(MIN_CLAIM, MAX_CLAIM)
+        let secs = started.elapsed().as_secs_f64().max(1.0);
+        let rate = self.stats.answered().saturating_sub(at_start) as f64 / secs;
+        let size = ((rate * self.claim_time.as_secs_f64()) as u64)
+            .clamp(MIN_CLAIM, MAX_CLAIM)
+            .min(self.last_size.saturating_mul(2));
+        self.last_size = size;
+        size
     }
 
     async fn page(&mut self) -> Result<Vec<Recipient>> {
@@ -333,7 +368,6 @@ impl ClaimSource {
                     let page = self.inner.next_page().await?;
                     if !page.is_empty() {
                         self.claims.holdings.yielded(c, page.len());
-                        self.yielded += page.len() as u64;
                         return Ok(page);
                     }
                     if self.inner.limit_reached() {
@@ -348,9 +382,12 @@ impl ClaimSource {
             if self.inner.limit_reached() {
                 return Ok(Vec::new());
             }
-            match self.claims.next(self.size()).await? {
+            let size = self.size();
+            match self.claims.next(size).await? {
                 Next::Range(c) => {
-                    self.started.get_or_insert_with(Instant::now);
+                    let answered = self.stats.answered();
+                    self.started
+                        .get_or_insert_with(|| (Instant::now(), answered));
                     self.inner.set_range(c.first - 1, c.last);
                     self.current = Some(c);
                 }
@@ -364,5 +401,20 @@ impl ClaimSource {
 impl Source for ClaimSource {
     fn next_page(&mut self) -> impl std::future::Future<Output = Result<Vec<Recipient>>> + Send {
         self.page()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::guided_end;
+
+    #[test]
+    fn claims_shrink_as_the_audience_runs_out() {
+        // 3 workers, 30,000 ids left: at most 5,000 per claim.
+        assert_eq!(guided_end(1, 30_001, 3), 5_001);
+        // Near the end, never under 100 ids.
+        assert_eq!(guided_end(29_950, 30_000, 3), 30_049);
+        assert_eq!(guided_end(1, 30_001, 0), 15_001);
+        assert_eq!(guided_end(i64::MAX - 5, i64::MAX, 1), i64::MAX);
     }
 }

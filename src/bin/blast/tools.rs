@@ -11,6 +11,18 @@ pub(crate) async fn sink(args: SinkArgs) -> anyhow::Result<ExitCode> {
     let mut faults = blast::sink::Faults {
         drop_after: args.drop_after,
         latency: args.latency_ms.map(std::time::Duration::from_millis),
+        load: args.capacity.filter(|&n| n > 0).map(|n| {
+            // Every message costs 1/N s of a server shared by all its
+            // transactions: n in flight take n/N s each, N a second in all.
+            let share = std::time::Duration::from_secs_f64(1.0 / f64::from(n));
+            std::sync::Arc::new(blast::sink::load::LoadModel::new(
+                blast::sink::load::LoadConfig {
+                    base: share,
+                    per_in_flight: share,
+                    ..Default::default()
+                },
+            ))
+        }),
         ..Default::default()
     };
     for r in &args.reject {
