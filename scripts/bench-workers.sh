@@ -49,6 +49,7 @@ cleanup() {
   pg_stop
 }
 trap cleanup EXIT
+trap "exit 130" INT TERM
 
 echo "bench-workers: generating $n subscribers in PostgreSQL" >&2
 psql -q "$db_url" \
