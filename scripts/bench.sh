@@ -10,6 +10,8 @@
 #   scripts/bench.sh --sweep "1 2 4 8 16 32 64" -n 200000 [--postfix]
 #   scripts/bench.sh --postfix --sweep "4 16 64 auto" -n 30000 [--in-flow-delay 0] [--probe]
 #   scripts/bench.sh --tls -n 200000 -c 16  # blast in clear against blast over STARTTLS, into the sink
+#   scripts/bench.sh --compare-db -n 200000 -c 16 [--pairs 3] [--resume-at 5000000]
+#                                         # blast on SQLite against blast on a durable PostgreSQL
 #
 # "auto" in the sweep is blast's adaptive concurrency (smtp-source has no such
 # mode, so only blast runs). With --postfix every run also reports the largest
@@ -19,6 +21,14 @@
 # --tls compares blast in clear with blast over STARTTLS (certificate from a
 # CA made with openssl for the run, checked through ca_file) into the sink;
 # smtp-source speaks no TLS, so it does not run.
+#
+# --compare-db runs the same campaign from SQLite and from a throwaway
+# PostgreSQL with production durability (fsync, synchronous_commit and
+# full_page_writes on: BLAST_PG_DURABLE=1 for scripts/pg.sh), both into the
+# sink, in --pairs interleaved pairs (the order alternates), and prints each
+# pair and the medians. --resume-at N (any mode) gives the campaign N ledger
+# rows of a fake earlier run first: the audience is N + n and each run sends
+# the last n. BLAST_BIN=path runs that binary instead of building one.
 #
 # smtp-source runs with -d (many messages per connection, as blast does), -N
 # (distinct recipients) and -F (one of blast's rendered messages as content).
@@ -37,6 +47,9 @@ use_postfix=0
 in_flow_delay=1s
 use_probe=0
 use_tls=0
+compare_db=0
+pairs=3
+resume_at=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) n=$2; shift 2 ;;
@@ -47,7 +60,10 @@ while [ $# -gt 0 ]; do
     --in-flow-delay) in_flow_delay=$2; shift 2 ;;
     --probe) use_probe=1; shift ;;
     --tls) use_tls=1; shift ;;
-    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
+    --compare-db) compare_db=1; shift ;;
+    --pairs) pairs=$2; shift 2 ;;
+    --resume-at) resume_at=$2; shift 2 ;;
+    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -57,27 +73,48 @@ command -v smtp-source >/dev/null || { echo "bench.sh: smtp-source missing: apt-
 
 work=${BLAST_BENCH_DIR:-/tmp/blast-bench}
 mkdir -p "$work"
-cargo build --release --quiet
-bin=$PWD/target/release/blast
+if [ -n "${BLAST_BIN:-}" ]; then
+  bin=$(realpath "$BLAST_BIN")   # a binary built elsewhere (e.g. before a change)
+else
+  cargo build --release --quiet
+  bin=$PWD/target/release/blast
+fi
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 now() { date +%s.%N; }
 
 # --- the audience ------------------------------------------------------------
+# With --resume-at N the audience holds N + n subscribers and the campaign
+# ("bench-resume") already has N ledger rows, written by SQL as if an earlier
+# run had sent to ids 1..N; each run sends the last n. Between runs only the
+# rows past N are removed.
+total=$((resume_at + n))
 schema="CREATE TABLE IF NOT EXISTS subscribers (id BIGINT PRIMARY KEY, email TEXT NOT NULL, attributes TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL)"
-if [ $use_pg -eq 1 ]; then
+fake_run="INSERT INTO blast_campaigns (name, state, max_recipient_id, created_at, updated_at) \
+  VALUES ('bench-resume', 'stopped', $total, '2026-12-01T00:00:00.000Z', '2026-12-01T00:00:00.000Z'); \
+  INSERT INTO blast_deliveries (campaign_id, recipient_id, email, status, smtp_code, enhanced_status, \
+    reply, queue_id, relay, attempts, updated_at) \
+  SELECT c.id, s.id, s.email, 'sent', 250, '2.0.0', 'Ok: queued as Q' || s.id, 'Q' || s.id, \
+    'smtp://127.0.0.1:2525', 1, '2026-12-01T00:00:00.000Z' \
+  FROM subscribers s, blast_campaigns c WHERE c.name = 'bench-resume' AND s.id <= $resume_at"
+setup_pg() { # starts a throwaway cluster (durable with BLAST_PG_DURABLE=1); sets pg_url
   source scripts/pg.sh
-  db_url=$BLAST_TEST_PG_URL
-  echo "bench: generating $n subscribers in PostgreSQL"
-  psql -q "$db_url" -c "${schema/attributes TEXT/attributes JSONB}" \
-    -c "INSERT INTO subscribers SELECT i, 'user' || i || '@example.com', jsonb_build_object('first_name', 'Name' || i, 'last_name', 'Doe', 'city', 'Oslo', 'plan', 'pro'), '2026-01-01T00:00:00.000Z' FROM generate_series(1, $n) AS i" \
+  pg_url=$BLAST_TEST_PG_URL
+  echo "bench: generating $total subscribers in PostgreSQL"
+  psql -q "$pg_url" -c "${schema/attributes TEXT/attributes JSONB}" \
+    -c "INSERT INTO subscribers SELECT i, 'user' || i || '@example.com', jsonb_build_object('first_name', 'Name' || i, 'last_name', 'Doe', 'city', 'Oslo', 'plan', 'pro'), '2026-01-01T00:00:00.000Z' FROM generate_series(1, $total) AS i" \
     -c "ANALYZE subscribers"
-  clear_ledger() { psql -q "$db_url" -c "DELETE FROM blast_deliveries" -c "DELETE FROM blast_campaigns" 2>/dev/null || true; }
-else
-  db_file=$work/audience-$n.db
-  db_url=sqlite://$db_file
-  if [ ! -f "$db_file" ]; then
-    echo "bench: generating $n subscribers in $db_file"
-    python3 - "$db_file" "$n" "$schema" <<'PY'
+  "$bin" preview templates/newsletter/campaign.toml --database "$pg_url" --id 1 >/dev/null # migrates
+  if [ "$resume_at" -gt 0 ]; then
+    echo "bench: writing $resume_at ledger rows of an earlier run in PostgreSQL"
+    psql -q "$pg_url" -c "$fake_run" -c "VACUUM ANALYZE blast_deliveries" -c "CHECKPOINT"
+  fi
+}
+setup_sqlite() { # generates (once) and sets lite_url
+  local db_file=$work/audience-$total$([ "$resume_at" -gt 0 ] && echo "-resume$resume_at").db
+  lite_url=sqlite://$db_file
+  [ -f "$db_file" ] && return
+  echo "bench: generating $total subscribers in $db_file"
+  python3 - "$db_file.tmp" "$total" "$schema" <<'PY'
 import json, sqlite3, sys
 path, n, schema = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 c = sqlite3.connect(path)
@@ -88,10 +125,31 @@ rows = ((i, f"user{i}@example.com",
 c.executemany("INSERT INTO subscribers VALUES (?,?,?,?)", rows)
 c.commit()
 PY
+  if [ "$resume_at" -gt 0 ]; then
+    "$bin" preview templates/newsletter/campaign.toml --database "sqlite://$db_file.tmp" --id 1 >/dev/null
+    echo "bench: writing $resume_at ledger rows of an earlier run in $db_file"
+    python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2] + "; ANALYZE;"); c.commit()' "$db_file.tmp" "$fake_run"
   fi
-  clear_ledger() {
-    python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); [c.execute(q) for q in ("DELETE FROM blast_deliveries","DELETE FROM blast_campaigns") if c.execute("SELECT 1 FROM sqlite_master WHERE name=?", (q.split()[2],)).fetchone()]; c.commit()' "$db_file"
-  }
+  mv "$db_file.tmp" "$db_file"
+}
+clear_ledger() { # this run's rows (all, or those past --resume-at) in $db_url
+  local sql=("DELETE FROM blast_deliveries WHERE recipient_id > $resume_at")
+  [ "$resume_at" -gt 0 ] || sql+=("DELETE FROM blast_campaigns")
+  case "$db_url" in
+    postgres*) for q in "${sql[@]}" "VACUUM blast_deliveries"; do psql -q "$db_url" -c "$q" 2>/dev/null || true; done ;;
+    *) python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); [c.execute(q) for q in sys.argv[2:] if c.execute("SELECT 1 FROM sqlite_master WHERE name=?", (q.split()[2],)).fetchone()]; c.commit()' \
+      "${db_url#sqlite://}" "${sql[@]}" ;;
+  esac
+}
+if [ $compare_db -eq 1 ]; then
+  setup_sqlite
+  export BLAST_PG_DURABLE=1
+  setup_pg
+  db_url=$lite_url
+elif [ $use_pg -eq 1 ]; then
+  setup_pg; db_url=$pg_url
+else
+  setup_sqlite; db_url=$lite_url
 fi
 
 campaign=$work/campaign.toml
@@ -101,7 +159,7 @@ cp templates/newsletter/newsletter.txt templates/newsletter/newsletter.html "$wo
 # recipients, as blast has.
 "$bin" preview templates/newsletter/campaign.toml --database "$db_url" --id 1 | tail -n +2 > "$work/message.eml"
 size=$(wc -c < "$work/message.eml")
-echo "bench: message size ${size} bytes (the example newsletter, personalized); audience $n; $([ $use_pg -eq 1 ] && echo PostgreSQL || echo SQLite)"
+echo "bench: message size ${size} bytes (the example newsletter, personalized); audience $n$([ "$resume_at" -gt 0 ] && echo " after $resume_at already in the ledger"); $([ $compare_db -eq 1 ] && echo "SQLite and PostgreSQL (durable)" || { [ $use_pg -eq 1 ] && echo PostgreSQL || echo SQLite; })"
 
 # --- the sink and (optionally) Postfix ---------------------------------------
 sink_pid=""
@@ -137,13 +195,16 @@ stop_postfix() {
   [ -n "${sampler_pid:-}" ] && { kill "$sampler_pid" 2>/dev/null; wait "$sampler_pid" 2>/dev/null || true; sampler_pid=""; }
   scripts/mta/postfix.sh stop --purge --dir "$mta_dir" >/dev/null 2>&1 || true
 }
-cleanup() { stop_sink; [ $use_postfix -eq 1 ] && stop_postfix; true; }
+# (Replaces pg.sh's EXIT trap, so it stops the cluster too.)
+cleanup() { stop_sink; [ $use_postfix -eq 1 ] && stop_postfix; declare -F pg_stop >/dev/null && pg_stop; true; }
 trap cleanup EXIT
 
 # --- one measurement ---------------------------------------------------------
 run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_secs
   clear_ledger
-  sed "s/^name = .*/name = \"bench-$1-$(date +%s%N)\"/" templates/newsletter/campaign.toml > "$campaign"
+  local name="bench-$1-$(date +%s%N)"
+  [ "$resume_at" -gt 0 ] && name=bench-resume
+  sed "s/^name = .*/name = \"$name\"/" templates/newsletter/campaign.toml > "$campaign"
   if [ $use_probe -eq 1 ]; then
     sed -i "s|^\\[delivery\\]|[delivery]\\nqueue_probe = \"$PWD/scripts/mta/postfix.sh queue-size --dir $mta_dir\"|" "$campaign"
   fi
@@ -175,7 +236,26 @@ drain() { # waits for Postfix's queue to empty; prints nothing, sets d_secs sinc
   d_secs=$(python3 -c "print($(now) - $1)")
 }
 
-if [ $use_tls -eq 1 ]; then
+median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+if [ $compare_db -eq 1 ]; then
+  printf '%-6s %10s %10s %7s %10s %10s\n' pair sqlite/s pg/s pg/lite lite_rss pg_rss
+  lite_rates=(); pg_rates=(); ratios=()
+  one() { # $1 = sqlite|pg; sets rate_<backend> rss_<backend>
+    db_url=$([ "$1" = pg ] && echo "$pg_url" || echo "$lite_url")
+    start_sink; run_blast "$conc" "$sink_port"; stop_sink
+    [ "$sink_msgs" = "$n" ] || echo "bench: warning: sink counted $sink_msgs of $n ($1)" >&2
+    printf -v "rate_$1" %s "$b_rate"; printf -v "rss_$1" %s "$b_rss"
+  }
+  for p in $(seq "$pairs"); do
+    # Alternate which goes first, so neither always gets the warmer slot.
+    if [ $((p % 2)) -eq 1 ]; then one sqlite; one pg; else one pg; one sqlite; fi
+    r=$(python3 -c "print(f'{$rate_pg/$rate_sqlite:.2f}')")
+    lite_rates+=("$rate_sqlite"); pg_rates+=("$rate_pg"); ratios+=("$r")
+    printf '%-6s %10s %10s %7s %10s %10s\n' "$p" "$rate_sqlite" "$rate_pg" "$r" "$rss_sqlite" "$rss_pg"
+  done
+  printf '%-6s %10s %10s %7s\n' median "$(median "${lite_rates[@]}")" "$(median "${pg_rates[@]}")" \
+    "$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')"
+elif [ $use_tls -eq 1 ]; then
   # A CA and a certificate for 127.0.0.1 signed by it, for this run only.
   mkdir -p "$work/tls"
   ( cd "$work/tls"

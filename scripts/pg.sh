@@ -2,6 +2,9 @@
 # installed binaries (installing Debian's postgresql package if none), exports
 # BLAST_TEST_PG_URL, and stops and removes the cluster when the shell exits.
 # Works as root (the cluster runs as the `postgres` user) or as a normal user.
+# The cluster is fast and fragile by default (fsync, synchronous_commit and
+# full_page_writes off), which is what tests want; BLAST_PG_DURABLE=1 starts it
+# with production durability (all three on) for benchmarks.
 
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
 if [ -z "$pg_bin" ] || [ ! -x "$pg_bin/initdb" ]; then
@@ -24,7 +27,12 @@ else
 fi
 pg_user=$([ "$(id -u)" -eq 0 ] && echo postgres || id -un)
 pg_as "'$pg_bin/initdb' -A trust -U '$pg_user' -D '$pg_dir/data'" >/dev/null
-pg_as "'$pg_bin/pg_ctl' -D '$pg_dir/data' -l '$pg_dir/log' -w -o \"-p $pg_port -k '$pg_dir' -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200\" start" >/dev/null
+if [ "${BLAST_PG_DURABLE:-0}" = 1 ]; then
+  pg_durability="-c fsync=on -c synchronous_commit=on -c full_page_writes=on"
+else
+  pg_durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+fi
+pg_as "'$pg_bin/pg_ctl' -D '$pg_dir/data' -l '$pg_dir/log' -w -o \"-p $pg_port -k '$pg_dir' -c listen_addresses=127.0.0.1 $pg_durability -c max_connections=200\" start" >/dev/null
 
 pg_stop() {
   pg_as "'$pg_bin/pg_ctl' -D '$pg_dir/data' -m immediate stop" >/dev/null 2>&1
@@ -33,4 +41,4 @@ pg_stop() {
 trap pg_stop EXIT
 
 export BLAST_TEST_PG_URL="postgres://$pg_user@127.0.0.1:$pg_port/postgres"
-echo "pg.sh: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $pg_port" >&2
+echo "pg.sh: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $pg_port ($([ "${BLAST_PG_DURABLE:-0}" = 1 ] && echo durable || echo fsync off))" >&2

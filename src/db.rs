@@ -112,6 +112,12 @@ impl Db {
                         // against 2.5 ms for the custom plan.
                         conn.execute("SET plan_cache_mode = force_custom_plan")
                             .await?;
+                        // JIT compiles a plan for seconds of work; blast's
+                        // queries take milliseconds. The audience page's
+                        // per-row ledger probe (source.rs) is costed high
+                        // enough to trigger it: 130 ms of JIT per page of
+                        // 1,000 that runs in 4 ms.
+                        conn.execute("SET jit = off").await?;
                     }
                     Ok(())
                 })

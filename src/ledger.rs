@@ -399,13 +399,16 @@ impl SqlLedger {
 
     /// Each row's claim, when fenced; rows of ids never claimed are dropped
     /// (with a warning: it would be a bug).
-    fn claims_of<'a>(&self, rows: Vec<Stored<'a>>) -> Vec<(Stored<'a>, Option<Claim>)> {
+    fn claims_of<'a>(&self, rows: Vec<Stored<'a>>) -> Vec<Stored<'a>> {
         let Some(h) = &self.holdings else {
-            return rows.into_iter().map(|r| (r, None)).collect();
+            return rows;
         };
         rows.into_iter()
-            .filter_map(|r| match h.claim_of(r.record.recipient_id) {
-                Some(c) => Some((r, Some(c))),
+            .filter_map(|mut r| match h.claim_of(r.record.recipient_id) {
+                Some(c) => {
+                    r.claim = Some(c);
+                    Some(r)
+                }
                 None => {
                     tracing::warn!(
                         "ledger: recipient {} is in no claim of this worker; not recorded",
@@ -423,10 +426,34 @@ impl SqlLedger {
         let rows: Vec<Stored<'_>> = batch.iter().map(|r| stored(r, &self.retry, now)).collect();
         let rows = self.claims_of(rows);
         let mut tx = self.db.pool().begin().await?;
+        match self.db.backend() {
+            Backend::Sqlite => self.write_values(&mut tx, &rows, &stamp).await?,
+            Backend::Postgres => {
+                for round in rounds(&rows) {
+                    self.write_json(&mut tx, &round, &stamp).await?;
+                }
+            }
+        }
+        if let Some(h) = &self.holdings {
+            let done = h.recorded(rows.iter().map(|r| r.record.recipient_id));
+            claims::complete(&mut tx, self.campaign_id, &done).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// SQLite: multi-row `VALUES` of [`ROWS_PER_STATEMENT`] rows with
+    /// anonymous parameters (see [`insert_sql`]).
+    async fn write_values(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        rows: &[Stored<'_>],
+        stamp: &str,
+    ) -> Result<()> {
         for chunk in rows.chunks(ROWS_PER_STATEMENT) {
-            let sql = deliveries_sql(self.db.backend(), chunk.len(), self.holdings.is_some());
+            let sql = deliveries_sql(chunk.len(), self.holdings.is_some());
             let mut q = sqlx::query(AssertSqlSafe(sql));
-            for (r, claim) in chunk {
+            for r in chunk {
                 q = q
                     .bind(self.campaign_id)
                     .bind(r.record.recipient_id)
@@ -437,132 +464,261 @@ impl SqlLedger {
                     .bind(r.text.as_str())
                     .bind(r.queue_id)
                     .bind(r.record.relay.as_deref())
-                    .bind(stamp.as_str())
+                    .bind(stamp)
                     .bind(r.first_attempt_at.as_deref())
                     .bind(r.next_attempt_at.as_deref());
-                if let Some(c) = claim {
+                if let Some(c) = r.claim {
                     q = q.bind(c.first).bind(c.token);
                 }
             }
-            q.execute(&mut *tx).await?;
-            let chunk: Vec<&Stored<'_>> = chunk.iter().map(|(r, _)| r).collect();
+            q.execute(&mut **tx).await?;
 
-            // The history, for recipients tried more than once: every answer
-            // of a recipient that was deferred at least once. A recipient
-            // answered at the first try has that one answer in
-            // blast_deliveries; writing it twice cost ~15% of the rate.
-            let history: Vec<&Stored<'_>> = chunk
-                .iter()
-                .copied()
-                .filter(|r| {
-                    r.record.attempts > 0 || matches!(r.record.outcome, Outcome::Deferred(_))
-                })
-                .collect();
-            if history.is_empty() {
-                record_suppressions(&self.db, &mut tx, &chunk, &stamp).await?;
-                continue;
+            let history: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.in_history()).collect();
+            if !history.is_empty() {
+                let sql = insert_sql(
+                    Backend::Sqlite,
+                    "INSERT INTO blast_attempts (campaign_id, recipient_id, status, smtp_code, \
+                     enhanced_status, reply, queue_id, relay, at) VALUES ",
+                    9,
+                    history.len(),
+                    "",
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for r in history {
+                    q = q
+                        .bind(self.campaign_id)
+                        .bind(r.record.recipient_id)
+                        .bind(r.status.as_str())
+                        .bind(r.reply.code.map(i32::from))
+                        .bind(r.reply.enhanced.as_deref())
+                        .bind(r.text.as_str())
+                        .bind(r.queue_id)
+                        .bind(r.record.relay.as_deref())
+                        .bind(stamp);
+                }
+                q.execute(&mut **tx).await?;
             }
-            let sql = insert_sql(
-                self.db.backend(),
+
+            let hard: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.suppress).collect();
+            if !hard.is_empty() {
+                let sql = insert_sql(
+                    Backend::Sqlite,
+                    "INSERT INTO blast_suppressions (address, reason, source, created_at) VALUES ",
+                    4,
+                    hard.len(),
+                    " ON CONFLICT (address) DO NOTHING",
+                );
+                let mut q = sqlx::query(AssertSqlSafe(sql));
+                for r in hard {
+                    q = q
+                        .bind(r.record.email.trim().to_lowercase())
+                        .bind(r.text.as_str())
+                        .bind("smtp")
+                        .bind(stamp);
+                }
+                q.execute(&mut **tx).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// PostgreSQL: one statement per table for the whole batch, its rows in
+    /// one JSON text parameter unpacked by `json_to_recordset` (sqlx's `Any`
+    /// driver binds no arrays). 1,000 rows of 12 parameters each in
+    /// statements of 100 cost ten round trips and ten parses and plans per
+    /// table; this is one of each. `rows` must not name a recipient twice
+    /// (see [`rounds`]).
+    async fn write_json(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        rows: &[&Stored<'_>],
+        stamp: &str,
+    ) -> Result<()> {
+        // Fenced, a row is stored only while its claim still carries the
+        // token it was sent under, checked in this statement; the claim's
+        // row is share-locked, so a worker taking it over waits for this
+        // transaction instead of slipping between the check and the write.
+        let fence = match self.holdings {
+            Some(_) => {
+                "EXISTS (SELECT 1 FROM blast_claims c WHERE c.campaign_id = $1 \
+                 AND c.first_id = u.claim_first AND c.token = u.claim_token FOR SHARE)"
+            }
+            None => "true",
+        };
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO blast_deliveries ({COLUMNS}) \
+             SELECT $1, u.recipient_id, u.email, u.status, u.smtp_code, u.enhanced_status, u.reply, \
+             u.queue_id, u.relay, $2, u.first_attempt_at, u.next_attempt_at \
+             FROM json_to_recordset($3::json) AS u({JSON_COLUMNS}) \
+             WHERE {fence} {UPSERT}"
+        )))
+        .bind(self.campaign_id)
+        .bind(stamp)
+        .bind(to_json(
+            &rows.iter().map(|r| JsonRow::from(*r)).collect::<Vec<_>>(),
+        )?)
+        .execute(&mut **tx)
+        .await?;
+
+        let history: Vec<JsonRow<'_>> = rows
+            .iter()
+            .filter(|r| r.in_history())
+            .map(|r| JsonRow::from(*r))
+            .collect();
+        if !history.is_empty() {
+            sqlx::query(AssertSqlSafe(format!(
                 "INSERT INTO blast_attempts (campaign_id, recipient_id, status, smtp_code, \
-                 enhanced_status, reply, queue_id, relay, at) VALUES ",
-                9,
-                history.len(),
-                "",
-            );
-            let mut q = sqlx::query(AssertSqlSafe(sql));
-            for r in history {
-                q = q
-                    .bind(self.campaign_id)
-                    .bind(r.record.recipient_id)
-                    .bind(r.status.as_str())
-                    .bind(r.reply.code.map(i32::from))
-                    .bind(r.reply.enhanced.as_deref())
-                    .bind(r.text.as_str())
-                    .bind(r.queue_id)
-                    .bind(r.record.relay.as_deref())
-                    .bind(stamp.as_str());
-            }
-            q.execute(&mut *tx).await?;
-            record_suppressions(&self.db, &mut tx, &chunk, &stamp).await?;
+                 enhanced_status, reply, queue_id, relay, at) \
+                 SELECT $1, u.recipient_id, u.status, u.smtp_code, u.enhanced_status, u.reply, \
+                 u.queue_id, u.relay, $2 \
+                 FROM json_to_recordset($3::json) AS u({JSON_COLUMNS})"
+            )))
+            .bind(self.campaign_id)
+            .bind(stamp)
+            .bind(to_json(&history)?)
+            .execute(&mut **tx)
+            .await?;
         }
-        if let Some(h) = &self.holdings {
-            let done = h.recorded(rows.iter().map(|(r, _)| r.record.recipient_id));
-            claims::complete(&mut tx, self.campaign_id, &done).await?;
+
+        let hard: Vec<Suppression<'_>> = rows
+            .iter()
+            .filter(|r| r.suppress)
+            .map(|r| Suppression {
+                address: r.record.email.trim().to_lowercase(),
+                reason: &r.text,
+            })
+            .collect();
+        if !hard.is_empty() {
+            sqlx::query(
+                "INSERT INTO blast_suppressions (address, reason, source, created_at) \
+                 SELECT u.address, u.reason, 'smtp', $1 \
+                 FROM json_to_recordset($2::json) AS u(address text, reason text) \
+                 ON CONFLICT (address) DO NOTHING",
+            )
+            .bind(stamp)
+            .bind(to_json(&hard)?)
+            .execute(&mut **tx)
+            .await?;
         }
-        tx.commit().await?;
         Ok(())
     }
 }
 
-/// The statement storing `rows` outcomes. Fenced, each row carries its
-/// claim's first id and token and is stored only if that claim still has
-/// that token: one statement, no read-then-write. On PostgreSQL the claim
-/// row is share-locked, so a worker taking it over waits for this
-/// transaction instead of slipping between its check and its write. A
-/// final status is never replaced.
-fn deliveries_sql(backend: Backend, rows: usize, fenced: bool) -> String {
-    const COLS: &str = "campaign_id, recipient_id, email, status, smtp_code, enhanced_status, \
-        reply, queue_id, relay, updated_at, first_attempt_at, next_attempt_at";
-    const UPSERT: &str = " ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET status = excluded.status, \
-         smtp_code = excluded.smtp_code, enhanced_status = excluded.enhanced_status, \
-         reply = excluded.reply, queue_id = excluded.queue_id, relay = excluded.relay, \
-         attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at, \
-         first_attempt_at = COALESCE(blast_deliveries.first_attempt_at, excluded.first_attempt_at), \
-         next_attempt_at = excluded.next_attempt_at \
-         WHERE blast_deliveries.status NOT IN ('sent', 'failed', 'suppressed')";
+/// Columns of `blast_deliveries` a record fills.
+const COLUMNS: &str = "campaign_id, recipient_id, email, status, smtp_code, enhanced_status, \
+     reply, queue_id, relay, updated_at, first_attempt_at, next_attempt_at";
+
+/// SQLite: the statement storing `rows` outcomes. Fenced, each row also
+/// carries its claim's first id and token and is stored only if that claim
+/// still has that token: one statement, no read-then-write (SQLite has one
+/// writer at a time, so nothing slips between the check and the write).
+fn deliveries_sql(rows: usize, fenced: bool) -> String {
     if !fenced {
         return insert_sql(
-            backend,
-            &format!("INSERT INTO blast_deliveries ({COLS}) VALUES "),
+            Backend::Sqlite,
+            &format!("INSERT INTO blast_deliveries ({COLUMNS}) VALUES "),
             12,
             rows,
-            UPSERT,
+            // SQLite needs no `WHERE true` here: VALUES is not a SELECT.
+            &format!(" {UPSERT}"),
         );
     }
-    let lock = match backend {
-        Backend::Postgres => " FOR SHARE",
-        Backend::Sqlite => "",
-    };
-    let values = insert_sql(backend, "", 14, rows, "");
+    let values = insert_sql(Backend::Sqlite, "", 14, rows, "");
     let picked: Vec<String> = (1..=12).map(|i| format!("v.column{i}")).collect();
     format!(
-        "INSERT INTO blast_deliveries ({COLS}) SELECT {} FROM (VALUES {values}) AS v \
+        "INSERT INTO blast_deliveries ({COLUMNS}) SELECT {} FROM (VALUES {values}) AS v \
          WHERE EXISTS (SELECT 1 FROM blast_claims c WHERE c.campaign_id = v.column1 \
-           AND c.first_id = v.column13 AND c.token = v.column14{lock}){UPSERT}",
+           AND c.first_id = v.column13 AND c.token = v.column14) {UPSERT}",
         picked.join(", ")
     )
 }
 
-/// A synchronous hard bounce ([`classify::suppresses`]) puts the address on
-/// the suppression list.
-async fn record_suppressions(
-    db: &Db,
-    tx: &mut sqlx::Transaction<'_, sqlx::Any>,
-    chunk: &[&Stored<'_>],
-    stamp: &str,
-) -> Result<()> {
-    let hard: Vec<&Stored<'_>> = chunk.iter().copied().filter(|r| r.suppress).collect();
-    if hard.is_empty() {
-        return Ok(());
+/// What an outcome does to an existing ledger row: the newest answer wins
+/// unless the row is final already (`sent`, `failed`, `suppressed`: a late or
+/// duplicate answer changes nothing); `attempts` counts every answer and
+/// `first_attempt_at` keeps the first deferral.
+const UPSERT: &str =
+    "ON CONFLICT (campaign_id, recipient_id) DO UPDATE SET status = excluded.status, \
+     smtp_code = excluded.smtp_code, enhanced_status = excluded.enhanced_status, \
+     reply = excluded.reply, queue_id = excluded.queue_id, relay = excluded.relay, \
+     attempts = blast_deliveries.attempts + 1, updated_at = excluded.updated_at, \
+     first_attempt_at = COALESCE(blast_deliveries.first_attempt_at, excluded.first_attempt_at), \
+     next_attempt_at = excluded.next_attempt_at \
+     WHERE blast_deliveries.status NOT IN ('sent', 'failed', 'suppressed')";
+
+/// The record type `json_to_recordset` reads [`JsonRow`]s as.
+const JSON_COLUMNS: &str = "recipient_id bigint, email text, status text, smtp_code integer, \
+     enhanced_status text, reply text, queue_id text, relay text, first_attempt_at text, \
+     next_attempt_at text, claim_first bigint, claim_token bigint";
+
+/// One outcome as a JSON object for `json_to_recordset` (keys are
+/// [`JSON_COLUMNS`]).
+#[derive(Serialize)]
+struct JsonRow<'a> {
+    recipient_id: i64,
+    email: &'a str,
+    status: &'static str,
+    smtp_code: Option<u16>,
+    enhanced_status: Option<&'a str>,
+    reply: &'a str,
+    queue_id: Option<&'a str>,
+    relay: Option<&'a str>,
+    first_attempt_at: Option<&'a str>,
+    next_attempt_at: Option<&'a str>,
+    claim_first: Option<i64>,
+    claim_token: Option<i64>,
+}
+
+impl<'a> From<&'a Stored<'a>> for JsonRow<'a> {
+    fn from(r: &'a Stored<'a>) -> JsonRow<'a> {
+        JsonRow {
+            recipient_id: r.record.recipient_id,
+            email: &r.record.email,
+            status: r.status.as_str(),
+            smtp_code: r.reply.code,
+            enhanced_status: r.reply.enhanced.as_deref(),
+            reply: &r.text,
+            queue_id: r.queue_id,
+            relay: r.record.relay.as_deref(),
+            first_attempt_at: r.first_attempt_at.as_deref(),
+            next_attempt_at: r.next_attempt_at.as_deref(),
+            claim_first: r.claim.map(|c| c.first),
+            claim_token: r.claim.map(|c| c.token),
+        }
     }
-    let sql = insert_sql(
-        db.backend(),
-        "INSERT INTO blast_suppressions (address, reason, source, created_at) VALUES ",
-        4,
-        hard.len(),
-        " ON CONFLICT (address) DO NOTHING",
-    );
-    let mut q = sqlx::query(AssertSqlSafe(sql));
-    for r in hard {
-        q = q
-            .bind(r.record.email.trim().to_lowercase())
-            .bind(r.text.as_str())
-            .bind("smtp")
-            .bind(stamp);
+}
+
+/// An address for `blast_suppressions` (lower-cased), as JSON.
+#[derive(Serialize)]
+struct Suppression<'a> {
+    address: String,
+    reason: &'a str,
+}
+
+/// Rows as a JSON array for a `json_to_recordset` parameter.
+fn to_json<T: Serialize>(rows: &[T]) -> Result<String> {
+    // Plain structs of strings and numbers: serializing cannot fail.
+    serde_json::to_string(rows).map_err(|e| Error::Internal(format!("ledger rows as JSON: {e}")))
+}
+
+/// Splits a batch so no statement names a recipient twice: PostgreSQL
+/// refuses an `ON CONFLICT DO UPDATE` that would change one row twice, where
+/// SQLite applies the rows one after another. Round k holds the k-th record
+/// of each recipient, in batch order, so a later answer still lands after an
+/// earlier one. Almost every batch is one round.
+fn rounds<'b, 'a>(rows: &'b [Stored<'a>]) -> Vec<Vec<&'b Stored<'a>>> {
+    let mut seen: std::collections::HashMap<i64, usize> =
+        std::collections::HashMap::with_capacity(rows.len());
+    let mut out: Vec<Vec<&Stored<'a>>> = Vec::new();
+    for r in rows {
+        let k = seen.entry(r.record.recipient_id).or_insert(0);
+        if out.len() <= *k {
+            out.push(Vec::new());
+        }
+        out[*k].push(r);
+        *k += 1;
     }
-    q.execute(&mut **tx).await?;
-    Ok(())
+    out
 }
 
 /// A record as stored: its final status and schedule worked out.
@@ -575,6 +731,18 @@ struct Stored<'a> {
     first_attempt_at: Option<String>,
     next_attempt_at: Option<String>,
     suppress: bool,
+    /// The claim it was sent under, when the ledger is fenced.
+    claim: Option<Claim>,
+}
+
+impl Stored<'_> {
+    /// Whether the answer also goes to `blast_attempts`: every answer of a
+    /// recipient deferred at least once. A recipient answered at the first
+    /// try has that one answer in `blast_deliveries`; writing it twice cost
+    /// ~15% of the rate.
+    fn in_history(&self) -> bool {
+        self.record.attempts > 0 || matches!(self.record.outcome, Outcome::Deferred(_))
+    }
 }
 
 /// Decides what a record means for the ledger: a deferral is scheduled by
@@ -592,6 +760,7 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
         first_attempt_at: None,
         next_attempt_at: None,
         suppress: false,
+        claim: None,
     };
     if r.suppressed {
         return out;

@@ -17,6 +17,8 @@ mod cli;
 mod import;
 /// VERP, List-Unsubscribe, `blast serve`, the suppression list, bounces.
 mod inbound;
+/// The SQL ledger driven directly on both backends: exact text, duplicates.
+mod ledger;
 /// Through a real, tuned Postfix.
 mod mta;
 /// Relays off this host: STARTTLS, implicit TLS, AUTH, from_domains routing.

@@ -1,0 +1,228 @@
+use blast::config::RetryPolicy;
+use blast::ledger::{self, Ledger, SqlLedger};
+use blast::model::{Outcome, Record, Reply};
+use sqlx::Row;
+
+use crate::util::{Backend, World};
+
+/// Text that breaks naive quoting or JSON building: quotes, backslashes
+/// (also ones that look like escapes), control characters, non-ASCII, things
+/// that look like SQL, JSON or parameters. (NUL is not here: PostgreSQL text
+/// cannot hold it.)
+const AWKWARD: &[&str] = &[
+    "it's \"quoted\" ''",
+    r"back\slash \\ \n \u0041 \",
+    "tab\tnewline\nreturn\r\u{1}\u{1f}\u{7f}",
+    "ünïcödé ✉ 日本語 🚀 \u{2028}\u{feff}",
+    r#"{"a": [1, 2]}, null, '; DROP TABLE blast_deliveries; --"#,
+    "$1 $3::json ? :name",
+    "",
+];
+
+fn record(id: i64, outcome: Outcome, text: &str) -> Record {
+    Record {
+        recipient_id: id,
+        email: format!("{text}@Example.com"),
+        outcome,
+        relay: Some(format!("smtp://{text}")),
+        attempts: 0,
+        first_attempt_at: None,
+        suppressed: false,
+    }
+}
+
+fn reply(code: u16, enhanced: &str, text: &str) -> Reply {
+    Reply {
+        code: Some(code),
+        enhanced: Some(enhanced.to_string()),
+        text: text.to_string(),
+    }
+}
+
+/// Every text column of a batch comes back byte for byte: in
+/// `blast_deliveries`, in `blast_attempts` (a deferral) and in
+/// `blast_suppressions` (a hard bounce, address lower-cased).
+async fn awkward_text_round_trips(backend: Backend) {
+    let w = World::new(backend).await;
+    let db = w.db().await;
+    let c = ledger::open_campaign(&db, "awkward", async { Ok(1000) })
+        .await
+        .unwrap();
+    let mut batch = Vec::new();
+    for (i, t) in AWKWARD.iter().enumerate() {
+        let id = i as i64 + 1;
+        let sent = Outcome::Sent {
+            reply: reply(250, t, t),
+            queue_id: Some(t.to_string()),
+        };
+        batch.push(record(id, sent, t));
+        let deferred = Outcome::Deferred(reply(451, t, t));
+        batch.push(record(100 + id, deferred, t));
+    }
+    let gone = Outcome::Failed(reply(
+        550,
+        "5.1.1",
+        "5.1.1 user unknown: it's \"gone\" \\ ✉",
+    ));
+    batch.push(record(200, gone, " Ünïcode\\'\"Quoted "));
+    let mut l = SqlLedger::new(db.clone(), c.id, RetryPolicy::default());
+    l.record(&batch).await.unwrap();
+
+    let rows = sqlx::query(
+        "SELECT recipient_id, email, status, smtp_code, enhanced_status, reply, queue_id, relay \
+         FROM blast_deliveries WHERE campaign_id = $1 ORDER BY recipient_id",
+    )
+    .bind(c.id)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), batch.len());
+    let mut expected = batch.clone();
+    expected.sort_by_key(|r| r.recipient_id);
+    for (row, want) in rows.iter().zip(&expected) {
+        let r = want.outcome.reply();
+        let got: (
+            i64,
+            String,
+            String,
+            Option<i32>,
+            Option<String>,
+            Option<String>,
+        ) = (
+            row.get("recipient_id"),
+            row.get("email"),
+            row.get("status"),
+            row.get("smtp_code"),
+            row.get("enhanced_status"),
+            row.get("reply"),
+        );
+        assert_eq!(
+            got,
+            (
+                want.recipient_id,
+                want.email.clone(),
+                want.status().as_str().to_string(),
+                r.code.map(i32::from),
+                r.enhanced.clone(),
+                Some(r.text.clone()),
+            )
+        );
+        let queue_id = match &want.outcome {
+            Outcome::Sent { queue_id, .. } => queue_id.clone(),
+            _ => None,
+        };
+        assert_eq!(row.get::<Option<String>, _>("queue_id"), queue_id);
+        assert_eq!(row.get::<Option<String>, _>("relay"), want.relay);
+    }
+
+    // The deferrals' history, same text.
+    let replies: Vec<(i64, String, String)> = sqlx::query_as(
+        "SELECT recipient_id, reply, relay FROM blast_attempts WHERE campaign_id = $1 \
+         ORDER BY recipient_id",
+    )
+    .bind(c.id)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let want: Vec<(i64, String, String)> = AWKWARD
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (101 + i as i64, t.to_string(), format!("smtp://{t}")))
+        .collect();
+    assert_eq!(replies, want);
+
+    let suppressed: Vec<(String, String)> =
+        sqlx::query_as("SELECT address, reason FROM blast_suppressions")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        suppressed,
+        [(
+            "ünïcode\\'\"quoted @example.com".to_string(),
+            "5.1.1 user unknown: it's \"gone\" \\ ✉".to_string()
+        )]
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn awkward_text_round_trips_sqlite() {
+    awkward_text_round_trips(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn awkward_text_round_trips_postgres() {
+    awkward_text_round_trips(Backend::Postgres).await;
+}
+
+/// One batch holding two answers for the same recipient (deferred, then
+/// sent) ends as if they had been written one after the other: sent, two
+/// attempts, the first deferral's time kept; a later failure changes nothing.
+async fn one_recipient_twice_in_a_batch(backend: Backend) {
+    let w = World::new(backend).await;
+    let db = w.db().await;
+    let c = ledger::open_campaign(&db, "twice", async { Ok(10) })
+        .await
+        .unwrap();
+    let mut l = SqlLedger::new(db.clone(), c.id, RetryPolicy::default());
+    let mut sent = record(
+        1,
+        Outcome::Sent {
+            reply: reply(250, "2.0.0", "Ok: queued as A"),
+            queue_id: Some("A".into()),
+        },
+        "u1",
+    );
+    sent.attempts = 1;
+    let other = record(2, Outcome::Deferred(reply(451, "4.3.0", "later")), "u2");
+    let deferred = record(1, Outcome::Deferred(reply(451, "4.3.0", "later")), "u1");
+    l.record(&[deferred, other, sent]).await.unwrap();
+    let late = record(
+        1,
+        Outcome::Failed(reply(550, "5.1.1", "no such user")),
+        "u1",
+    );
+    l.record(&[late]).await.unwrap();
+
+    let (status, attempts, first, queue_id): (String, i32, Option<String>, Option<String>) =
+        sqlx::query_as(
+            "SELECT status, attempts, first_attempt_at, queue_id FROM blast_deliveries \
+             WHERE campaign_id = $1 AND recipient_id = 1",
+        )
+        .bind(c.id)
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), attempts), ("sent", 2));
+    assert!(first.is_some(), "the deferral's time is kept");
+    assert_eq!(queue_id.as_deref(), Some("A"));
+    let history: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT recipient_id, status FROM blast_attempts WHERE campaign_id = $1 \
+         ORDER BY recipient_id, status",
+    )
+    .bind(c.id)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let history: Vec<(i64, &str)> = history.iter().map(|(i, s)| (*i, s.as_str())).collect();
+    assert_eq!(history, [(1, "deferred"), (1, "sent"), (2, "deferred")]);
+    // The late failure left the row alone; its hard bounce still
+    // suppresses the address, as it always has.
+    let n: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blast_suppressions")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(n, 1, "a hard bounce still suppresses (as before)");
+    db.close().await;
+}
+
+#[tokio::test]
+async fn one_recipient_twice_in_a_batch_sqlite() {
+    one_recipient_twice_in_a_batch(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn one_recipient_twice_in_a_batch_postgres() {
+    one_recipient_twice_in_a_batch(Backend::Postgres).await;
+}
