@@ -422,3 +422,31 @@ async fn pause_stops_every_worker() {
         "everyone arrived once the campaign resumed"
     );
 }
+
+/// `max_workers` caps the workers: one more exits at once with exit code 0
+/// and says why. On SQLite, which several local processes may share too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_workers_turns_one_more_away() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(400).await;
+    let path = w.campaign("cap", "Hi", "x", None, "[delivery]\nmax_workers = 1\n");
+    let (first, second) = (
+        util::slow_sink(Duration::from_millis(5)).await,
+        util::sink(Default::default()).await,
+    );
+    let mut workers = Workers::new();
+    workers.start(&w, &path, "one", &first, &[]);
+    util::wait_for(&first, 20).await;
+    workers.start(&w, &path, "two", &second, &[]);
+    let codes = workers.wait_all().await;
+    assert_eq!(codes["two"], Some(0), "{}", workers.log("two"));
+    assert_eq!(codes["one"], Some(0), "{}", workers.log("one"));
+    assert!(
+        workers.log("two").contains("already has its 1 workers"),
+        "{}",
+        workers.log("two")
+    );
+    assert_eq!(second.stats().messages, 0);
+    let got: HashSet<i64> = ids(&first).into_iter().collect();
+    assert_eq!((got.len(), first.stats().messages), (400, 400));
+}

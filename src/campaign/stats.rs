@@ -388,3 +388,28 @@ impl Summary {
         self.failed == 0 && self.deferred == 0 && !self.interrupted && self.breaker.is_none()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+
+    use super::Stats;
+
+    #[test]
+    fn the_campaign_view_counts_every_worker_from_this_ones_start() {
+        let s = Stats::new(1);
+        s.total.store(1000, Ordering::Relaxed);
+        assert_eq!(s.campaign_view(), None, "not seen yet");
+        // First look: the others had sent 300 before this worker counted 10.
+        s.sent.store(10, Ordering::Relaxed);
+        s.set_campaign(3, 310, 90.0);
+        let v = s.campaign_view().unwrap();
+        assert_eq!((v.workers, v.left, v.rate), (3, 990, 90.0));
+        // Later: 400 more sent by all of them.
+        s.set_campaign(3, 710, 120.0);
+        assert_eq!(s.campaign_view().unwrap().left, 590);
+        // Alone again: the single-worker display needs no campaign part.
+        s.set_campaign(1, 800, 40.0);
+        assert_eq!(s.campaign_view(), None);
+    }
+}
