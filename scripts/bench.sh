@@ -86,7 +86,9 @@ now() { date +%s.%N; }
 # With --resume-at N the audience holds N + n subscribers and the campaign
 # ("bench-resume") already has N ledger rows, written by SQL as if an earlier
 # run had sent to ids 1..N; each run sends the last n. Between runs only the
-# rows past N are removed.
+# rows past N are removed. The earlier run also left what a stopped pass
+# leaves: the claims it completed with everyone final (one claim row for
+# 1..N here), so the run resumes after them as a real one does.
 total=$((resume_at + n))
 schema="CREATE TABLE IF NOT EXISTS subscribers (id BIGINT PRIMARY KEY, email TEXT NOT NULL, attributes TEXT NOT NULL DEFAULT '{}', created_at TEXT NOT NULL)"
 fake_run="INSERT INTO blast_campaigns (name, state, max_recipient_id, created_at, updated_at) \
@@ -96,6 +98,10 @@ fake_run="INSERT INTO blast_campaigns (name, state, max_recipient_id, created_at
   SELECT c.id, s.id, s.email, 'sent', 250, '2.0.0', 'Ok: queued as Q' || s.id, 'Q' || s.id, \
     'smtp://127.0.0.1:2525', 1, '2026-12-01T00:00:00.000Z' \
   FROM subscribers s, blast_campaigns c WHERE c.name = 'bench-resume' AND s.id <= $resume_at"
+earlier_pass="DELETE FROM blast_claims; \
+  UPDATE blast_campaigns SET state = 'stopped', final_to = NULL, claimed_to = $resume_at, fence = 1; \
+  INSERT INTO blast_claims (campaign_id, first_id, last_id, worker, token, lease_until, done) \
+  SELECT id, -9223372036854775807, $resume_at, 'earlier', 1, 0, 2 FROM blast_campaigns WHERE name = 'bench-resume'"
 setup_pg() { # starts a throwaway cluster (durable with BLAST_PG_DURABLE=1); sets pg_url
   source scripts/pg.sh
   pg_url=$BLAST_TEST_PG_URL
@@ -139,6 +145,11 @@ clear_ledger() { # this run's rows (all, or those past --resume-at) in $db_url
     postgres*) for q in "${sql[@]}" "VACUUM blast_deliveries"; do psql -q "$db_url" -c "$q" 2>/dev/null || true; done ;;
     *) python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); [c.execute(q) for q in sys.argv[2:] if c.execute("SELECT 1 FROM sqlite_master WHERE name=?", (q.split()[2],)).fetchone()]; c.commit()' \
       "${db_url#sqlite://}" "${sql[@]}" ;;
+  esac
+  [ "$resume_at" -gt 0 ] || return 0
+  case "$db_url" in
+    postgres*) psql -q "$db_url" -c "$earlier_pass" ;;
+    *) python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); c.executescript(sys.argv[2]); c.commit()' "${db_url#sqlite://}" "$earlier_pass" ;;
   esac
 }
 if [ $compare_db -eq 1 ]; then

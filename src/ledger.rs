@@ -832,6 +832,11 @@ fn insert_sql(backend: Backend, prefix: &str, cols: usize, rows: usize, suffix: 
 /// the suppressions they caused.
 pub async fn requeue(db: &Db, campaign_id: i64, recipients: &[(i64, String)]) -> Result<()> {
     let mut tx = db.pool().begin().await?;
+    // Final rows become deferred again: the next pass must walk them.
+    sqlx::query("UPDATE blast_campaigns SET final_to = NULL WHERE id = $1")
+        .bind(campaign_id)
+        .execute(&mut *tx)
+        .await?;
     for (id, email) in recipients {
         sqlx::query(
             "UPDATE blast_deliveries SET status = 'deferred', next_attempt_at = NULL \

@@ -276,8 +276,15 @@ pub async fn pending_count(
     campaign_id: i64,
     max_id: i64,
 ) -> Result<i64> {
+    // Ids up to `final_to` are all final: no need to count through them.
+    let final_to: Option<i64> =
+        sqlx::query_scalar("SELECT final_to FROM blast_campaigns WHERE id = $1")
+            .bind(campaign_id)
+            .fetch_optional(db.pool())
+            .await?
+            .flatten();
     let sql = format!(
-        "SELECT COUNT(*) FROM ({}) AS a WHERE a.id <= $1 AND NOT EXISTS \
+        "SELECT COUNT(*) FROM ({}) AS a WHERE a.id <= $1 AND a.id > $3 AND NOT EXISTS \
          (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $2 AND d.recipient_id = a.id \
           AND d.status IN ({FINAL_STATUSES_SQL}))",
         audience.select_sql()
@@ -285,6 +292,7 @@ pub async fn pending_count(
     let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
         .bind(max_id)
         .bind(campaign_id)
+        .bind(final_to.unwrap_or(i64::MIN))
         .fetch_one(db.pool())
         .await
         .map_err(audience_error)?;

@@ -194,15 +194,14 @@ pub enum Started {
 /// same transaction), else joining the pass under way.
 pub async fn start(db: &Db, campaign_id: i64) -> Result<Started> {
     let mut tx = db.pool().begin().await?;
-    if apply_on(
-        &mut tx,
-        campaign_id,
-        Transition::Start,
-        None,
-        ", claimed_to = NULL",
-    )
-    .await?
-    {
+    if apply_on(&mut tx, campaign_id, Transition::Start, None, "").await? {
+        // The new pass starts after what earlier passes finished for good.
+        let done = crate::worker::claims::final_prefix(&mut tx, campaign_id).await?;
+        sqlx::query("UPDATE blast_campaigns SET final_to = $1, claimed_to = $1 WHERE id = $2")
+            .bind(done)
+            .bind(campaign_id)
+            .execute(&mut *tx)
+            .await?;
         sqlx::query("DELETE FROM blast_claims WHERE campaign_id = $1")
             .bind(campaign_id)
             .execute(&mut *tx)

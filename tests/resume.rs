@@ -198,3 +198,74 @@ async fn dropped_connections_are_retried() {
         .count();
     assert_eq!(noted as u64, s.possibly_duplicated);
 }
+
+async fn scalar(w: &World, sql: &str) -> Option<i64> {
+    let db = w.db().await;
+    let v: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    db.close().await;
+    v
+}
+
+/// A new pass starts after the prefix of ids that earlier passes finished
+/// for good (every recipient final), so a resume does not step over
+/// millions of finished rows; a recipient still to retry stops the prefix
+/// at its claim, and is sent by the next pass.
+async fn new_pass_skips_the_finished_prefix(backend: Backend) {
+    let w = World::new(backend).await;
+    w.seed(3000).await;
+    let path = w.campaign("prefix", "Hi", "x", None, "[delivery]\nclaim_size = 500\n");
+    let later = Faults {
+        rcpt_contains: vec![("user1700@".into(), 451, "4.3.0".into(), "try later".into())],
+        ..Default::default()
+    };
+    let sink = util::sink(later).await;
+    let s = blast::commands::send(&w.config(&path, Some(&sink), 2), Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, s.deferred), (2999, 1));
+    // Its retry is due now.
+    w.exec("UPDATE blast_deliveries SET next_attempt_at = '2000-01-01T00:00:00.000Z' WHERE status = 'deferred'")
+        .await;
+    let ok = util::sink(Faults::default()).await;
+    let s = blast::commands::send(&w.config(&path, Some(&ok), 2), Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(s.sent, 1);
+    assert_eq!(ok.received()[0].rcpt_to, ["user1700@example.com"]);
+    // The first pass finished ids up to 1500 for good; 1501..=2000 held
+    // the deferred recipient, so the second pass claimed from 1501 on.
+    assert_eq!(
+        scalar(&w, "SELECT final_to FROM blast_campaigns").await,
+        Some(1500)
+    );
+    assert_eq!(
+        scalar(&w, "SELECT MIN(first_id) FROM blast_claims").await,
+        Some(1501)
+    );
+    // Now everything is final: a third pass claims nothing and sends nothing.
+    let s = blast::commands::send(&w.config(&path, Some(&ok), 2), Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, ok.received().len()), (0, 1));
+    assert_eq!(
+        scalar(&w, "SELECT final_to FROM blast_campaigns").await,
+        Some(3000)
+    );
+    assert_eq!(
+        scalar(&w, "SELECT COUNT(*) FROM blast_claims").await,
+        Some(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_pass_skips_the_finished_prefix_sqlite() {
+    new_pass_skips_the_finished_prefix(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_pass_skips_the_finished_prefix_postgres() {
+    new_pass_skips_the_finished_prefix(Backend::Postgres).await;
+}

@@ -34,5 +34,11 @@ CREATE INDEX blast_claims_open ON blast_claims (campaign_id, done, lease_until);
 
 -- The keyset cursor: ids up to claimed_to are covered by claims of this pass.
 ALTER TABLE blast_campaigns ADD COLUMN claimed_to BIGINT;
+-- Every recipient with an id up to final_to has a final outcome (sent,
+-- failed, suppressed): a new pass starts its claims after it, so a resume
+-- of a 10M campaign does not step over the millions already done. Set
+-- from the claims a pass completed with nothing left to retry; cleared
+-- when the breaker turns refusals back into deferrals.
+ALTER TABLE blast_campaigns ADD COLUMN final_to BIGINT;
 -- The last fencing token handed out; only grows.
 ALTER TABLE blast_campaigns ADD COLUMN fence BIGINT NOT NULL DEFAULT 0;

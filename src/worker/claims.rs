@@ -252,7 +252,9 @@ impl Claims {
 }
 
 /// Marks `claims` done, each only under its own token (a claim that
-/// changed hands stays the new holder's).
+/// changed hands stays the new holder's): `done = 2` when nobody in its
+/// range is left to retry (every ledger row final), else 1. A new pass
+/// skips the prefix of the id range that passes finished with `done = 2`.
 pub async fn complete(
     conn: &mut sqlx::AnyConnection,
     campaign_id: i64,
@@ -260,11 +262,15 @@ pub async fn complete(
 ) -> Result<()> {
     for c in claims {
         sqlx::query(
-            "UPDATE blast_claims SET done = 1 WHERE campaign_id = $1 AND first_id = $2 AND token = $3",
+            "UPDATE blast_claims SET done = CASE WHEN EXISTS (SELECT 1 FROM blast_deliveries d \
+               WHERE d.campaign_id = $1 AND d.status IN ('deferred', 'queued', 'sending') \
+               AND d.recipient_id BETWEEN $2 AND $4) THEN 1 ELSE 2 END \
+             WHERE campaign_id = $1 AND first_id = $2 AND token = $3",
         )
         .bind(campaign_id)
         .bind(c.first)
         .bind(c.token)
+        .bind(c.last)
         .execute(&mut *conn)
         .await?;
     }
@@ -280,6 +286,37 @@ fn guided_end(first: i64, max: i64, live: i64) -> i64 {
     let span = max.saturating_sub(first).max(0);
     let share = span / (2 * live.max(1));
     first.saturating_add(share.max(MIN_CLAIM as i64 / 10 - 1))
+}
+
+/// The end of the id prefix whose every recipient is final, after the last
+/// pass: `final_to` so far, extended by that pass's claims completed with
+/// nothing to retry (`done = 2`) that follow it without a gap. Called as
+/// a new pass starts, in its transaction, before the claims are cleared.
+pub async fn final_prefix(conn: &mut sqlx::AnyConnection, campaign_id: i64) -> Result<Option<i64>> {
+    let row = sqlx::query("SELECT final_to, claimed_to FROM blast_campaigns WHERE id = $1")
+        .bind(campaign_id)
+        .fetch_one(&mut *conn)
+        .await?;
+    let mut end: Option<i64> = row.try_get("final_to")?;
+    let rows = sqlx::query(
+        "SELECT first_id, last_id, done FROM blast_claims WHERE campaign_id = $1 ORDER BY first_id",
+    )
+    .bind(campaign_id)
+    .fetch_all(&mut *conn)
+    .await?;
+    for r in rows {
+        let (first, last, done): (i64, i64, i32) = (
+            r.try_get("first_id")?,
+            r.try_get("last_id")?,
+            r.try_get("done")?,
+        );
+        let next = end.map_or(i64::MIN + 1, |e| e.saturating_add(1));
+        if first != next || done != 2 {
+            break;
+        }
+        end = Some(last);
+    }
+    Ok(end)
 }
 
 /// Whether every recipient of the campaign's pass is in a claim marked done.
