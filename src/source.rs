@@ -283,10 +283,17 @@ pub async fn pending_count(
             .fetch_optional(db.pool())
             .await?
             .flatten();
+    // On PostgreSQL `OFFSET 0` keeps the probe per row (see `page_sql`):
+    // as an anti join it hashed every ledger row of the campaign, 2.5-9 s
+    // with 5M rows behind `final_to`.
+    let probe_end = match db.backend() {
+        Backend::Postgres => " OFFSET 0",
+        Backend::Sqlite => "",
+    };
     let sql = format!(
         "SELECT COUNT(*) FROM ({}) AS a WHERE a.id <= $1 AND a.id > $3 AND NOT EXISTS \
          (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $2 AND d.recipient_id = a.id \
-          AND d.status IN ({FINAL_STATUSES_SQL}))",
+          AND d.status IN ({FINAL_STATUSES_SQL}){probe_end})",
         audience.select_sql()
     );
     let n: i64 = sqlx::query_scalar(AssertSqlSafe(sql))
