@@ -47,7 +47,7 @@ fn mime(b: divan::Bencher<'_, '_>) {
     let parts = r.render_parts(&rcpt).expect("renders");
     let now = blast::clock::now();
     b.with_inputs(|| parts.clone())
-        .bench_local_values(|p| r.build(&rcpt, p, now));
+        .bench_local_values(|p| r.build(&rcpt, p, now).unwrap());
 }
 
 /// The whole per-message path, as the runner calls it.

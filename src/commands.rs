@@ -208,6 +208,7 @@ async fn run_options(cfg: &Config, db: &Db, abort: CancellationToken) -> Result<
         rate: Rate::new(cfg.delivery.rate),
         holdings: None,
         breaker_threshold: cfg.delivery.breaker_threshold,
+        render_pause: cfg.delivery.render_pause,
         abort,
         suppressions: Live::default(),
     })

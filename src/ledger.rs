@@ -299,6 +299,9 @@ pub struct StatusCounts {
     pub deferred: i64,
     /// Recipients skipped because their address is suppressed.
     pub suppressed: i64,
+    /// Recipients whose message could not be built (built again by the
+    /// next pass).
+    pub unrendered: i64,
     /// Audience rows (up to the campaign's max id) without a final outcome.
     pub pending: i64,
     /// Recipients with a hard bounce ingested after they were sent to.
@@ -336,6 +339,7 @@ pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<S
             Ok(Status::Failed) => c.failed += n,
             Ok(Status::Deferred) => c.deferred += n,
             Ok(Status::Suppressed) => c.suppressed += n,
+            Ok(Status::Unrendered) => c.unrendered += n,
             // Reserved tags (`queued`, `sending`) mean "not done": pending.
             Err(_) => {}
         }
@@ -762,7 +766,7 @@ fn stored<'a>(r: &'a Record, retry: &RetryPolicy, now: OffsetDateTime) -> Stored
         suppress: false,
         claim: None,
     };
-    if r.suppressed {
+    if r.skipped.is_some() {
         return out;
     }
     match &r.outcome {
@@ -938,7 +942,7 @@ mod tests {
             relay: Some("smtp://127.0.0.1:25".into()),
             attempts: 0,
             first_attempt_at: None,
-            suppressed: false,
+            skipped: None,
         }
     }
 
@@ -1065,7 +1069,7 @@ mod tests {
         );
 
         let mut skipped = record(5, Outcome::local_failure("address is suppressed: x"));
-        skipped.suppressed = true;
+        skipped.skipped = Some(crate::model::Skipped::Suppressed);
         assert_eq!(stored(&skipped, &retry, now).status, Status::Suppressed);
     }
 

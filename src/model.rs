@@ -27,6 +27,9 @@ pub struct Recipient {
     pub first_attempt_at: Option<String>,
     /// Why the address is on the suppression list, if it is.
     pub suppressed: Option<String>,
+    /// Why the row cannot be used as it is (a JSON column that does not
+    /// parse): the recipient is recorded as unrendered with this reason.
+    pub broken: Option<String>,
 }
 
 impl Recipient {
@@ -39,6 +42,7 @@ impl Recipient {
             attempts: 0,
             first_attempt_at: None,
             suppressed: None,
+            broken: None,
         }
     }
 }
@@ -150,17 +154,28 @@ pub struct Record {
     pub attempts: u32,
     /// When it was first deferred, if it was.
     pub first_attempt_at: Option<String>,
-    /// The address is on the suppression list: nothing was sent.
-    pub suppressed: bool,
+    /// Why nothing was sent although no server refused it, if so.
+    pub skipped: Option<Skipped>,
+}
+
+/// Why a recipient got no message without any server refusing it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skipped {
+    /// The address is on the suppression list. Final.
+    Suppressed,
+    /// Its message could not be built (a template error, a broken row).
+    /// Not final: the next pass, after the fix, builds it again.
+    Unrendered,
 }
 
 impl Record {
     /// The status the ledger stores it with (before retry scheduling, which
     /// may turn an old deferral into a failure).
     pub fn status(&self) -> Status {
-        match self.suppressed {
-            true => Status::Suppressed,
-            false => self.outcome.status(),
+        match self.skipped {
+            Some(Skipped::Suppressed) => Status::Suppressed,
+            Some(Skipped::Unrendered) => Status::Unrendered,
+            None => self.outcome.status(),
         }
     }
 
@@ -180,7 +195,7 @@ impl Record {
             relay: None,
             attempts,
             first_attempt_at,
-            suppressed: true,
+            skipped: Some(Skipped::Suppressed),
         }
     }
 }
@@ -197,15 +212,21 @@ pub enum Status {
     Failed,
     /// The address is suppressed: nothing was sent. Final.
     Suppressed,
+    /// The message could not be built (a template or data error): nothing
+    /// was sent. Not final, but not retried by the retry schedule either:
+    /// the next pass (`blast resume`, `blast send` again), after the fix,
+    /// builds it again.
+    Unrendered,
 }
 
 impl Status {
     /// Every status, in the order reports list them.
-    pub const ALL: [Status; 4] = [
+    pub const ALL: [Status; 5] = [
         Status::Sent,
         Status::Deferred,
         Status::Failed,
         Status::Suppressed,
+        Status::Unrendered,
     ];
 
     /// The tag stored in the database.
@@ -215,6 +236,7 @@ impl Status {
             Status::Deferred => "deferred",
             Status::Failed => "failed",
             Status::Suppressed => "suppressed",
+            Status::Unrendered => "unrendered",
         }
     }
 
@@ -222,7 +244,7 @@ impl Status {
     pub fn is_final(self) -> bool {
         match self {
             Status::Sent | Status::Failed | Status::Suppressed => true,
-            Status::Deferred => false,
+            Status::Deferred | Status::Unrendered => false,
         }
     }
 }

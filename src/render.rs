@@ -74,6 +74,14 @@ pub enum RenderError {
     /// The rendered envelope sender is not an address.
     #[error("envelope_from rendered to {0:?}, which is not an address")]
     EnvelopeFrom(String),
+    /// The recipient's row cannot be used (e.g. a JSON column that does
+    /// not parse).
+    #[error("{0}")]
+    Row(String),
+    /// The MIME message could not be written: nothing is sent rather than
+    /// an empty or truncated message.
+    #[error("building the MIME message: {0}")]
+    Mime(String),
 }
 
 /// Identity used to build stable Message-IDs.
@@ -199,11 +207,14 @@ impl Renderer {
         now: time::OffsetDateTime,
     ) -> std::result::Result<Outgoing, RenderError> {
         let parts = self.render_parts(recipient)?;
-        Ok(self.build(recipient, parts, now))
+        self.build(recipient, parts, now)
     }
 
     /// Runs the templates for `recipient` (no MIME yet).
     pub fn render_parts(&self, recipient: &Recipient) -> std::result::Result<Parts, RenderError> {
+        if let Some(why) = &recipient.broken {
+            return Err(RenderError::Row(why.clone()));
+        }
         let rcpt =
             ascii_address(&recipient.email).map_err(|reason| RenderError::InvalidAddress {
                 address: recipient.email.clone(),
@@ -271,7 +282,7 @@ impl Renderer {
         recipient: &Recipient,
         parts: Parts,
         now: time::OffsetDateTime,
-    ) -> Outgoing {
+    ) -> std::result::Result<Outgoing, RenderError> {
         let message_id = format!(
             "{}.{}.{}@{}",
             self.identity.campaign_id,
@@ -321,16 +332,25 @@ impl Renderer {
         for (h, v) in parts.headers {
             b = b.header(h, Text::new(v));
         }
-        let text = parts.text.map(|t| body_part("text/plain", &t));
-        let html = parts.html.map(|h| body_part("text/html", &h));
+        let text = parts
+            .text
+            .map(|t| body_part("text/plain", &t))
+            .transpose()?;
+        let html = parts.html.map(|h| body_part("text/html", &h)).transpose()?;
         b = match (text, html) {
             (Some(t), Some(h)) => b.body(MimePart::new("multipart/alternative", vec![t, h])),
             (Some(p), None) | (None, Some(p)) => b.body(p),
             (None, None) => b,
         };
-        // Writing into a Vec cannot fail.
-        let bytes = b.write_to_vec().unwrap_or_default();
-        Outgoing {
+        // Never an empty or truncated message: an error is the recipient's
+        // (unrendered, built again by the next pass).
+        let bytes = b
+            .write_to_vec()
+            .map_err(|e| RenderError::Mime(e.to_string()))?;
+        if bytes.is_empty() {
+            return Err(RenderError::Mime("the message came out empty".into()));
+        }
+        Ok(Outgoing {
             envelope: Envelope {
                 recipient_id: recipient.id,
                 from: parts.envelope_from,
@@ -338,7 +358,7 @@ impl Renderer {
             },
             email: recipient.email.clone(),
             bytes,
-        }
+        })
     }
 }
 
@@ -352,7 +372,10 @@ fn zero_key() -> Key {
 /// at all), quoted-printable otherwise. mail-builder would pick the same
 /// encodings but encodes byte by byte through `io::Write`, which was a
 /// quarter of blast's CPU per message.
-fn body_part(content_type: &'static str, text: &str) -> MimePart<'static> {
+fn body_part(
+    content_type: &'static str,
+    text: &str,
+) -> std::result::Result<MimePart<'static>, RenderError> {
     let mut out = Vec::with_capacity(text.len() + text.len() / 16 + 8);
     let encoding = if seven_bit(text, &mut out) {
         "7bit"
@@ -361,11 +384,13 @@ fn body_part(content_type: &'static str, text: &str) -> MimePart<'static> {
         quoted_printable(text, &mut out);
         "quoted-printable"
     };
-    // Both encodings produce ASCII only.
-    let body = String::from_utf8(out).unwrap_or_default();
+    // Both encodings produce ASCII only; anything else is a bug, and no
+    // message goes out with a part missing.
+    let body = String::from_utf8(out)
+        .map_err(|_| RenderError::Mime(format!("the {content_type} part is not ASCII")))?;
     let content_type = mail_builder::headers::content_type::ContentType::new(content_type)
         .attribute("charset", "utf-8");
-    MimePart::new(content_type, body).transfer_encoding(encoding)
+    Ok(MimePart::new(content_type, body).transfer_encoding(encoding))
 }
 
 /// Copies `text` with CRLF line ends if it can travel as `7bit` (RFC 2045:

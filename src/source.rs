@@ -341,20 +341,23 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
         .map_err(|e| Error::Audience(format!("column `id` must be an integer: {e}")))?;
     let mut vars = Map::new();
     let mut email = None;
+    let mut broken = None;
     match backend {
         Backend::Postgres => {
             email = row
                 .try_get::<Option<String>, _>("email")
                 .map_err(|e| Error::Audience(format!("column `email`: {e}")))?;
             let json: String = row.try_get("blast_row")?;
-            if let Ok(Value::Object(m)) = serde_json::from_str(&json) {
-                vars = m;
+            match serde_json::from_str(&json) {
+                Ok(Value::Object(m)) => vars = m,
+                Ok(_) => broken = Some("the row is not a JSON object".to_string()),
+                Err(e) => broken = Some(format!("the row's JSON does not parse: {e}")),
             }
         }
         Backend::Sqlite => {
             for (i, col) in row.columns().iter().enumerate() {
                 let name = col.name();
-                let value = sqlite_value(row, i, name)?;
+                let value = sqlite_value(row, i)?;
                 if name == "email" {
                     email = value.as_str().map(str::to_string);
                 }
@@ -370,6 +373,9 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
     for k in ["blast_attempts", "blast_first_attempt", "blast_suppressed"] {
         vars.remove(k);
     }
+    if let Err(why) = parse_json_columns(&mut vars) {
+        broken.get_or_insert(why);
+    }
     lift_attributes(&mut vars);
     let attempts: Option<i64> = row.try_get("blast_attempts")?;
     Ok(Recipient {
@@ -379,12 +385,40 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
         attempts: attempts.unwrap_or(0).max(0) as u32,
         first_attempt_at: row.try_get("blast_first_attempt")?,
         suppressed: row.try_get("blast_suppressed")?,
+        broken,
     })
 }
 
-/// Decodes one SQLite value by its storage class. Text in a column named
-/// `attributes` or ending in `_json` is parsed as JSON (SQLite has no JSON type).
-fn sqlite_value(row: &AnyRow, i: usize, name: &str) -> Result<Value> {
+/// Parses the JSON columns (`attributes`, `*_json`) that arrive as text
+/// (SQLite has no JSON type; a custom PostgreSQL table may use `text`).
+/// Text that does not parse is an error naming the column: the recipient
+/// must not be sent with its variables silently missing.
+fn parse_json_columns(vars: &mut Map<String, Value>) -> std::result::Result<(), String> {
+    for (name, value) in vars.iter_mut() {
+        if name != "attributes" && !name.ends_with("_json") {
+            continue;
+        }
+        let Value::String(text) = value else {
+            continue;
+        };
+        // An empty text column holds no attributes.
+        if text.trim().is_empty() {
+            *value = Value::Null;
+            continue;
+        }
+        let parsed = serde_json::from_str::<Value>(text)
+            .map_err(|e| format!("column `{name}` is not valid JSON: {e}"))?;
+        if name == "attributes" && !parsed.is_object() {
+            return Err(format!("column `{name}` is not a JSON object"));
+        }
+        *value = parsed;
+    }
+    Ok(())
+}
+
+/// Decodes one SQLite value by its storage class (JSON columns stay text
+/// here; [`parse_json_columns`] parses them).
+fn sqlite_value(row: &AnyRow, i: usize) -> Result<Value> {
     let raw = row.try_get_raw(i)?;
     if raw.is_null() {
         return Ok(Value::Null);
@@ -399,11 +433,8 @@ fn sqlite_value(row: &AnyRow, i: usize, name: &str) -> Result<Value> {
         }
         _ => {
             let s: String = row.try_get(i)?;
-            if name == "attributes" || name.ends_with("_json") {
-                serde_json::from_str(&s).unwrap_or(Value::String(s))
-            } else {
-                Value::String(s)
-            }
+            // JSON columns are parsed (and checked) in `parse_json_columns`.
+            Value::String(s)
         }
     })
 }

@@ -105,6 +105,7 @@ async fn run_paced(
         rate: blast::campaign::Rate::new(0),
         holdings: None,
         breaker_threshold: 0,
+        render_pause: 0,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
     };

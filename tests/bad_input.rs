@@ -24,8 +24,9 @@ async fn template_syntax_error_aborts_before_sending() {
     assert_eq!(sink.stats().messages, 0);
 }
 
-/// A render error and an invalid address fail that recipient only, with the
-/// reason, and without an SMTP round trip.
+/// A render error and an invalid address concern that recipient only, with
+/// the reason, and without an SMTP round trip: the address fails for good,
+/// the message that could not be built is built again by the next run.
 #[tokio::test]
 async fn broken_rows_fail_alone() {
     let w = World::new(Backend::Sqlite).await;
@@ -41,11 +42,11 @@ async fn broken_rows_fail_alone() {
     let s = blast::commands::send(&cfg, Mode::Quiet, pending())
         .await
         .unwrap();
-    assert_eq!((s.sent, s.failed), (4, 2), "{s:?}");
+    assert_eq!((s.sent, s.failed, s.unrendered), (4, 1, 1), "{s:?}");
     let db = w.db().await;
     let rows = ledger_rows(&db, "broken").await;
     let r2 = rows.iter().find(|r| r.0 == 2).unwrap();
-    assert_eq!(r2.1, "failed");
+    assert_eq!(r2.1, "unrendered");
     assert!(r2.4.as_deref().unwrap().contains("first_name"), "{r2:?}");
     let r4 = rows.iter().find(|r| r.0 == 4).unwrap();
     assert_eq!((r4.1.as_str(), r4.2), ("failed", None));
@@ -126,4 +127,75 @@ fn config_errors_name_file_and_key() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("c.toml") && err.contains("table"), "{err}");
+}
+
+/// Issue 13: a misspelled variable fails every recipient alike. The
+/// campaign pauses after a few with the error and the first recipient,
+/// nobody is marked failed, and once the template is fixed `blast resume`
+/// (a control, then a send) mails everyone exactly once.
+#[tokio::test]
+async fn a_template_mistake_pauses_and_resume_sends_everyone_after_the_fix() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(300).await;
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign("typo", "Hi {{ frist_name }}", "x", None, "");
+    let cfg = w.config(&path, Some(&sink), 2);
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert!(s.breaker.is_some(), "{s:?}");
+    assert_eq!((s.sent, s.failed), (0, 0), "{s:?}");
+    assert!(s.unrendered >= 5, "{s:?}");
+    let status = blast::commands::status(&cfg).await.unwrap();
+    assert_eq!(status.state, "paused", "{status:?}");
+    let reason = status.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("frist_name") && reason.contains("from recipient 1"),
+        "{reason}"
+    );
+    assert_eq!(status.failed, 0);
+    assert_eq!(sink.received().len(), 0, "nothing went out");
+
+    // The operator fixes the subject and resumes.
+    let path = w.campaign("typo", "Hi {{ first_name }}", "x", None, "");
+    let cfg = w.config(&path, Some(&sink), 2);
+    blast::commands::control(&w.url, "typo", blast::commands::Control::Resume, None)
+        .await
+        .unwrap();
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, s.unrendered, s.failed), (300, 0, 0), "{s:?}");
+    let count = util::per_recipient(&sink.received());
+    assert_eq!(count.len(), 300);
+    assert!(count.values().all(|&c| c == 1));
+    let status = blast::commands::status(&cfg).await.unwrap();
+    assert_eq!((status.state.as_str(), status.sent), ("finished", 300));
+}
+
+/// Issue 13: an `attributes` column whose text is not JSON fails that
+/// recipient with the reason, instead of sending it with its variables
+/// silently missing; the other rows go out.
+#[tokio::test]
+async fn attributes_that_do_not_parse_are_that_recipients_error() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(4).await;
+    w.exec("UPDATE subscribers SET attributes = '{\"first_name\": \"Ann\"' WHERE id = 3")
+        .await;
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign("json", "Hi {{ id }}", "x", None, "");
+    let cfg = w.config(&path, Some(&sink), 1);
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!((s.sent, s.unrendered), (3, 1), "{s:?}");
+    let db = w.db().await;
+    let rows = ledger_rows(&db, "json").await;
+    let r3 = rows.iter().find(|r| r.0 == 3).unwrap();
+    assert_eq!(r3.1, "unrendered");
+    let why = r3.4.as_deref().unwrap();
+    assert!(
+        why.starts_with("row 3: column `attributes` is not valid JSON"),
+        "{why}"
+    );
 }

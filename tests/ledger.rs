@@ -27,7 +27,7 @@ fn record(id: i64, outcome: Outcome, text: &str) -> Record {
         relay: Some(format!("smtp://{text}")),
         attempts: 0,
         first_attempt_at: None,
-        suppressed: false,
+        skipped: None,
     }
 }
 

@@ -320,7 +320,7 @@ impl<T: Transport> Injector<T> {
             relay: Some(self.relay_name.clone()),
             attempts: job.attempts,
             first_attempt_at: job.first_attempt_at,
-            suppressed: false,
+            skipped: None,
         })
         .await
     }

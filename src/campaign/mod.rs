@@ -72,6 +72,9 @@ pub struct RunOptions {
     /// Consecutive 5xx (over at least three domains) that trip the breaker;
     /// 0 = never.
     pub breaker_threshold: u32,
+    /// Recipients in a row failing to render with the same error that
+    /// pause the campaign; 0 = never (`blast check --render`).
+    pub render_pause: u32,
     /// The operator's second SIGINT: abandon transactions in flight (their
     /// messages are not recorded and go out again on the next run, so an
     /// MTA that had already accepted one sends it twice). The ledger still
@@ -113,13 +116,14 @@ mod work;
 pub use breaker::Breaker;
 pub use rate::{share, Rate};
 pub use stats::{
-    Histogram, InjectorStats, InjectorSummary, LatencySummary, RelaySummary, Stats, Summary,
+    Histogram, InjectorStats, InjectorSummary, LatencySummary, RelaySummary, RenderErrorSummary,
+    Stats, Summary,
 };
 pub use watch::queue_depth;
 pub use work::AMBIGUOUS_NOTE;
 
 use inject::Injector;
-use produce::{produce, RenderWorker, RENDER_QUEUE_CHUNKS};
+use produce::{produce, RenderStreak, RenderWorker, RENDER_QUEUE_CHUNKS};
 use watch::Watchers;
 use work::Work;
 
@@ -171,6 +175,8 @@ where
         records: rec_tx.clone(),
         stats: stats.clone(),
         stop: stop.clone(),
+        breaker: breaker.clone(),
+        streak: Arc::new(RenderStreak::new(opts.render_pause)),
     };
     for _ in 0..std::thread::available_parallelism().map_or(2, |n| n.get()) {
         renderers.spawn(worker.clone().run(chunk_rx.clone()));

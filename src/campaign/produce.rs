@@ -11,11 +11,11 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::work::{Feed, Job};
-use super::Stats;
+use super::{Breaker, Stats};
 use crate::clock;
 use crate::error::Result;
-use crate::model::{Outcome, Recipient, Record};
-use crate::render::Renderer;
+use crate::model::{Outcome, Recipient, Record, Skipped};
+use crate::render::{RenderError, Renderer};
 use crate::source::Source;
 
 /// Recipients per unit of render work: small enough that a render task
@@ -78,6 +78,57 @@ pub(super) struct RenderWorker {
     pub(super) stats: Arc<Stats>,
     /// The run's stop signal.
     pub(super) stop: CancellationToken,
+    /// Where a template mistake that fails recipient after recipient
+    /// pauses the campaign.
+    pub(super) breaker: Arc<Breaker>,
+    /// The current run of identical render failures.
+    pub(super) streak: Arc<RenderStreak>,
+}
+
+/// Render failures in a row with the same error: a template mistake (a
+/// misspelled variable) fails every recipient alike, so after `threshold`
+/// of them the campaign pauses instead of burning the list at render
+/// speed. An error that names one row's data differs from row to row and
+/// never trips it.
+#[derive(Debug, Default)]
+pub(super) struct RenderStreak {
+    threshold: u32,
+    state: std::sync::Mutex<Option<(String, u32, i64)>>,
+}
+
+impl RenderStreak {
+    /// A streak that trips after `threshold` identical failures; 0 = never.
+    pub(super) fn new(threshold: u32) -> RenderStreak {
+        RenderStreak {
+            threshold,
+            state: std::sync::Mutex::new(None),
+        }
+    }
+
+    /// A message was built: the streak ends.
+    fn success(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if st.is_some() {
+            *st = None;
+        }
+    }
+
+    /// Recipient `id` failed with `error`; returns why to pause, once the
+    /// same error has failed `threshold` recipients in a row.
+    fn failure(&self, id: i64, error: &str) -> Option<String> {
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        match st.as_mut() {
+            Some((e, n, _)) if e == error => *n += 1,
+            _ => *st = Some((error.to_string(), 1, id)),
+        }
+        let (error, n, first) = st.as_ref()?;
+        (self.threshold > 0 && *n == self.threshold).then(|| {
+            format!(
+                "{n} recipients in a row failed to render, from recipient {first}: {error}; \
+                 fix the campaign and `blast resume` builds them again"
+            )
+        })
+    }
 }
 
 impl RenderWorker {
@@ -122,14 +173,19 @@ impl RenderWorker {
             ));
         }
         match self.renderer.render(&recipient, now) {
-            Ok(out) => Prepared::Send(Job {
-                out,
-                attempts: recipient.attempts,
-                first_attempt_at: recipient.first_attempt_at,
-                ambiguous: false,
-                deferred_by: 0,
-            }),
-            Err(e) => {
+            Ok(out) => {
+                self.streak.success();
+                Prepared::Send(Job {
+                    out,
+                    attempts: recipient.attempts,
+                    first_attempt_at: recipient.first_attempt_at,
+                    ambiguous: false,
+                    deferred_by: 0,
+                })
+            }
+            // An address that is no address is a fact about the recipient,
+            // like a 5xx: final.
+            Err(e @ RenderError::InvalidAddress { .. }) => {
                 let outcome = Outcome::local_failure(e.to_string());
                 self.stats.count(&outcome);
                 Prepared::Skip(Record {
@@ -139,9 +195,31 @@ impl RenderWorker {
                     relay: None,
                     attempts: recipient.attempts,
                     first_attempt_at: recipient.first_attempt_at,
-                    suppressed: false,
+                    skipped: None,
                 })
             }
+            Err(e) => Prepared::Skip(self.unrendered(recipient, &e)),
+        }
+    }
+
+    /// The record of a recipient whose message could not be built: not
+    /// final, so the next pass builds it again once the cause is fixed.
+    fn unrendered(&self, recipient: Recipient, e: &RenderError) -> Record {
+        let error = e.to_string();
+        self.stats.unrendered(recipient.id, &error);
+        if let Some(why) = self.streak.failure(recipient.id, &error) {
+            tracing::error!("{why} (pausing the campaign)");
+            self.breaker.trip(why);
+            self.stop.cancel();
+        }
+        Record {
+            recipient_id: recipient.id,
+            outcome: Outcome::local_failure(format!("row {}: {error}", recipient.id)),
+            email: recipient.email,
+            relay: None,
+            attempts: recipient.attempts,
+            first_attempt_at: recipient.first_attempt_at,
+            skipped: Some(Skipped::Unrendered),
         }
     }
 }

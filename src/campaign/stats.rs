@@ -33,6 +33,11 @@ pub struct Stats {
     pub retries: AtomicU64,
     /// Recipients skipped because their address is suppressed.
     pub suppressed: AtomicU64,
+    /// Recipients whose message could not be built.
+    pub unrendered: AtomicU64,
+    /// The distinct render errors, with how many recipients each failed
+    /// (at most [`RENDER_ERRORS_KEPT`] kinds).
+    render_errors: std::sync::Mutex<Vec<RenderErrorSummary>>,
     /// Messages sent again after a connection was lost between their data
     /// and the reply (the MTA may have them twice).
     pub possibly_duplicated: AtomicU64,
@@ -126,6 +131,8 @@ impl Stats {
             deferred: AtomicU64::new(0),
             retries: AtomicU64::new(0),
             suppressed: AtomicU64::new(0),
+            unrendered: AtomicU64::new(0),
+            render_errors: std::sync::Mutex::new(Vec::new()),
             possibly_duplicated: AtomicU64::new(0),
             rerouted: AtomicU64::new(0),
             total: AtomicU64::new(0),
@@ -151,12 +158,38 @@ impl Stats {
         });
     }
 
-    /// Recipients answered so far (sent, failed, deferred or suppressed).
+    /// Recipient `id`'s message could not be built because of `error`.
+    pub(super) fn unrendered(&self, id: i64, error: &str) {
+        self.unrendered.fetch_add(1, Ordering::Relaxed);
+        let mut kinds = self.render_errors.lock().unwrap_or_else(|p| p.into_inner());
+        // Past the kinds kept, every new kind counts as one "other".
+        let error = match kinds.len() < RENDER_ERRORS_KEPT {
+            true => error,
+            false => OTHER_RENDER_ERRORS,
+        };
+        match kinds.iter_mut().find(|k| k.error == error) {
+            Some(k) => k.recipients += 1,
+            None => kinds.push(RenderErrorSummary {
+                error: error.to_string(),
+                recipients: 1,
+                first_recipient: id,
+            }),
+        }
+    }
+
+    /// Recipients answered so far (sent, failed, deferred, suppressed or
+    /// not rendered).
     pub fn answered(&self) -> u64 {
-        [&self.sent, &self.failed, &self.deferred, &self.suppressed]
-            .iter()
-            .map(|c| c.load(Ordering::Relaxed))
-            .sum()
+        [
+            &self.sent,
+            &self.failed,
+            &self.deferred,
+            &self.suppressed,
+            &self.unrendered,
+        ]
+        .iter()
+        .map(|c| c.load(Ordering::Relaxed))
+        .sum()
     }
 
     /// The campaign view, if several workers share the campaign.
@@ -196,7 +229,26 @@ impl Stats {
             + self.failed.load(Ordering::Relaxed)
             + self.deferred.load(Ordering::Relaxed)
             + self.suppressed.load(Ordering::Relaxed)
+            + self.unrendered.load(Ordering::Relaxed)
     }
+}
+
+/// Distinct render errors a summary lists (a per-row error differs from
+/// row to row: memory stays bounded; the last kind counts the rest).
+const RENDER_ERRORS_KEPT: usize = 20;
+
+/// The kind that counts render errors past [`RENDER_ERRORS_KEPT`].
+const OTHER_RENDER_ERRORS: &str = "(other render errors)";
+
+/// One kind of render error in a run.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RenderErrorSummary {
+    /// The error.
+    pub error: String,
+    /// Recipients it failed.
+    pub recipients: u64,
+    /// The first recipient (row id) it failed.
+    pub first_recipient: i64,
 }
 
 /// The end-of-run summary (printed, or as JSON with `--json`).
@@ -214,6 +266,11 @@ pub struct Summary {
     pub retries: u64,
     /// Skipped: address on the suppression list.
     pub suppressed: u64,
+    /// Messages that could not be built (a template or data error): not
+    /// final, built again by the next pass.
+    pub unrendered: u64,
+    /// The render errors behind `unrendered`, most frequent first.
+    pub render_errors: Vec<RenderErrorSummary>,
     /// Sent again after a connection was lost between their data and the
     /// reply: the MTA may have delivered them twice (noted in the ledger).
     pub possibly_duplicated: u64,
@@ -345,6 +402,16 @@ impl Stats {
             deferred,
             retries: load(&self.retries),
             suppressed: load(&self.suppressed),
+            unrendered: load(&self.unrendered),
+            render_errors: {
+                let mut kinds = self
+                    .render_errors
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .clone();
+                kinds.sort_by_key(|k| std::cmp::Reverse(k.recipients));
+                kinds
+            },
             possibly_duplicated: load(&self.possibly_duplicated),
             rerouted: load(&self.rerouted),
             breaker: breaker.reason(),
@@ -385,7 +452,11 @@ impl Stats {
 impl Summary {
     /// True when every recipient of this run was accepted.
     pub fn all_accepted(&self) -> bool {
-        self.failed == 0 && self.deferred == 0 && !self.interrupted && self.breaker.is_none()
+        self.failed == 0
+            && self.deferred == 0
+            && self.unrendered == 0
+            && !self.interrupted
+            && self.breaker.is_none()
     }
 }
 

@@ -52,6 +52,7 @@ fn options(concurrency: usize) -> RunOptions {
         queue_probe: None,
         rate: crate::campaign::Rate::new(0),
         holdings: None,
+        render_pause: 5,
         breaker_threshold: 0,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
@@ -363,7 +364,7 @@ async fn a_relay_refusal_trips_the_breaker_at_once_and_is_no_failure() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_render_error_fails_that_recipient_and_the_rest_are_sent() {
+async fn a_render_error_is_that_recipients_and_the_rest_are_sent() {
     let (stub, ledger) = (Stub::new(), MemoryLedger::new());
     let rows = (1..=10)
         .map(|i| {
@@ -386,8 +387,9 @@ async fn a_render_error_fails_that_recipient_and_the_rest_are_sent() {
     let s = run(pipeline, stats, CancellationToken::new())
         .await
         .unwrap();
-    assert_eq!((s.sent, s.failed), (5, 5));
-    assert_eq!(recorded(&ledger, Status::Failed), vec![1, 3, 5, 7, 9]);
+    assert_eq!((s.sent, s.failed, s.unrendered), (5, 0, 5));
+    assert!(s.breaker.is_none(), "interleaved with successes: no streak");
+    assert_eq!(recorded(&ledger, Status::Unrendered), vec![1, 3, 5, 7, 9]);
     let failed = ledger.records().into_iter().find(|r| r.recipient_id == 1);
     let text = failed.unwrap().outcome.reply().text.clone();
     assert!(
@@ -449,5 +451,101 @@ async fn a_relay_that_never_answers_stalls_without_losing_anyone() {
     assert_eq!(
         recorded(&ledger, Status::Sent),
         (1..=20).collect::<Vec<_>>()
+    );
+}
+
+/// Runs `source` with `subject` as the subject template.
+async fn go_with_subject(
+    source: VecSource,
+    subject: &str,
+    stub: Stub,
+    ledger: MemoryLedger,
+    opts: RunOptions,
+) -> Summary {
+    let stats = Arc::new(Stats::new(1));
+    let pipeline = Pipeline {
+        name: "test".into(),
+        source,
+        renderer: renderer(subject),
+        transport: Arc::new(stub),
+        ledger,
+        options: opts,
+    };
+    run(pipeline, stats, CancellationToken::new())
+        .await
+        .unwrap()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_template_mistake_pauses_the_campaign_and_fails_nobody_for_good() {
+    let (stub, ledger) = (Stub::new(), MemoryLedger::new());
+    let s = go_with_subject(
+        VecSource::numbered(1000, 100),
+        "Hi {{ frist_name }}",
+        stub.clone(),
+        ledger.clone(),
+        options(2),
+    )
+    .await;
+    let why = s.breaker.clone().expect("the campaign pauses");
+    assert!(
+        why.contains("5 recipients in a row failed to render, from recipient 1")
+            && why.contains("frist_name"),
+        "{why}"
+    );
+    assert!(stub.delivered().is_empty());
+    assert!(
+        s.unrendered >= 5 && s.unrendered < 1000,
+        "stopped early: {s:?}"
+    );
+    assert_eq!(s.failed, 0, "a render error is never final");
+    let records = ledger.records();
+    assert!(records.iter().all(|r| r.status() == Status::Unrendered));
+    assert!(!Status::Unrendered.is_final());
+    assert!(
+        records[0]
+            .outcome
+            .reply()
+            .text
+            .starts_with("row 1: template"),
+        "{:?}",
+        records[0]
+    );
+    assert_eq!(s.render_errors.len(), 1, "{:?}", s.render_errors);
+    assert_eq!(s.render_errors[0].first_recipient, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_broken_row_is_recorded_for_itself_and_the_rest_go_out() {
+    let (stub, ledger) = (Stub::new(), MemoryLedger::new());
+    let mut rows: Vec<Recipient> = (1..=20)
+        .map(|i| Recipient::new(i, format!("u{i}@example.com"), Map::new()))
+        .collect();
+    for i in [3usize, 4, 5, 6, 7, 8, 9] {
+        // Different rows, different errors: never a streak.
+        rows[i].broken = Some(format!("column `attributes` is not valid JSON: at {i}"));
+    }
+    let s = go_with_subject(
+        VecSource::new(rows, 10),
+        "Hello {{ id }}",
+        stub.clone(),
+        ledger.clone(),
+        options(1),
+    )
+    .await;
+    assert!(s.breaker.is_none(), "{s:?}");
+    assert_eq!((s.sent, s.unrendered), (13, 7));
+    assert_eq!(
+        recorded(&ledger, Status::Unrendered),
+        vec![4, 5, 6, 7, 8, 9, 10]
+    );
+    let r = ledger
+        .records()
+        .into_iter()
+        .find(|r| r.recipient_id == 4)
+        .unwrap();
+    assert_eq!(
+        r.outcome.reply().text,
+        "row 4: column `attributes` is not valid JSON: at 3"
     );
 }

@@ -219,6 +219,9 @@ pub struct DeliveryConfig {
     /// Consecutive 5xx refusals (over at least three domains) that pause the
     /// campaign; 0 turns the breaker off.
     pub breaker_threshold: u32,
+    /// Recipients in a row failing to render with the same error (a
+    /// template mistake) that pause the campaign; 0 = never.
+    pub render_pause: u32,
     /// Use BDAT when the relay offers CHUNKING (else DATA).
     pub chunking: bool,
     /// With `concurrency = "auto"` on the MTA's host: a command printing the
@@ -290,6 +293,10 @@ impl RetryPolicy {
 
 /// Default for `delivery.breaker_threshold`.
 pub const DEFAULT_BREAKER_THRESHOLD: u32 = 25;
+
+/// Default for `delivery.render_pause`: small, because a template mistake
+/// fails every recipient alike at render speed.
+pub const DEFAULT_RENDER_PAUSE: u32 = 5;
 
 /// Parses `90s`, `5m`, `2h`, `2d` (a bare number is seconds).
 pub fn parse_duration(s: &str) -> std::result::Result<Duration, String> {
@@ -479,6 +486,7 @@ impl Config {
                 timeout,
                 retry,
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
+                render_pause: d.render_pause.unwrap_or(DEFAULT_RENDER_PAUSE),
                 chunking: d.chunking.unwrap_or(true),
                 queue_probe,
                 workers,

@@ -68,8 +68,8 @@ pub(crate) async fn status(args: blast::cli::StatusArgs) -> anyhow::Result<ExitC
         println!("{}", serde_json::to_string(&c)?);
     } else {
         println!(
-                "campaign {}: {}\n  sent        {}\n  failed      {}\n  deferred    {}\n  suppressed  {}\n  pending     {}",
-                c.campaign, c.state, c.sent, c.failed, c.deferred, c.suppressed, c.pending
+                "campaign {}: {}\n  sent        {}\n  failed      {}\n  deferred    {}\n  suppressed  {}\n  unrendered  {}\n  pending     {}",
+                c.campaign, c.state, c.sent, c.failed, c.deferred, c.suppressed, c.unrendered, c.pending
             );
         println!(
                 "after sending:\n  hard bounces  {}\n  soft bounces  {}\n  complaints    {}\n  unsubscribed  {}",
@@ -152,6 +152,7 @@ pub(crate) fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::
                 ""
             }
         );
+        render_errors(summary);
         for r in &summary.relays {
             let m = &r.marks;
             eprintln!(
@@ -300,6 +301,24 @@ pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
     Ok(code)
 }
 
+/// Prints the render errors of a run, most frequent first: the operator's
+/// list of what to fix before `blast resume` builds those messages again.
+fn render_errors(summary: &blast::campaign::Summary) {
+    if summary.unrendered == 0 {
+        return;
+    }
+    eprintln!(
+        "blast: {}: {} messages could not be built (not sent; the next run builds them again):",
+        summary.campaign, summary.unrendered
+    );
+    for k in &summary.render_errors {
+        eprintln!(
+            "blast:   {} recipients, first row {}: {}",
+            k.recipients, k.first_recipient, k.error
+        );
+    }
+}
+
 /// Prints a summary line; true when not every recipient was accepted.
 pub(crate) fn report_line(summary: &blast::campaign::Summary) -> bool {
     eprintln!(
@@ -311,6 +330,7 @@ pub(crate) fn report_line(summary: &blast::campaign::Summary) -> bool {
         summary.suppressed,
         summary.seconds
     );
+    render_errors(summary);
     !summary.all_accepted()
 }
 
