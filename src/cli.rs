@@ -300,6 +300,14 @@ pub struct SendArgs {
 pub struct CheckArgs {
     /// The campaign file.
     pub campaign: PathBuf,
+    /// Render every recipient's message instead of checking the relays:
+    /// nothing is sent or recorded; prints how many failed and why (exit 1
+    /// if any did).
+    #[arg(long)]
+    pub render: bool,
+    /// The database URL, overriding the campaign's.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: Option<String>,
     /// SMTP relay URL(s), overriding `delivery.smtp` (repeat for several).
     #[arg(long)]
     pub smtp: Vec<String>,

@@ -14,7 +14,7 @@ use crate::campaign::{self, Pipeline, Rate, RunOptions, Stats, Summary};
 use crate::config::{Concurrency, Config};
 use crate::db::Db;
 use crate::error::{Error, Result};
-use crate::ledger::{self, Ledger, MemoryLedger, SqlLedger, StatusCounts};
+use crate::ledger::{self, Ledger, SqlLedger, StatusCounts};
 use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
 use crate::sign::Key;
@@ -57,9 +57,14 @@ pub async fn send_with_abort(
     let result = match &cfg.dry_run {
         Some(dir) => {
             let dir = dry_run_dir(cfg, dir);
-            let transport = FileTransport::new(dir.clone()).map_err(|e| Error::io(dir, e))?;
+            let transport = match cfg.render_only {
+                true => FileTransport::discard(),
+                false => FileTransport::new(dir.clone()).map_err(|e| Error::io(dir, e))?,
+            };
+            // Nothing is recorded: the summary counts every outcome and
+            // keeps the render errors, in bounded memory.
             prepared
-                .execute(cfg, mode, transport, MemoryLedger::new(), &run.token)
+                .execute(cfg, mode, transport, ledger::Discard, &run.token)
                 .await
         }
         None => send_live(cfg, &db, prepared, mode, &run.token).await,
@@ -148,14 +153,19 @@ impl Prepared {
         mut renderer: Renderer,
         abort: CancellationToken,
     ) -> Result<Prepared> {
-        let mut campaign =
-            ledger::open_campaign(db, &cfg.name, source::max_id(db, &cfg.audience)).await?;
-        if campaign.max_recipient_id < 0 {
-            let max = source::max_id(db, &cfg.audience).await?;
-            ledger::fix_max_id(db, campaign.id, max).await?;
-            campaign.max_recipient_id = max;
-        }
-        renderer.set_campaign(campaign.id, Key::load(db).await?);
+        let campaign = match cfg.dry_run {
+            None => Self::campaign_row(db, cfg).await?,
+            // A dry run writes nothing: it reads the campaign if it exists
+            // (to show what its next run would send), else the audience as
+            // it is now, and signs with the installation's key only if
+            // there is one.
+            Some(_) => Self::dry_campaign_row(db, cfg).await?,
+        };
+        let key = match cfg.dry_run {
+            None => Key::load(db).await?,
+            Some(_) => Key::existing(db).await?.map_or_else(Key::generate, Ok)?,
+        };
+        renderer.set_campaign(campaign.id, key);
         if cfg.dry_run.is_none() {
             ledger::set_inbound_patterns(
                 db,
@@ -187,6 +197,36 @@ impl Prepared {
             source,
             stats: Arc::new(Stats::new(injectors)),
         })
+    }
+
+    /// The campaign's row, created at its first run (which fixes its
+    /// audience's highest id).
+    async fn campaign_row(db: &Db, cfg: &Config) -> Result<ledger::CampaignRow> {
+        let mut campaign =
+            ledger::open_campaign(db, &cfg.name, source::max_id(db, &cfg.audience)).await?;
+        if campaign.max_recipient_id < 0 {
+            let max = source::max_id(db, &cfg.audience).await?;
+            ledger::fix_max_id(db, campaign.id, max).await?;
+            campaign.max_recipient_id = max;
+        }
+        Ok(campaign)
+    }
+
+    /// The campaign's row as it is, or one that exists only in memory
+    /// (id 0: no ledger row matches it) for a campaign never run.
+    async fn dry_campaign_row(db: &Db, cfg: &Config) -> Result<ledger::CampaignRow> {
+        let found = ledger::find_campaign(db, &cfg.name).await?;
+        let mut campaign = found.unwrap_or_else(|| ledger::CampaignRow {
+            id: 0,
+            name: cfg.name.clone(),
+            state: "new".into(),
+            max_recipient_id: -1,
+            reason: None,
+        });
+        if campaign.max_recipient_id < 0 {
+            campaign.max_recipient_id = source::max_id(db, &cfg.audience).await?;
+        }
+        Ok(campaign)
     }
 }
 

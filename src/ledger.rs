@@ -865,8 +865,19 @@ impl Ledger for SqlLedger {
     }
 }
 
-/// An in-memory ledger, for `--dry-run` (which must not mark anyone as sent)
-/// and for tests.
+/// A ledger that keeps nothing, for `--dry-run` and `blast check --render`
+/// (which must leave the database as they found it; the run's summary
+/// counts the outcomes).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Discard;
+
+impl Ledger for Discard {
+    async fn record(&mut self, _batch: &[Record]) -> Result<()> {
+        Ok(())
+    }
+}
+
+/// An in-memory ledger that keeps every record, for tests.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryLedger {
     records: Arc<Mutex<Vec<Record>>>,

@@ -55,6 +55,20 @@ impl Key {
         Ok(Key(bytes))
     }
 
+    /// The database's key, if one was created (nothing is written).
+    pub async fn existing(db: &Db) -> Result<Option<Key>> {
+        let hex: Option<String> =
+            sqlx::query_scalar("SELECT value FROM blast_settings WHERE key = 'hmac_key'")
+                .fetch_optional(db.pool())
+                .await?;
+        hex.map(|h| {
+            Key::from_hex(&h).ok_or_else(|| {
+                Error::Internal("blast_settings.hmac_key is not 64 hex digits".into())
+            })
+        })
+        .transpose()
+    }
+
     /// The database's key, created on first use. Two processes racing to
     /// create it both end up with the one that was inserted first.
     pub async fn load(db: &Db) -> Result<Key> {

@@ -308,3 +308,59 @@ async fn duplicate_ids_are_sent_once_sqlite() {
 async fn duplicate_ids_are_sent_once_postgres() {
     duplicate_ids(Backend::Postgres).await;
 }
+
+/// Issue 13: a dry run leaves the database exactly as it found it: no
+/// campaign row (so no audience fixed), no key; subscribers added after it
+/// are part of the real send.
+#[tokio::test]
+async fn a_dry_run_leaves_the_database_as_it_found_it() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(10).await;
+    let snapshot = |w: &World| {
+        let url = w.url.clone();
+        async move {
+            let db = blast::db::Db::connect(&url).await.unwrap();
+            let mut out = Vec::new();
+            for table in [
+                "blast_campaigns",
+                "blast_settings",
+                "blast_deliveries",
+                "blast_claims",
+                "blast_workers",
+                "blast_suppressions",
+            ] {
+                let n: i64 = sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+                    "SELECT COUNT(*) FROM {table}"
+                )))
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+                out.push((table, n));
+            }
+            db.close().await;
+            out
+        }
+    };
+    let before = snapshot(&w).await;
+    let path = w.campaign("dry2", "Hi {{ first_name }}", "x", None, "");
+    let mut cfg = w.config(&path, None, 2);
+    cfg.dry_run = Some(w.path("out"));
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(s.sent, 10);
+    assert_eq!(snapshot(&w).await, before, "a dry run writes nothing");
+
+    // Ten more subscribers arrive; the real send includes them.
+    w.exec(
+        "INSERT INTO subscribers (id, email, attributes, created_at) \
+         SELECT id + 10, 'late' || id || '@example.com', attributes, created_at FROM subscribers",
+    )
+    .await;
+    let sink = util::sink(Faults::default()).await;
+    let cfg = w.config(&path, Some(&sink), 2);
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(s.sent, 20, "{s:?}");
+}

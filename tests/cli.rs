@@ -328,3 +328,39 @@ fn send_over_starttls_with_auth_between_two_processes() {
     let log = String::from_utf8_lossy(&sink_out.stderr);
     assert!(log.contains("12 messages"), "{log}");
 }
+
+/// Issue 13: `blast check --render` renders every recipient, sends and
+/// records nothing, and lists the errors with the first row each hit.
+#[tokio::test]
+async fn check_render_lists_render_errors_and_records_nothing() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(30).await;
+    // Ten rows lack the variable the subject uses.
+    w.exec("UPDATE subscribers SET attributes = '{}' WHERE id > 20")
+        .await;
+    let path = w.campaign("render", "Hi {{ first_name }}", "x", None, "");
+    let out = util::blast()
+        .args(["check", "--render", "--json"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let s: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(s["sent"], 20, "{s}");
+    assert_eq!(
+        s["unrendered"], 10,
+        "every recipient rendered, no pause: {s}"
+    );
+    assert!(s["breaker"].is_null(), "{s}");
+    let errors = s["render_errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 1, "{s}");
+    assert_eq!(errors[0]["first_recipient"], 21);
+    assert_eq!(errors[0]["recipients"], 10);
+    assert!(errors[0]["error"].as_str().unwrap().contains("first_name"));
+    let db = w.db().await;
+    let campaigns: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM blast_campaigns")
+        .fetch_one(db.pool())
+        .await
+        .unwrap();
+    assert_eq!(campaigns, 0, "nothing recorded");
+}

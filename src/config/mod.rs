@@ -337,6 +337,9 @@ pub struct Config {
     pub limit: Option<u64>,
     /// Write `.eml` files here instead of sending.
     pub dry_run: Option<PathBuf>,
+    /// With `dry_run`: render every recipient and keep no message
+    /// (`blast check --render`).
+    pub render_only: bool,
     /// Send only deferred recipients that are due (`blast retry`).
     pub retries_only: bool,
     /// This process's name among the campaign's workers.
@@ -374,6 +377,7 @@ impl fmt::Debug for Config {
             .field("delivery", &self.delivery)
             .field("limit", &self.limit)
             .field("dry_run", &self.dry_run)
+            .field("render_only", &self.render_only)
             .finish_non_exhaustive()
     }
 }
@@ -493,6 +497,7 @@ impl Config {
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),
+            render_only: false,
             retries_only: overrides.retries_only,
             worker,
             send_at,

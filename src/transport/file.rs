@@ -6,24 +6,29 @@ use std::path::PathBuf;
 use super::{SessionError, Transport};
 use crate::model::{Envelope, Outcome, Reply};
 
-/// Writes messages into a folder.
+/// Writes messages into a folder, or nowhere (`blast check --render`).
 #[derive(Debug, Clone)]
 pub struct FileTransport {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
 }
 
 impl FileTransport {
     /// Creates `dir` if needed.
     pub fn new(dir: PathBuf) -> std::io::Result<FileTransport> {
         std::fs::create_dir_all(&dir)?;
-        Ok(FileTransport { dir })
+        Ok(FileTransport { dir: Some(dir) })
+    }
+
+    /// Takes every message and keeps none: rendering is the whole point.
+    pub fn discard() -> FileTransport {
+        FileTransport { dir: None }
     }
 }
 
 /// A "session" is just the folder.
 #[derive(Debug)]
 pub struct FileSession {
-    dir: PathBuf,
+    dir: Option<PathBuf>,
 }
 
 impl Transport for FileTransport {
@@ -36,13 +41,26 @@ impl Transport for FileTransport {
     }
 
     fn describe(&self, _slot: usize) -> String {
-        format!("file://{}", self.dir.display())
+        match &self.dir {
+            Some(dir) => format!("file://{}", dir.display()),
+            None => "discard".to_string(),
+        }
     }
 }
 
 impl super::Session for FileSession {
     async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Outcome, SessionError> {
-        let path = self.dir.join(format!("{}.eml", envelope.recipient_id));
+        let Some(dir) = &self.dir else {
+            return Ok(Outcome::Sent {
+                reply: Reply {
+                    code: None,
+                    enhanced: None,
+                    text: "rendered".into(),
+                },
+                queue_id: None,
+            });
+        };
+        let path = dir.join(format!("{}.eml", envelope.recipient_id));
         // The envelope is not part of the message; keep it visible like an MTA would.
         let mut bytes = format!(
             "Return-Path: <{}>\r\nDelivered-To: {}\r\n",

@@ -14,13 +14,35 @@ use super::{load, progress_mode, shutdown_signal, signals};
 /// `blast check`: every relay, as a send would reach it; exit 0 when all
 /// of them work, 2 otherwise.
 pub(crate) async fn check(args: blast::cli::CheckArgs) -> anyhow::Result<ExitCode> {
-    let cfg = load(
+    let mut cfg = load(
         &args.campaign,
         Overrides {
             smtp: args.smtp,
+            database: args.database,
             ..Default::default()
         },
     )?;
+    if args.render {
+        // A dry run that keeps no message and never pauses: every
+        // recipient is rendered and every error counted.
+        cfg.dry_run = Some(std::path::PathBuf::new());
+        cfg.render_only = true;
+        cfg.delivery.render_pause = 0;
+        let summary = blast::commands::send(&cfg, Mode::Auto, shutdown_signal()).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&summary)?);
+        } else {
+            eprintln!(
+                "blast: {}: rendered {} messages, {} could not be built, {} invalid addresses, {} suppressed",
+                summary.campaign, summary.sent, summary.unrendered, summary.failed, summary.suppressed
+            );
+            render_errors(&summary);
+        }
+        return Ok(match summary.unrendered + summary.failed {
+            0 => ExitCode::SUCCESS,
+            _ => ExitCode::from(1),
+        });
+    }
     let checks = blast::commands::check(&cfg).await?;
     for c in &checks {
         if args.json {
