@@ -249,6 +249,7 @@ async fn run_options(cfg: &Config, db: &Db, abort: CancellationToken) -> Result<
         holdings: None,
         breaker_threshold: cfg.delivery.breaker_threshold,
         render_pause: cfg.delivery.render_pause,
+        ambiguous_tries: cfg.delivery.ambiguous_tries,
         abort,
         suppressions: Live::default(),
     })

@@ -106,6 +106,7 @@ async fn run_paced(
         holdings: None,
         breaker_threshold: 0,
         render_pause: 0,
+        ambiguous_tries: 3,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
     };

@@ -98,6 +98,8 @@ pub(super) struct Injector<T: Transport> {
     pub(super) stats: Arc<Stats>,
     /// The campaign's circuit breaker.
     pub(super) breaker: Arc<Breaker>,
+    /// Ambiguous losses of one message before it is given up.
+    pub(super) ambiguous_tries: u32,
     /// Finish the transaction at hand, then stop.
     pub(super) stop: CancellationToken,
     /// Abandon the transaction at hand.
@@ -272,12 +274,51 @@ impl<T: Transport> Injector<T> {
     ) -> Flow {
         conn.session = None;
         permit.release(Some(Mark::Connection));
-        hand.job_mut().ambiguous |= e.ambiguous;
-        hand.requeue();
+        let job = hand.job_mut();
+        job.ambiguous |= e.ambiguous;
+        job.ambiguous_losses += u32::from(e.ambiguous);
+        if job.ambiguous_losses >= self.ambiguous_tries {
+            if let Flow::Stop = self.give_up_ambiguous(hand, &e).await {
+                return Flow::Stop;
+            }
+        } else {
+            hand.requeue();
+        }
         if self.settings_failed(&e) || !self.wait_retry(&e, &mut conn.backoff).await {
             return Flow::Stop;
         }
         Flow::Next
+    }
+
+    /// Every try of this message lost its connection after the data: the
+    /// MTA may hold it several times already. Recorded failed (final), with
+    /// "possibly delivered" in the reply, rather than sent forever.
+    async fn give_up_ambiguous(&self, hand: InHand<'_>, e: &SessionError) -> Flow {
+        let job = hand.finish();
+        self.stats
+            .possibly_delivered
+            .fetch_add(1, Ordering::Relaxed);
+        let outcome = Outcome::local_failure(format!(
+            "possibly delivered: the connection was lost after the message data {} times; \
+             not sent again (last: {})",
+            job.ambiguous_losses, e.message
+        ));
+        tracing::warn!(
+            "recipient {}: {}",
+            job.out.envelope.recipient_id,
+            outcome.reply().text
+        );
+        self.stats.count(&outcome);
+        self.record(Record {
+            recipient_id: job.out.envelope.recipient_id,
+            email: job.out.email,
+            outcome,
+            relay: Some(self.relay_name.clone()),
+            attempts: job.attempts,
+            first_attempt_at: job.first_attempt_at,
+            skipped: None,
+        })
+        .await
     }
 
     /// The server answered: the slot is released with its mark, a 4xx goes

@@ -72,6 +72,11 @@ pub struct RunOptions {
     /// Consecutive 5xx (over at least three domains) that trip the breaker;
     /// 0 = never.
     pub breaker_threshold: u32,
+    /// Tries of one message whose connection is lost after its data (the
+    /// MTA may have it): after this many, the recipient is recorded failed
+    /// as "possibly delivered" instead of sent yet again (a milter slower
+    /// than the timeout would make every try ambiguous, forever).
+    pub ambiguous_tries: u32,
     /// Recipients in a row failing to render with the same error that
     /// pause the campaign; 0 = never (`blast check --render`).
     pub render_pause: u32,
@@ -319,6 +324,7 @@ impl Relays {
                 breaker: breaker.clone(),
                 stop: stop.clone(),
                 abort: opts.abort.clone(),
+                ambiguous_tries: opts.ambiguous_tries.max(1),
                 suppressions: opts.suppressions.clone(),
             })
             .collect()

@@ -180,6 +180,7 @@ impl RenderWorker {
                     attempts: recipient.attempts,
                     first_attempt_at: recipient.first_attempt_at,
                     ambiguous: false,
+                    ambiguous_losses: 0,
                     deferred_by: 0,
                 })
             }

@@ -41,6 +41,9 @@ pub struct Stats {
     /// Messages sent again after a connection was lost between their data
     /// and the reply (the MTA may have them twice).
     pub possibly_duplicated: AtomicU64,
+    /// Messages given up after every try lost its connection after the
+    /// data (recorded failed, "possibly delivered").
+    pub possibly_delivered: AtomicU64,
     /// Messages a relay answered with 4xx that went on to another relay.
     pub rerouted: AtomicU64,
     /// Pending recipients at start, once known (0 = unknown).
@@ -134,6 +137,7 @@ impl Stats {
             unrendered: AtomicU64::new(0),
             render_errors: std::sync::Mutex::new(Vec::new()),
             possibly_duplicated: AtomicU64::new(0),
+            possibly_delivered: AtomicU64::new(0),
             rerouted: AtomicU64::new(0),
             total: AtomicU64::new(0),
             queue: AtomicU64::new(0),
@@ -274,6 +278,9 @@ pub struct Summary {
     /// Sent again after a connection was lost between their data and the
     /// reply: the MTA may have delivered them twice (noted in the ledger).
     pub possibly_duplicated: u64,
+    /// Recipients recorded failed after `ambiguous_tries` tries each lost
+    /// the connection after the data: the MTA may have delivered them.
+    pub possibly_delivered: u64,
     /// Messages a relay answered with 4xx that another relay then took (a
     /// relay that defers fast does not get to defer the campaign).
     pub rerouted: u64,
@@ -413,6 +420,7 @@ impl Stats {
                 kinds
             },
             possibly_duplicated: load(&self.possibly_duplicated),
+            possibly_delivered: load(&self.possibly_delivered),
             rerouted: load(&self.rerouted),
             breaker: breaker.reason(),
             breaker_streak: breaker.streak(),

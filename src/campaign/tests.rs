@@ -53,6 +53,7 @@ fn options(concurrency: usize) -> RunOptions {
         rate: crate::campaign::Rate::new(0),
         holdings: None,
         render_pause: 5,
+        ambiguous_tries: 3,
         breaker_threshold: 0,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
@@ -548,4 +549,31 @@ async fn a_broken_row_is_recorded_for_itself_and_the_rest_go_out() {
         r.outcome.reply().text,
         "row 4: column `attributes` is not valid JSON: at 3"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_message_lost_after_its_data_every_time_is_given_up_after_three_tries() {
+    let (stub, ledger) = (Stub::new(), MemoryLedger::new());
+    // A milter slower than the timeout: the first message's three tries
+    // all lose the connection after the data.
+    stub.lose_sessions(3, true);
+    let s = go(
+        VecSource::numbered(10, 10),
+        stub.clone(),
+        ledger.clone(),
+        options(1),
+        CancellationToken::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!((s.sent, s.failed, s.possibly_delivered), (9, 1, 1), "{s:?}");
+    assert_eq!(recorded(&ledger, Status::Failed), vec![1]);
+    let r = &ledger.records()[0];
+    assert!(
+        r.outcome.reply().text.starts_with(
+            "possibly delivered: the connection was lost after the message data 3 times"
+        ),
+        "{r:?}"
+    );
+    assert_eq!(stub.connections(), 4, "three lost sessions, then one more");
 }

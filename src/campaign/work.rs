@@ -21,6 +21,9 @@ pub(super) struct Job {
     /// A connection was lost after this message's data was sent, before the
     /// reply: the MTA may have accepted it already.
     pub(super) ambiguous: bool,
+    /// How many times that happened: bounded by
+    /// [`RunOptions::ambiguous_tries`](super::RunOptions::ambiguous_tries).
+    pub(super) ambiguous_losses: u32,
     /// Relays (bit `r` for relay `r`) that answered this message with a 4xx.
     pub(super) deferred_by: u64,
 }
@@ -347,6 +350,7 @@ mod tests {
             attempts: 0,
             first_attempt_at: None,
             ambiguous: false,
+            ambiguous_losses: 0,
             deferred_by: 0,
         }
     }

@@ -222,6 +222,9 @@ pub struct DeliveryConfig {
     /// Recipients in a row failing to render with the same error (a
     /// template mistake) that pause the campaign; 0 = never.
     pub render_pause: u32,
+    /// Tries of a message whose connection drops after its data before it
+    /// is recorded failed, "possibly delivered".
+    pub ambiguous_tries: u32,
     /// Use BDAT when the relay offers CHUNKING (else DATA).
     pub chunking: bool,
     /// With `concurrency = "auto"` on the MTA's host: a command printing the
@@ -491,6 +494,7 @@ impl Config {
                 retry,
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
                 render_pause: d.render_pause.unwrap_or(DEFAULT_RENDER_PAUSE),
+                ambiguous_tries: d.ambiguous_tries.unwrap_or(3).max(1),
                 chunking: d.chunking.unwrap_or(true),
                 queue_probe,
                 workers,

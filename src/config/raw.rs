@@ -64,6 +64,7 @@ pub(super) struct DeliveryFile {
     pub(super) give_up_after: Option<String>,
     pub(super) breaker_threshold: Option<u32>,
     pub(super) render_pause: Option<u32>,
+    pub(super) ambiguous_tries: Option<u32>,
     pub(super) chunking: Option<bool>,
     pub(super) queue_probe: Option<String>,
     pub(super) queue_target: Option<u64>,

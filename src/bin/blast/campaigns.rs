@@ -203,6 +203,12 @@ pub(crate) fn report(summary: &blast::campaign::Summary, json: bool) -> anyhow::
                 summary.campaign, summary.possibly_duplicated
             );
         }
+        if summary.possibly_delivered > 0 {
+            eprintln!(
+                "blast: {}: {} recipients were given up after every try lost the connection after the message data (failed, \"possibly delivered\"): check the MTA's timeout and milters",
+                summary.campaign, summary.possibly_delivered
+            );
+        }
         if let Some(reason) = &summary.breaker {
             eprintln!("blast: {}: PAUSED by the circuit breaker: {reason}; fix the relay, then `blast resume`", summary.campaign);
         }
