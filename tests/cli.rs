@@ -132,6 +132,17 @@ async fn preview_prints_one_recipient() {
 /// sink accepted is in the ledger, the summary says the run was stopped.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_flushes_the_ledger() {
+    signal_flushes_the_ledger("-TERM").await;
+}
+
+/// Issue 13: SIGHUP (a dropped SSH session) is a graceful stop too, not a
+/// kill with answers unrecorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_flushes_the_ledger() {
+    signal_flushes_the_ledger("-HUP").await;
+}
+
+async fn signal_flushes_the_ledger(signal: &str) {
     let w = World::new(Backend::Sqlite).await;
     w.seed(2000).await;
     let sink = util::slow_sink(std::time::Duration::from_millis(2)).await;
@@ -146,7 +157,7 @@ async fn sigterm_flushes_the_ledger() {
         .unwrap();
     util::wait_for(&sink, 200).await;
     let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args([signal, &child.id().to_string()])
         .status()
         .unwrap();
     assert!(kill.success());
@@ -155,7 +166,10 @@ async fn sigterm_flushes_the_ledger() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("stopped before the end"), "{stderr}");
+    if signal == "-TERM" {
+        // After SIGHUP the terminal is gone: nothing more is printed.
+        assert!(stderr.contains("stopped before the end"), "{stderr}");
+    }
     let accepted = sink.stats().messages;
     assert!(accepted < 2000, "stopped early");
     let db = w.db().await;

@@ -80,7 +80,7 @@ fn load(path: &std::path::Path, overrides: Overrides) -> anyhow::Result<Config> 
     Ok(Config::load(path, &overrides)?)
 }
 
-/// Tokens cancelled by the first and the second SIGINT/SIGTERM.
+/// Tokens cancelled by the first and the second SIGINT/SIGTERM/SIGHUP.
 fn signals() -> (
     tokio_util::sync::CancellationToken,
     tokio_util::sync::CancellationToken,
@@ -92,35 +92,64 @@ fn signals() -> (
         shutdown_signal().await;
         f.cancel();
         shutdown_signal().await;
-        eprintln!(
-            "blast: second signal: abandoning transactions in flight (they will be sent again)"
-        );
+        say("blast: second signal: abandoning transactions in flight (they will be sent again)");
         s.cancel();
     });
     (first, second)
 }
 
-/// Resolves on the first SIGINT or SIGTERM.
+/// Writes a line to stderr, ignoring a terminal that is gone.
+fn say(line: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "{line}");
+}
+
+/// Resolves on the first SIGINT, SIGTERM or SIGHUP. A SIGHUP (the SSH
+/// session dropped) stops the run like SIGTERM, with every answer flushed
+/// to the ledger; the terminal is gone, so stdout and stderr go to
+/// /dev/null from then on (a write to a hung-up terminal fails, and a
+/// failed `eprintln!` would panic before the flush).
 async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut hup)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            let _ = ctrl_c.await;
+            return;
+        };
         tokio::select! {
             _ = ctrl_c => {},
             _ = term.recv() => {},
+            _ = hup.recv() => {
+                detach_from_terminal();
+                return;
+            },
         }
     }
     #[cfg(not(unix))]
     let _ = ctrl_c.await;
-    eprintln!("blast: stopping: finishing in-flight messages and flushing the ledger");
+    say("blast: stopping: finishing in-flight messages and flushing the ledger");
+}
+
+/// Points stdout and stderr at /dev/null (after SIGHUP).
+#[cfg(unix)]
+fn detach_from_terminal() {
+    use std::os::fd::AsRawFd;
+    tracing::warn!("SIGHUP: the terminal is gone; stopping the run");
+    let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") else {
+        return;
+    };
+    for fd in [1, 2] {
+        // SAFETY: dup2 on two valid descriptors; `null` outlives the call
+        // and the duplicate is independent of it.
+        unsafe {
+            libc::dup2(null.as_raw_fd(), fd);
+        }
+    }
 }
 
 fn progress_mode(s: &str) -> Mode {
