@@ -32,7 +32,8 @@ if [ "${BLAST_PG_DURABLE:-0}" = 1 ]; then
 else
   pg_durability="-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
 fi
-pg_as "'$pg_bin/pg_ctl' -D '$pg_dir/data' -l '$pg_dir/log' -w -o \"-p $pg_port -k '$pg_dir' -c listen_addresses=127.0.0.1 $pg_durability -c max_connections=200\" start" >/dev/null
+pg_opts="-p $pg_port -k $pg_dir -c listen_addresses=127.0.0.1 $pg_durability -c max_connections=200"
+pg_as "'$pg_bin/pg_ctl' -D '$pg_dir/data' -l '$pg_dir/log' -w -o \"$pg_opts\" start" >/dev/null
 
 pg_stop() {
   pg_as "'$pg_bin/pg_ctl' -D '$pg_dir/data' -m immediate stop" >/dev/null 2>&1
@@ -41,4 +42,8 @@ pg_stop() {
 trap pg_stop EXIT
 
 export BLAST_TEST_PG_URL="postgres://$pg_user@127.0.0.1:$pg_port/postgres"
+# What tests/restart.rs needs to restart this cluster mid-campaign (it runs
+# as its own test binary, alone: cargo runs test binaries one at a time).
+export BLAST_TEST_PG_CTL="$pg_bin/pg_ctl" BLAST_TEST_PG_DATA="$pg_dir/data" BLAST_TEST_PG_LOG="$pg_dir/log" BLAST_TEST_PG_OPTS="$pg_opts"
+export BLAST_TEST_PG_OWNER=$([ "$(id -u)" -eq 0 ] && echo postgres || echo "")
 echo "pg.sh: PostgreSQL $("$pg_bin/postgres" --version | awk '{print $3}') on port $pg_port ($([ "${BLAST_PG_DURABLE:-0}" = 1 ] && echo durable || echo fsync off))" >&2

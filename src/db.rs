@@ -94,6 +94,10 @@ impl Db {
         };
         let options = AnyConnectOptions::from_str(&url)?;
         let pool = AnyPoolOptions::new()
+            // A server that is down fails a step after 5 s (not sqlx's 30 s):
+            // the callers that can wait ([`Backoff`]) retry it, logged, for
+            // up to [`RETRY_FOR`]; the others fail fast with a clear error.
+            .acquire_timeout(std::time::Duration::from_secs(5))
             // SQLite allows one writer at a time; a few connections let the
             // source read while the ledger writes.
             .max_connections(if backend == Backend::Sqlite { 4 } else { 8 })
@@ -240,5 +244,76 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 0);
+    }
+}
+
+/// How long a transient database error is retried before it is fatal.
+pub const RETRY_FOR: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Retries of one database step after transient errors (a restarting
+/// server, a dropped connection): 0.1 s doubling to 5 s, for at most
+/// [`RETRY_FOR`], each logged. Sending waits meanwhile (the ledger's
+/// channel is bounded), and nothing is sent twice for it: a batch that
+/// committed before its answer was lost is written again as the same rows.
+#[derive(Debug)]
+pub struct Backoff {
+    what: &'static str,
+    started: Option<tokio::time::Instant>,
+    wait: std::time::Duration,
+    limit: std::time::Duration,
+}
+
+impl Backoff {
+    /// Retries of `what` (named in the log).
+    pub fn new(what: &'static str) -> Backoff {
+        Backoff::with_limit(what, RETRY_FOR)
+    }
+
+    /// Retries for at most `limit`.
+    pub fn with_limit(what: &'static str, limit: std::time::Duration) -> Backoff {
+        Backoff {
+            what,
+            started: None,
+            wait: std::time::Duration::from_millis(100),
+            limit,
+        }
+    }
+
+    /// After `e`: waits and returns true if the step should be tried
+    /// again; false if `e` is not transient or the time is up.
+    pub async fn retry(&mut self, e: &Error) -> bool {
+        let now = tokio::time::Instant::now();
+        let started = *self.started.get_or_insert(now);
+        if !e.is_transient() || now + self.wait > started + self.limit {
+            if self.started.is_some() && e.is_transient() {
+                tracing::error!(
+                    "{}: the database is still failing after {:.0?}: {e}",
+                    self.what,
+                    now - started
+                );
+            }
+            return false;
+        }
+        tracing::warn!(
+            "{}: {e}; retrying in {:.1?} (for up to {:?})",
+            self.what,
+            self.wait,
+            self.limit
+        );
+        tokio::time::sleep(self.wait).await;
+        self.wait = (self.wait * 2).min(std::time::Duration::from_secs(5));
+        true
+    }
+
+    /// The step succeeded: logs the recovery if there were retries.
+    pub fn succeeded(&mut self) {
+        if let Some(started) = self.started.take() {
+            tracing::info!(
+                "{}: the database answers again after {:.1?}",
+                self.what,
+                started.elapsed()
+            );
+            self.wait = std::time::Duration::from_millis(100);
+        }
     }
 }

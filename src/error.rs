@@ -153,6 +153,39 @@ impl Error {
             source,
         }
     }
+
+    /// A database error that may go away by itself (the server restarting,
+    /// a dropped connection, a lock, a serialization conflict): worth
+    /// retrying for a while before giving up.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, Error::Db(e) if transient_sqlx(e))
+    }
+}
+
+/// Whether a database error may go away by itself: connection and I/O
+/// failures, a full pool, and the server's own "try again" codes.
+pub fn transient_sqlx(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(db) => {
+            let code = db.code().unwrap_or_default();
+            // PostgreSQL: class 08 (connection exception), 57P01-57P03
+            // (shutdown, crash shutdown, cannot connect now), 53300 (too
+            // many connections), 40001/40P01 (serialization, deadlock).
+            // SQLite: 5 BUSY, 6 LOCKED and their extended codes.
+            code.starts_with("08")
+                || matches!(
+                    code.as_ref(),
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+                )
+                || matches!(code.as_ref(), "5" | "6" | "261" | "262" | "517")
+        }
+        _ => false,
+    }
 }
 
 /// The crate's result type.

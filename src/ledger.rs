@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use crate::classify;
 use crate::clock;
 use crate::config::RetryPolicy;
-use crate::db::{Backend, Db};
+use crate::db::{Backend, Backoff, Db};
 use crate::error::{Error, Result};
 use crate::model::{Outcome, Record, Reply, Status};
 use crate::worker::claims;
@@ -910,7 +910,9 @@ impl Ledger for MemoryLedger {
 
 /// Drains `rx` into `ledger` in batches until every sender is gone: a batch
 /// is written when [`FLUSH_ROWS`] records are waiting or [`FLUSH_EVERY`] after
-/// its first record, whichever comes first. Returns the first write error
+/// its first record, whichever comes first. A transient error is retried
+/// for up to [`db::RETRY_FOR`](crate::db::RETRY_FOR). Returns the first
+/// lasting write error
 /// (after which the runner stops the campaign: it must not send what it
 /// cannot record).
 pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>) -> Result<u64> {
@@ -925,7 +927,17 @@ pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>
                 Ok(None) | Err(_) => break,
             }
         }
-        ledger.record(&batch).await?;
+        // A database that restarts or drops the connection is waited for
+        // (the batch is kept, sending waits on the full channel).
+        let mut backoff = Backoff::new("ledger");
+        loop {
+            match ledger.record(&batch).await {
+                Ok(()) => break,
+                Err(e) if backoff.retry(&e).await => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        backoff.succeeded();
         written += batch.len() as u64;
         batch.clear();
     }
@@ -942,7 +954,7 @@ mod tests {
     use super::{insert_sql, stored, write_loop, Ledger, FLUSH_EVERY, FLUSH_ROWS};
     use crate::config::RetryPolicy;
     use crate::db::Backend;
-    use crate::error::Result;
+    use crate::error::{Error, Result};
     use crate::model::{Outcome, Record, Reply, Status};
 
     fn record(id: i64, outcome: Outcome) -> Record {
@@ -1003,6 +1015,85 @@ mod tests {
         assert_eq!(got[2].1 - start, FLUSH_EVERY);
         // The last one was written when its sender closed, without waiting.
         assert_eq!(got[3].1 - start, Duration::from_secs(1));
+    }
+
+    /// Fails its first `fail` writes with `error()`, then keeps batches.
+    struct Flaky {
+        fail: u32,
+        error: fn() -> Error,
+        kept: Arc<Mutex<usize>>,
+    }
+
+    impl Ledger for Flaky {
+        async fn record(&mut self, batch: &[Record]) -> Result<()> {
+            if self.fail > 0 {
+                self.fail -= 1;
+                return Err((self.error)());
+            }
+            *self.kept.lock().unwrap() += batch.len();
+            Ok(())
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_database_that_restarts_is_waited_for_and_nothing_is_lost() {
+        let kept = Arc::new(Mutex::new(0));
+        let flaky = Flaky {
+            fail: 6,
+            error: || Error::Db(sqlx::Error::PoolTimedOut),
+            kept: kept.clone(),
+        };
+        let (tx, rx) = mpsc::channel(FLUSH_ROWS);
+        let writer = tokio::spawn(write_loop(flaky, rx));
+        for i in 0..10 {
+            tx.send(record(i, Outcome::local_failure("x")))
+                .await
+                .unwrap();
+        }
+        drop(tx);
+        let start = tokio::time::Instant::now();
+        assert_eq!(writer.await.unwrap().unwrap(), 10);
+        assert_eq!(*kept.lock().unwrap(), 10);
+        // 0.1 + 0.2 + 0.4 + 0.8 + 1.6 + 3.2 s of backoff.
+        assert!(start.elapsed() >= Duration::from_millis(6300));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_database_down_for_longer_than_the_retry_window_stops_the_run() {
+        let kept = Arc::new(Mutex::new(0));
+        let flaky = Flaky {
+            fail: u32::MAX,
+            error: || Error::Db(sqlx::Error::PoolTimedOut),
+            kept: kept.clone(),
+        };
+        let (tx, rx) = mpsc::channel(FLUSH_ROWS);
+        let writer = tokio::spawn(write_loop(flaky, rx));
+        tx.send(record(1, Outcome::local_failure("x")))
+            .await
+            .unwrap();
+        drop(tx);
+        let start = tokio::time::Instant::now();
+        assert!(writer.await.unwrap().is_err());
+        let waited = start.elapsed();
+        assert!(
+            waited >= Duration::from_secs(55) && waited <= crate::db::RETRY_FOR,
+            "{waited:?}"
+        );
+        // A lasting error (not transient) fails at once.
+        let flaky = Flaky {
+            fail: 1,
+            error: || Error::Audience("no such column".into()),
+            kept,
+        };
+        let (tx, rx) = mpsc::channel(FLUSH_ROWS);
+        let writer = tokio::spawn(write_loop(flaky, rx));
+        tx.send(record(1, Outcome::local_failure("x")))
+            .await
+            .unwrap();
+        drop(tx);
+        let start = tokio::time::Instant::now();
+        assert!(writer.await.unwrap().is_err());
+        assert!(start.elapsed() < Duration::from_secs(1));
     }
 
     #[test]

@@ -329,6 +329,8 @@ pub async fn fetch_one(db: &Db, audience: &Audience, id: Option<i64>) -> Result<
 /// SQL errors in the audience query are the operator's query's fault: say so.
 fn audience_error(e: sqlx::Error) -> Error {
     match e {
+        // The server restarting is not the query's fault: retried.
+        e if crate::error::transient_sqlx(&e) => Error::Db(e),
         sqlx::Error::Database(db) => Error::Audience(format!("the audience query failed: {db}")),
         other => Error::Db(other),
     }

@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::work::{Feed, Job};
 use super::{Breaker, Stats};
 use crate::clock;
+use crate::db::Backoff;
 use crate::error::Result;
 use crate::model::{Outcome, Recipient, Record, Skipped};
 use crate::render::{RenderError, Renderer};
@@ -36,11 +37,21 @@ pub(super) async fn produce<S: Source>(
     chunks: &mpsc::Sender<Vec<Recipient>>,
     stop: &CancellationToken,
 ) -> Result<bool> {
+    let mut backoff = Backoff::new("audience");
     loop {
         let page = tokio::select! {
             biased;
             _ = stop.cancelled() => return Ok(false),
-            page = source.next_page() => page?,
+            page = source.next_page() => page,
+        };
+        let page = match page {
+            Ok(page) => {
+                backoff.succeeded();
+                page
+            }
+            // The database restarting: the same page is asked for again.
+            Err(e) if backoff.retry(&e).await => continue,
+            Err(e) => return Err(e),
         };
         if page.is_empty() {
             return Ok(true);
