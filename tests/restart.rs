@@ -4,7 +4,6 @@
 //! A test binary of its own: restarting the server would break any other
 //! test using it at that moment, and cargo runs test binaries one at a time.
 
-#[allow(dead_code)]
 mod util;
 
 use std::future::pending;
