@@ -205,6 +205,15 @@ pub struct RunDueArgs {
     /// host name). A second process with a live name skips the campaign.
     #[arg(long, env = "BLAST_WORKER")]
     pub worker: Option<String>,
+    /// The MTA queue probe for every stored campaign (e.g. "postqueue -j"),
+    /// run with `sh -c`. A stored campaign's own `queue_probe` is ignored:
+    /// commands come from this host, not from the database.
+    #[arg(long, env = "BLAST_QUEUE_PROBE", value_name = "COMMAND")]
+    pub queue_probe: Option<String>,
+    /// An environment variable a stored relay may name as its
+    /// `password_env` (repeatable); BLAST_SMTP_PASSWORD always may.
+    #[arg(long = "password-env", value_name = "VAR")]
+    pub password_env: Vec<String>,
     /// Print one JSON object per campaign on stdout.
     #[arg(long)]
     pub json: bool,
