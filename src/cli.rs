@@ -104,8 +104,17 @@ pub struct BounceIngestArgs {
     #[arg(long)]
     pub json: bool,
     /// Database URL.
-    #[arg(long, env = "BLAST_DATABASE")]
-    pub database: String,
+    #[arg(
+        long,
+        env = "BLAST_DATABASE",
+        required_unless_present = "database_file"
+    )]
+    pub database: Option<String>,
+    /// Read the database URL from this file (its first line), so that a
+    /// password appears neither on the command line (`ps`) nor in the MTA's
+    /// configuration. Postfix's pipe uses it.
+    #[arg(long, value_name = "FILE", conflicts_with = "database")]
+    pub database_file: Option<PathBuf>,
 }
 
 /// `blast bounce parse`
