@@ -104,8 +104,17 @@ pub struct BounceIngestArgs {
     #[arg(long)]
     pub json: bool,
     /// Database URL.
-    #[arg(long, env = "BLAST_DATABASE")]
-    pub database: String,
+    #[arg(
+        long,
+        env = "BLAST_DATABASE",
+        required_unless_present = "database_file"
+    )]
+    pub database: Option<String>,
+    /// Read the database URL from this file (its first line), so that a
+    /// password appears neither on the command line (`ps`) nor in the MTA's
+    /// configuration. Postfix's pipe uses it.
+    #[arg(long, value_name = "FILE", conflicts_with = "database")]
+    pub database_file: Option<PathBuf>,
 }
 
 /// `blast bounce parse`
@@ -205,6 +214,15 @@ pub struct RunDueArgs {
     /// host name). A second process with a live name skips the campaign.
     #[arg(long, env = "BLAST_WORKER")]
     pub worker: Option<String>,
+    /// The MTA queue probe for every stored campaign (e.g. "postqueue -j"),
+    /// run with `sh -c`. A stored campaign's own `queue_probe` is ignored:
+    /// commands come from this host, not from the database.
+    #[arg(long, env = "BLAST_QUEUE_PROBE", value_name = "COMMAND")]
+    pub queue_probe: Option<String>,
+    /// An environment variable a stored relay may name as its
+    /// `password_env` (repeatable); BLAST_SMTP_PASSWORD always may.
+    #[arg(long = "password-env", value_name = "VAR")]
+    pub password_env: Vec<String>,
     /// Print one JSON object per campaign on stdout.
     #[arg(long)]
     pub json: bool,

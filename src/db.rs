@@ -202,17 +202,36 @@ fn backend_of(url: &str) -> Result<Backend> {
     }
 }
 
-/// A URL with its password replaced by `***`, for messages and logs.
+/// A URL with its passwords replaced by `***`, for messages and logs: the
+/// one in the user info (`scheme://user:password@host`) and any
+/// `password=` query parameter (`?password=...`, as libpq accepts).
 pub fn redact(url: &str) -> String {
-    // scheme://user:password@host -> scheme://user:***@host
-    if let Some((scheme, rest)) = url.split_once("://") {
-        if let Some((userinfo, host)) = rest.split_once('@') {
-            if let Some((user, _)) = userinfo.split_once(':') {
-                return format!("{scheme}://{user}:***@{host}");
-            }
-        }
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let mut out = match base.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => match userinfo.split_once(':') {
+                Some((user, _)) => format!("{scheme}://{user}:***@{host}"),
+                None => base.to_string(),
+            },
+            None => base.to_string(),
+        },
+        None => base.to_string(),
+    };
+    if let Some(q) = query {
+        let params: Vec<String> = q
+            .split('&')
+            .map(|p| match p.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => p.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&params.join("&"));
     }
-    url.to_string()
+    out
 }
 
 #[cfg(test)]
@@ -223,6 +242,15 @@ mod tests {
     fn redacts_passwords() {
         assert_eq!(redact("postgres://u:secret@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            redact("postgres://u@h/db?sslmode=require&password=s3cret&x=1"),
+            "postgres://u@h/db?sslmode=require&password=***&x=1"
+        );
+        assert_eq!(
+            redact("postgres://u:a@b@h/db?PASSWORD=p"),
+            "postgres://u:***@h/db?PASSWORD=***"
+        );
+        assert_eq!(redact("sqlite:///x.db?mode=rwc"), "sqlite:///x.db?mode=rwc");
     }
 
     #[test]

@@ -62,4 +62,7 @@ pub mod tls;
 pub mod transport;
 pub mod worker;
 
+#[cfg(test)]
+mod props;
+
 pub use error::{Error, Result};

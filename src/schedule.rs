@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::campaign::Summary;
 use crate::clock;
-use crate::config::{Config, Overrides};
+use crate::config::{Config, Overrides, SMTP_PASSWORD_ENV};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ledger::{self, humanize, CampaignRow};
@@ -39,26 +39,151 @@ pub struct Spec {
     pub templates: Vec<(String, String)>,
 }
 
+/// What the host running `run-due` supplies to stored campaigns: the
+/// settings that run commands or read secrets. A stored campaign is data
+/// written by whoever can write the database; these come from the cron
+/// host's own flags and environment (see `docs/security.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Host {
+    /// `--queue-probe`: the MTA queue probe every stored campaign uses; a
+    /// stored campaign's own `delivery.queue_probe` is ignored.
+    pub queue_probe: Option<String>,
+    /// `--password-env`: the environment variables a stored relay may take
+    /// its AUTH password from. Defaults to [`SMTP_PASSWORD_ENV`] alone.
+    pub password_envs: Vec<String>,
+}
+
+impl Default for Host {
+    fn default() -> Self {
+        Host {
+            queue_probe: None,
+            password_envs: vec![SMTP_PASSWORD_ENV.to_string()],
+        }
+    }
+}
+
+/// Files to write for a stored campaign: blast's name, the text.
+type Frozen<'a> = Vec<(String, &'a str)>;
+
 impl Spec {
-    /// Writes the frozen files into `dir` and loads them as a campaign on
-    /// `database` (the database the spec came from).
-    pub fn load(&self, dir: &Path, database: &str) -> Result<Config> {
-        for (name, body) in &self.templates {
+    /// Writes the frozen files into `dir` under names blast chooses
+    /// (`text.tera`, `html.tera`, `ca-N.pem`, never the names stored) and
+    /// loads them as a campaign on `database` (the database the spec came
+    /// from), with `host`'s settings for what runs commands or reads
+    /// secrets.
+    pub fn load(&self, dir: &Path, database: &str, host: &Host) -> Result<Config> {
+        let stored = |message: String| Error::StoredSpec {
+            campaign: self.file_name.clone(),
+            message,
+        };
+        let (text, files) = self.confine(host).map_err(stored)?;
+        for (name, body) in files {
             let path = dir.join(name);
-            if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).map_err(|e| Error::io(parent, e))?;
-            }
             std::fs::write(&path, body).map_err(|e| Error::io(&path, e))?;
         }
-        let file = dir.join(&self.file_name);
-        std::fs::write(&file, &self.campaign_toml).map_err(|e| Error::io(&file, e))?;
-        Config::load(
-            &file,
+        // Only the passwords the host allows are visible; `${VARS}` in the
+        // stored file were refused by `confine`.
+        let env = |k: &str| {
+            host.password_envs
+                .iter()
+                .any(|n| n == k)
+                .then(|| std::env::var(k).ok())
+                .flatten()
+        };
+        Config::parse(
+            &text,
+            &format!("stored campaign {}", self.file_name),
+            dir,
             &Overrides {
                 database: Some(database.to_string()),
                 ..Default::default()
             },
+            &env,
         )
+    }
+
+    /// The stored campaign file rewritten to name only the files blast
+    /// writes, with `host`'s queue probe, and those files. Refuses a file
+    /// the spec does not hold, a `password_env` the host does not allow and
+    /// `${VARS}` in a relay URL.
+    fn confine(&self, host: &Host) -> std::result::Result<(String, Frozen<'_>), String> {
+        let mut table: toml::Table =
+            toml::from_str(&self.campaign_toml).map_err(|e| e.to_string())?;
+        let mut files = Vec::new();
+        if let Some(m) = table.get_mut("message").and_then(|m| m.as_table_mut()) {
+            for key in ["text", "html"] {
+                if let Some(v) = m.get_mut(key) {
+                    let ours = format!("{key}.tera");
+                    files.push((ours.clone(), self.frozen(&format!("message.{key}"), v)?));
+                    *v = toml::Value::String(ours);
+                }
+            }
+        }
+        let d = table
+            .entry("delivery")
+            .or_insert_with(|| toml::Value::Table(Default::default()));
+        let d = d.as_table_mut().ok_or("delivery is not a table")?;
+        d.remove("queue_probe");
+        match &host.queue_probe {
+            Some(probe) => {
+                d.insert("queue_probe".into(), toml::Value::String(probe.clone()));
+            }
+            None => {
+                d.remove("queue_target");
+            }
+        }
+        let relays: Vec<&mut toml::Value> = match d.get_mut("smtp") {
+            Some(toml::Value::Array(a)) => a.iter_mut().collect(),
+            Some(v) => vec![v],
+            None => vec![],
+        };
+        for (i, relay) in relays.into_iter().enumerate() {
+            let url = match &*relay {
+                toml::Value::Table(t) => t.get("url").and_then(|u| u.as_str()),
+                v => v.as_str(),
+            };
+            if url.is_some_and(|u| u.contains("${")) {
+                return Err(
+                    "delivery.smtp: a stored campaign cannot read the environment \
+                            (${...} in a relay URL)"
+                        .into(),
+                );
+            }
+            let toml::Value::Table(t) = relay else {
+                continue;
+            };
+            if let Some(name) = t.get("password_env").and_then(|v| v.as_str()) {
+                if !host.password_envs.iter().any(|n| n == name) {
+                    return Err(format!(
+                        "delivery.smtp: password_env {name:?} is not allowed on this host \
+                         (run-due --password-env {name} allows it)"
+                    ));
+                }
+            }
+            if let Some(v) = t.get_mut("ca_file") {
+                // An absolute CA file is the host's own (blast schedule
+                // freezes only relative ones); it is read as certificates.
+                if v.as_str().is_some_and(|p| Path::new(p).is_absolute()) {
+                    continue;
+                }
+                let ours = format!("ca-{i}.pem");
+                files.push((ours.clone(), self.frozen("delivery.smtp.ca_file", v)?));
+                *v = toml::Value::String(ours);
+            }
+        }
+        Ok((table.to_string(), files))
+    }
+
+    /// The frozen text of the file `name` (the value of `key`) names.
+    fn frozen(&self, key: &str, name: &toml::Value) -> std::result::Result<&str, String> {
+        let name = name
+            .as_str()
+            .ok_or_else(|| format!("{key} is not a file name"))?;
+        self.templates
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, body)| body.as_str())
+            .ok_or_else(|| format!("{key}: {name:?} is not among its frozen files"))
     }
 }
 
@@ -149,6 +274,17 @@ pub async fn run_due(
     mode: progress::Mode,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Vec<Due>> {
+    run_due_on(database, worker, &Host::default(), mode, stop).await
+}
+
+/// [`run_due`] with `host`'s queue probe and allowed password variables.
+pub async fn run_due_on(
+    database: &str,
+    worker: Option<&str>,
+    host: &Host,
+    mode: progress::Mode,
+    stop: impl Future<Output = ()> + Send + 'static,
+) -> Result<Vec<Due>> {
     let worker = worker.map_or_else(crate::worker::hostname, |w| w.trim().to_string());
     let db = Db::connect(database).await?;
     let stop_token = CancellationToken::new();
@@ -171,7 +307,7 @@ pub async fn run_due(
         if stop.is_cancelled() {
             break;
         }
-        report.push(run_one(&db, database, &worker, mode, &stop, now, name, &row).await?);
+        report.push(run_one(&db, database, &worker, host, mode, &stop, now, name, &row).await?);
     }
     watcher.abort();
     db.close().await;
@@ -226,6 +362,7 @@ async fn run_one(
     db: &Db,
     database: &str,
     worker: &str,
+    host: &Host,
     mode: progress::Mode,
     stop: &CancellationToken,
     now: OffsetDateTime,
@@ -242,7 +379,7 @@ async fn run_one(
     // Kept until the send is over: the relays' CA files are read from it
     // when the transport is built, after loading.
     let dir = tempfile_dir()?;
-    let cfg = match spec.load(dir.path(), database) {
+    let cfg = match spec.load(dir.path(), database, host) {
         Ok(mut c) => {
             c.worker = worker.to_string();
             c
@@ -325,5 +462,89 @@ impl TempDir {
 impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(toml: &str, files: &[(&str, &str)]) -> Spec {
+        Spec {
+            file_name: "c.toml".into(),
+            campaign_toml: toml.into(),
+            templates: files
+                .iter()
+                .map(|(n, b)| (n.to_string(), b.to_string()))
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn files_get_names_blast_chooses() {
+        let s = spec(
+            "[message]\ntext = \"/etc/x.txt\"\nhtml = \"../../h.html\"\n\
+             [delivery]\nsmtp = [{ url = \"smtp://r:587\", ca_file = \"../ca.pem\" }, \
+             { url = \"smtp://q:587\", ca_file = \"/etc/ssl/ca.pem\" }]\n",
+            &[
+                ("/etc/x.txt", "T"),
+                ("../../h.html", "H"),
+                ("../ca.pem", "C"),
+            ],
+        );
+        let (text, files) = s.confine(&Host::default()).unwrap();
+        let names: Vec<_> = files.iter().map(|(n, b)| (n.as_str(), *b)).collect();
+        assert_eq!(
+            names,
+            [("text.tera", "T"), ("html.tera", "H"), ("ca-0.pem", "C")]
+        );
+        assert!(!text.contains("../"), "{text}");
+        assert!(
+            text.contains("/etc/ssl/ca.pem"),
+            "the host's own CA file stays"
+        );
+    }
+
+    #[test]
+    fn a_file_not_frozen_is_refused() {
+        let s = spec("[message]\ntext = \"/etc/shadow\"\n", &[]);
+        let e = s.confine(&Host::default()).unwrap_err();
+        assert!(e.contains("not among its frozen files"), "{e}");
+    }
+
+    #[test]
+    fn the_queue_probe_is_the_hosts() {
+        let s = spec(
+            "[delivery]\nqueue_probe = \"rm -rf /\"\nqueue_target = 10\n",
+            &[],
+        );
+        let (text, _) = s.confine(&Host::default()).unwrap();
+        assert!(!text.contains("queue_probe") && !text.contains("queue_target"));
+        let host = Host {
+            queue_probe: Some("postqueue -j".into()),
+            ..Default::default()
+        };
+        let (text, _) = s.confine(&host).unwrap();
+        assert!(text.contains("postqueue -j") && !text.contains("rm -rf"));
+        assert!(text.contains("queue_target = 10"));
+    }
+
+    #[test]
+    fn secrets_need_the_hosts_consent() {
+        let s = spec(
+            "[delivery]\nsmtp = [{ url = \"smtp://r:587\", user = \"u\", password_env = \"AWS_SECRET\" }]\n",
+            &[],
+        );
+        assert!(s.confine(&Host::default()).is_err());
+        let host = Host {
+            password_envs: vec!["AWS_SECRET".into()],
+            ..Default::default()
+        };
+        assert!(s.confine(&host).is_ok());
+        let s = spec("[delivery]\nsmtp = \"smtp://${HOME}.evil.example\"\n", &[]);
+        assert!(s
+            .confine(&Host::default())
+            .unwrap_err()
+            .contains("environment"));
     }
 }

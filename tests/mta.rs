@@ -31,6 +31,36 @@ fn script() -> PathBuf {
 struct Postfix {
     dir: PathBuf,
     port: u16,
+    /// The copy of blast its pipe runs, removed after the instance stops.
+    _pipe_bin: Option<PipeBin>,
+}
+
+/// A copy of the blast binary that the pipe user can reach wherever the
+/// repository is cloned (a 0700 home directory, a path with spaces: the
+/// pipe runs as `nobody` and `master.cf` has no quoting): in a new
+/// directory of the system temp folder, mode 0755. Removed on drop.
+struct PipeBin {
+    dir: tempfile::TempDir,
+}
+
+impl PipeBin {
+    fn new() -> PipeBin {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::Builder::new()
+            .prefix("blast-pipe-bin-")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let perm = |mode| std::fs::Permissions::from_mode(mode);
+        std::fs::set_permissions(dir.path(), perm(0o755)).unwrap();
+        let bin = dir.path().join("blast");
+        std::fs::copy(env!("CARGO_BIN_EXE_blast"), &bin).unwrap();
+        std::fs::set_permissions(&bin, perm(0o755)).unwrap();
+        PipeBin { dir }
+    }
+
+    fn path(&self) -> PathBuf {
+        self.dir.path().join("blast")
+    }
 }
 
 impl Postfix {
@@ -78,7 +108,11 @@ impl Postfix {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
-        Postfix { dir, port }
+        Postfix {
+            dir,
+            port,
+            _pipe_bin: None,
+        }
     }
 
     /// Like [`Postfix::start`], and mail to bounce.example.com and
@@ -86,7 +120,8 @@ impl Postfix {
     /// ingest --stdin` on `database`, run as `nobody`, quarantining into
     /// `quarantine`.
     fn start_piping_to_blast(relay_port: u16, database: &str, quarantine: &Path) -> Postfix {
-        Postfix::start_with(
+        let bin = PipeBin::new();
+        let mut postfix = Postfix::start_with(
             relay_port,
             &[
                 "--bounce-domain",
@@ -98,11 +133,13 @@ impl Postfix {
                 "--quarantine",
                 quarantine.to_str().unwrap(),
                 "--blast",
-                env!("CARGO_BIN_EXE_blast"),
+                bin.path().to_str().unwrap(),
                 "--pipe-user",
                 "nobody",
             ],
-        )
+        );
+        postfix._pipe_bin = Some(bin);
+        postfix
     }
 
     /// Stops the instance, keeping its queue (a crash-free outage).
@@ -330,6 +367,10 @@ async fn campaign_with_auth_over_starttls_into_postfix() {
         log.contains("sasl_method=PLAIN, sasl_username=bulk@blast.invalid"),
         "{log}"
     );
+    // Issue 13 part 8: with --sasl-user, relaying needs AUTH, even from
+    // loopback.
+    let refused = rcpt_reply(postfix.port, "someone@example.org");
+    assert!(refused.starts_with("554"), "{refused}");
     // Only LOGIN offered: blast answers its challenges.
     let login = ["--sasl-mechs", "LOGIN"];
     let all: Vec<&str> = tls.iter().chain(login.iter()).copied().collect();
@@ -349,22 +390,9 @@ async fn campaign_with_auth_over_starttls_into_postfix() {
 /// envelope, `MAIL FROM:<from>` (empty for a bounce), dot-stuffed DATA.
 /// Panics on any reply that is not a success.
 fn submit(port: u16, from: &str, to: &str, data: &[u8]) {
-    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut w = stream.try_clone().unwrap();
-    let mut r = BufReader::new(stream);
-    // Reads one (possibly multi-line) reply; its last line has a space after the code.
+    let (mut w, mut r) = connect(port);
     let mut expect = |class: u8, what: &str| {
-        let mut line = String::new();
-        loop {
-            line.clear();
-            r.read_line(&mut line).unwrap();
-            if line.as_bytes().get(3) != Some(&b'-') {
-                break;
-            }
-        }
+        let line = reply(&mut r);
         assert_eq!(line.as_bytes()[0], class, "{what}: {line}");
     };
     expect(b'2', "greeting");
@@ -389,6 +417,45 @@ fn submit(port: u16, from: &str, to: &str, data: &[u8]) {
     body.extend_from_slice(b".\r\n");
     say(String::from_utf8(body).unwrap(), b'2');
     say("QUIT\r\n".into(), b'2');
+}
+
+/// An SMTP connection to 127.0.0.1:`port`: its writing and reading halves.
+fn connect(port: u16) -> (TcpStream, BufReader<TcpStream>) {
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    (stream.try_clone().unwrap(), BufReader::new(stream))
+}
+
+/// The last line of one (possibly multi-line) reply: the line with a space
+/// after the code.
+fn reply(r: &mut impl BufRead) -> String {
+    let mut line = String::new();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.as_bytes().get(3) != Some(&b'-') {
+            return line;
+        }
+    }
+}
+
+/// The reply to `RCPT TO:<to>` from 127.0.0.1:`port`, without AUTH.
+fn rcpt_reply(port: u16, to: &str) -> String {
+    let (mut w, mut r) = connect(port);
+    reply(&mut r);
+    let mut last = String::new();
+    for cmd in [
+        "EHLO client.example.net\r\n".to_string(),
+        "MAIL FROM:<news@example.com>\r\n".to_string(),
+        format!("RCPT TO:<{to}>\r\n"),
+    ] {
+        w.write_all(cmd.as_bytes()).unwrap();
+        last = reply(&mut r);
+    }
+    let _ = w.write_all(b"QUIT\r\n");
+    last
 }
 
 /// Files in a quarantine Maildir (new/ and cur/).
@@ -734,4 +801,83 @@ async fn two_postfix_relays_survive_one_going_down() {
     assert!(a_down > 0, "A carried the campaign during B's outage");
     assert!(b_after > 0, "B took traffic again after it came back");
     assert!(summary.relays[1].marks.connection > 0);
+}
+
+/// Issue 13 part 8: a local user can create the instance directory under
+/// the world-writable /dev/shm before root runs the script, with a
+/// `main.cf` that looks like the script's and links to what root would then
+/// chown and chmod. `start` refuses, and what the links point at keeps its
+/// owner and mode; so does a root-owned directory with a planted link.
+#[test]
+fn postfix_script_refuses_planted_directories_and_links() {
+    use std::os::unix::fs::{lchown, symlink, MetadataExt, PermissionsExt};
+    let nobody: u32 = String::from_utf8(
+        Command::new("id")
+            .args(["-u", "nobody"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .trim()
+    .parse()
+    .unwrap();
+    // Stands in for /etc: root's, mode 0750.
+    let victim = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(victim.path(), std::fs::Permissions::from_mode(0o750)).unwrap();
+    let dir = PathBuf::from(format!(
+        "/dev/shm/blast-postfix-planted-{}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    let start = |dir: &Path| {
+        Command::new("bash")
+            .arg(script())
+            .args(["start", "--dir"])
+            .arg(dir)
+            .args(["--port", "2599", "--discard"])
+            .output()
+            .unwrap()
+    };
+    let plant = |owner: u32| {
+        std::fs::create_dir_all(dir.join("etc")).unwrap();
+        std::fs::write(
+            dir.join("etc/main.cf"),
+            "# Written by blast scripts/mta/postfix.sh\n",
+        )
+        .unwrap();
+        for link in ["spool", "data"] {
+            let _ = std::fs::remove_file(dir.join(link));
+            symlink(victim.path(), dir.join(link)).unwrap();
+        }
+        for p in ["", "etc", "etc/main.cf", "spool", "data"] {
+            lchown(dir.join(p), Some(owner), Some(owner)).unwrap();
+        }
+    };
+    let unchanged = || {
+        let m = std::fs::metadata(victim.path()).unwrap();
+        (m.uid(), m.gid(), m.mode() & 0o7777) == (0, 0, 0o750)
+    };
+    let mut outcomes = Vec::new();
+    for owner in [nobody, 0] {
+        plant(owner);
+        let out = start(&dir);
+        outcomes.push((
+            owner,
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            unchanged(),
+        ));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    for (owner, ok, stderr, unchanged) in outcomes {
+        assert!(!ok, "owner {owner}: start succeeded");
+        assert!(unchanged, "owner {owner}: the link's target changed");
+        let why = if owner == 0 {
+            "symbolic link"
+        } else {
+            "refusing a directory this script did not create"
+        };
+        assert!(stderr.contains(why), "owner {owner}: {stderr}");
+    }
 }

@@ -241,3 +241,191 @@ async fn run_due_finishes_a_campaign_stopped_by_sigterm() {
 async fn run_due_finishes_a_campaign_left_running_by_sigkill() {
     run_due_interrupted_then_finished("-KILL", "running").await;
 }
+
+/// A sink that accepts AUTH as `ann` / `stolen-secret` over loopback.
+async fn auth_sink() -> blast::sink::Sink {
+    blast::sink::Sink::start(blast::sink::SinkConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        keep_messages: true,
+        auth: Some(blast::sink::SinkAuth {
+            user: "ann".into(),
+            password: "stolen-secret".into(),
+            mechanisms: vec!["PLAIN".into()],
+            login_prompts: ("Username:".into(), "Password:".into()),
+        }),
+        ..Default::default()
+    })
+    .await
+    .unwrap()
+}
+
+/// Schedules a harmless campaign named `name`, then overwrites its stored
+/// spec as someone with write access to the database could: `toml` is the
+/// stored campaign file, `files` its frozen files.
+async fn plant_spec(w: &World, name: &str, toml: &str, files: &[(&str, &str)]) {
+    let path = w.campaign(name, "Hi", "x", None, "");
+    schedule::schedule(&w.config(&path, None, 1), &path, at("2026-01-01T00:00:00Z"))
+        .await
+        .unwrap();
+    let spec = schedule::Spec {
+        file_name: "campaign.toml".into(),
+        campaign_toml: toml.to_string(),
+        templates: files
+            .iter()
+            .map(|(n, b)| (n.to_string(), b.to_string()))
+            .collect(),
+    };
+    let db = w.db().await;
+    sqlx::query("UPDATE blast_campaigns SET spec = $1 WHERE name = $2")
+        .bind(serde_json::to_string(&spec).unwrap())
+        .bind(name)
+        .execute(db.pool())
+        .await
+        .unwrap();
+    db.close().await;
+}
+
+/// A stored campaign file for `name` sending `text` through `relay`.
+fn stored_toml(w: &World, name: &str, text: &str, delivery: &str) -> String {
+    format!(
+        "name = \"{name}\"\ndatabase = \"{url}\"\nmax_delay = \"100000d\"\n[audience]\ntable = \"subscribers\"\n\
+         [unsubscribe]\nurl = \"https://lists.example.com/unsubscribe/{{token}}\"\n\
+         [message]\nfrom = \"Test <news@example.com>\"\nsubject = \"Hi\"\ntext = {text:?}\n\
+         [delivery]\n{delivery}\n",
+        url = w.url
+    )
+}
+
+/// A unique path in the system temp folder, removed first.
+fn tmp_victim(tag: &str) -> std::path::PathBuf {
+    let p = std::env::temp_dir().join(format!("blast-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Issue 13 part 7: a stored template named by an absolute path is
+/// written under a name blast chooses, never over the operator's file.
+#[tokio::test]
+async fn stored_absolute_template_name_does_not_overwrite_that_file() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(3).await;
+    let sink = util::sink(Faults::default()).await;
+    let live = w.path("live-template.txt");
+    std::fs::write(&live, "the operator's live template").unwrap();
+    let name = live.display().to_string();
+    let relay = format!("smtp = \"smtp://{}\"", sink.local_addr());
+    plant_spec(
+        &w,
+        "abs",
+        &stored_toml(&w, "abs", &name, &relay),
+        &[(&name, "planted")],
+    )
+    .await;
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&live).unwrap(),
+        "the operator's live template"
+    );
+    // The stored text is still what is sent: it is data.
+    assert!(
+        matches!(&report[0], Due::Sent { summary, .. } if summary.sent == 3),
+        "{report:?}"
+    );
+    assert!(sink
+        .received()
+        .iter()
+        .all(|r| String::from_utf8_lossy(&r.data).contains("planted")));
+}
+
+/// Issue 13 part 7: a stored template named `../x` writes nothing outside
+/// run-due's temporary folder.
+#[tokio::test]
+async fn stored_dotdot_template_name_writes_nothing_outside() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(2).await;
+    let sink = util::sink(Faults::default()).await;
+    let victim = tmp_victim("dotdot-escape");
+    let name = format!("../{}", victim.file_name().unwrap().to_string_lossy());
+    let relay = format!("smtp = \"smtp://{}\"", sink.local_addr());
+    plant_spec(
+        &w,
+        "dotdot",
+        &stored_toml(&w, "dotdot", &name, &relay),
+        &[(&name, "escaped")],
+    )
+    .await;
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    let escaped = victim.exists();
+    let _ = std::fs::remove_file(&victim);
+    assert!(!escaped, "run-due wrote {}", victim.display());
+    assert!(
+        matches!(&report[0], Due::Sent { summary, .. } if summary.sent == 2),
+        "{report:?}"
+    );
+}
+
+/// Issue 13 part 7: a stored `queue_probe` is a command from the database:
+/// run-due ignores it (only its own `--queue-probe` runs).
+#[tokio::test]
+async fn stored_queue_probe_is_not_run() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(2).await;
+    let sink = util::sink(Faults::default()).await;
+    let pwned = tmp_victim("pwned");
+    let delivery = format!(
+        "smtp = \"smtp://{}\"\nconcurrency = \"auto\"\nqueue_probe = \"touch '{}'; echo 0\"",
+        sink.local_addr(),
+        pwned.display()
+    );
+    plant_spec(
+        &w,
+        "probe",
+        &stored_toml(&w, "probe", "body.txt", &delivery),
+        &[("body.txt", "x")],
+    )
+    .await;
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    let ran = pwned.exists();
+    let _ = std::fs::remove_file(&pwned);
+    assert!(!ran, "the stored queue_probe ran");
+    assert!(
+        matches!(&report[0], Due::Sent { summary, .. } if summary.sent == 2),
+        "{report:?}"
+    );
+}
+
+/// Issue 13 part 7: a stored relay's `password_env` names a variable of
+/// the cron host's environment; run-due does not read it unless the host
+/// allows that name (`--password-env`), and sends nothing.
+#[tokio::test]
+async fn stored_password_env_is_not_read() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(2).await;
+    let sink = auth_sink().await;
+    std::env::set_var("BLAST_TEST_STOLEN_SECRET", "stolen-secret");
+    let delivery = format!(
+        "smtp = [{{ url = \"smtp://{}\", user = \"ann\", password_env = \"BLAST_TEST_STOLEN_SECRET\" }}]",
+        sink.local_addr()
+    );
+    plant_spec(
+        &w,
+        "pw",
+        &stored_toml(&w, "pw", "body.txt", &delivery),
+        &[("body.txt", "x")],
+    )
+    .await;
+    let report = schedule::run_due(&w.url, None, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert!(sink.received().is_empty(), "sent with the stolen password");
+    assert!(
+        matches!(&report[0], Due::Failed { error, .. } if error.contains("BLAST_TEST_STOLEN_SECRET")),
+        "{report:?}"
+    );
+}

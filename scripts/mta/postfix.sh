@@ -8,6 +8,7 @@
 #                     [--in-flow-delay 1s] [--log FILE] [--set NAME=VALUE]...
 #                     [--bounce-domain DOMAIN... --database URL --quarantine DIR
 #                      [--blast BIN] [--pipe-user USER]]
+#                     [--tls-cert FILE --tls-key FILE] [--sasl-user USER]
 #   postfix.sh stop   [--dir DIR] [--purge]
 #   postfix.sh status [--dir DIR]
 #   postfix.sh flush-wait [--dir DIR] [--timeout 600]
@@ -15,7 +16,13 @@
 #
 # Environment (the command line wins): BLAST_MTA_DIR, BLAST_MTA_PORT,
 # BLAST_MTA_RELAY (HOST:PORT, or "discard"), BLAST_MTA_IN_FLOW_DELAY,
-# BLAST_MTA_LOG.
+# BLAST_MTA_LOG, BLAST_DATABASE (for --database, which then stays off the
+# command line).
+#
+# Safe to run as root on a shared host: it never follows a symbolic link
+# when it creates or changes a directory, refuses an instance directory
+# that it did not create (one another user owns, or that others can write),
+# and keeps the database URL out of world-readable files and command lines.
 #
 # Needs root (Postfix's master must start as root) and Debian's postfix
 # package, which it installs when missing. It never reads or writes
@@ -60,7 +67,8 @@ Options:
                        "blast bounce ingest --stdin" instead of relaying it
                        (repeatable: the VERP domain, the unsubscribe mailto domain)
   --database URL       with --bounce-domain: blast's database (required; a SQLite
-                       URL needs an absolute path)
+                       URL needs an absolute path; env BLAST_DATABASE). Written to
+                       DIR/etc/blast-database.url, readable by --pipe-user only
   --quarantine DIR     with --bounce-domain: Maildir for mail blast cannot use (required)
   --blast BIN          with --bounce-domain: the blast program (default /usr/local/bin/blast)
   --pipe-user USER     with --bounce-domain: run blast as USER, who must be able to
@@ -120,7 +128,9 @@ purge=
 overrides=()
 # --bounce-domain and its companions; empty unless given.
 bounce_domains=()
-bounce_database=
+bounce_database=${BLAST_DATABASE:-}
+# BLAST_DATABASE alone does not ask for the bounce pipe.
+database_from_env=${BLAST_DATABASE:+1}
 bounce_quarantine=
 blast_bin=
 pipe_user=
@@ -154,8 +164,8 @@ while [ $# -gt 0 ]; do
     --set=*) overrides+=("${1#*=}"); shift ;;
     --bounce-domain) need_arg "$1" $#; bounce_domains+=("$2"); shift 2 ;;
     --bounce-domain=*) bounce_domains+=("${1#*=}"); shift ;;
-    --database) need_arg "$1" $#; bounce_database=$2; shift 2 ;;
-    --database=*) bounce_database=${1#*=}; shift ;;
+    --database) need_arg "$1" $#; bounce_database=$2; database_from_env=; shift 2 ;;
+    --database=*) bounce_database=${1#*=}; database_from_env=; shift ;;
     --quarantine) need_arg "$1" $#; bounce_quarantine=$2; shift 2 ;;
     --quarantine=*) bounce_quarantine=${1#*=}; shift ;;
     --blast) need_arg "$1" $#; blast_bin=$2; shift 2 ;;
@@ -251,10 +261,11 @@ if [ -n "$sasl_user" ]; then
   [[ "$sasl_mechs" =~ $mechs_re ]] || die "--sasl-mechs takes mechanism names such as \"PLAIN LOGIN\", got '$sasl_mechs'"
 fi
 
-# --bounce-domain: every value ends up in main.cf or in the pipe's argv in
-# master.cf, which has no quoting ("$" starts a macro, "{" groups words), so
+# --bounce-domain: every value but the database URL ends up in main.cf or in
+# the pipe's argv in master.cf, which has no quoting ("$" starts a macro, "{" groups words), so
 # each is held to characters that need none.
 if [ ${#bounce_domains[@]} -eq 0 ]; then
+  [ -z "$database_from_env" ] || bounce_database=
   for o in database:"$bounce_database" quarantine:"$bounce_quarantine" blast:"$blast_bin" pipe-user:"$pipe_user"; do
     [ -z "${o#*:}" ] || die "--${o%%:*} only goes with --bounce-domain"
   done
@@ -266,9 +277,8 @@ else
     bounce_domains[i]=$d
   done
   [ -n "$bounce_database" ] || die "--bounce-domain needs --database URL (blast's database)"
-  url_chars='^[A-Za-z0-9._/:@%+=?&,~-]+$'
-  [[ "$bounce_database" =~ $url_chars ]] ||
-    die "--database may only contain letters, digits and . _ / : @ % + = ? & , ~ - (it goes into master.cf unquoted), got '$bounce_database'"
+  # The URL goes into a file of its own (its first line), not into master.cf.
+  [[ "$bounce_database" != *[[:cntrl:]]* ]] || die "--database must be one line"
   # The pipe runs blast in Postfix's queue directory: a relative SQLite path
   # would land there.
   bounce_sqlite=
@@ -291,6 +301,70 @@ fi
 
 require_root() {
   [ "$(id -u)" -eq 0 ] || die "'$command' needs root: Postfix's master daemon must be started and stopped as root, and only root (or postfix) can read its queue and processes"
+}
+
+# Dies unless every directory from / down to PATH is owned by root and
+# writable by nobody else (a sticky directory such as /dev/shm is allowed
+# with STICKY=sticky): otherwise another user could rename or replace what
+# this script creates below it. Symbolic links on the way are checked
+# themselves (lstat) and then their target's own chain.
+check_chain() {
+  local path=$1 sticky=${2:-} p st mode
+  p=$path
+  while :; do
+    st=$(stat -c '%u %a %F' -- "$p" 2>/dev/null) || die "cannot stat $p"
+    read -r -a st <<<"$st"
+    mode=$((8#${st[1]}))
+    [ "${st[0]}" -eq 0 ] || die "$p is owned by uid ${st[0]}, not root: refusing to create files below it as root"
+    if [ "${st[2]}" = directory ] && ((mode & 8#022)); then
+      ((mode & 8#1000)) && [ "$sticky" = sticky ] ||
+        die "$p is writable by other users: refusing to create files below it as root"
+    fi
+    [ "$p" != / ] || break
+    p=$(dirname -- "$p")
+  done
+  local real
+  real=$(realpath -e -- "$path") || die "cannot resolve $path"
+  [ "$real" = "$path" ] || check_chain "$real" "$sticky"
+}
+
+# Creates directory D owned by OWNER (a user; its group too) with MODE, or
+# checks that an existing D is a directory (not a symbolic link) that OWNER
+# owns and nobody else can write, and sets MODE. Never follows a link, so a
+# planted link cannot make root chown or chmod what it points at.
+safe_dir() {
+  local d=$1 owner=$2 mode=$3 uid st
+  uid=$(id -u "$owner") || die "there is no user '$owner'"
+  [ ! -L "$d" ] || die "$d is a symbolic link: refusing to use it (remove it, or give another --dir)"
+  if [ ! -e "$d" ]; then
+    mkdir -m "$mode" -- "$d" || die "cannot create $d"
+    chown -h "$owner:$(id -gn "$owner")" -- "$d"
+    return 0
+  fi
+  [ -d "$d" ] || die "$d exists and is not a directory"
+  st=$(stat -c '%u %a' -- "$d")
+  [ "${st% *}" -eq "$uid" ] || die "$d is owned by uid ${st% *}, not $owner: refusing a directory this script did not create"
+  ((8#${st#* } & 8#022)) && die "$d is writable by group or others: refusing it"
+  chmod "$mode" -- "$d"
+}
+
+# Checks the instance directory before anything reads or writes in it: it
+# is created only below directories root controls, and an existing one must
+# be root's own, with no symbolic link for etc, spool or data.
+check_instance_dir() {
+  check_chain "$(dirname -- "$dir")" sticky
+  [ -e "$dir" ] || [ -L "$dir" ] || return 0
+  [ ! -L "$dir" ] || die "$dir is a symbolic link: refusing to use it"
+  [ -d "$dir" ] || die "$dir exists and is not a directory"
+  local st
+  st=$(stat -c '%u %a' -- "$dir")
+  [ "${st% *}" -eq 0 ] || die "$dir is owned by uid ${st% *}, not root: refusing a directory this script did not create"
+  ((8#${st#* } & 8#022)) && die "$dir is writable by group or others: refusing it"
+  local d
+  for d in "$etc" "$spool" "$data"; do
+    [ ! -L "$d" ] || die "$d is a symbolic link: refusing to use it"
+  done
+  return 0
 }
 
 # Debian's postfix package brings the programs, the postfix user and the
@@ -439,8 +513,15 @@ blast_destination_concurrency_limit = 1
 EOF
 }
 
+# True when the next hop is not on this host.
+relay_is_remote() {
+  [ -n "$relayhost" ] && [[ "$rhost" != 127.* && "$rhost" != localhost ]]
+}
+
 write_main_cf() {
   local transport_block tls_block sasl_block="" relay_restrictions="permit_mynetworks, reject"
+  local smtp_tls="# The next hop is on loopback: no TLS.
+smtp_tls_security_level = none"
   if [ -n "$sasl_user" ]; then
     sasl_block="# --sasl-user: AUTH through Cyrus SASL. Debian's Postfix reads the SASL
 # settings from \$config_directory/sasl/smtpd.conf (cyrus_sasl_config_path
@@ -464,7 +545,17 @@ smtpd_tls_loglevel = 1"
     tls_block="# No TLS on loopback (and no tlsmgr service in master.cf).
 smtpd_tls_security_level = none"
   fi
-  [ ${#bounce_domains[@]} -eq 0 ] || relay_restrictions="permit_mynetworks, permit_auth_destination, reject"
+  # With --sasl-user, relaying needs AUTH even from loopback: the instance
+  # may then listen on more than loopback (--set inet_interfaces=...).
+  [ -z "$sasl_user" ] || relay_restrictions="permit_sasl_authenticated, reject"
+  [ ${#bounce_domains[@]} -eq 0 ] || relay_restrictions="${relay_restrictions%, reject}, permit_auth_destination, reject"
+  if relay_is_remote; then
+    smtp_tls="# The next hop is another host: STARTTLS whenever it offers it (mail and
+# any credentials are not sent in clear where it can be avoided). Raise it to
+# secure or verify with --set where the next hop is known.
+smtp_tls_security_level = may
+smtp_tls_loglevel = 1"
+  fi
   if [ -n "$relayhost" ]; then
     transport_block="# All mail, for any domain, goes over SMTP to this next hop. The brackets
 # turn off MX lookups.
@@ -508,12 +599,13 @@ mydestination =
 local_recipient_maps =
 alias_maps =
 alias_database =
-# Loopback clients may relay to any domain; everything else is refused
-# (with --bounce-domain: except mail for the bounce domains, see the end).
+# Loopback clients may relay to any domain (with --sasl-user: clients that
+# authenticated, and no others); everything else is refused (with
+# --bounce-domain: except mail for the bounce domains, see the end).
 mynetworks = 127.0.0.0/8 [::1]/128
 smtpd_relay_restrictions = $relay_restrictions
 $tls_block
-smtp_tls_security_level = none
+$smtp_tls
 $sasl_block
 
 $transport_block
@@ -693,8 +785,9 @@ anvil     unix  -       -       n       -       1       anvil
 scache    unix  -       -       n       -       1       scache
 postlog   unix-dgram n  -       n       -       1       postlogd
 EOF
-  [ -z "$tls_cert" ] || cat <<EOF
-# --tls-cert: smtpd's TLS session cache and entropy come from tlsmgr.
+  [ -z "$tls_cert" ] && ! relay_is_remote || cat <<EOF
+# TLS (--tls-cert, or a next hop on another host): the TLS session cache and
+# entropy come from tlsmgr.
 tlsmgr    unix  -       -       n       1000?   1       tlsmgr
 EOF
   [ ${#bounce_domains[@]} -eq 0 ] || cat <<EOF
@@ -703,10 +796,12 @@ EOF
 # at once (maxproc). Flags: O adds X-Original-To: (the address as received),
 # R adds Return-Path: (the envelope sender), X reports final delivery, q
 # quotes an odd local part on the command line. null_sender= (empty) keeps a
-# bounce's Return-Path: <> (default: <MAILER-DAEMON>). Exit 75 defers.
+# bounce's Return-Path: <> (default: <MAILER-DAEMON>). Exit 75 defers. The
+# database URL is in a file only $pipe_user can read: master.cf is readable
+# by everyone, and a command line by ps.
 blast     unix  -       n       n       -       4       pipe
   flags=ORXq user=$pipe_user null_sender= argv=$blast_bin bounce ingest --stdin
-  --quarantine $bounce_quarantine --database $bounce_database
+  --quarantine $bounce_quarantine --database-file $etc/blast-database.url
   --recipient \${original_recipient}
 EOF
 }
@@ -805,25 +900,41 @@ setup_sasl() {
         --no-install-recommends sasl2-bin libsasl2-modules libsasl2-modules-db >/dev/null; } ||
       die "apt-get install sasl2-bin failed"
   fi
-  mkdir -p "$etc/sasl"
+  # In root's directory, not postfix's data directory: nobody else can put
+  # a link where root writes it.
+  safe_dir "$etc/sasl" root 0755
   cat >"$etc/sasl/smtpd.conf" <<EOF
 pwcheck_method: auxprop
 auxprop_plugin: sasldb
 mech_list: $sasl_mechs
-sasldb_path: $data/sasldb2
+sasldb_path: $etc/sasl/sasldb2
 EOF
-  rm -f "$data/sasldb2"
+  rm -f "$etc/sasl/sasldb2" "$data/sasldb2"
   printf '%s' "$BLAST_MTA_SASL_PASSWORD" |
-    saslpasswd2 -p -c -f "$data/sasldb2" -u "$sasl_realm" "$sasl_user" ||
-    die "saslpasswd2 could not create $data/sasldb2"
-  chown postfix:postfix "$data/sasldb2"
-  chmod 0640 "$data/sasldb2"
+    saslpasswd2 -p -c -f "$etc/sasl/sasldb2" -u "$sasl_realm" "$sasl_user" ||
+    die "saslpasswd2 could not create $etc/sasl/sasldb2"
+  chown -h root:postfix "$etc/sasl/sasldb2"
+  chmod 0640 "$etc/sasl/sasldb2"
+}
+
+# --bounce-domain: the database URL in DIR/etc/blast-database.url, owned by
+# --pipe-user and readable by it alone (the pipe runs blast with
+# --database-file). Rewritten on every start: the pipe reads it each time.
+install_database_file() {
+  [ ${#bounce_domains[@]} -gt 0 ] || return 0
+  local f=$etc/blast-database.url tmp
+  tmp=$(mktemp "$etc/.blast-database.XXXXXX")
+  printf '%s\n' "$bounce_database" >"$tmp"
+  chown -h "$pipe_user:root" -- "$tmp"
+  chmod 0400 -- "$tmp"
+  mv -f -- "$tmp" "$f"
 }
 
 # ---------------------------------------------------------------- commands --
 
 cmd_start() {
   require_root
+  check_instance_dir
   ensure_postfix
   check_bounce_setup
   local tmp pid greeting avail
@@ -834,6 +945,7 @@ cmd_start() {
 
   if pid=$(master_pid); then
     if cmp -s "$tmp/main.cf" "$etc/main.cf" && cmp -s "$tmp/master.cf" "$etc/master.cf"; then
+      install_database_file
       say "already running (master pid $pid) with this configuration; nothing to do"
       return 0
     fi
@@ -851,6 +963,7 @@ cmd_start() {
     fi
     say "already running (master pid $pid) with another configuration: rewriting it and reloading"
     setup_sasl
+    install_database_file
     install -p -m 0644 "$tmp/main.cf" "$etc/main.cf"
     install -p -m 0644 "$tmp/master.cf" "$etc/master.cf"
     postfix -c "$etc" reload || {
@@ -876,13 +989,20 @@ cmd_start() {
 
   # Directories: root owns the instance, config and queue directories (Postfix
   # checks that); postfix owns the data directory. "postfix start" creates the
-  # queue's subdirectories itself (post-install create-missing).
-  mkdir -p "$dir" "$etc" "$spool" "$data" "$(dirname "$maillog")"
-  chown root:root "$dir" "$etc" "$spool"
-  chmod 0755 "$dir" "$etc" "$spool"
-  chown postfix:postfix "$data"
-  chmod 0700 "$data"
+  # queue's subdirectories itself (post-install create-missing). Each is
+  # created here or checked (safe_dir), never reached through a link.
+  safe_dir "$dir" root 0755
+  safe_dir "$etc" root 0755
+  safe_dir "$spool" root 0755
+  safe_dir "$data" postfix 0700
+  if [[ "$maillog" != "$dir"/* ]]; then
+    local logdir
+    logdir=$(dirname -- "$maillog")
+    check_chain "$(nearest_existing "$logdir")"
+    mkdir -p -- "$logdir"
+  fi
   setup_sasl
+  install_database_file
 
   avail=$(($(df -Pk "$spool" | awk 'NR == 2 { print $4 }') * 1024))
   if [ "$avail" -lt $((2 * queue_minfree)) ]; then
@@ -957,6 +1077,7 @@ cmd_stop() {
 
   if [ -n "$purge" ]; then
     if [ -d "$dir" ]; then
+      check_instance_dir
       if ! ours; then
         die "not purging $dir: it has no main.cf written by this script"
       fi

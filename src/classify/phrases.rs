@@ -5,6 +5,13 @@
 //! providers; they are lower-case and matched as substrings of the
 //! lower-cased reply. Keep the order meaningful: the first reason whose
 //! phrase matches wins, so narrower wording goes above broader wording.
+//!
+//! A phrase's class follows from what the address's owner would see if we
+//! kept mailing: hard when nobody will ever read mail at that address
+//! (there is no such mailbox or domain, or the domain takes no mail), soft
+//! when the mailbox exists and may take mail again (full, paused, on hold,
+//! blocked by a filter). Add phrases as kinds of wording, never to fit one
+//! sample; the corpus score is a check, not a target.
 
 /// Ordered `(reason, phrases)` table, matched against lower-cased text.
 ///
@@ -24,11 +31,37 @@ pub(super) const TABLE: &[(&str, &[&str])] = &[
         ],
     ),
     (
-        // Microsoft's directory-based edge blocking: the recipient does not exist.
+        // Microsoft's directory-based edge blocking, and Lotus Domino's
+        // "not listed in" its directory: the recipient does not exist, so
+        // hard. Above the blocklist row, whose "access denied" and
+        // "listed in" these contain.
         "userunknown",
         &[
             "recipient address rejected: access denied",
             "recipient name is not recognized",
+            "not listed in domino directory",
+            "not listed in public name",
+            "not listed in the directory",
+        ],
+    ),
+    (
+        // A domain that publishes a null MX (RFC 7505) or says it takes no
+        // mail: nobody at it will ever read a message, so hard. Above the
+        // DNS row below, because Google reports a null MX as a "DNS Error".
+        "notaccept",
+        &[
+            "null mx",
+            "nullmx",
+            "doesn't receive email",
+            "does not receive email",
+            "doesn't receive mail",
+            "does not receive mail",
+            "doesn't accept mail",
+            "does not accept mail",
+            "doesn't accept email",
+            "does not accept email",
+            "does not accept e-mail",
+            "accepts no mail",
         ],
     ),
     (
@@ -84,6 +117,19 @@ pub(super) const TABLE: &[(&str, &[&str])] = &[
             "is full",
             "too many messages in this mailbox",
             "mailbox exceeds allowed size",
+            // Vendors' own wording of the same: the owner exists and frees
+            // room by deleting mail, so soft.
+            "storage allocation",
+            "exceeded the storage",
+            "full mailbox",
+            "mailbox has reached",
+            "mailbox size",
+            "mailbox is at capacity",
+            "no space left",
+            "not enough space",
+            "insufficient space",
+            "exceeds quota",
+            "over its storage",
         ],
     ),
     (
@@ -170,6 +216,19 @@ pub(super) const TABLE: &[(&str, &[&str])] = &[
             "mailbox disabled",
             "temporarily deactivated",
             "deactivated",
+            // A mailbox on hold, frozen, locked or paused: it exists and its
+            // owner or provider can lift the hold, so soft.
+            "on hold",
+            "is frozen",
+            "has been frozen",
+            "is locked",
+            "has been locked",
+            "account locked",
+            "mailbox locked",
+            "temporarily disabled",
+            "temporarily unavailable",
+            "temporarily blocked",
+            "not currently available",
         ],
     ),
     (
@@ -305,6 +364,19 @@ pub(super) const TABLE: &[(&str, &[&str])] = &[
             "all relevant mx records point to non-existent hosts",
             "domain was not found",
             "domain is not reachable",
+            // Vendors' wording of "no such domain": there is nobody to
+            // receive mail at a domain that does not exist, so hard.
+            "no such host",
+            "host does not exist",
+            "domain name does not exist",
+            "domain not exist",
+            "domain unknown",
+            "nonexistent domain",
+            "non-existent domain",
+            "non-existent host",
+            "unrouteable",
+            "unroutable",
+            "illegal host/domain",
         ],
     ),
     (
@@ -362,6 +434,41 @@ pub(super) const TABLE: &[(&str, &[&str])] = &[
             "not a registered",
             "user doesn't have a",
             "invalid final delivery userid",
+            // Vendors' own wording of "no such user": the mailbox does not
+            // exist (or no longer does), so the address's owner, if any,
+            // never sees the mail: hard.
+            "unknown local-part",
+            "recipient does not exist",
+            "no such local user",
+            "address not found",
+            "address was not found",
+            "addressee not found",
+            "not found in the recipient",
+            "nonexistent user",
+            "non-existent user",
+            "nonexistent address",
+            "non-existent address",
+            "nonexistent mailbox",
+            "non-existent mailbox",
+            "nonexistent account",
+            "non-existent account",
+            "unknown account",
+            "account has been closed",
+            "account is closed",
+            "account closed",
+            "account has been deleted",
+            "account was deleted",
+            "mailbox has been deleted",
+            "mailbox was deleted",
+            "mailbox has been removed",
+            "account has expired",
+            "account expired",
+            "no longer exists",
+            "no longer in use",
+            "no longer valid",
+            "not a valid recipient",
+            "recipient is not valid",
+            "unknown or invalid",
         ],
     ),
     (
@@ -475,6 +582,3 @@ pub(super) const WEAK_USERUNKNOWN: &[&str] = &[
     "not listed in",
     "check if address is correct",
 ];
-
-/// Wording that means the user is unknown whatever command it answered.
-pub(super) const DEFINITE_USERUNKNOWN: &[&str] = &["user doesn't have a", "this user doesn't have"];

@@ -6,7 +6,7 @@
 //! generic codes (`5.0.0`, `550 5.1.1` for a full mailbox) far more often
 //! than misleading words.
 
-use super::phrases::{DEFINITE_USERUNKNOWN, TABLE, WEAK_USERUNKNOWN};
+use super::phrases::{TABLE, WEAK_USERUNKNOWN};
 use super::Class;
 
 /// Reasons that mean the address is gone for good.
@@ -142,12 +142,13 @@ fn command(text: &str) -> Option<Command> {
 
 /// The reason for one failed recipient, from its text and status code.
 ///
-/// Text wins, with three exceptions learnt from real bounces: "user unknown"
+/// Text wins, with two exceptions learnt from real bounces: "user unknown"
 /// wording under a specific non-address status (`5.7.26 <a@b>: Recipient
-/// address rejected: authentication failed`) follows the status; an unknown
-/// user refused at DATA is a content filter, not a missing mailbox, unless
-/// the status says `x.1.1`; and anything refused at MAIL FROM is about the
-/// sender.
+/// address rejected: authentication failed`) follows the status; and
+/// anything refused at MAIL FROM is about the sender. An unknown user
+/// refused at DATA stays unknown: some servers only check recipients after
+/// the data, and for a mass mailer mailing it again is worse than losing an
+/// address a content filter misnamed.
 pub fn reason(text: &str, status: Option<&str>) -> &'static str {
     reason_in(text, "", status)
 }
@@ -175,12 +176,6 @@ pub fn reason_in(reply: &str, context: &str, status: Option<&str>) -> &'static s
             ["6", "7"].contains(&subject) || (!strong && ["2", "3", "5"].contains(&subject));
         if precise || other_cause {
             return by_status.unwrap_or(by_text);
-        }
-        let definite = DEFINITE_USERUNKNOWN
-            .iter()
-            .any(|p| reply.to_lowercase().contains(p));
-        if cmd == Some(Command::Data) && subject != "1" && !definite {
-            return "filtered";
         }
     }
     by_text
@@ -234,9 +229,9 @@ mod tests {
             ),
             "authfailure"
         );
-        // Unknown user at DATA is a filter unless the code says x.1.1.
+        // Unknown user at DATA is unknown: hard for a mass mailer.
         let at_data = "550 Unknown user a@b.c (in reply to end of DATA command)";
-        assert_eq!(reason(at_data, Some("5.0.0")), "filtered");
+        assert_eq!(reason(at_data, Some("5.0.0")), "userunknown");
         assert_eq!(reason(at_data, Some("5.1.1")), "userunknown");
         let at_mail =
             "SMTP error from remote mail server after MAIL FROM:<s@x.y>: 550 5.1.7 No such domain";

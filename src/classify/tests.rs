@@ -69,16 +69,7 @@ const TABLE: &[Row] = &[
 /// A delivery report for one recipient whose remote server gave `line`
 /// (after `code`) and `status`, as Postfix writes it.
 fn dsn(code: u16, status: &str, line: &str) -> Vec<u8> {
-    format!(
-        "From: MAILER-DAEMON@mx.example.net\r\nTo: bounces@example.com\r\n\
-         Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
-         Content-Type: multipart/report; report-type=delivery-status; boundary=\"B\"\r\n\r\n\
-         --B\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n\
-         --B\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; mx.example.net\r\n\r\n\
-         Final-Recipient: rfc822; a@example.org\r\nAction: failed\r\nStatus: {status}\r\n\
-         Diagnostic-Code: smtp; {code} {line}\r\n\r\n--B--\r\n"
-    )
-    .into_bytes()
+    crate::bounce::parse::tests::synthetic_dsn("a@example.org", status, &format!("{code} {line}"))
 }
 
 #[test]

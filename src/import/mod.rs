@@ -909,4 +909,4 @@ impl<R: Read> Read for Window<R> {
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

@@ -589,3 +589,26 @@ fn import_futures_are_send() {
         ));
     }
 }
+
+/// The CSV importer's reader on arbitrary bytes, and on files with a valid
+/// header and arbitrary rows (issue 13): no panic, and an address it
+/// accepts has no line break or other control character.
+pub(crate) fn csv_importer(cases: u32) {
+    let on = |bytes: &[u8]| {
+        if let Ok(rows) = parse_all(bytes) {
+            for row in rows.into_iter().flatten() {
+                proptest::prop_assert!(!row.email.chars().any(char::is_control), "{row:?}");
+            }
+        }
+        Ok(())
+    };
+    crate::props::check(cases, crate::props::bytes(), |raw| on(&raw));
+    crate::props::check(cases, crate::props::text(), |t| {
+        on(format!("email,name\n{t}\n\"{t}\",x\n").as_bytes())
+    });
+}
+
+#[test]
+fn csv_importer_never_panics_nor_accepts_line_breaks() {
+    csv_importer(crate::props::ci_cases());
+}

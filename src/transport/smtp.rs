@@ -188,6 +188,27 @@ pub struct SmtpSession {
 /// is waiting for our delayed ACK (40 ms on Linux).
 const DELAYED_ACK_STALL: Duration = Duration::from_millis(30);
 
+/// One line of a server reply: its code, whether more lines follow
+/// (`250-`), and its text. The text is what the ledger and the logs keep, so
+/// control characters (a CR inside the line, a NUL) become spaces: a reply
+/// never carries a line break into anything blast writes.
+fn reply_line(raw: &[u8]) -> Result<(u16, bool, String), String> {
+    let text = String::from_utf8_lossy(raw);
+    let text = text.trim_end_matches(['\r', '\n']);
+    let bytes = text.as_bytes();
+    if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
+        return Err(format!("malformed reply {text:?}"));
+    }
+    let code: u16 = text[..3].parse().unwrap_or(0);
+    let more = bytes.get(3) == Some(&b'-');
+    let rest = text.get(4..).unwrap_or("");
+    let clean = rest
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    Ok((code, more, clean))
+}
+
 /// A raw server reply: code and text lines.
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct RawReply {
@@ -551,15 +572,8 @@ impl SmtpSession {
             if n == 0 {
                 return Err(lost("connection closed by the server", false));
             }
-            let text = String::from_utf8_lossy(&self.line);
-            let text = text.trim_end_matches(['\r', '\n']);
-            let bytes = text.as_bytes();
-            if bytes.len() < 3 || !bytes[..3].iter().all(u8::is_ascii_digit) {
-                return Err(lost(&format!("malformed reply {text:?}"), false));
-            }
-            let code: u16 = text[..3].parse().unwrap_or(0);
-            let more = bytes.get(3) == Some(&b'-');
-            lines.push(text.get(4..).unwrap_or("").to_string());
+            let (code, more, text) = reply_line(&self.line).map_err(|m| lost(&m, false))?;
+            lines.push(text);
             if !more {
                 return Ok(RawReply { code, lines });
             }
@@ -887,8 +901,34 @@ impl super::Session for SmtpSession {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
+
+    /// The reply reader on arbitrary bytes (issue 13): no panic; a line it
+    /// accepts has a three-digit code and a text without CR or LF, and the
+    /// classifier reads that text without panicking.
+    pub(crate) fn reply_reader(cases: u32) {
+        crate::props::check(cases, crate::props::bytes(), |raw| {
+            if let Ok((code, _, text)) = reply_line(&raw) {
+                proptest::prop_assert!(code <= 999);
+                proptest::prop_assert!(!text.contains(['\r', '\n']), "{text:?}");
+                let reply = crate::classify::reply(code, &[&text]);
+                crate::classify::reply_reason(&reply);
+                crate::classify::suppresses(&reply);
+                crate::classify::outcome(reply);
+            }
+            Ok(())
+        });
+    }
+
+    #[test]
+    fn reply_reader_never_panics_nor_keeps_line_breaks() {
+        reply_reader(crate::props::ci_cases());
+        assert_eq!(
+            reply_line(b"250-a\rb\r\n").unwrap(),
+            (250, true, "a b".to_string())
+        );
+    }
 
     #[test]
     fn dot_stuffing() {

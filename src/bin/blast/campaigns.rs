@@ -292,9 +292,15 @@ pub(crate) async fn schedule(args: ScheduleArgs) -> anyhow::Result<ExitCode> {
 }
 
 pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
-    let report = blast::schedule::run_due(
+    let mut host = blast::schedule::Host {
+        queue_probe: args.queue_probe.filter(|p| !p.trim().is_empty()),
+        ..Default::default()
+    };
+    host.password_envs.extend(args.password_env);
+    let report = blast::schedule::run_due_on(
         &args.database,
         args.worker.as_deref(),
+        &host,
         progress_mode(&args.progress),
         shutdown_signal(),
     )

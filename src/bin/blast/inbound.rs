@@ -210,6 +210,19 @@ pub(crate) async fn bounce_ingest(args: BounceIngestArgs) -> anyhow::Result<Exit
     }
 }
 
+/// The database URL in `file`: its first line, trimmed.
+fn database_from_file(file: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("--database-file {}", file.display()))?;
+    let url = text.lines().next().unwrap_or_default().trim().to_string();
+    anyhow::ensure!(
+        !url.is_empty(),
+        "--database-file {}: the file is empty",
+        file.display()
+    );
+    Ok(url)
+}
+
 pub(crate) async fn bounce_ingest_run(args: BounceIngestArgs) -> anyhow::Result<ExitCode> {
     use blast::bounce::{ingest, mailbox};
     let soft_window = blast::config::parse_duration(&args.soft_window)
@@ -220,7 +233,12 @@ pub(crate) async fn bounce_ingest_run(args: BounceIngestArgs) -> anyhow::Result<
         (None, None) => mailbox::Source::Stdin,
     };
     let inbox = mailbox::Inbox::open(source, args.quarantine.clone())?;
-    let db = blast::db::Db::connect(&args.database).await?;
+    let database = match (&args.database, &args.database_file) {
+        (_, Some(file)) => database_from_file(file)?,
+        (Some(url), None) => url.clone(),
+        (None, None) => anyhow::bail!("give --database URL or --database-file FILE"),
+    };
+    let db = blast::db::Db::connect(&database).await?;
     let policy = ingest::Policy {
         soft_limit: args.soft_limit,
         soft_window,

@@ -13,33 +13,61 @@ pub(crate) fn parse(ctx: &Ctx<'_>) -> Option<(Kind, Vec<Finding>)> {
         Section::Feedback(body) => Some(text::fields(body)),
         _ => None,
     });
-    let (feedback_type, recipient) = match report {
+    let (feedback_type, recipients) = match report {
         Some(fields) => {
-            let get = |name: &str| {
-                fields
-                    .iter()
-                    .find(|(n, _)| n.eq_ignore_ascii_case(name))
-                    .map(|(_, v)| v.trim().to_string())
-            };
-            let recipient = get("Original-Rcpt-To")
-                .or_else(|| get("Removal-Recipient"))
-                .and_then(|v| text::first_address(&v))
-                .or_else(|| original_recipient(ctx));
-            let kind = get("Feedback-Type").map(|t| t.to_ascii_lowercase());
-            (kind.unwrap_or_else(|| "abuse".into()), recipient)
+            let kind = fields
+                .iter()
+                .find(|(n, _)| n.eq_ignore_ascii_case("Feedback-Type"))
+                .map(|(_, v)| v.trim().to_ascii_lowercase());
+            (
+                kind.unwrap_or_else(|| "abuse".into()),
+                reported_recipients(&fields, ctx),
+            )
         }
-        None => legacy(ctx)?,
+        None => {
+            let (kind, recipient) = legacy(ctx)?;
+            (kind, vec![recipient])
+        }
     };
-    let finding = Finding {
-        recipient,
-        status: None,
-        class: Class::Other,
-        reason: "feedback".into(),
-        feedback_type: Some(feedback_type),
-        diagnostic: None,
-        remote_mta: None,
+    let findings = recipients
+        .into_iter()
+        .map(|recipient| Finding {
+            recipient,
+            status: None,
+            class: Class::Other,
+            reason: "feedback".into(),
+            feedback_type: Some(feedback_type.clone()),
+            diagnostic: None,
+            remote_mta: None,
+        })
+        .collect();
+    Some((Kind::Complaint, findings))
+}
+
+/// Every complaining recipient a report names: all its `Original-Rcpt-To`
+/// fields (RFC 5965 allows one per recipient, and some reporters list
+/// several addresses in one), else its `Removal-Recipient`s, else the
+/// returned message's recipient. One `None` when none is named.
+fn reported_recipients(fields: &[(String, String)], ctx: &Ctx<'_>) -> Vec<Option<String>> {
+    let all = |name: &str| -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for (_, v) in fields.iter().filter(|(n, _)| n.eq_ignore_ascii_case(name)) {
+            for a in text::addresses(v) {
+                if !out.iter().any(|o| o.eq_ignore_ascii_case(&a)) {
+                    out.push(a);
+                }
+            }
+        }
+        out
     };
-    Some((Kind::Complaint, vec![finding]))
+    let mut found = all("Original-Rcpt-To");
+    if found.is_empty() {
+        found = all("Removal-Recipient");
+    }
+    if found.is_empty() {
+        return vec![original_recipient(ctx)];
+    }
+    found.into_iter().map(Some).collect()
 }
 
 /// The recipient named by the returned message: a provider's recipient header, else its To.

@@ -26,7 +26,7 @@ mod text;
 mod vendors;
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;
 
 use std::path::{Path, PathBuf};
 

@@ -165,3 +165,156 @@ I'm afraid I wasn't able to deliver your message to the following addresses.\n\n
         ("X-Blast-Campaign".into(), "9".into())
     );
 }
+
+/// A DSN (multipart/report) for `rcpt` with this status and diagnostic,
+/// as Postfix writes one; written for these tests (and classify's).
+pub(crate) fn synthetic_dsn(rcpt: &str, status: &str, diagnostic: &str) -> Vec<u8> {
+    format!(
+        "From: MAILER-DAEMON@relay.example.org\r\nTo: news@example.org\r\n\
+Subject: Undelivered Mail Returned to Sender\r\nMIME-Version: 1.0\r\n\
+Content-Type: multipart/report; report-type=delivery-status; boundary=\"b1\"\r\n\r\n\
+--b1\r\nContent-Type: text/plain\r\n\r\nYour message could not be delivered.\r\n\r\n\
+--b1\r\nContent-Type: message/delivery-status\r\n\r\nReporting-MTA: dns; relay.example.org\r\n\r\n\
+Final-Recipient: rfc822; {rcpt}\r\nAction: failed\r\nStatus: {status}\r\n\
+Diagnostic-Code: smtp; {diagnostic}\r\n\r\n--b1--\r\n"
+    )
+    .into_bytes()
+}
+
+/// `(recipient, class, reason)` of every finding.
+fn findings(raw: &[u8]) -> Vec<(String, Class, String)> {
+    parse(raw)
+        .expect("a mail")
+        .results
+        .into_iter()
+        .map(|f| (f.recipient.unwrap_or_default(), f.class, f.reason))
+        .collect()
+}
+
+/// Issue 13 part 11: "no such user" and "no such domain" in a vendor's own
+/// words, under a generic status, are hard.
+#[test]
+fn vendor_worded_unknown_users_and_domains_are_hard() {
+    for diagnostic in [
+        "550 Requested action not taken: addressee not found",
+        "554 delivery error: dd This account has been closed - mx.example.net",
+        "550 #5.1.0 Address rejected: nonexistent mailbox",
+        "550 The e-mail address was not found in the recipient's e-mail system",
+        "550 Unknown local-part \"zed\" in domain",
+        "553 No such host exists for this address",
+        "550 Domain name does not exist in our records",
+    ] {
+        let got = findings(&synthetic_dsn("zed@example.net", "5.0.0", diagnostic));
+        assert_eq!(got.len(), 1, "{diagnostic}");
+        assert_eq!(got[0].1, Class::Hard, "{diagnostic}: {got:?}");
+    }
+}
+
+/// Issue 13 part 11: a mailbox that is full, suspended or on hold exists,
+/// and may take mail again: soft, even under a 5.1.1 some servers send.
+#[test]
+fn full_suspended_or_held_mailboxes_are_soft() {
+    for diagnostic in [
+        "552 The recipient's mailbox has exceeded its storage allocation",
+        "550 5.1.1 Mailbox on hold: the owner has not logged in",
+        "550 This mailbox is frozen by the administrator",
+        "550 Recipient account is locked",
+        "550 Mailbox temporarily unavailable",
+        "554 The account has been suspended",
+    ] {
+        let got = findings(&synthetic_dsn("zed@example.net", "5.1.1", diagnostic));
+        assert_eq!(got[0].1, Class::Soft, "{diagnostic}: {got:?}");
+    }
+}
+
+/// Issue 13 part 11: a domain that takes no mail (null MX, RFC 7505) is
+/// hard, also in Google's "DNS Error" wording.
+#[test]
+fn null_mx_and_no_mail_domains_are_hard() {
+    for (status, diagnostic) in [
+        ("5.1.10", "550 5.1.10 DNS Error: the domain example.net doesn't receive email according to the administrator: returned NULL MX"),
+        ("5.0.0", "556 Recipient domain does not accept mail"),
+        ("5.0.0", "550 example.net: this domain accepts no mail"),
+    ] {
+        let got = findings(&synthetic_dsn("zed@example.net", status, diagnostic));
+        assert_eq!(
+            (got[0].1, got[0].2.as_str()),
+            (Class::Hard, "notaccept"),
+            "{diagnostic}"
+        );
+    }
+}
+
+/// Issue 13 part 11: an ARF report naming several recipients (one
+/// `Original-Rcpt-To` each, or several in one field) gives one complaint
+/// per recipient.
+#[test]
+fn arf_report_with_several_recipients_names_them_all() {
+    let raw = b"From: feedback@isp.example\r\nTo: abuse@example.org\r\nSubject: Abuse report\r\n\
+MIME-Version: 1.0\r\nContent-Type: multipart/report; report-type=feedback-report; boundary=\"f\"\r\n\r\n\
+--f\r\nContent-Type: text/plain\r\n\r\nThree users marked this as spam.\r\n\r\n\
+--f\r\nContent-Type: message/feedback-report\r\n\r\nFeedback-Type: abuse\r\nUser-Agent: Report/1.0\r\n\
+Version: 1\r\nOriginal-Rcpt-To: <one@isp.example>\r\nOriginal-Rcpt-To: two@isp.example, three@isp.example\r\n\r\n\
+--f\r\nContent-Type: text/rfc822-headers\r\n\r\nFrom: news@example.org\r\nTo: one@isp.example\r\n\r\n--f--\r\n";
+    let got = findings(raw);
+    let rcpts: Vec<&str> = got.iter().map(|g| g.0.as_str()).collect();
+    assert_eq!(
+        rcpts,
+        ["one@isp.example", "two@isp.example", "three@isp.example"]
+    );
+    assert!(got.iter().all(|g| g.1 == Class::Other && g.2 == "feedback"));
+}
+
+/// Issue 13 part 11: plain-text notices of older MTAs name the recipient on
+/// a line of their own; each is found, with its class.
+#[test]
+fn older_mta_plain_text_recipient_lines_are_found() {
+    let cases: [(&str, &[u8], Class); 4] = [
+        (
+            "exim",
+            b"From: Mail Delivery System <Mailer-Daemon@mx.example.org>\nTo: news@example.org\n\
+Subject: Mail delivery failed: returning message to sender\n\n\
+This message was created automatically by mail delivery software.\n\n\
+A message that you sent could not be delivered to one or more of its\n\
+recipients. This is a permanent error. The following address(es) failed:\n\n\
+  zed@example.net\n    SMTP error from remote mail server after RCPT TO:<zed@example.net>:\n\
+    host mx.example.net [192.0.2.7]: 550 No such mailbox here\n\n\
+------ This is a copy of the message, including all the headers. ------\n\n\
+From: news@example.org\nTo: zed@example.net\n\nhi\n",
+            Class::Hard,
+        ),
+        (
+            "qmail",
+            b"From: MAILER-DAEMON@mx.example.org\nTo: news@example.org\nSubject: failure notice\n\n\
+Hi. This is the qmail-send program at mx.example.org.\n\
+I'm afraid I wasn't able to deliver your message to the following addresses.\n\
+This is a permanent error; I've given up. Sorry it didn't work out.\n\n\
+<zed@example.net>:\nSorry, no mailbox here by that name. (#5.1.1)\n\n\
+--- Below this line is a copy of the message.\n\nFrom: news@example.org\nTo: zed@example.net\n\nhi\n",
+            Class::Hard,
+        ),
+        (
+            "domino",
+            b"From: Postmaster@notes.example.net\nTo: news@example.org\n\
+Subject: DELIVERY FAILURE: User zed (zed@example.net) not listed in Domino Directory\n\n\
+Your message\n\n  Subject: Our news\n\nwas not delivered to:\n\n  zed@example.net\n\n\
+because:\n\n  User zed (zed@example.net) not listed in Domino Directory\n",
+            Class::Hard,
+        ),
+        (
+            "dragonfly",
+            b"From: MAILER-DAEMON@host.example.org\nTo: news@example.org\nSubject: Mail delivery failed\n\n\
+This is the DragonFly Mail Agent v0.13 at host.example.org.\n\n\
+There was an error delivering your mail to <zed@example.net>.\n\n\
+mx.example.net [192.0.2.9] did not like our RCPT TO:\n\
+552 5.2.2 Mailbox full\n\nOriginal message follows.\n\nFrom: news@example.org\n\nhi\n",
+            Class::Soft,
+        ),
+    ];
+    for (mta, raw, class) in cases {
+        let got = findings(raw);
+        assert_eq!(got.len(), 1, "{mta}: {got:?}");
+        assert_eq!(got[0].0, "zed@example.net", "{mta}: {got:?}");
+        assert_eq!(got[0].1, class, "{mta}: {got:?}");
+    }
+}

@@ -1,0 +1,170 @@
+//! Property tests (issue 13): what reads bytes from the outside (the bounce
+//! parser, the SMTP reply reader, the CSV importer) and what writes a
+//! message from subscribers' data (the MIME renderer) never panic, and never
+//! put a bare CR or LF into a header, on arbitrary bytes and Unicode.
+//!
+//! Owns the runner and case counts; the properties of private code live next
+//! to it (`transport::smtp::tests`, `import::tests`) and are run from here
+//! too. CI runs [`ci_cases`] of each (a few seconds in all);
+//! `cargo test --lib props::long -- --ignored` runs [`long_cases`]
+//! (`PROPTEST_CASES`, default 100,000: about 11 minutes on 2 cores).
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use serde_json::{Map, Value};
+
+use crate::model::Recipient;
+
+/// Cases per property in CI: `PROPTEST_CASES`, else 2,000.
+pub(crate) fn ci_cases() -> u32 {
+    cases_from_env(2_000)
+}
+
+/// Cases per property in the long mode: `PROPTEST_CASES`, else 100,000.
+fn long_cases() -> u32 {
+    cases_from_env(100_000)
+}
+
+/// `PROPTEST_CASES` when set to a number, else `default`.
+fn cases_from_env(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// Runs `test` on `cases` values of `strategy`; panics with the smallest
+/// failing value proptest finds.
+pub(crate) fn check<S: Strategy>(
+    cases: u32,
+    strategy: S,
+    test: impl Fn(S::Value) -> Result<(), TestCaseError>,
+) {
+    let mut runner = TestRunner::new(Config {
+        cases,
+        failure_persistence: None,
+        ..Config::default()
+    });
+    if let Err(e) = runner.run(&strategy, test) {
+        panic!("{e}");
+    }
+}
+
+/// Arbitrary bytes, up to 4 KiB.
+pub(crate) fn bytes() -> impl Strategy<Value = Vec<u8>> {
+    proptest::collection::vec(any::<u8>(), 0..4096)
+}
+
+/// Arbitrary Unicode text with the characters that break mail made likely:
+/// CR, LF, NUL, tabs, quotes, `=?`, non-ASCII and long runs.
+pub(crate) fn text() -> impl Strategy<Value = String> {
+    let piece = prop_oneof![
+        any::<String>(),
+        Just("\r".to_string()),
+        Just("\n".to_string()),
+        Just("\r\n".to_string()),
+        Just("\0".to_string()),
+        Just("\t".to_string()),
+        Just("=?utf-8?q?x?=".to_string()),
+        Just("\"<>,;:".to_string()),
+        Just("ü€😀\u{2028}".to_string()),
+        "[a-z]{200,1200}",
+    ];
+    proptest::collection::vec(piece, 0..8).prop_map(|v| v.concat())
+}
+
+/// True when every CR in `s` is followed by LF and every LF follows a CR.
+pub(crate) fn crlf_only(s: &[u8]) -> bool {
+    s.iter().enumerate().all(|(i, &b)| match b {
+        b'\r' => s.get(i + 1) == Some(&b'\n'),
+        b'\n' => i > 0 && s[i - 1] == b'\r',
+        _ => true,
+    })
+}
+
+/// A delivery report around `middle`, so that arbitrary text reaches the
+/// report parser and not just the "not a mail" check.
+fn report_around(middle: &str) -> Vec<u8> {
+    format!(
+        "From: MAILER-DAEMON@mx.example.org\r\nSubject: Undelivered Mail\r\n\
+         Content-Type: multipart/report; report-type=delivery-status; boundary=\"b\"\r\n\r\n\
+         --b\r\nContent-Type: text/plain\r\n\r\n{middle}\r\n\
+         --b\r\nContent-Type: message/delivery-status\r\n\r\nFinal-Recipient: rfc822; {middle}\r\n\
+         Status: 5.1.1\r\nDiagnostic-Code: smtp; 550 {middle}\r\n\r\n--b--\r\n"
+    )
+    .into_bytes()
+}
+
+/// The bounce parser on `raw`: no panic, and nothing it reports (which
+/// ingest stores and `--json` prints, one per line) holds a line break.
+fn bounce_parser_on(raw: &[u8]) -> Result<(), TestCaseError> {
+    let Ok(report) = crate::bounce::parse::parse(raw) else {
+        return Ok(());
+    };
+    for f in &report.results {
+        for field in [&f.recipient, &f.status, &f.diagnostic, &f.remote_mta] {
+            let v = field.as_deref().unwrap_or("");
+            prop_assert!(!v.contains(['\r', '\n']), "{f:?}");
+        }
+    }
+    Ok(())
+}
+
+/// The bounce parser on arbitrary bytes and on reports with arbitrary text.
+fn bounce_parser(cases: u32) {
+    check(cases, bytes(), |raw| bounce_parser_on(&raw));
+    check(cases, text(), |t| bounce_parser_on(&report_around(&t)));
+}
+
+/// The renderer with arbitrary Unicode in a subscriber's attributes, used
+/// in the subject, display name, a custom header and both bodies: no panic;
+/// the header section has only CRLF line ends; no line is over 998 bytes.
+fn renderer(cases: u32) {
+    let mut m = crate::render::tests::message(
+        "Hi {{ name }} {{ city }}",
+        Some("Hello {{ name }}\n{{ city }}"),
+        Some("<p>{{ name }}</p>{{ city }}"),
+    );
+    m.headers = vec![("X-City".into(), "{{ city }} {{ name }}".into())];
+    check(cases, (text(), text()), |(name, city)| {
+        let mut vars = Map::new();
+        vars.insert("name".into(), Value::String(name));
+        vars.insert("city".into(), Value::String(city));
+        let r = Recipient::new(7, "someone@example.com", vars);
+        let Ok(out) = crate::render::tests::render(&m, &r) else {
+            return Ok(());
+        };
+        let end = out
+            .bytes
+            .windows(4)
+            .position(|w| w == b"\r\n\r\n")
+            .unwrap_or(out.bytes.len());
+        let head = &out.bytes[..end];
+        prop_assert!(crlf_only(head), "{}", String::from_utf8_lossy(head));
+        for line in out.bytes.split(|&b| b == b'\n') {
+            prop_assert!(line.len() <= 999, "a line of {} bytes", line.len());
+        }
+        Ok(())
+    });
+}
+
+#[test]
+fn bounce_parser_never_panics_nor_breaks_lines() {
+    bounce_parser(ci_cases());
+}
+
+#[test]
+fn rendered_headers_have_crlf_only_and_short_lines() {
+    renderer(ci_cases());
+}
+
+/// Every property with [`long_cases`] each (the documented long mode).
+#[test]
+#[ignore = "long mode: minutes; cargo test --lib props::long -- --ignored"]
+fn long() {
+    let n = long_cases();
+    bounce_parser(n);
+    renderer(n);
+    crate::transport::smtp::tests::reply_reader(n);
+    crate::import::tests::csv_importer(n);
+}
