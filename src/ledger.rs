@@ -34,6 +34,7 @@ use serde::Serialize;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::mpsc;
 
+use crate::address;
 use crate::classify;
 use crate::clock;
 use crate::config::RetryPolicy;
@@ -499,7 +500,13 @@ impl SqlLedger {
                 q.execute(&mut **tx).await?;
             }
 
-            let hard: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.suppress).collect();
+            // Keyed by canonical form; an address blast could send to always
+            // has one.
+            let hard: Vec<(String, &Stored<'_>)> = chunk
+                .iter()
+                .filter(|r| r.suppress)
+                .filter_map(|r| Some((address::canonical(&r.record.email).ok()?, r)))
+                .collect();
             if !hard.is_empty() {
                 let sql = insert_sql(
                     Backend::Sqlite,
@@ -509,12 +516,8 @@ impl SqlLedger {
                     " ON CONFLICT (address) DO NOTHING",
                 );
                 let mut q = sqlx::query(AssertSqlSafe(sql));
-                for r in hard {
-                    q = q
-                        .bind(r.record.email.trim().to_lowercase())
-                        .bind(r.text.as_str())
-                        .bind("smtp")
-                        .bind(stamp);
+                for (key, r) in hard {
+                    q = q.bind(key).bind(r.text.as_str()).bind("smtp").bind(stamp);
                 }
                 q.execute(&mut **tx).await?;
             }
@@ -583,9 +586,11 @@ impl SqlLedger {
         let hard: Vec<Suppression<'_>> = rows
             .iter()
             .filter(|r| r.suppress)
-            .map(|r| Suppression {
-                address: r.record.email.trim().to_lowercase(),
-                reason: &r.text,
+            .filter_map(|r| {
+                Some(Suppression {
+                    address: address::canonical(&r.record.email).ok()?,
+                    reason: &r.text,
+                })
             })
             .collect();
         if !hard.is_empty() {
@@ -688,7 +693,7 @@ impl<'a> From<&'a Stored<'a>> for JsonRow<'a> {
     }
 }
 
-/// An address for `blast_suppressions` (lower-cased), as JSON.
+/// An address for `blast_suppressions` (canonical form), as JSON.
 #[derive(Serialize)]
 struct Suppression<'a> {
     address: String,
@@ -846,8 +851,11 @@ pub async fn requeue(db: &Db, campaign_id: i64, recipients: &[(i64, String)]) ->
         .bind(id)
         .execute(&mut *tx)
         .await?;
+        let Ok(key) = address::canonical(email) else {
+            continue;
+        };
         sqlx::query("DELETE FROM blast_suppressions WHERE address = $1 AND source = 'smtp'")
-            .bind(email.trim().to_lowercase())
+            .bind(key)
             .execute(&mut *tx)
             .await?;
     }

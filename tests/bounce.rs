@@ -421,3 +421,66 @@ async fn hard_bounce_mid_campaign_suppresses_for_the_next_campaign() {
     assert!(!got.iter().any(|m| m.rcpt_to[0] == victim));
     assert_eq!(summary.suppressed, 1);
 }
+
+/// Issue 13: a bounce about an address the suppression list used to refuse
+/// (`john@gmailcom`, which blast sends to) ended the whole Maildir run; one
+/// about something that is no address at all is quarantined. The rest of
+/// the Maildir is processed either way.
+#[tokio::test]
+async fn issue13_a_bad_address_in_a_bounce_never_stops_the_run() {
+    let w = World::new(Backend::Sqlite).await;
+    w.exec(
+        "INSERT INTO subscribers (id, email, attributes, created_at) VALUES \
+         (1, 'john@gmailcom', '{}', '2026-01-01T00:00:00.000Z'), \
+         (2, 'user2@example.com', '{}', '2026-01-01T00:00:00.000Z'), \
+         (3, 'user3@example.com', '{}', '2026-01-01T00:00:00.000Z')",
+    )
+    .await;
+    let got = sent(&w, "bad").await;
+    let (m1, m2, m3) = (
+        only_to(&got, "john@gmailcom"),
+        only_to(&got, "user2@example.com"),
+        only_to(&got, "user3@example.com"),
+    );
+    let hard =
+        |m: &Received, to: &str| dsn(&m.mail_from, to, "5.1.1", "550 5.1.1 User unknown", &m.data);
+    let maildir = w.path("Maildir");
+    write_maildir(
+        &maildir,
+        &[
+            ("01.john", hard(&m1, "john@gmailcom")),
+            ("02.user2", hard(&m2, "user2@example.com")),
+            (
+                "03.noaddress",
+                dsn(
+                    "bounces@bounce.example.com",
+                    "jo..hn@example.com",
+                    "5.1.1",
+                    "550 5.1.1 User unknown",
+                    &b"Subject: x\r\n\r\n"[..],
+                ),
+            ),
+            ("04.user3", hard(&m3, "user3@example.com")),
+        ],
+    );
+    let db = w.db().await;
+    let ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
+    let inbox = Inbox::open(Source::Maildir(maildir.clone()), None).unwrap();
+    let (summary, mailbox) = blast::bounce::ingest::run(ing, inbox, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((summary.messages, summary.hard), (4, 3), "{summary:?}");
+    assert_eq!(summary.quarantined, 1, "{summary:?}");
+    assert!(
+        mailbox.quarantined[0]
+            .reason
+            .contains("not an email address"),
+        "{:?}",
+        mailbox.quarantined
+    );
+    for a in ["john@gmailcom", "user2@example.com", "user3@example.com"] {
+        let why = suppressed(&db, a).await;
+        assert!(why.is_some_and(|w| w.starts_with("hard bounce")), "{a}");
+    }
+    assert_eq!(names(&maildir.join("cur")).len(), 3);
+}
