@@ -484,3 +484,44 @@ async fn issue13_a_bad_address_in_a_bounce_never_stops_the_run() {
     }
     assert_eq!(names(&maildir.join("cur")).len(), 3);
 }
+
+/// Issue 13: forged (unsigned) soft bounces do not count toward the soft
+/// limit; only signed ones do, unless the operator trusts unsigned mail.
+#[tokio::test]
+async fn issue13_unsigned_soft_bounces_do_not_count() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(1).await;
+    let got = sent(&w, "soft-forged").await;
+    let m = only_to(&got, "user1@example.com");
+    let db = w.db().await;
+    let soft = |to: &str, i: u32, original: &[u8]| {
+        let diag = format!("452 4.2.2 Mailbox full (try {i})");
+        dsn(to, "user1@example.com", "4.2.2", &diag, original)
+    };
+    let mut ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
+    // Two forged ones: no VERP, no signed headers.
+    for i in 1..=2 {
+        let raw = soft("bounces@bounce.example.com", i, b"Subject: x\r\n\r\n");
+        ing.ingest(&raw, &format!("forged{i}")).await.unwrap();
+    }
+    // One signed one: 1 signed soft bounce of 3 is not the limit.
+    ing.ingest(&soft(&m.mail_from, 3, &m.data), "signed3")
+        .await
+        .unwrap();
+    assert_eq!(suppressed(&db, "user1@example.com").await, None);
+
+    // Trusting unsigned mail, the same three count.
+    let policy = Policy {
+        trust_unsigned: true,
+        ..Policy::default()
+    };
+    let mut ing = Ingestor::new(db.clone(), policy).await.unwrap();
+    ing.ingest(
+        &soft("bounces@bounce.example.com", 4, b"Subject: x\r\n\r\n"),
+        "forged4",
+    )
+    .await
+    .unwrap();
+    let why = suppressed(&db, "user1@example.com").await.unwrap();
+    assert!(why.starts_with("soft bounces: 4 within"), "{why}");
+}

@@ -8,8 +8,8 @@
 //! operator passes `trust_unsigned` because their campaigns send without VERP.
 //!
 //! - hard bounce → suppressed at once;
-//! - soft bounce → recorded; [`Policy::soft_limit`] of them within
-//!   [`Policy::soft_window`] suppress;
+//! - soft bounce → recorded; [`Policy::soft_limit`] signed ones (any, with
+//!   `trust_unsigned`) within [`Policy::soft_window`] suppress;
 //! - complaint (ARF) → suppressed at once;
 //! - auto-reply, delay, delivery notice → recorded only;
 //! - anything else (unparseable, a human mail, no recipient, or only
@@ -28,6 +28,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sqlx::AssertSqlSafe;
 use time::OffsetDateTime;
 
 use super::mailbox::{Disposition, Inbox, Summary as MailboxSummary};
@@ -420,10 +421,18 @@ impl Ingestor {
             ("bounce", Class::Hard) => Some(format!("hard bounce: {status} {}", f.reason)),
             ("bounce", Class::Soft) if self.policy.soft_limit > 0 => {
                 let since = now - self.policy.soft_window;
-                let n: i64 = sqlx::query_scalar(
+                // Only signed events count (they carry the campaign), as
+                // only signed ones suppress: forged soft bounces must not
+                // add up to a suppression.
+                let signed = if self.policy.trust_unsigned {
+                    ""
+                } else {
+                    " AND campaign_id IS NOT NULL"
+                };
+                let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
                     "SELECT COUNT(*) FROM blast_bounces WHERE address = $1 AND kind = 'bounce' \
-                     AND class = 'soft' AND received_at >= $2",
-                )
+                     AND class = 'soft' AND received_at >= $2{signed}"
+                )))
                 .bind(&event.address)
                 .bind(clock::db_timestamp(since))
                 .fetch_one(self.db.pool())
