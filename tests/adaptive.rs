@@ -105,6 +105,7 @@ async fn run_paced(
         rate: blast::campaign::Rate::new(0),
         holdings: None,
         breaker_threshold: 0,
+        breaker_rate: blast::campaign::RateRule::OFF,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
     };

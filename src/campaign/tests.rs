@@ -53,6 +53,7 @@ fn options(concurrency: usize) -> RunOptions {
         rate: crate::campaign::Rate::new(0),
         holdings: None,
         breaker_threshold: 0,
+        breaker_rate: crate::campaign::RateRule::OFF,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
     }

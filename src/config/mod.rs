@@ -219,6 +219,12 @@ pub struct DeliveryConfig {
     /// Consecutive 5xx refusals (over at least three domains) that pause the
     /// campaign; 0 turns the breaker off.
     pub breaker_threshold: u32,
+    /// Fraction (0 to 1) of one relay's last `breaker_window` answers that,
+    /// refusing the address as unknown (5.1.x and kin), pauses the campaign;
+    /// 0 turns this rule off. Defaults to 0.5.
+    pub breaker_rate: f64,
+    /// Answers per relay `breaker_rate` is taken over. Defaults to 200.
+    pub breaker_window: u32,
     /// Use BDAT when the relay offers CHUNKING (else DATA).
     pub chunking: bool,
     /// With `concurrency = "auto"` on the MTA's host: a command printing the
@@ -453,6 +459,8 @@ impl Config {
             d.worker_ttl.as_deref(),
         )?;
         let worker = sections::worker(overrides.worker.as_deref())?;
+        let (breaker_rate, breaker_window) =
+            sections::breaker_rate(d.breaker_rate, d.breaker_window)?;
         Ok(Config {
             name,
             database,
@@ -479,6 +487,8 @@ impl Config {
                 timeout,
                 retry,
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
+                breaker_rate,
+                breaker_window,
                 chunking: d.chunking.unwrap_or(true),
                 queue_probe,
                 workers,
