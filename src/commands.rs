@@ -250,6 +250,10 @@ async fn run_options(cfg: &Config, db: &Db, abort: CancellationToken) -> Result<
         breaker_threshold: cfg.delivery.breaker_threshold,
         render_pause: cfg.delivery.render_pause,
         ambiguous_tries: cfg.delivery.ambiguous_tries,
+        breaker_rate: campaign::RateRule {
+            rate: cfg.delivery.breaker_rate,
+            window: cfg.delivery.breaker_window,
+        },
         abort,
         suppressions: Live::default(),
     })
@@ -454,7 +458,8 @@ async fn settle(
     }
     match (&summary.breaker, why) {
         (Some(reason), _) => {
-            ledger::requeue(db, campaign_id, &summary.breaker_streak).await?;
+            let since = summary.breaker_since.unwrap_or_else(crate::clock::now);
+            ledger::requeue(db, campaign_id, &summary.breaker_streak, since).await?;
             let why = format!("circuit breaker: {reason}");
             state::apply(db, campaign_id, Transition::Trip, Some(&why)).await?;
         }

@@ -51,6 +51,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "workers",
         include_str!("../schema/sqlite/0005_workers.sql"),
     ),
+    (
+        6,
+        "address keys",
+        include_str!("../schema/sqlite/0006_address_keys.sql"),
+    ),
 ];
 /// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -74,6 +79,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         5,
         "workers",
         include_str!("../schema/postgres/0005_workers.sql"),
+    ),
+    (
+        6,
+        "address keys",
+        include_str!("../schema/postgres/0006_address_keys.sql"),
     ),
 ];
 
@@ -130,6 +140,7 @@ impl Db {
             .await?;
         let db = Db { pool, backend };
         db.migrate().await?;
+        crate::rekey::run(&db).await?;
         Ok(db)
     }
 
@@ -151,6 +162,29 @@ impl Db {
         match self.backend {
             Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
             Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000.0 AS INTEGER)",
+        }
+    }
+
+    /// A subquery yielding, as rows, the JSON array of objects bound as
+    /// parameter `$param`, one column per `(name, PostgreSQL type)`. sqlx's
+    /// `Any` driver binds no arrays; one text parameter carries a batch on
+    /// both backends.
+    pub fn json_rows_sql(&self, param: usize, columns: &[(&str, &str)]) -> String {
+        match self.backend {
+            Backend::Postgres => {
+                let cols: Vec<String> = columns.iter().map(|(n, t)| format!("{n} {t}")).collect();
+                format!(
+                    "(SELECT * FROM json_to_recordset(${param}::json) AS x({}))",
+                    cols.join(", ")
+                )
+            }
+            Backend::Sqlite => {
+                let cols: Vec<String> = columns
+                    .iter()
+                    .map(|(n, _)| format!("json_extract(value, '$.{n}') AS {n}"))
+                    .collect();
+                format!("(SELECT {} FROM json_each(${param}))", cols.join(", "))
+            }
         }
     }
 

@@ -24,7 +24,9 @@
 //! A refusal that says the address is gone (a 5xx reply whose reason is
 //! hard, decided by [`crate::classify::suppresses`], the classifier bounce
 //! ingest uses too) puts the address on `blast_suppressions` with source
-//! `smtp`, in the same transaction as the outcome.
+//! `smtp:campaign=N` ([`smtp_source`]), in the same transaction as the
+//! outcome, so a tripped circuit breaker can undo exactly those
+//! ([`requeue`]).
 
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -34,6 +36,7 @@ use serde::Serialize;
 use sqlx::{AssertSqlSafe, Row};
 use tokio::sync::mpsc;
 
+use crate::address;
 use crate::classify;
 use crate::clock;
 use crate::config::RetryPolicy;
@@ -503,7 +506,13 @@ impl SqlLedger {
                 q.execute(&mut **tx).await?;
             }
 
-            let hard: Vec<&Stored<'_>> = chunk.iter().filter(|r| r.suppress).collect();
+            // Keyed by canonical form; an address blast could send to always
+            // has one.
+            let hard: Vec<(String, &Stored<'_>)> = chunk
+                .iter()
+                .filter(|r| r.suppress)
+                .filter_map(|r| Some((address::canonical(&r.record.email).ok()?, r)))
+                .collect();
             if !hard.is_empty() {
                 let sql = insert_sql(
                     Backend::Sqlite,
@@ -513,11 +522,11 @@ impl SqlLedger {
                     " ON CONFLICT (address) DO NOTHING",
                 );
                 let mut q = sqlx::query(AssertSqlSafe(sql));
-                for r in hard {
+                for (key, r) in hard {
                     q = q
-                        .bind(r.record.email.trim().to_lowercase())
+                        .bind(key)
                         .bind(r.text.as_str())
-                        .bind("smtp")
+                        .bind(smtp_source(self.campaign_id))
                         .bind(stamp);
                 }
                 q.execute(&mut **tx).await?;
@@ -587,20 +596,23 @@ impl SqlLedger {
         let hard: Vec<Suppression<'_>> = rows
             .iter()
             .filter(|r| r.suppress)
-            .map(|r| Suppression {
-                address: r.record.email.trim().to_lowercase(),
-                reason: &r.text,
+            .filter_map(|r| {
+                Some(Suppression {
+                    address: address::canonical(&r.record.email).ok()?,
+                    reason: &r.text,
+                })
             })
             .collect();
         if !hard.is_empty() {
             sqlx::query(
                 "INSERT INTO blast_suppressions (address, reason, source, created_at) \
-                 SELECT u.address, u.reason, 'smtp', $1 \
+                 SELECT u.address, u.reason, $3, $1 \
                  FROM json_to_recordset($2::json) AS u(address text, reason text) \
                  ON CONFLICT (address) DO NOTHING",
             )
             .bind(stamp)
             .bind(to_json(&hard)?)
+            .bind(smtp_source(self.campaign_id))
             .execute(&mut **tx)
             .await?;
         }
@@ -692,7 +704,7 @@ impl<'a> From<&'a Stored<'a>> for JsonRow<'a> {
     }
 }
 
-/// An address for `blast_suppressions` (lower-cased), as JSON.
+/// An address for `blast_suppressions` (canonical form), as JSON.
 #[derive(Serialize)]
 struct Suppression<'a> {
     address: String,
@@ -831,16 +843,29 @@ fn insert_sql(backend: Backend, prefix: &str, cols: usize, rows: usize, suffix: 
     sql
 }
 
-/// After the circuit breaker tripped: the refusals of the streak were the
+/// The `source` of the suppressions campaign `campaign_id`'s refusals add.
+pub fn smtp_source(campaign_id: i64) -> String {
+    format!("smtp:campaign={campaign_id}")
+}
+
+/// After the circuit breaker tripped: the refusals it covers were the
 /// relay's, not the recipients'. They become deferred (due at once) and lose
-/// the suppressions they caused.
-pub async fn requeue(db: &Db, campaign_id: i64, recipients: &[(i64, String)]) -> Result<()> {
+/// the suppressions they caused: those of this campaign's refusals
+/// ([`smtp_source`]) added from `since` on. An unsubscribe, a bounce or an
+/// older suppression of the same address stays.
+pub async fn requeue(
+    db: &Db,
+    campaign_id: i64,
+    recipients: &[(i64, String)],
+    since: OffsetDateTime,
+) -> Result<()> {
     let mut tx = db.pool().begin().await?;
     // Final rows become deferred again: the next pass must walk them.
     sqlx::query("UPDATE blast_campaigns SET final_to = NULL WHERE id = $1")
         .bind(campaign_id)
         .execute(&mut *tx)
         .await?;
+    let (source, since) = (smtp_source(campaign_id), clock::db_timestamp(since));
     for (id, email) in recipients {
         sqlx::query(
             "UPDATE blast_deliveries SET status = 'deferred', next_attempt_at = NULL \
@@ -850,10 +875,18 @@ pub async fn requeue(db: &Db, campaign_id: i64, recipients: &[(i64, String)]) ->
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        sqlx::query("DELETE FROM blast_suppressions WHERE address = $1 AND source = 'smtp'")
-            .bind(email.trim().to_lowercase())
-            .execute(&mut *tx)
-            .await?;
+        let Ok(key) = address::canonical(email) else {
+            continue;
+        };
+        sqlx::query(
+            "DELETE FROM blast_suppressions WHERE address = $1 AND source = $2 \
+             AND created_at >= $3",
+        )
+        .bind(key)
+        .bind(&source)
+        .bind(&since)
+        .execute(&mut *tx)
+        .await?;
     }
     tx.commit().await?;
     Ok(())

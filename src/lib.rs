@@ -6,11 +6,13 @@
 //! The modules follow the data flow:
 //! `source → render → bounded channel → N injectors (transport) → ledger`.
 //!
+//! - [`address`]: the one validity rule and canonical form of an email address.
 //! - [`model`]: the domain types every stage shares (recipient, envelope,
 //!   outcome, record, status); no I/O.
 //! - [`cli`]: clap types; no I/O.
 //! - [`config`]: campaign file + env + flags → validated [`config::Config`].
-//! - [`db`]: pools and migrations; the only code that sees connection URLs.
+//! - [`db`]: pools and migrations; the only code that sees connection URLs
+//!   (`rekey` rewrites stored addresses to the canonical form once, on open).
 //! - [`suppress`]: the suppression list and its live view for running campaigns.
 //! - [`source`]: keyset-paginated audience rows; read-only SQL.
 //! - [`render`]: compiled templates → finished messages; pure.
@@ -37,6 +39,7 @@
 #![deny(unreachable_pub, rust_2018_idioms)]
 
 pub mod adaptive;
+pub mod address;
 pub mod bounce;
 pub mod campaign;
 pub mod classify;
@@ -50,6 +53,7 @@ pub mod import;
 pub mod ledger;
 pub mod model;
 pub mod progress;
+mod rekey;
 pub mod render;
 pub mod schedule;
 pub mod serve;

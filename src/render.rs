@@ -511,30 +511,14 @@ fn display_name(s: &str) -> Option<String> {
     (!name.is_empty()).then_some(name)
 }
 
-/// Validates an address for the SMTP envelope and returns its ASCII form:
-/// IDN domains become punycode (`bücher.example` → `xn--bcher-kva.example`).
-/// A non-ASCII local part would need SMTPUTF8 and is refused.
+/// Validates an address for the SMTP envelope by blast's one rule
+/// ([`crate::address`]) and returns its ASCII form: IDN domains become
+/// punycode (`bücher.example` → `xn--bcher-kva.example`). A non-ASCII local
+/// part would need SMTPUTF8 and is refused.
 pub fn ascii_address(s: &str) -> std::result::Result<String, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("empty".into());
-    }
-    if s.chars()
-        .any(|c| c.is_whitespace() || c.is_control() || c == '<' || c == '>')
-    {
-        return Err("contains spaces, control characters or angle brackets".into());
-    }
-    let (local, domain) = s.rsplit_once('@').ok_or("no @")?;
-    if !local.is_ascii() {
-        return Err("non-ASCII local part needs SMTPUTF8, which blast does not send".into());
-    }
-    let domain = idna::domain_to_ascii(domain).map_err(|_| format!("bad domain {domain:?}"))?;
-    let addr = lettre::Address::new(local, &domain).map_err(|e| e.to_string())?;
-    let addr = addr.to_string();
-    if addr.len() > 254 {
-        return Err("longer than 254 characters".into());
-    }
-    Ok(addr)
+    crate::address::Address::parse(s)
+        .map(|a| a.envelope())
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -1,7 +1,14 @@
 //! The audience: streams recipient rows in id order by keyset pagination
 //! (`id > last AND id <= max_id ORDER BY id LIMIT batch`), skipping recipients
-//! that already have a final outcome in the ledger. Read-only SQL; knows
-//! nothing of templates or SMTP. Memory is one page, whatever the audience size.
+//! that already have a final outcome in the ledger, and marks suppressed
+//! recipients. Read-only SQL; knows nothing of templates or SMTP. Memory is
+//! one page, whatever the audience size.
+//!
+//! Suppression is checked in Rust, page by page: each recipient's address
+//! is put in canonical form ([`crate::address`]) and the page's keys are
+//! looked up in `blast_suppressions` in one query. SQL cannot compute the
+//! canonical form (SQLite's `lower()` folds ASCII only, neither trims nor
+//! knows IDNA), and an operator's audience query has no key column.
 
 use std::future::Future;
 
@@ -126,6 +133,7 @@ impl SqlSource {
         // per recipient id. The page is in id order, so copies are adjacent;
         // copies in later pages are past `last_id`.
         page.dedup_by_key(|r| r.id);
+        mark_suppressed(&self.db, &mut page).await?;
         if let Some(last) = page.last() {
             self.last_id = last.id;
         }
@@ -190,8 +198,7 @@ fn page_sql(backend: Backend, audience: &Audience, retries_only: bool) -> String
              (SELECT CAST(d.attempts AS BIGINT) FROM blast_deliveries d \
                WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_attempts, \
              (SELECT d.first_attempt_at FROM blast_deliveries d \
-               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_first_attempt, \
-             (SELECT s.reason FROM blast_suppressions s WHERE s.address = lower(a.email)) AS blast_suppressed \
+               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_first_attempt \
              FROM ({inner}) AS a \
              WHERE a.id > $1 AND a.id <= $2 \
              AND NOT EXISTS (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $3 \
@@ -214,8 +221,7 @@ fn page_sql(backend: Backend, audience: &Audience, retries_only: bool) -> String
              (SELECT CAST(d.attempts AS BIGINT) FROM blast_deliveries d \
                WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_attempts, \
              (SELECT d.first_attempt_at FROM blast_deliveries d \
-               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_first_attempt, \
-             (SELECT s.reason FROM blast_suppressions s WHERE s.address = lower(a.email)) AS blast_suppressed \
+               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_first_attempt \
              FROM ({inner}) AS a \
              WHERE a.id > $1 AND a.id <= $2 \
              AND NOT EXISTS (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $3 \
@@ -323,7 +329,37 @@ pub async fn fetch_one(db: &Db, audience: &Audience, id: Option<i64>) -> Result<
         .fetch_optional(db.pool())
         .await
         .map_err(audience_error)?;
-    row.map(|r| decode(db.backend(), &r)).transpose()
+    let mut page: Vec<Recipient> = row
+        .map(|r| decode(db.backend(), &r))
+        .transpose()?
+        .into_iter()
+        .collect();
+    mark_suppressed(db, &mut page).await?;
+    Ok(page.pop())
+}
+
+/// Sets `suppressed` on the recipients of `page` whose address is on the
+/// suppression list, in one query for the page. An address that is not one
+/// matches nobody (render refuses it).
+async fn mark_suppressed(db: &Db, page: &mut [Recipient]) -> Result<()> {
+    let keys: Vec<Option<String>> = page
+        .iter()
+        .map(|r| crate::address::canonical(&r.email).ok())
+        .collect();
+    let lookup: Vec<String> = keys.iter().flatten().cloned().collect();
+    let found: std::collections::HashMap<String, String> = crate::suppress::reasons(db, &lookup)
+        .await?
+        .into_iter()
+        .collect();
+    if found.is_empty() {
+        return Ok(());
+    }
+    for (r, key) in page.iter_mut().zip(keys) {
+        if let Some(why) = key.and_then(|k| found.get(&k)) {
+            r.suppressed = Some(why.clone());
+        }
+    }
+    Ok(())
 }
 
 /// SQL errors in the audience query are the operator's query's fault: say so.
@@ -372,7 +408,7 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
     }
     vars.remove("id");
     vars.remove("email");
-    for k in ["blast_attempts", "blast_first_attempt", "blast_suppressed"] {
+    for k in ["blast_attempts", "blast_first_attempt"] {
         vars.remove(k);
     }
     if let Err(why) = parse_json_columns(&mut vars) {
@@ -386,7 +422,7 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
         vars,
         attempts: attempts.unwrap_or(0).max(0) as u32,
         first_attempt_at: row.try_get("blast_first_attempt")?,
-        suppressed: row.try_get("blast_suppressed")?,
+        suppressed: None,
         broken,
     })
 }

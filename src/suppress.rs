@@ -1,6 +1,10 @@
 //! The suppression list: addresses that get nothing more (hard bounces,
-//! complaints, unsubscribes, operator entries), one row per lower-cased
-//! address in `blast_suppressions` (address, reason, source, time).
+//! complaints, unsubscribes, operator entries), one row per address in
+//! `blast_suppressions` (address, reason, source, time), the address in its
+//! canonical form ([`address::canonical`]): whatever form an address is
+//! suppressed or looked up in, `A@BÜCHER.example` or `a@xn--bcher-kva.example`,
+//! it is one row. Anything blast can send to, it can suppress: both go by the
+//! one rule in [`crate::address`].
 //!
 //! Senders consult it twice: the audience query skips suppressed addresses
 //! page by page, and a running campaign watches for addresses suppressed
@@ -16,6 +20,7 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
+use crate::address;
 use crate::clock;
 use crate::db::Db;
 use crate::error::{Error, Result};
@@ -32,7 +37,7 @@ const IMPORT_BATCH: usize = 500;
 /// One suppression-list row.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Entry {
-    /// Lower-cased address.
+    /// The address, canonical form.
     pub address: String,
     /// Why: `unsubscribe`, `hard bounce: 5.1.1 ...`, `complaint: abuse`, ...
     pub reason: String,
@@ -42,33 +47,16 @@ pub struct Entry {
     pub created_at: String,
 }
 
-/// The form addresses are stored and compared in.
-pub fn normalize(address: &str) -> String {
-    address
-        .trim()
-        .trim_matches(|c| c == '<' || c == '>')
-        .to_lowercase()
-}
-
-/// Checks that `address` looks like `local@domain` (for operator input).
-fn check_address(address: &str) -> std::result::Result<(), String> {
-    match address.rsplit_once('@') {
-        Some((l, d))
-            if !l.is_empty()
-                && d.contains('.')
-                && !address.contains(|c: char| c.is_whitespace() || c.is_control()) =>
-        {
-            Ok(())
-        }
-        _ => Err(format!("{address:?} is not an email address")),
-    }
-}
-
 /// Suppresses `address`. Returns false if it already was (the first reason
 /// is kept: it says why the address first stopped getting mail).
+/// Fails with [`Error::Invalid`] when `address` is not an address.
 pub async fn add(db: &Db, address: &str, reason: &str, source: &str) -> Result<bool> {
-    let address = normalize(address);
-    check_address(&address).map_err(Error::Invalid)?;
+    let address = address::canonical(address).map_err(|why| {
+        Error::Invalid(format!(
+            "{:?} is not an email address: {why}",
+            address.trim()
+        ))
+    })?;
     let done = sqlx::query(
         "INSERT INTO blast_suppressions (address, reason, source, created_at) \
          VALUES ($1, $2, $3, $4) ON CONFLICT (address) DO NOTHING",
@@ -83,9 +71,12 @@ pub async fn add(db: &Db, address: &str, reason: &str, source: &str) -> Result<b
 }
 
 /// Lifts the suppression of `address`. Returns false if it was not suppressed.
+/// A row that is not an address (written before the rule) is removed by its
+/// text as stored.
 pub async fn remove(db: &Db, address: &str) -> Result<bool> {
+    let key = address::canonical(address).unwrap_or_else(|_| address.trim().to_string());
     let done = sqlx::query("DELETE FROM blast_suppressions WHERE address = $1")
-        .bind(normalize(address))
+        .bind(key)
         .execute(db.pool())
         .await?;
     Ok(done.rows_affected() > 0)
@@ -93,12 +84,42 @@ pub async fn remove(db: &Db, address: &str) -> Result<bool> {
 
 /// The reason `address` is suppressed, if it is.
 pub async fn reason(db: &Db, address: &str) -> Result<Option<String>> {
+    let Ok(key) = address::canonical(address) else {
+        return Ok(None);
+    };
     Ok(
         sqlx::query_scalar("SELECT reason FROM blast_suppressions WHERE address = $1")
-            .bind(normalize(address))
+            .bind(key)
             .fetch_optional(db.pool())
             .await?,
     )
+}
+
+/// The reasons the addresses with canonical forms `keys` are suppressed, as
+/// (key, reason) pairs, in one query: what the audience checks each page
+/// against.
+pub async fn reasons(db: &Db, keys: &[String]) -> Result<Vec<(String, String)>> {
+    if keys.is_empty() {
+        return Ok(Vec::new());
+    }
+    let sql = format!(
+        "SELECT s.address, s.reason FROM blast_suppressions s \
+         WHERE s.address IN (SELECT k.key FROM {} AS k)",
+        db.json_rows_sql(1, &[("key", "text")])
+    );
+    let keys: Vec<serde_json::Value> = keys
+        .iter()
+        .map(|k| serde_json::json!({ "key": k }))
+        .collect();
+    let keys = serde_json::to_string(&keys)
+        .map_err(|e| Error::Internal(format!("suppression keys as JSON: {e}")))?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(keys)
+        .fetch_all(db.pool())
+        .await?;
+    rows.iter()
+        .map(|r| Ok((r.try_get("address")?, r.try_get("reason")?)))
+        .collect()
 }
 
 /// Suppressions in address order, optionally only those whose reason or
@@ -152,16 +173,20 @@ pub async fn import(
     for (n, line) in input.lines().enumerate() {
         let line = line.map_err(|e| Error::Invalid(format!("line {}: {e}", n + 1)))?;
         let first = line.split([',', ';', '\t']).next().unwrap_or("");
-        let address = normalize(first.trim_matches('"'));
-        if address.is_empty() || address.starts_with('#') {
+        let first = first.trim().trim_matches('"').trim();
+        if first.is_empty() || first.starts_with('#') {
             continue;
         }
-        if n == 0 && (address == "email" || address == "address") {
+        if n == 0 && (first.eq_ignore_ascii_case("email") || first.eq_ignore_ascii_case("address"))
+        {
             continue;
         }
-        match check_address(&address) {
-            Ok(()) => batch.push(address),
-            Err(why) => summary.invalid.push(format!("line {}: {why}", n + 1)),
+        match address::canonical(first) {
+            Ok(key) => batch.push(key),
+            Err(why) => summary.invalid.push(format!(
+                "line {}: {first:?} is not an email address: {why}",
+                n + 1
+            )),
         }
         if batch.len() == IMPORT_BATCH {
             insert_batch(db, &mut batch, reason, source, &mut summary).await?;
@@ -215,13 +240,17 @@ impl Live {
         if map.is_empty() {
             return None;
         }
-        map.get(&normalize(address)).cloned()
+        map.get(&address::canonical(address).ok()?).cloned()
     }
 
-    /// Records a suppression (the watch does this; tests may too).
+    /// Records a suppression (the watch does this; tests may too). A row
+    /// that is not an address matches nobody and is left out.
     pub fn insert(&self, address: &str, reason: &str) {
+        let Ok(key) = address::canonical(address) else {
+            return;
+        };
         let mut map = self.inner.write().unwrap_or_else(|e| e.into_inner());
-        map.insert(normalize(address), reason.to_string());
+        map.insert(key, reason.to_string());
     }
 
     /// How many addresses were suppressed since the watch started.

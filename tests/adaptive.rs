@@ -107,6 +107,7 @@ async fn run_paced(
         breaker_threshold: 0,
         render_pause: 0,
         ambiguous_tries: 3,
+        breaker_rate: blast::campaign::RateRule::OFF,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
     };

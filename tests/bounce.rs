@@ -421,3 +421,107 @@ async fn hard_bounce_mid_campaign_suppresses_for_the_next_campaign() {
     assert!(!got.iter().any(|m| m.rcpt_to[0] == victim));
     assert_eq!(summary.suppressed, 1);
 }
+
+/// Issue 13: a bounce about an address the suppression list used to refuse
+/// (`john@gmailcom`, which blast sends to) ended the whole Maildir run; one
+/// about something that is no address at all is quarantined. The rest of
+/// the Maildir is processed either way.
+#[tokio::test]
+async fn issue13_a_bad_address_in_a_bounce_never_stops_the_run() {
+    let w = World::new(Backend::Sqlite).await;
+    w.exec(
+        "INSERT INTO subscribers (id, email, attributes, created_at) VALUES \
+         (1, 'john@gmailcom', '{}', '2026-01-01T00:00:00.000Z'), \
+         (2, 'user2@example.com', '{}', '2026-01-01T00:00:00.000Z'), \
+         (3, 'user3@example.com', '{}', '2026-01-01T00:00:00.000Z')",
+    )
+    .await;
+    let got = sent(&w, "bad").await;
+    let (m1, m2, m3) = (
+        only_to(&got, "john@gmailcom"),
+        only_to(&got, "user2@example.com"),
+        only_to(&got, "user3@example.com"),
+    );
+    let hard =
+        |m: &Received, to: &str| dsn(&m.mail_from, to, "5.1.1", "550 5.1.1 User unknown", &m.data);
+    let maildir = w.path("Maildir");
+    write_maildir(
+        &maildir,
+        &[
+            ("01.john", hard(&m1, "john@gmailcom")),
+            ("02.user2", hard(&m2, "user2@example.com")),
+            (
+                "03.noaddress",
+                dsn(
+                    "bounces@bounce.example.com",
+                    "jo..hn@example.com",
+                    "5.1.1",
+                    "550 5.1.1 User unknown",
+                    &b"Subject: x\r\n\r\n"[..],
+                ),
+            ),
+            ("04.user3", hard(&m3, "user3@example.com")),
+        ],
+    );
+    let db = w.db().await;
+    let ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
+    let inbox = Inbox::open(Source::Maildir(maildir.clone()), None).unwrap();
+    let (summary, mailbox) = blast::bounce::ingest::run(ing, inbox, |_| {})
+        .await
+        .unwrap();
+    assert_eq!((summary.messages, summary.hard), (4, 3), "{summary:?}");
+    assert_eq!(summary.quarantined, 1, "{summary:?}");
+    assert!(
+        mailbox.quarantined[0]
+            .reason
+            .contains("not an email address"),
+        "{:?}",
+        mailbox.quarantined
+    );
+    for a in ["john@gmailcom", "user2@example.com", "user3@example.com"] {
+        let why = suppressed(&db, a).await;
+        assert!(why.is_some_and(|w| w.starts_with("hard bounce")), "{a}");
+    }
+    assert_eq!(names(&maildir.join("cur")).len(), 3);
+}
+
+/// Issue 13: forged (unsigned) soft bounces do not count toward the soft
+/// limit; only signed ones do, unless the operator trusts unsigned mail.
+#[tokio::test]
+async fn issue13_unsigned_soft_bounces_do_not_count() {
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(1).await;
+    let got = sent(&w, "soft-forged").await;
+    let m = only_to(&got, "user1@example.com");
+    let db = w.db().await;
+    let soft = |to: &str, i: u32, original: &[u8]| {
+        let diag = format!("452 4.2.2 Mailbox full (try {i})");
+        dsn(to, "user1@example.com", "4.2.2", &diag, original)
+    };
+    let mut ing = Ingestor::new(db.clone(), Policy::default()).await.unwrap();
+    // Two forged ones: no VERP, no signed headers.
+    for i in 1..=2 {
+        let raw = soft("bounces@bounce.example.com", i, b"Subject: x\r\n\r\n");
+        ing.ingest(&raw, &format!("forged{i}")).await.unwrap();
+    }
+    // One signed one: 1 signed soft bounce of 3 is not the limit.
+    ing.ingest(&soft(&m.mail_from, 3, &m.data), "signed3")
+        .await
+        .unwrap();
+    assert_eq!(suppressed(&db, "user1@example.com").await, None);
+
+    // Trusting unsigned mail, the same three count.
+    let policy = Policy {
+        trust_unsigned: true,
+        ..Policy::default()
+    };
+    let mut ing = Ingestor::new(db.clone(), policy).await.unwrap();
+    ing.ingest(
+        &soft("bounces@bounce.example.com", 4, b"Subject: x\r\n\r\n"),
+        "forged4",
+    )
+    .await
+    .unwrap();
+    let why = suppressed(&db, "user1@example.com").await.unwrap();
+    assert!(why.starts_with("soft bounces: 4 within"), "{why}");
+}

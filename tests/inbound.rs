@@ -303,3 +303,40 @@ async fn suppress_commands_add_remove_list_import() {
     assert!(!suppress::remove(&db, "bob@example.com").await.unwrap());
     assert_eq!(suppress::list(&db, None, None).await.unwrap().len(), 2);
 }
+
+/// Issue 13: what blast sends to, it can suppress. `john@gmailcom` (no dot
+/// in the domain) passes import and render, so the one-click unsubscribe
+/// and `blast suppress` take it too (they answered 503 and "not an email
+/// address" before).
+#[tokio::test]
+async fn issue13_a_dotless_domain_can_be_imported_sent_and_unsubscribed() {
+    let w = World::new(Backend::Sqlite).await;
+    let db = w.db().await;
+    let csv = "email\njohn@gmailcom\n";
+    let report = blast::import::import_from(
+        &db,
+        "t.csv",
+        csv.as_bytes(),
+        &Default::default(),
+        &mut |e| panic!("{e}"),
+        &mut |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(report.imported, 1);
+    let got = run_campaign(&w, "dotless", 1, "").await;
+    let server = Server::start(db.clone()).await;
+    let path = format!("/unsubscribe/{}", token_of(&got[0].data));
+    let (status, body) = server
+        .request("POST", &path, "List-Unsubscribe=One-Click")
+        .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        suppression(&db, "John@GmailCom").await.as_deref(),
+        Some("unsubscribe")
+    );
+    server.stop().await;
+    assert!(!blast::suppress::add(&db, "john@gmailcom", "x", "operator")
+        .await
+        .unwrap());
+}

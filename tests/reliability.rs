@@ -237,7 +237,7 @@ async fn retry_schedule_attempts_and_suppression() {
     );
 
     // The hard bounce suppressed user5; a new campaign skips it.
-    assert_eq!(scalar(&w, "SELECT COUNT(*) FROM blast_suppressions WHERE address = 'user5@example.com' AND source = 'smtp'").await, 1);
+    assert_eq!(scalar(&w, "SELECT COUNT(*) FROM blast_suppressions WHERE address = 'user5@example.com' AND source LIKE 'smtp:campaign=%'").await, 1);
     let before = sink.stats().recipients + sink.stats().rejected_rcpts;
     let path2 = w.campaign("sched2", "Hi", "x", None, "");
     let cfg2 = w.config(&path2, Some(&sink), 2);
@@ -366,6 +366,71 @@ async fn breaker_trips_on_a_streak_of_refusals() {
         "no suppression from the streak"
     );
     assert_eq!(blast::commands::status(&cfg).await.unwrap().state, "paused");
+}
+
+/// Issue 13: a relay that wrongly refuses 4 addresses in 5 as unknown (a
+/// 250 between, so never a streak) trips the breaker on the rate; the
+/// refused recipients are requeued and none of them stays suppressed.
+/// An unsubscribe of one of them, from before the run, stays.
+async fn breaker_trips_on_a_rate_of_unknown_users(backend: Backend) {
+    let w = World::new(backend).await;
+    w.seed(400).await;
+    w.exec(
+        "UPDATE subscribers SET email = 'gone' || id || '@d' || (id % 3) || '.example' \
+         WHERE id % 5 <> 0",
+    )
+    .await;
+    let db = w.db().await;
+    blast::suppress::add(&db, "gone7@d1.example", "unsubscribe", "https:campaign=1")
+        .await
+        .unwrap();
+    let faults = Faults {
+        rcpt_contains: vec![("gone".into(), 550, "5.1.1".into(), "User unknown".into())],
+        ..Default::default()
+    };
+    let sink = util::sink(faults).await;
+    let path = w.campaign("rate", "Hi", "x", None, "");
+    let cfg = w.config(&path, Some(&sink), 2);
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    let reason = s.breaker.clone().unwrap_or_default();
+    assert!(reason.contains("refused the address as unknown"), "{s:?}");
+    assert!(s.failed >= 40 && s.failed < 200, "stopped early: {s:?}");
+    let count = |sql: &'static str| scalar(&w, sql);
+    assert_eq!(
+        count("SELECT COUNT(*) FROM blast_deliveries WHERE status = 'failed'").await,
+        0,
+        "every refusal requeued"
+    );
+    assert_eq!(
+        count("SELECT COUNT(*) FROM blast_deliveries WHERE status = 'deferred'").await,
+        s.failed as i64,
+    );
+    let left: Vec<(String, String)> =
+        sqlx::query_as("SELECT address, source FROM blast_suppressions")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(
+        left,
+        [(
+            "gone7@d1.example".to_string(),
+            "https:campaign=1".to_string()
+        )]
+    );
+    assert_eq!(blast::commands::status(&cfg).await.unwrap().state, "paused");
+    db.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_breaker_trips_on_a_rate_of_unknown_users_sqlite() {
+    breaker_trips_on_a_rate_of_unknown_users(Backend::Sqlite).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn issue13_breaker_trips_on_a_rate_of_unknown_users_postgres() {
+    breaker_trips_on_a_rate_of_unknown_users(Backend::Postgres).await;
 }
 
 /// `blast pause` from another process stops a running sender within about a

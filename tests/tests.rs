@@ -13,6 +13,8 @@ mod bounce;
 mod campaign;
 /// The `blast` binary itself: exit codes, JSON summaries, preview, status.
 mod cli;
+/// One address, one identity: blanks, case and IDN forms (issue 13).
+mod identity;
 /// `blast import` on both backends, and imported columns in templates.
 mod import;
 /// VERP, List-Unsubscribe, `blast serve`, the suppression list, bounces.

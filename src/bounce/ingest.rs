@@ -8,11 +8,16 @@
 //! operator passes `trust_unsigned` because their campaigns send without VERP.
 //!
 //! - hard bounce → suppressed at once;
-//! - soft bounce → recorded; [`Policy::soft_limit`] of them within
-//!   [`Policy::soft_window`] suppress;
+//! - soft bounce → recorded; [`Policy::soft_limit`] signed ones (any, with
+//!   `trust_unsigned`) within [`Policy::soft_window`] suppress;
 //! - complaint (ARF) → suppressed at once;
 //! - auto-reply, delay, delivery notice → recorded only;
-//! - anything else (unparseable, a human mail, no recipient) → quarantined.
+//! - anything else (unparseable, a human mail, no recipient, or only
+//!   recipients that are not addresses by [`crate::address`]'s rule) →
+//!   quarantined.
+//!
+//! Addresses are compared and stored in their canonical form
+//! ([`address::canonical`]).
 //!
 //! Events go to `blast_bounces`, once per (message, address, kind), so a
 //! message ingested twice after a crash counts once. This module reads mail
@@ -23,10 +28,12 @@ use std::time::Duration;
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
+use sqlx::AssertSqlSafe;
 use time::OffsetDateTime;
 
 use super::mailbox::{Disposition, Inbox, Summary as MailboxSummary};
 use super::parse::{self, Finding, Kind, Report};
+use crate::address;
 use crate::classify::Class;
 use crate::clock;
 use crate::db::Db;
@@ -74,7 +81,7 @@ pub enum Verdict {
 /// One recorded bounce, complaint, or notice about one address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Event {
-    /// The address it is about (lower-cased).
+    /// The address it is about (canonical form).
     pub address: String,
     /// `bounce`, `delay`, `complaint`, `autoreply` or `delivered`.
     pub kind: &'static str,
@@ -154,7 +161,7 @@ impl Ingestor {
             .extra_recipients
             .iter()
             .chain(report.envelope_to.iter())
-            .map(|a| suppress::normalize(a))
+            .filter_map(|a| address::canonical(a).ok())
             .collect();
 
         // An unsubscribe mail: the token in the address decides.
@@ -180,21 +187,29 @@ impl Ingestor {
             }
             _ => {}
         }
-        let findings = attribute(&report, correlation.as_ref());
+        let (findings, invalid) = attribute(&report, correlation.as_ref());
         if findings.iter().all(|(a, _)| a.is_empty()) {
+            if let Some((raw, why)) = invalid.first() {
+                return Ok(Verdict::Quarantine(format!(
+                    "{} is about {raw:?}, which is not an email address ({why}), \
+                     and carries no blast signature",
+                    kind_name(report.kind)
+                )));
+            }
             return Ok(Verdict::Quarantine(format!(
                 "{} names no recipient and carries no blast signature",
                 kind_name(report.kind)
             )));
+        }
+        for (raw, why) in &invalid {
+            tracing::warn!("{source}: skipped {raw:?}, not an email address ({why})");
         }
         let mut events = Vec::new();
         for (address, finding) in findings {
             if address.is_empty() {
                 continue;
             }
-            let signed = correlation
-                .as_ref()
-                .filter(|c| c.address.eq_ignore_ascii_case(&address));
+            let signed = correlation.as_ref().filter(|c| c.address == address);
             let event = self
                 .record(report.kind, &address, &finding, signed, source, &hash)
                 .await?;
@@ -221,6 +236,14 @@ impl Ingestor {
                     "unsubscribe token for campaign {campaign}, recipient {recipient}, which blast never sent"
                 ))));
             };
+            let address = match address::canonical(&address) {
+                Ok(key) => key,
+                Err(why) => {
+                    return Ok(Some(Verdict::Quarantine(format!(
+                        "unsubscribe for {address:?}, which is not an email address ({why})"
+                    ))))
+                }
+            };
             suppress::add(
                 &self.db,
                 &address,
@@ -228,9 +251,7 @@ impl Ingestor {
                 &format!("mailto:campaign={campaign}"),
             )
             .await?;
-            return Ok(Some(Verdict::Unsubscribed {
-                address: suppress::normalize(&address),
-            }));
+            return Ok(Some(Verdict::Unsubscribed { address }));
         }
         Ok(None)
     }
@@ -252,11 +273,12 @@ impl Ingestor {
                     tracing::warn!("{to}: VERP signature does not match; treated as unsigned");
                     continue;
                 }
-                if let Some(address) = ledger::recipient_address(&self.db, c, r).await? {
+                let address = ledger::recipient_address(&self.db, c, r).await?;
+                if let Some(address) = address.and_then(|a| address::canonical(&a).ok()) {
                     return Ok(Some(Correlation {
                         campaign: c,
                         recipient: r,
-                        address: suppress::normalize(&address),
+                        address,
                     }));
                 }
             }
@@ -297,10 +319,11 @@ impl Ingestor {
         };
         Ok(ledger::recipient_address(&self.db, campaign, rid)
             .await?
+            .and_then(|a| address::canonical(&a).ok())
             .map(|address| Correlation {
                 campaign,
                 recipient: rid,
-                address: suppress::normalize(&address),
+                address,
             }))
     }
 
@@ -398,10 +421,18 @@ impl Ingestor {
             ("bounce", Class::Hard) => Some(format!("hard bounce: {status} {}", f.reason)),
             ("bounce", Class::Soft) if self.policy.soft_limit > 0 => {
                 let since = now - self.policy.soft_window;
-                let n: i64 = sqlx::query_scalar(
+                // Only signed events count (they carry the campaign), as
+                // only signed ones suppress: forged soft bounces must not
+                // add up to a suppression.
+                let signed = if self.policy.trust_unsigned {
+                    ""
+                } else {
+                    " AND campaign_id IS NOT NULL"
+                };
+                let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
                     "SELECT COUNT(*) FROM blast_bounces WHERE address = $1 AND kind = 'bounce' \
-                     AND class = 'soft' AND received_at >= $2",
-                )
+                     AND class = 'soft' AND received_at >= $2{signed}"
+                )))
                 .bind(&event.address)
                 .bind(clock::db_timestamp(since))
                 .fetch_one(self.db.pool())
@@ -419,20 +450,32 @@ impl Ingestor {
     }
 }
 
-/// The findings paired with the address each is about. A signed
-/// correlation names the address blast sent to: it replaces the finding's
-/// recipient when that is missing or is another address (forwarding), and
-/// it alone counts when the mail reports nothing parseable.
-fn attribute(report: &Report, corr: Option<&Correlation>) -> Vec<(String, Finding)> {
+/// A recipient a mail names that is not an address: as written, and why.
+type NotAnAddress = (String, address::Invalid);
+
+/// The findings paired with the address each is about (canonical form;
+/// empty when unknown), and the recipients named that are not addresses,
+/// with why. A signed correlation names the address blast sent to: it
+/// replaces the finding's recipient when that is missing, not an address,
+/// or another address (forwarding), and it alone counts when the mail
+/// reports nothing parseable.
+fn attribute(
+    report: &Report,
+    corr: Option<&Correlation>,
+) -> (Vec<(String, Finding)>, Vec<NotAnAddress>) {
+    let mut invalid = Vec::new();
     let mut out: Vec<(String, Finding)> = report
         .results
         .iter()
         .map(|f| {
-            let addr = f
-                .recipient
-                .as_deref()
-                .map(suppress::normalize)
-                .unwrap_or_default();
+            let addr = match f.recipient.as_deref().map(address::canonical) {
+                Some(Ok(key)) => key,
+                Some(Err(why)) => {
+                    invalid.push((f.recipient.clone().unwrap_or_default(), why));
+                    String::new()
+                }
+                None => String::new(),
+            };
             (addr, f.clone())
         })
         .collect();
@@ -449,7 +492,7 @@ fn attribute(report: &Report, corr: Option<&Correlation>) -> Vec<(String, Findin
             }
         }
     }
-    out
+    (out, invalid)
 }
 
 /// What a signed mail with no parseable finding still tells.

@@ -349,7 +349,9 @@ impl<T: Transport> Injector<T> {
             outcome.note(AMBIGUOUS_NOTE);
         }
         let id = job.out.envelope.recipient_id;
-        let outcome = self.breaker.observe(id, &job.out.email, outcome);
+        let outcome = self
+            .breaker
+            .observe(&self.relay_name, id, &job.out.email, outcome);
         if self.breaker.tripped() {
             self.stop.cancel();
         }

@@ -80,6 +80,9 @@ pub struct RunOptions {
     /// Recipients in a row failing to render with the same error that
     /// pause the campaign; 0 = never (`blast check --render`).
     pub render_pause: u32,
+    /// The breaker's rate rule: too many refusals of addresses as unknown
+    /// from one relay.
+    pub breaker_rate: RateRule,
     /// The operator's second SIGINT: abandon transactions in flight (their
     /// messages are not recorded and go out again on the next run, so an
     /// MTA that had already accepted one sends it twice). The ledger still
@@ -118,7 +121,7 @@ mod tests;
 mod watch;
 mod work;
 
-pub use breaker::Breaker;
+pub use breaker::{Breaker, RateRule};
 pub use rate::{share, Rate};
 pub use stats::{
     Histogram, InjectorStats, InjectorSummary, LatencySummary, RelaySummary, RenderErrorSummary,
@@ -159,7 +162,7 @@ where
     let queue = (relays.injectors() * QUEUE_PER_INJECTOR).clamp(QUEUE_MIN, QUEUE_MAX);
     let (work, feed) = Work::new(relays.gates.clone(), relays.per_relay.clone(), queue);
     let work = Arc::new(work);
-    let breaker = Arc::new(Breaker::new(opts.breaker_threshold));
+    let breaker = Arc::new(Breaker::new(opts.breaker_threshold, opts.breaker_rate));
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
     let ledger_task = spawn_ledger(ledger, rec_rx, stop.clone());
 

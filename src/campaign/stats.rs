@@ -290,6 +290,10 @@ pub struct Summary {
     /// sent again when the campaign resumes).
     #[serde(skip)]
     pub breaker_streak: Vec<(i64, String)>,
+    /// When the first of `breaker_streak` was answered: the suppressions
+    /// those refusals caused were added after it.
+    #[serde(skip)]
+    pub breaker_since: Option<time::OffsetDateTime>,
     /// Wall time in seconds.
     pub seconds: f64,
     /// Messages with an outcome per second.
@@ -424,6 +428,7 @@ impl Stats {
             rerouted: load(&self.rerouted),
             breaker: breaker.reason(),
             breaker_streak: breaker.streak(),
+            breaker_since: breaker.since(),
             seconds,
             rate: if seconds > 0.0 {
                 (sent + failed + deferred) as f64 / seconds

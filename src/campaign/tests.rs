@@ -55,6 +55,7 @@ fn options(concurrency: usize) -> RunOptions {
         render_pause: 5,
         ambiguous_tries: 3,
         breaker_threshold: 0,
+        breaker_rate: crate::campaign::RateRule::OFF,
         abort: CancellationToken::new(),
         suppressions: Default::default(),
     }

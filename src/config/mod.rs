@@ -225,6 +225,12 @@ pub struct DeliveryConfig {
     /// Tries of a message whose connection drops after its data before it
     /// is recorded failed, "possibly delivered".
     pub ambiguous_tries: u32,
+    /// Fraction (0 to 1) of one relay's last `breaker_window` answers that,
+    /// refusing the address as unknown (5.1.x and kin), pauses the campaign;
+    /// 0 turns this rule off. Defaults to 0.5.
+    pub breaker_rate: f64,
+    /// Answers per relay `breaker_rate` is taken over. Defaults to 200.
+    pub breaker_window: u32,
     /// Use BDAT when the relay offers CHUNKING (else DATA).
     pub chunking: bool,
     /// With `concurrency = "auto"` on the MTA's host: a command printing the
@@ -467,6 +473,8 @@ impl Config {
             d.worker_ttl.as_deref(),
         )?;
         let worker = sections::worker(overrides.worker.as_deref())?;
+        let (breaker_rate, breaker_window) =
+            sections::breaker_rate(d.breaker_rate, d.breaker_window)?;
         Ok(Config {
             name,
             database,
@@ -495,6 +503,8 @@ impl Config {
                 breaker_threshold: d.breaker_threshold.unwrap_or(DEFAULT_BREAKER_THRESHOLD),
                 render_pause: d.render_pause.unwrap_or(DEFAULT_RENDER_PAUSE),
                 ambiguous_tries: d.ambiguous_tries.unwrap_or(3).max(1),
+                breaker_rate,
+                breaker_window,
                 chunking: d.chunking.unwrap_or(true),
                 queue_probe,
                 workers,

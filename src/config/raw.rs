@@ -65,6 +65,8 @@ pub(super) struct DeliveryFile {
     pub(super) breaker_threshold: Option<u32>,
     pub(super) render_pause: Option<u32>,
     pub(super) ambiguous_tries: Option<u32>,
+    pub(super) breaker_rate: Option<f64>,
+    pub(super) breaker_window: Option<u32>,
     pub(super) chunking: Option<bool>,
     pub(super) queue_probe: Option<String>,
     pub(super) queue_target: Option<u64>,

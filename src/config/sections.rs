@@ -499,6 +499,23 @@ pub(super) fn timeout(secs: Option<u64>) -> Checked<Duration> {
     Ok(timeout)
 }
 
+/// `delivery.breaker_rate` (0 to 1, default 0.5) and `breaker_window` (at
+/// least 1, default 200).
+pub(super) fn breaker_rate(rate: Option<f64>, window: Option<u32>) -> Checked<(f64, u32)> {
+    let rate = rate.unwrap_or(0.5);
+    if !(0.0..=1.0).contains(&rate) {
+        return Err(invalid(
+            "delivery.breaker_rate",
+            "must be between 0 (off) and 1",
+        ));
+    }
+    let window = window.unwrap_or(200);
+    if window == 0 {
+        return Err(invalid("delivery.breaker_window", "must be at least 1"));
+    }
+    Ok((rate, window))
+}
+
 /// An address pattern must fill to `local@domain` with placeholders in the
 /// local part only.
 fn check_address_pattern(p: &Pattern) -> std::result::Result<(), String> {

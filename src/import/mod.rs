@@ -11,39 +11,37 @@
 //!
 //! Memory does not grow with the file: records are read one chunk of
 //! `batch_size` at a time, and duplicates are found by the database's unique
-//! index on `lower(email)` (`ON CONFLICT DO NOTHING ... RETURNING`) rather than
-//! by a set of every address seen. With `upsert`, an existing row no longer
-//! tells "in the table before" from "earlier in this file", so each import
-//! claims its addresses in a temporary table first. Either way "same address,
-//! different case" means whatever `lower()` means on the backend, which in
-//! SQLite folds ASCII letters only.
+//! index on `email_key` (`ON CONFLICT DO NOTHING ... RETURNING`) rather than
+//! by a set of every address seen. The key is the address's canonical form
+//! ([`crate::address`]), computed here in Rust, so "the same address" means
+//! the same on both backends: case-insensitive, and an IDN domain equal to
+//! its punycode form. With `upsert`, an existing row no longer tells "in the
+//! table before" from "earlier in this file", so each import claims its keys
+//! in a temporary table first.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::io::Read;
 use std::path::Path;
-use std::str::FromStr;
 
 use csv::ByteRecord;
 use serde_json::{Map, Value};
 use sqlx::{AnyConnection, AssertSqlSafe, Connection, Row};
 
+use crate::address::Address;
 use crate::clock;
 use crate::db::{Backend, Db};
 use crate::error::{Error, Result};
 
 /// Columns the table stores itself; a CSV column with one of these names would
 /// shadow them when templates see a subscriber.
-const RESERVED: &[&str] = &["id", "created_at", "attributes"];
-
-/// RFC 5321's limit on a forward path, in octets.
-const MAX_EMAIL_LEN: usize = 254;
+const RESERVED: &[&str] = &["id", "created_at", "attributes", "email_key"];
 
 /// Rows per transaction: short enough that a reader or a second writer is
 /// never blocked for long, long enough that commits (fsyncs) don't dominate.
 const COMMIT_EVERY: u64 = 10_000;
 
-/// Upper bound for [`ImportOptions::batch_size`]: each row takes two bind
+/// Upper bound for [`ImportOptions::batch_size`]: each row takes three bind
 /// parameters, and SQLite allows 32,766 per statement (PostgreSQL 65,535).
 const MAX_BATCH: usize = 10_000;
 
@@ -185,6 +183,8 @@ pub struct NewSubscriber {
     pub line: u64,
     /// The address, trimmed, case preserved.
     pub email: String,
+    /// Its canonical form ([`crate::address::canonical`]), which duplicates share.
+    pub key: String,
     /// Every other column: header name → field as written (may be `""`).
     pub attributes: Map<String, Value>,
 }
@@ -260,8 +260,7 @@ pub fn parse_header(file: &str, record: &ByteRecord) -> Result<Header> {
 /// Validates one data record starting at `line` against `header`.
 ///
 /// Checks, in order: the field count, UTF-8 in every field, then the address
-/// (trimmed; non-empty; no whitespace or control characters; at most 254
-/// bytes; accepted by `lettre::Address`).
+/// (non-empty, then blast's one rule: [`crate::address`]).
 pub fn parse_record(
     header: &Header,
     record: &ByteRecord,
@@ -298,43 +297,24 @@ pub fn parse_record(
             attributes.insert(name.clone(), Value::String(value.to_string()));
         }
     }
-    let email = check_email(email).map_err(reject)?;
+    let (email, key) = check_email(email).map_err(reject)?;
     Ok(NewSubscriber {
         line,
         email,
+        key,
         attributes,
     })
 }
 
-/// Trims and validates an address, returning it with its case preserved.
-fn check_email(raw: &str) -> Result<String, RowProblem> {
+/// Trims and validates an address, returning it with its case preserved,
+/// and its canonical key.
+fn check_email(raw: &str) -> Result<(String, String), RowProblem> {
     let email = raw.trim();
     if email.is_empty() {
         return Err(RowProblem::MissingEmail);
     }
-    // lettre accepts quoted local parts with spaces; an MTA or a spreadsheet
-    // will mangle those, so they are rejected outright.
-    if email.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(RowProblem::InvalidEmail(
-            "contains whitespace or a control character".into(),
-        ));
-    }
-    if email.len() > MAX_EMAIL_LEN {
-        return Err(RowProblem::InvalidEmail(format!(
-            "longer than {MAX_EMAIL_LEN} bytes"
-        )));
-    }
-    lettre::Address::from_str(email).map_err(|e| {
-        use lettre::address::AddressError as E;
-        RowProblem::InvalidEmail(match e {
-            E::MissingParts => "expected user@domain".to_string(),
-            E::InvalidUser => "the part before @ is not valid".to_string(),
-            E::InvalidDomain => "the domain is not valid".to_string(),
-            // AddressError is non_exhaustive: later lettre versions may add kinds.
-            other => other.to_string(),
-        })
-    })?;
-    Ok(email.to_string())
+    let address = Address::parse(email).map_err(|e| RowProblem::InvalidEmail(e.to_string()))?;
+    Ok((address.written().to_string(), address.key()))
 }
 
 /// Opens `path` and calls [`import_from`], using the path in messages.
@@ -520,7 +500,7 @@ impl Importer {
         conn: &mut AnyConnection,
         rows: &[NewSubscriber],
     ) -> Result<Vec<Fate>> {
-        let sql = self.insert_sql(rows.len(), "ON CONFLICT DO NOTHING RETURNING email");
+        let sql = self.insert_sql(rows.len(), "ON CONFLICT DO NOTHING RETURNING email_key");
         let inserted = self
             .bind_subscribers(sqlx::query(AssertSqlSafe(sql)), rows.iter())?
             .persistent(rows.len() == self.batch_size)
@@ -540,37 +520,29 @@ impl Importer {
         conn: &mut AnyConnection,
         rows: &[NewSubscriber],
     ) -> Result<Vec<Fate>> {
-        // 1. Claim each address for this import. The table keys on the
-        //    database's own lower(), so it agrees with the unique index, and
-        //    returns the address as written so we can find the record again.
-        let mut sql = String::from("INSERT INTO blast_import_seen (key, email) VALUES ");
+        // 1. Claim each key for this import.
+        let mut sql = String::from("INSERT INTO blast_import_seen (key) VALUES ");
         for i in 0..rows.len() {
-            let p = 2 * i;
-            sql.push_str(&format!("{}(lower(${}), ${})", sep(i), p + 1, p + 2));
+            sql.push_str(&format!("{}(${})", sep(i), i + 1));
         }
-        sql.push_str(" ON CONFLICT DO NOTHING RETURNING key, email");
+        sql.push_str(" ON CONFLICT DO NOTHING RETURNING key");
         let mut claim = sqlx::query(AssertSqlSafe(sql));
         for row in rows {
-            claim = claim.bind(row.email.as_str()).bind(row.email.as_str());
+            claim = claim.bind(row.key.as_str());
         }
         let claimed = claim
             .persistent(rows.len() == self.batch_size)
             .fetch_all(&mut *conn)
             .await?;
-        let (keys, emails) = (strings(&claimed, 0)?, strings(&claimed, 1)?);
-        // Address as written → its key. An address is returned at most once,
-        // and taking it out on first use gives it to the first record with it;
-        // the records left over lost the claim: duplicates within the file.
-        let mut key_of: HashMap<&str, &str> = emails
-            .iter()
-            .map(String::as_str)
-            .zip(keys.iter().map(String::as_str))
-            .collect();
+        let mut claimed: HashSet<String> = strings(&claimed, 0)?.into_iter().collect();
+        // A key is returned at most once, and taking it out on first use
+        // gives it to the first record with it; the records left over lost
+        // the claim: duplicates within the file.
         let mut fates = vec![Fate::Duplicate; rows.len()];
         let mut fresh = Vec::new();
         for (i, row) in rows.iter().enumerate() {
-            if let Some(key) = key_of.remove(row.email.as_str()) {
-                fresh.push((i, row, key));
+            if claimed.remove(row.key.as_str()) {
+                fresh.push((i, row, row.key.as_str()));
             }
         }
         if fresh.is_empty() {
@@ -578,7 +550,7 @@ impl Importer {
         }
 
         // 2. Which of the claimed addresses exist already: those are updates.
-        let mut sql = String::from("SELECT lower(email) FROM subscribers WHERE lower(email) IN (");
+        let mut sql = String::from("SELECT email_key FROM subscribers WHERE email_key IN (");
         for i in 0..fresh.len() {
             sql.push_str(&format!("{}${}", sep(i), i + 1));
         }
@@ -595,7 +567,7 @@ impl Importer {
         //    statement hit the same subscriber, which PostgreSQL requires.
         let sql = self.insert_sql(
             fresh.len(),
-            "ON CONFLICT (lower(email)) DO UPDATE SET attributes = excluded.attributes",
+            "ON CONFLICT (email_key) DO UPDATE SET attributes = excluded.attributes",
         );
         let fresh_rows = fresh.iter().map(|(_, row, _)| *row);
         self.bind_subscribers(sqlx::query(AssertSqlSafe(sql)), fresh_rows)?
@@ -613,19 +585,25 @@ impl Importer {
     }
 
     /// `INSERT INTO subscribers ... VALUES` for `n` rows, then `tail`.
-    /// `$1` is the shared `created_at`; row `i` binds `$2i+2` (email) and
-    /// `$2i+3` (attributes).
+    /// `$1` is the shared `created_at`; row `i` binds `$3i+2` (email),
+    /// `$3i+3` (its key) and `$3i+4` (attributes).
     fn insert_sql(&self, n: usize, tail: &str) -> String {
         // The Any driver sends text; PostgreSQL needs it cast to the column's type.
         let cast = match self.backend {
             Backend::Sqlite => "",
             Backend::Postgres => "::jsonb",
         };
-        let mut sql =
-            String::from("INSERT INTO subscribers (email, attributes, created_at) VALUES ");
+        let mut sql = String::from(
+            "INSERT INTO subscribers (email, email_key, attributes, created_at) VALUES ",
+        );
         for i in 0..n {
-            let p = 2 * i + 2;
-            sql.push_str(&format!("{}(${p}, ${}{cast}, $1)", sep(i), p + 1));
+            let p = 3 * i + 2;
+            sql.push_str(&format!(
+                "{}(${p}, ${}, ${}{cast}, $1)",
+                sep(i),
+                p + 1,
+                p + 2
+            ));
         }
         sql.push(' ');
         sql.push_str(tail);
@@ -644,7 +622,10 @@ impl Importer {
                 file: self.file.clone(),
                 message: format!("line {}: cannot encode attributes: {e}", row.line),
             })?;
-            query = query.bind(row.email.as_str()).bind(attributes);
+            query = query
+                .bind(row.email.as_str())
+                .bind(row.key.as_str())
+                .bind(attributes);
         }
         Ok(query)
     }
@@ -668,17 +649,15 @@ fn strings(rows: &[sqlx::any::AnyRow], index: usize) -> Result<Vec<String>> {
 }
 
 /// For each row, whether it is the one the database accepted: `accepted`
-/// holds the addresses it returned, exactly as bound. Rows are written in
-/// order, so when one address appears twice in a batch the first is the one
-/// that went in; matching exact strings (not our own lowercase) keeps us out
-/// of any disagreement with the database's `lower()`.
+/// holds the keys it returned. Rows are written in order, so when one key
+/// appears twice in a batch the first row with it is the one that went in.
 fn first_occurrences(rows: &[NewSubscriber], accepted: &[String]) -> Vec<bool> {
     let mut left: HashMap<&str, usize> = HashMap::new();
-    for email in accepted {
-        *left.entry(email.as_str()).or_default() += 1;
+    for key in accepted {
+        *left.entry(key.as_str()).or_default() += 1;
     }
     rows.iter()
-        .map(|row| match left.get_mut(row.email.as_str()) {
+        .map(|row| match left.get_mut(row.key.as_str()) {
             Some(n) if *n > 0 => {
                 *n -= 1;
                 true
@@ -692,11 +671,9 @@ fn first_occurrences(rows: &[NewSubscriber], accepted: &[String]) -> Vec<bool> {
 /// the database (temporary, this connection only) so memory stays flat.
 async fn create_seen_table(conn: &mut AnyConnection) -> Result<()> {
     drop_seen_table(conn).await?;
-    sqlx::query(
-        "CREATE TEMPORARY TABLE blast_import_seen (key TEXT PRIMARY KEY, email TEXT NOT NULL)",
-    )
-    .execute(&mut *conn)
-    .await?;
+    sqlx::query("CREATE TEMPORARY TABLE blast_import_seen (key TEXT PRIMARY KEY)")
+        .execute(&mut *conn)
+        .await?;
     Ok(())
 }
 
