@@ -314,13 +314,15 @@ impl Background {
         }
     }
 
-    /// Ends the tasks once the run is over.
+    /// Ends the tasks once the run is over; a task that panicked is
+    /// logged as an error (the run's own result stands).
     async fn finish(self) {
         self.token.cancel();
         for t in self.tasks {
-            let _ = t.await;
+            let _ = crate::error::joined("a background task of the run", t).await;
         }
         self.counter.abort();
+        let _ = crate::error::joined("the audience count", self.counter).await;
     }
 }
 

@@ -162,6 +162,20 @@ impl Error {
     }
 }
 
+/// Waits for background task `what`; a panic in it becomes an
+/// [`Error::Internal`] (and is logged), never silently dropped. A task
+/// cancelled on purpose is not an error.
+pub async fn joined<T>(what: &str, task: tokio::task::JoinHandle<T>) -> Result<Option<T>> {
+    match task.await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) if e.is_cancelled() => Ok(None),
+        Err(e) => {
+            tracing::error!("{what} panicked: {e}");
+            Err(Error::Internal(format!("{what} panicked: {e}")))
+        }
+    }
+}
+
 /// Whether a database error may go away by itself: connection and I/O
 /// failures, a full pool, and the server's own "try again" codes.
 pub fn transient_sqlx(e: &sqlx::Error) -> bool {

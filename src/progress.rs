@@ -49,7 +49,7 @@ impl Progress {
     /// Stops the display (the bar is cleared; the caller prints the summary).
     pub async fn finish(self) {
         self.stop.cancel();
-        let _ = self.task.await;
+        let _ = crate::error::joined("the progress display", self.task).await;
     }
 }
 

@@ -298,12 +298,21 @@ pub async fn watch(db: Db, live: Live, since: time::OffsetDateTime, stop: Cancel
                         }
                         break;
                     }
-                    let (Ok(a), Ok(why), Ok(at)) = (
+                    let (a, why, at) = match (
                         r.try_get::<String, _>("address"),
                         r.try_get::<String, _>("reason"),
                         r.try_get::<String, _>("created_at"),
-                    ) else {
-                        continue;
+                    ) {
+                        (Ok(a), Ok(why), Ok(at)) => (a, why, at),
+                        // Never skipped in silence: the page lookup still
+                        // guards the send, but the operator must know.
+                        (a, why, at) => {
+                            tracing::error!(
+                                "suppression watch: a row of blast_suppressions does not \
+                                 decode (address {a:?}, reason {why:?}, created_at {at:?})"
+                            );
+                            continue;
+                        }
                     };
                     live.insert(&a, &why);
                     if at > since {

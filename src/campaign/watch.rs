@@ -47,7 +47,7 @@ impl Watchers {
     pub(super) async fn stop(self) {
         self.done.cancel();
         for t in self.tasks {
-            let _ = t.await;
+            let _ = crate::error::joined("a relay watcher", t).await;
         }
     }
 }

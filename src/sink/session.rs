@@ -881,24 +881,23 @@ impl Session {
         c.recipients
             .fetch_add(rcpt_to.len() as u64, Ordering::Relaxed);
         c.bytes.fetch_add(size, Ordering::Relaxed);
-        let data = if config.keep_messages {
-            data
-        } else {
-            // Hand the buffer back to the transaction for reuse.
-            self.tx.data = data;
-            Vec::new()
-        };
         self.reply(&format!("250 2.0.0 Ok: queued as {queue_id}"));
-        let tls = self.is_tls();
-        let auth = self.authenticated.clone();
-        shared.received().push(Received {
-            mail_from,
-            rcpt_to,
-            data,
-            queue_id,
-            tls,
-            auth,
-        });
+        if config.keep_messages {
+            let tls = self.is_tls();
+            let auth = self.authenticated.clone();
+            shared.received().push(Received {
+                mail_from,
+                rcpt_to,
+                data,
+                queue_id,
+                tls,
+                auth,
+            });
+        } else {
+            // Nothing is kept (memory stays flat over a 10M run): hand the
+            // buffer back to the transaction for reuse.
+            self.tx.data = data;
+        }
         self.tx.reset();
         Ok(Flow::Continue)
     }

@@ -370,7 +370,15 @@ impl Keeper {
     /// outside, if it was.
     pub async fn finish(self) -> Option<Interruption> {
         self.done.cancel();
-        let _ = self.task.await;
+        if crate::error::joined("the worker's keeper", self.task)
+            .await
+            .is_err()
+        {
+            // Without its keeper the claims were not renewed: stop as if lost.
+            return Some(Interruption::LeaseLost(
+                "the worker's keeper panicked; its claims may have expired".into(),
+            ));
+        }
         let why = self.why.lock().unwrap_or_else(|p| p.into_inner()).take();
         why
     }
