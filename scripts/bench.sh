@@ -11,6 +11,7 @@
 #   scripts/bench.sh --postfix --sweep "4 16 64 auto" -n 30000 [--in-flow-delay 0] [--probe]
 #   scripts/bench.sh --tls -n 200000 -c 16  # blast in clear against blast over STARTTLS, into the sink
 #   scripts/bench.sh --compare-db -n 200000 -c 16 [--pairs 3] [--resume-at 5000000]
+#   scripts/bench.sh --props               # the property tests' long mode (100,000+ cases each)
 #                                         # blast on SQLite against blast on a durable PostgreSQL
 #
 # "auto" in the sweep is blast's adaptive concurrency (smtp-source has no such
@@ -33,7 +34,7 @@
 # smtp-source runs with -d (many messages per connection, as blast does), -N
 # (distinct recipients) and -F (one of blast's rendered messages as content).
 # Prints, per run: messages/s for blast and for smtp-source and their ratio,
-# blast's peak RSS, its time to the first message; with --postfix also the
+# blast's peak RSS, its time to the first message, the sink's peak RSS; with --postfix also the
 # end-to-end rate (accepted by Postfix and delivered to the sink).
 # Needs: python3, /usr/bin/time, and Postfix's smtp-source (apt-get install postfix).
 set -euo pipefail
@@ -63,6 +64,9 @@ while [ $# -gt 0 ]; do
     --compare-db) compare_db=1; shift ;;
     --pairs) pairs=$2; shift 2 ;;
     --resume-at) resume_at=$2; shift 2 ;;
+    # Every #[ignore]d long property test (the parsers, the renderer, the
+    # address canonicaliser), release build: minutes, no servers.
+    --props) exec cargo test --release --lib -- --ignored long ;;
     -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
@@ -140,7 +144,9 @@ PY
 }
 clear_ledger() { # this run's rows (all, or those past --resume-at) in $db_url
   local sql=("DELETE FROM blast_deliveries WHERE recipient_id > $resume_at")
-  [ "$resume_at" -gt 0 ] || sql+=("DELETE FROM blast_campaigns")
+  # Claims and workers too: SQLite reuses a deleted campaign's id, and its
+  # old claims would say the new campaign is done.
+  [ "$resume_at" -gt 0 ] || sql+=("DELETE FROM blast_campaigns" "DELETE FROM blast_claims" "DELETE FROM blast_workers")
   case "$db_url" in
     postgres*) for q in "${sql[@]}" "VACUUM blast_deliveries"; do psql -q "$db_url" -c "$q" 2>/dev/null || true; done ;;
     *) python3 -c 'import sqlite3,sys; c=sqlite3.connect(sys.argv[1]); [c.execute(q) for q in sys.argv[2:] if c.execute("SELECT 1 FROM sqlite_master WHERE name=?", (q.split()[2],)).fetchone()]; c.commit()' \
@@ -184,6 +190,8 @@ start_sink() {
 }
 stop_sink() {
   [ -n "$sink_pid" ] || return 0
+  # The sink's peak RSS: it must not grow with the messages it took.
+  sink_rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$sink_pid/status" 2>/dev/null || echo -)
   kill "$sink_pid" 2>/dev/null || true; wait "$sink_pid" 2>/dev/null || true; sink_pid=""
   sink_msgs=$(sed -n 's/.*blast sink: [0-9]* connections, \([0-9]*\) messages.*/\1/p' "$work/sink.log" | tail -n 1)
 }
@@ -286,13 +294,13 @@ elif [ $use_tls -eq 1 ]; then
       "$(python3 -c "print(f'{$b_rate/$p_rate:.2f}')")" "$b_rss" "$b_first"
   done
 elif [ $use_postfix -eq 0 ]; then
-  printf '%-5s %12s %12s %7s %9s %10s\n' conc blast/s smtp-src/s ratio rss_MB first_ms
+  printf '%-5s %12s %12s %7s %9s %10s %9s\n' conc blast/s smtp-src/s ratio rss_MB first_ms sink_MB
   for c in $sweep; do
-    start_sink; run_blast "$c" "$sink_port"; stop_sink; got_b=$sink_msgs
+    start_sink; run_blast "$c" "$sink_port"; stop_sink; got_b=$sink_msgs; b_sink_rss=$sink_rss
     start_sink; run_source "$c" "$sink_port"; stop_sink; got_s=$sink_msgs
     [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
-    printf '%-5s %12s %12s %7s %9s %10s\n' "$c" "$b_rate" "$s_rate" \
-      "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_rss" "$b_first"
+    printf '%-5s %12s %12s %7s %9s %10s %9s\n' "$c" "$b_rate" "$s_rate" \
+      "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_rss" "$b_first" "$b_sink_rss"
   done
 else
   echo "bench: Postfix in_flow_delay=$in_flow_delay; blast queue probe: $([ $use_probe -eq 1 ] && echo on || echo off)"

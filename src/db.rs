@@ -103,6 +103,7 @@ impl Db {
             _ => url.to_string(),
         };
         let options = AnyConnectOptions::from_str(&url)?;
+        let synchronous = sqlite_synchronous()?;
         let pool = AnyPoolOptions::new()
             // A server that is down fails a step after 5 s (not sqlx's 30 s):
             // the callers that can wait ([`Backoff`]) retry it, logged, for
@@ -114,11 +115,11 @@ impl Db {
             .after_connect(move |conn, _meta| {
                 Box::pin(async move {
                     if backend == Backend::Sqlite {
-                        conn.execute(
-                            "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; \
-                             PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;",
-                        )
-                        .await?;
+                        let pragmas = format!(
+                            "PRAGMA journal_mode=WAL; PRAGMA synchronous={synchronous}; \
+                             PRAGMA busy_timeout=10000; PRAGMA foreign_keys=ON;"
+                        );
+                        conn.execute(AssertSqlSafe(pragmas)).await?;
                     } else {
                         // Plan the audience page with the actual key range each
                         // time: a generic plan for `id > $1 AND id <= $2` chose a
@@ -306,6 +307,27 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(n, 0);
+    }
+}
+
+/// SQLite's `synchronous` setting: `FULL` unless `BLAST_SQLITE_SYNCHRONOUS`
+/// says `normal`. With `FULL` (WAL) every committed ledger batch survives a
+/// power loss; with `NORMAL` the batches of the last moments before it may
+/// be lost (the database stays consistent), and their recipients are sent
+/// again. See docs/reliability.md for what each costs.
+fn sqlite_synchronous() -> Result<&'static str> {
+    match std::env::var("BLAST_SQLITE_SYNCHRONOUS")
+        .unwrap_or_default()
+        .to_ascii_lowercase()
+        .as_str()
+    {
+        "" | "full" => Ok("FULL"),
+        "normal" => Ok("NORMAL"),
+        other => Err(Error::config(
+            "<environment>",
+            "BLAST_SQLITE_SYNCHRONOUS",
+            format!("{other:?}: use full or normal"),
+        )),
     }
 }
 
