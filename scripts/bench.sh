@@ -11,6 +11,7 @@
 #   scripts/bench.sh --postfix --sweep "4 16 64 auto" -n 30000 [--in-flow-delay 0] [--probe]
 #   scripts/bench.sh --tls -n 200000 -c 16  # blast in clear against blast over STARTTLS, into the sink
 #   scripts/bench.sh --compare-db -n 200000 -c 16 [--pairs 3] [--resume-at 5000000]
+#   scripts/bench.sh --sink smtp-sink -n 200000 -c 16   # into Postfix's smtp-sink instead of blast's
 #   scripts/bench.sh --props               # the property tests' long mode (100,000+ cases each)
 #                                         # blast on SQLite against blast on a durable PostgreSQL
 #
@@ -51,6 +52,7 @@ use_tls=0
 compare_db=0
 pairs=3
 resume_at=0
+sink_kind=blast
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) n=$2; shift 2 ;;
@@ -64,6 +66,7 @@ while [ $# -gt 0 ]; do
     --compare-db) compare_db=1; shift ;;
     --pairs) pairs=$2; shift 2 ;;
     --resume-at) resume_at=$2; shift 2 ;;
+    --sink) sink_kind=$2; shift 2 ;;
     # Every #[ignore]d long property test (the parsers, the renderer, the
     # address canonicaliser), release build: minutes, no servers.
     --props) exec cargo test --release --lib -- --ignored long ;;
@@ -183,7 +186,14 @@ sink_pid=""
 sink_tls=()
 start_sink() {
   sink_port=$(free_port)
-  "$bin" sink --listen "127.0.0.1:$sink_port" ${sink_tls[@]+"${sink_tls[@]}"} 2>"$work/sink.log" &
+  if [ "$sink_kind" = smtp-sink ]; then
+    # Postfix's smtp-sink: no CHUNKING; -c counts messages (printed on
+    # stdout), -u drops root; a backlog of 256 for 64 connections and more.
+    local user=(); [ "$(id -u)" -eq 0 ] && user=(-u nobody)
+    smtp-sink -c ${user[@]+"${user[@]}"} "127.0.0.1:$sink_port" 256 >"$work/sink.log" 2>&1 &
+  else
+    "$bin" sink --listen "127.0.0.1:$sink_port" ${sink_tls[@]+"${sink_tls[@]}"} 2>"$work/sink.log" &
+  fi
   sink_pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$sink_port") 2>/dev/null && return; sleep 0.05; done
   echo "bench: sink did not start" >&2; exit 1
@@ -193,7 +203,11 @@ stop_sink() {
   # The sink's peak RSS: it must not grow with the messages it took.
   sink_rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$sink_pid/status" 2>/dev/null || echo -)
   kill "$sink_pid" 2>/dev/null || true; wait "$sink_pid" 2>/dev/null || true; sink_pid=""
-  sink_msgs=$(sed -n 's/.*blast sink: [0-9]* connections, \([0-9]*\) messages.*/\1/p' "$work/sink.log" | tail -n 1)
+  if [ "$sink_kind" = smtp-sink ]; then
+    sink_msgs=$(tr '\r' '\n' <"$work/sink.log" | grep -E '^ *[0-9]+ *$' | tail -n 1 | tr -d ' ')
+  else
+    sink_msgs=$(sed -n 's/.*blast sink: [0-9]* connections, \([0-9]*\) messages.*/\1/p' "$work/sink.log" | tail -n 1)
+  fi
 }
 mta_dir=$work/postfix
 start_postfix() {
@@ -240,15 +254,21 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   b_rate=$(python3 -c "import json; d=json.load(open('$work/summary.json')); print(round(d['sent']/$b_secs))")
   b_first=$(python3 -c "import json; print(json.load(open('$work/summary.json'))['first_message_ms'])")
   b_rss=$(awk '/Maximum resident/ {print int($6/1024)}' "$work/time.log")
+  b_cpu=$(cpu_us "$work/time.log" "$(python3 -c "import json; print(json.load(open('$work/summary.json'))['sent'])")")
   b_limit=$(python3 -c "import json; r=json.load(open('$work/summary.json'))['relays'][0]; print(f\"{r['limit']}/{r['peak_limit']}\")")
+}
+cpu_us() { # $1 = /usr/bin/time -v log, $2 = messages: (user + system) µs per message
+  awk -v n="$2" '/User time/ {u=$4} /System time/ {s=$4} END {if (n > 0) printf "%.0f", (u + s) * 1e6 / n; else print "-"}' "$1"
 }
 run_source() { # $1 = concurrency, $2 = target port; sets s_rate s_secs
   local t0 t1
   t0=$(now)
-  smtp-source -d -N -s "$1" -m "$n" -F "$work/message.eml" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
+  /usr/bin/time -v -o "$work/time-source.log" \
+    smtp-source -d -N -s "$1" -m "$n" -F "$work/message.eml" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
   t1=$(now)
   s_secs=$(python3 -c "print($t1 - $t0)")
   s_rate=$(python3 -c "print(round($n/$s_secs))")
+  s_cpu=$(cpu_us "$work/time-source.log" "$n")
 }
 drain() { # waits for Postfix's queue to empty; prints nothing, sets d_secs since $1
   scripts/mta/postfix.sh flush-wait --dir "$mta_dir" --timeout 3600 >/dev/null
@@ -294,13 +314,14 @@ elif [ $use_tls -eq 1 ]; then
       "$(python3 -c "print(f'{$b_rate/$p_rate:.2f}')")" "$b_rss" "$b_first"
   done
 elif [ $use_postfix -eq 0 ]; then
-  printf '%-5s %12s %12s %7s %9s %10s %9s\n' conc blast/s smtp-src/s ratio rss_MB first_ms sink_MB
+  echo "bench: sink: $sink_kind"
+  printf '%-5s %12s %12s %7s %9s %10s %9s %9s %9s\n' conc blast/s smtp-src/s ratio rss_MB first_ms sink_MB blast_us src_us
   for c in $sweep; do
     start_sink; run_blast "$c" "$sink_port"; stop_sink; got_b=$sink_msgs; b_sink_rss=$sink_rss
     start_sink; run_source "$c" "$sink_port"; stop_sink; got_s=$sink_msgs
     [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
-    printf '%-5s %12s %12s %7s %9s %10s %9s\n' "$c" "$b_rate" "$s_rate" \
-      "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_rss" "$b_first" "$b_sink_rss"
+    printf '%-5s %12s %12s %7s %9s %10s %9s %9s %9s\n' "$c" "$b_rate" "$s_rate" \
+      "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_rss" "$b_first" "$b_sink_rss" "$b_cpu" "$s_cpu"
   done
 else
   echo "bench: Postfix in_flow_delay=$in_flow_delay; blast queue probe: $([ $use_probe -eq 1 ] && echo on || echo off)"
