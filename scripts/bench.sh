@@ -204,7 +204,8 @@ stop_sink() {
   sink_rss=$(awk '/VmHWM/ {print int($2/1024)}' "/proc/$sink_pid/status" 2>/dev/null || echo -)
   kill "$sink_pid" 2>/dev/null || true; wait "$sink_pid" 2>/dev/null || true; sink_pid=""
   if [ "$sink_kind" = smtp-sink ]; then
-    sink_msgs=$(tr '\r' '\n' <"$work/sink.log" | grep -E '^ *[0-9]+ *$' | tail -n 1 | tr -d ' ')
+    # -c prints "sess=N quit=N mesg=N" lines, carriage-return separated.
+    sink_msgs=$(tr '\r' '\n' <"$work/sink.log" | sed -n 's/.*mesg=\([0-9]*\).*/\1/p' | tail -n 1)
   else
     sink_msgs=$(sed -n 's/.*blast sink: [0-9]* connections, \([0-9]*\) messages.*/\1/p' "$work/sink.log" | tail -n 1)
   fi
