@@ -157,3 +157,42 @@ async fn refused_mail_from() {
     let o = s.send(&env, b"Subject: x\r\n\r\nx\r\n").await.unwrap();
     assert_eq!((o.status(), o.reply().code), (Status::Failed, Some(530)));
 }
+
+/// Issue 14: a message made of lines that start with "." (and "..", and a
+/// lone "."), arrives intact over DATA (stuffed and unstuffed) and over
+/// BDAT (nothing to stuff).
+async fn dot_lines(chunking: bool) {
+    let sink = sink(true, chunking, Faults::default()).await;
+    let t = transport(&sink);
+    let mut s = t.connect(0).await.unwrap();
+    let mut msg = String::from("Subject: dots\r\n\r\n");
+    for i in 0..500 {
+        msg.push_str(match i % 4 {
+            0 => ".\r\n",
+            1 => "..\r\n",
+            2 => ".line with a dot\r\n",
+            _ => "...three\r\n",
+        });
+    }
+    let env = Envelope {
+        recipient_id: 1,
+        from: "b@example.com".into(),
+        to: "r@example.com".into(),
+    };
+    let outcome = s.send(&env, msg.as_bytes()).await.unwrap();
+    assert_eq!(outcome.status(), Status::Sent, "{outcome:?}");
+    s.close().await;
+    let got = sink.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].data, msg.as_bytes(), "content survives");
+}
+
+#[tokio::test]
+async fn lines_of_dots_arrive_intact_over_data() {
+    dot_lines(false).await;
+}
+
+#[tokio::test]
+async fn lines_of_dots_arrive_intact_over_bdat() {
+    dot_lines(true).await;
+}

@@ -832,16 +832,20 @@ fn tls_failure(relay: &Relay, e: &std::io::Error) -> SessionError {
 
 /// RFC 5321 4.5.2: a line starting with "." gets another "."; the content
 /// ends with CRLF "." CRLF (adding the CRLF if the message lacks one).
+/// Whole runs between line-starting dots are copied at once (`memmem`
+/// finds each `\n.`), not byte by byte.
 pub fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
     out.reserve(message.len() + 16);
-    let mut at_line_start = true;
-    for chunk in message.split_inclusive(|&b| b == b'\n') {
-        if at_line_start && chunk.first() == Some(&b'.') {
-            out.push(b'.');
-        }
-        out.extend_from_slice(chunk);
-        at_line_start = chunk.last() == Some(&b'\n');
+    if message.first() == Some(&b'.') {
+        out.push(b'.');
     }
+    let mut start = 0;
+    for i in memchr::memmem::find_iter(message, b"\n.") {
+        out.extend_from_slice(&message[start..=i]);
+        out.push(b'.');
+        start = i + 1;
+    }
+    out.extend_from_slice(&message[start..]);
     if !message.ends_with(b"\r\n") {
         out.extend_from_slice(b"\r\n");
     }
@@ -938,6 +942,38 @@ pub(crate) mod tests {
         out.clear();
         dot_stuff(b"x\r\n", &mut out);
         assert_eq!(out, b"x\r\n.\r\n");
+        out.clear();
+        dot_stuff(b"", &mut out);
+        assert_eq!(out, b"\r\n.\r\n");
+    }
+
+    /// The byte-by-byte definition, to check the fast one against.
+    fn dot_stuff_slow(message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut at_line_start = true;
+        for &b in message {
+            if at_line_start && b == b'.' {
+                out.push(b'.');
+            }
+            out.push(b);
+            at_line_start = b == b'\n';
+        }
+        if !message.ends_with(b"\r\n") {
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b".\r\n");
+        out
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn dot_stuffing_matches_its_definition(
+            message in proptest::collection::vec(proptest::sample::select(vec![b'.', b'\r', b'\n', b'a']), 0..200)
+        ) {
+            let mut out = Vec::new();
+            dot_stuff(&message, &mut out);
+            proptest::prop_assert_eq!(out, dot_stuff_slow(&message));
+        }
     }
 
     #[test]
