@@ -352,7 +352,9 @@ async fn send_live(
     .await?;
     let worker = Arc::new(worker);
     let result = async {
-        probe(&transport, cfg.delivery.relays.len()).await?;
+        // Parts go 8bit (no encoding) only if every relay takes them.
+        let eight_bit = probe(&transport, cfg.delivery.relays.len()).await?;
+        prepared.renderer.allow_8bit(eight_bit);
         // Paused or cancelled while the relays were probed: send nothing.
         start(db, campaign_id, cfg, &worker).await?;
         let claims = Arc::new(Claims::new(
@@ -532,13 +534,16 @@ fn sendable(c: &ledger::CampaignRow) -> Result<()> {
 
 /// Checks every relay answers before the campaign starts, so an unreachable
 /// MTA is one clear fatal error rather than N injectors retrying. One relay
-/// out of several being down is only a warning.
-async fn probe<T: Transport>(transport: &T, relays: usize) -> Result<()> {
+/// out of several being down is only a warning. Returns whether every relay
+/// that answered offered 8BITMIME.
+async fn probe<T: Transport>(transport: &T, relays: usize) -> Result<bool> {
     let mut first_error = None;
     let mut ok = 0;
+    let mut eight_bit = true;
     for slot in 0..relays {
         match transport.connect(slot).await {
             Ok(s) => {
+                eight_bit &= s.eight_bit_mime();
                 s.close().await;
                 ok += 1;
             }
@@ -559,7 +564,7 @@ async fn probe<T: Transport>(transport: &T, relays: usize) -> Result<()> {
     }
     match first_error {
         Some((relay, message)) if ok == 0 => Err(Error::Unreachable { relay, message }),
-        _ => Ok(()),
+        _ => Ok(eight_bit),
     }
 }
 

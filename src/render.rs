@@ -112,6 +112,9 @@ pub struct Renderer {
     msgid_domain: String,
     verp: Option<Pattern>,
     unsubscribe: Unsubscribe,
+    /// Every relay offers 8BITMIME: non-ASCII parts go as `8bit` (no
+    /// encoding at all) when their lines allow it.
+    eight_bit: std::sync::atomic::AtomicBool,
 }
 
 impl Renderer {
@@ -189,7 +192,16 @@ impl Renderer {
             msgid_domain,
             verp: message.verp.clone(),
             unsubscribe: message.unsubscribe.clone(),
+            eight_bit: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Lets non-ASCII text and HTML parts go as `8bit` (set when every
+    /// relay offered 8BITMIME; the transport then says `BODY=8BITMIME`).
+    /// Off by default: quoted-printable, which any server takes.
+    pub fn allow_8bit(&self, on: bool) {
+        self.eight_bit
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Sets the ledger id (Message-IDs, VERP, tokens) and the signing key
@@ -332,11 +344,15 @@ impl Renderer {
         for (h, v) in parts.headers {
             b = b.header(h, Text::new(v));
         }
+        let eight_bit = self.eight_bit.load(std::sync::atomic::Ordering::Relaxed);
         let text = parts
             .text
-            .map(|t| body_part("text/plain", &t))
+            .map(|t| body_part("text/plain", &t, eight_bit))
             .transpose()?;
-        let html = parts.html.map(|h| body_part("text/html", &h)).transpose()?;
+        let html = parts
+            .html
+            .map(|h| body_part("text/html", &h, eight_bit))
+            .transpose()?;
         b = match (text, html) {
             (Some(t), Some(h)) => b.body(MimePart::new("multipart/alternative", vec![t, h])),
             (Some(p), None) | (None, Some(p)) => b.body(p),
@@ -375,19 +391,27 @@ fn zero_key() -> Key {
 fn body_part(
     content_type: &'static str,
     text: &str,
+    eight_bit: bool,
 ) -> std::result::Result<MimePart<'static>, RenderError> {
     let mut out = Vec::with_capacity(text.len() + text.len() / 16 + 8);
     let encoding = if seven_bit(text, &mut out) {
         "7bit"
+    } else if eight_bit && {
+        out.clear();
+        short_lines(text, &mut out)
+    } {
+        // RFC 6152: UTF-8 as it is, lines of at most 998 octets; Postfix
+        // converts it for a next hop without 8BITMIME.
+        "8bit"
     } else {
         out.clear();
         quoted_printable(text, &mut out);
         "quoted-printable"
     };
-    // Both encodings produce ASCII only; anything else is a bug, and no
-    // message goes out with a part missing.
+    // The text was UTF-8 and every encoding keeps it so; anything else is a
+    // bug, and no message goes out with a part missing.
     let body = String::from_utf8(out)
-        .map_err(|_| RenderError::Mime(format!("the {content_type} part is not ASCII")))?;
+        .map_err(|_| RenderError::Mime(format!("the {content_type} part is not UTF-8")))?;
     let content_type = mail_builder::headers::content_type::ContentType::new(content_type)
         .attribute("charset", "utf-8");
     Ok(MimePart::new(content_type, body).transfer_encoding(encoding))
@@ -396,8 +420,14 @@ fn body_part(
 /// Copies `text` with CRLF line ends if it can travel as `7bit` (RFC 2045:
 /// ASCII, no NUL, no lone CR, lines of at most 998 octets); false otherwise.
 fn seven_bit(text: &str, out: &mut Vec<u8>) -> bool {
-    // Whole-text checks first: both are vectorised/memchr-based in std.
-    if !text.is_ascii() || text.contains('\0') {
+    // Whole-text check first: vectorised in std.
+    text.is_ascii() && short_lines(text, out)
+}
+
+/// Copies `text` with CRLF line ends if it can travel as `8bit` (RFC 6152:
+/// no NUL, no lone CR, lines of at most 998 octets); false otherwise.
+fn short_lines(text: &str, out: &mut Vec<u8>) -> bool {
+    if text.contains('\0') {
         return false;
     }
     for line in text.split('\n') {
@@ -630,6 +660,62 @@ pub(crate) mod tests {
         let h = headers(&out.bytes);
         assert!(h.is_ascii(), "headers must be 7-bit: {h}");
         assert!(h.contains("Subject: =?utf-8?"), "{h}");
+    }
+
+    /// Renders with 8bit allowed (every relay offered 8BITMIME).
+    fn render_8bit(m: &MessageConfig, r: &Recipient) -> Outgoing {
+        let renderer = Renderer::compile(
+            m,
+            &Map::new(),
+            Identity {
+                campaign: "c".into(),
+                campaign_id: 1,
+                key: None,
+            },
+        )
+        .unwrap();
+        renderer.allow_8bit(true);
+        renderer.render(r, crate::clock::now()).unwrap()
+    }
+
+    #[test]
+    fn non_ascii_parts_go_8bit_when_every_relay_takes_it() {
+        let m = message("Hi", Some("Grüße, {{ name }}"), Some("<p>Grüße</p>"));
+        let out = render_8bit(&m, &recipient(1, "a@example.com", "José"));
+        let s = String::from_utf8(out.bytes).unwrap();
+        assert_eq!(
+            s.matches("Content-Transfer-Encoding: 8bit").count(),
+            2,
+            "{s}"
+        );
+        assert!(s.contains("Grüße, José\r\n"), "{s}");
+        assert!(!s.contains("quoted-printable"), "{s}");
+        let h = headers(s.as_bytes());
+        assert!(h.is_ascii(), "headers stay 7-bit: {h}");
+        // Without 8BITMIME (the default): quoted-printable.
+        let qp = render(&m, &recipient(1, "a@example.com", "José")).unwrap();
+        let qp = String::from_utf8(qp.bytes).unwrap();
+        assert!(
+            qp.contains("quoted-printable") && !qp.contains("8bit"),
+            "{qp}"
+        );
+    }
+
+    #[test]
+    fn an_8bit_part_with_a_999_octet_line_falls_back_to_quoted_printable() {
+        let m = message("Hi", Some("{{ name }}"), None);
+        let long = format!("é{}", "x".repeat(997)); // 999 octets
+        let out = render_8bit(&m, &recipient(1, "a@example.com", &long));
+        let s = String::from_utf8(out.bytes).unwrap();
+        assert!(
+            s.contains("Content-Transfer-Encoding: quoted-printable"),
+            "{s}"
+        );
+        assert!(s.split("\r\n").all(|l| l.len() <= 998));
+        let ok = format!("é{}", "x".repeat(996)); // 998 octets: 8bit
+        let out = render_8bit(&m, &recipient(1, "a@example.com", &ok));
+        let s = String::from_utf8(out.bytes).unwrap();
+        assert!(s.contains("Content-Transfer-Encoding: 8bit"), "{s}");
     }
 
     #[test]

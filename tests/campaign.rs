@@ -364,3 +364,46 @@ async fn a_dry_run_leaves_the_database_as_it_found_it() {
         .unwrap();
     assert_eq!(s.sent, 20, "{s:?}");
 }
+
+/// Issue 14: with a relay that offers 8BITMIME, non-ASCII parts go as
+/// `8bit` (no encoding work) and arrive as written; a relay without it
+/// gets quoted-printable.
+#[tokio::test]
+async fn non_ascii_parts_go_8bit_only_to_a_relay_that_takes_them() {
+    for eight_bit in [true, false] {
+        let w = World::new(Backend::Sqlite).await;
+        w.seed(3).await;
+        let sink = blast::sink::Sink::start(blast::sink::SinkConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            keep_messages: true,
+            eight_bit_mime: eight_bit,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let path = w.campaign(
+            "utf8",
+            "Grüße",
+            "Grüße, {{ first_name }} – ça va?",
+            None,
+            "",
+        );
+        let cfg = w.config(&path, Some(&sink), 1);
+        let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+            .await
+            .unwrap();
+        assert_eq!(s.sent, 3);
+        let got = sink.received();
+        let msg = String::from_utf8_lossy(&got[0].data).into_owned();
+        if eight_bit {
+            assert!(msg.contains("Content-Transfer-Encoding: 8bit"), "{msg}");
+            assert!(msg.contains("Grüße, Name"), "{msg}");
+        } else {
+            assert!(
+                msg.contains("Content-Transfer-Encoding: quoted-printable"),
+                "{msg}"
+            );
+            assert!(msg.is_ascii(), "{msg}");
+        }
+    }
+}

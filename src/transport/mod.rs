@@ -69,6 +69,12 @@ pub trait Session: Send + 'static {
         message: &[u8],
     ) -> impl Future<Output = Result<Outcome, SessionError>> + Send;
 
+    /// Whether the server takes 8bit message parts (8BITMIME); files and
+    /// stubs take anything.
+    fn eight_bit_mime(&self) -> bool {
+        true
+    }
+
     /// How long the last `send` waited on the server (zero if not measured).
     fn latency(&self) -> Duration {
         Duration::ZERO

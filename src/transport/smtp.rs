@@ -131,6 +131,8 @@ pub struct Capabilities {
     pub auth: Vec<String>,
     /// STARTTLS (RFC 3207).
     pub starttls: bool,
+    /// 8BITMIME (RFC 6152): 8bit message parts are welcome.
+    pub eight_bit_mime: bool,
 }
 
 impl Capabilities {
@@ -148,6 +150,7 @@ impl Capabilities {
                 "SIZE" => c.size = words.next().and_then(|n| n.parse().ok()).unwrap_or(0),
                 "AUTH" => c.auth = words.map(|w| w.to_ascii_uppercase()).collect(),
                 "STARTTLS" => c.starttls = true,
+                "8BITMIME" => c.eight_bit_mime = true,
                 _ => {}
             }
         }
@@ -862,7 +865,13 @@ impl super::Session for SmtpSession {
             )));
         }
         let started = Instant::now();
-        let mail = format!("MAIL FROM:<{}>\r\n", envelope.from);
+        // RFC 6152: a message with 8bit parts says so (only rendered so
+        // when the relay offered 8BITMIME).
+        let body = match self.caps.eight_bit_mime && !message.is_ascii() {
+            true => " BODY=8BITMIME",
+            false => "",
+        };
+        let mail = format!("MAIL FROM:<{}>{body}\r\n", envelope.from);
         let rcpt = format!("RCPT TO:<{}>\r\n", envelope.to);
         let outcome = match (self.use_pipelining, self.use_chunking) {
             (true, true) => self.pipelined_bdat(&mail, &rcpt, message).await,
@@ -890,6 +899,10 @@ impl super::Session for SmtpSession {
 
     fn latency(&self) -> Duration {
         self.last_latency
+    }
+
+    fn eight_bit_mime(&self) -> bool {
+        self.caps.eight_bit_mime
     }
 
     async fn close(mut self) {
@@ -990,7 +1003,7 @@ pub(crate) mod tests {
         .map(|s| s.to_string())
         .collect();
         let c = Capabilities::parse(&lines);
-        assert!(c.pipelining && c.chunking);
+        assert!(c.pipelining && c.chunking && c.eight_bit_mime);
         assert_eq!(c.size, 10_240_000);
         assert_eq!(c.auth, vec!["PLAIN", "LOGIN"]);
     }
