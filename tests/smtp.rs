@@ -181,10 +181,20 @@ async fn dot_lines(chunking: bool) {
     };
     let outcome = s.send(&env, msg.as_bytes()).await.unwrap();
     assert_eq!(outcome.status(), Status::Sent, "{outcome:?}");
+    // No line starting with ".", no final CRLF: written as it is, with the
+    // CRLF added before the end of data.
+    let plain = "Subject: plain\r\n\r\nno dots. here\r\nlast line";
+    let outcome = s.send(&env, plain.as_bytes()).await.unwrap();
+    assert_eq!(outcome.status(), Status::Sent, "{outcome:?}");
     s.close().await;
     let got = sink.received();
-    assert_eq!(got.len(), 1);
+    assert_eq!(got.len(), 2);
     assert_eq!(got[0].data, msg.as_bytes(), "content survives");
+    let expected = match chunking {
+        true => plain.to_string(),
+        false => format!("{plain}\r\n"),
+    };
+    assert_eq!(String::from_utf8_lossy(&got[1].data), expected);
 }
 
 #[tokio::test]

@@ -607,7 +607,17 @@ impl SmtpSession {
     }
 
     /// Writes the message as DATA content: dot-stuffed, ending in CRLF.CRLF.
+    /// A message with no line starting with "." (most) is written as it is,
+    /// without a stuffed copy.
     async fn write_data(&mut self, message: &[u8]) -> Result<(), SessionError> {
+        if message.first() != Some(&b'.') && memchr::memmem::find(message, b"\n.").is_none() {
+            self.write(message).await?;
+            let end: &[u8] = match message.ends_with(b"\r\n") {
+                true => b".\r\n",
+                false => b"\r\n.\r\n",
+            };
+            return self.write(end).await;
+        }
         let mut stuffed = std::mem::take(&mut self.stuffed);
         stuffed.clear();
         dot_stuff(message, &mut stuffed);
