@@ -244,19 +244,9 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(3000))]
+            #![proptest_config(ProptestConfig::with_cases(crate::props::ci_cases()))]
             #[test]
             fn canonical_is_total_idempotent_and_single_line(raw in addressish()) {
-                check(&raw)?;
-            }
-        }
-
-        proptest! {
-            #![proptest_config(ProptestConfig::with_cases(200_000))]
-            /// The long run, for the bench script: `cargo test -- --ignored`.
-            #[test]
-            #[ignore]
-            fn canonical_long_run(raw in addressish()) {
                 check(&raw)?;
             }
         }

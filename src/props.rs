@@ -5,9 +5,9 @@
 //!
 //! Owns the runner and case counts; the properties of private code live next
 //! to it (`transport::smtp::tests`, `import::tests`) and are run from here
-//! too. CI runs [`ci_cases`] of each (a few seconds in all);
-//! `cargo test --lib props::long -- --ignored` runs [`long_cases`]
-//! (`PROPTEST_CASES`, default 100,000: about 11 minutes on 2 cores).
+//! too. CI runs [`ci_cases`] of each (a few seconds in all); the long mode
+//! is the same tests with more cases: `PROPTEST_CASES=100000 cargo test
+//! --release --lib` (`scripts/bench.sh --props`).
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
@@ -18,11 +18,6 @@ use crate::model::Recipient;
 /// Cases per property in CI: `PROPTEST_CASES`, else 2,000.
 pub(crate) fn ci_cases() -> u32 {
     cases_from_env(2_000)
-}
-
-/// Cases per property in the long mode: `PROPTEST_CASES`, else 100,000.
-fn long_cases() -> u32 {
-    cases_from_env(100_000)
 }
 
 /// `PROPTEST_CASES` when set to a number, else `default`.
@@ -156,15 +151,4 @@ fn bounce_parser_never_panics_nor_breaks_lines() {
 #[test]
 fn rendered_headers_have_crlf_only_and_short_lines() {
     renderer(ci_cases());
-}
-
-/// Every property with [`long_cases`] each (the documented long mode).
-#[test]
-#[ignore = "long mode: minutes; cargo test --lib props::long -- --ignored"]
-fn long() {
-    let n = long_cases();
-    bounce_parser(n);
-    renderer(n);
-    crate::transport::smtp::tests::reply_reader(n);
-    crate::import::tests::csv_importer(n);
 }
