@@ -80,10 +80,10 @@ impl Claims {
         self.ttl.as_millis() as i64
     }
 
-    /// Grants this worker its next range of about `size` recipients.
+    /// Grants this worker its next range of about `size` recipients: a
+    /// range another worker stopped renewing first, else the next new one.
     pub async fn next(&self, size: u64) -> Result<Next> {
         let asked = Instant::now();
-        let now = self.db.now_ms_sql();
         let mut tx = self.db.pool().begin().await?;
         // The new token; the campaign row stays locked to the commit, so
         // grants happen one at a time.
@@ -100,11 +100,40 @@ impl Claims {
         let token: i64 = row.try_get("fence")?;
         let claimed_to: Option<i64> = row.try_get("claimed_to")?;
         let max: i64 = row.try_get("max_recipient_id")?;
+        let after = claimed_to.unwrap_or(i64::MIN);
+        let claim = match self.take_orphan(&mut tx, token).await? {
+            Some(claim) => claim,
+            None if after < max => self.grant_new(&mut tx, token, after, max, size).await?,
+            None => {
+                // Nothing to grant (the token is rolled back with the rest).
+                let others: i64 = sqlx::query_scalar(
+                    "SELECT COUNT(*) FROM blast_claims WHERE campaign_id = $1 AND done = 0 \
+                     AND (worker IS NULL OR worker <> $2)",
+                )
+                .bind(self.campaign_id)
+                .bind(&self.worker)
+                .fetch_one(&mut *tx)
+                .await?;
+                return Ok(if others > 0 { Next::Wait } else { Next::Done });
+            }
+        };
+        tx.commit().await?;
+        self.holdings.add(claim, asked);
+        Ok(Next::Range(claim))
+    }
+
+    /// Takes over the first range whose holder stopped renewing it (or gave
+    /// it back), under `token`.
+    async fn take_orphan(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        token: i64,
+    ) -> Result<Option<Claim>> {
+        let now = self.db.now_ms_sql();
         let skip_locked = match self.db.backend() {
             Backend::Postgres => " FOR UPDATE SKIP LOCKED",
             Backend::Sqlite => "",
         };
-        // A range whose holder stopped renewing it (or gave it back).
         let orphan = sqlx::query(AssertSqlSafe(format!(
             "UPDATE blast_claims SET worker = $1, token = $2, lease_until = {now} + $3 \
              WHERE campaign_id = $4 AND first_id = (SELECT first_id FROM blast_claims \
@@ -116,76 +145,72 @@ impl Claims {
         .bind(token)
         .bind(self.ttl_ms())
         .bind(self.campaign_id)
-        .fetch_optional(&mut *tx)
+        .fetch_optional(&mut **tx)
         .await?;
-        if let Some(r) = orphan {
-            let claim = Claim {
-                first: r.try_get("first_id")?,
-                last: r.try_get("last_id")?,
-                token,
-            };
-            tx.commit().await?;
-            tracing::info!(
-                "worker {}: took over ids {}..={} (token {token}) from a worker that stopped renewing them",
-                self.worker,
-                claim.first,
-                claim.last
-            );
-            self.holdings.add(claim, asked);
-            return Ok(Next::Range(claim));
-        }
-        let after = claimed_to.unwrap_or(i64::MIN);
-        if after < max {
-            let live: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
-                "SELECT COUNT(*) FROM blast_workers WHERE campaign_id = $1 AND lease_until > {now}"
-            )))
-            .bind(self.campaign_id)
-            .fetch_one(&mut *tx)
-            .await?;
-            let last = match source::nth_id(&self.db, &self.audience, after, max, 1).await? {
-                Some(first) => source::nth_id(&self.db, &self.audience, after, max, size)
-                    .await?
-                    .unwrap_or(max)
-                    .min(guided_end(first, max, live)),
-                None => max,
-            };
-            let claim = Claim {
-                first: after + 1,
-                last,
-                token,
-            };
-            sqlx::query(AssertSqlSafe(format!(
-                "INSERT INTO blast_claims (campaign_id, first_id, last_id, worker, token, lease_until, done) \
-                 VALUES ($1, $2, $3, $4, $5, {now} + $6, 0)"
-            )))
-            .bind(self.campaign_id)
-            .bind(claim.first)
-            .bind(claim.last)
-            .bind(&self.worker)
-            .bind(token)
-            .bind(self.ttl_ms())
-            .execute(&mut *tx)
-            .await?;
-            sqlx::query("UPDATE blast_campaigns SET claimed_to = $1 WHERE id = $2")
-                .bind(last)
-                .bind(self.campaign_id)
-                .execute(&mut *tx)
-                .await?;
-            tx.commit().await?;
-            self.holdings.add(claim, asked);
-            return Ok(Next::Range(claim));
-        }
-        // Nothing to grant (the token is rolled back with the rest).
-        let others: i64 = sqlx::query_scalar(
-            "SELECT COUNT(*) FROM blast_claims WHERE campaign_id = $1 AND done = 0 \
-             AND (worker IS NULL OR worker <> $2)",
-        )
+        let Some(r) = orphan else {
+            return Ok(None);
+        };
+        let claim = Claim {
+            first: r.try_get("first_id")?,
+            last: r.try_get("last_id")?,
+            token,
+        };
+        tracing::info!(
+            "worker {}: took over ids {}..={} (token {token}) from a worker that stopped renewing them",
+            self.worker,
+            claim.first,
+            claim.last
+        );
+        Ok(Some(claim))
+    }
+
+    /// A new range after `after` (up to `max`), of about `size` recipients
+    /// and at most a guided share of what is left, under `token`.
+    async fn grant_new(
+        &self,
+        tx: &mut sqlx::Transaction<'_, sqlx::Any>,
+        token: i64,
+        after: i64,
+        max: i64,
+        size: u64,
+    ) -> Result<Claim> {
+        let now = self.db.now_ms_sql();
+        let live: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM blast_workers WHERE campaign_id = $1 AND lease_until > {now}"
+        )))
         .bind(self.campaign_id)
-        .bind(&self.worker)
-        .fetch_one(&mut *tx)
+        .fetch_one(&mut **tx)
         .await?;
-        drop(tx);
-        Ok(if others > 0 { Next::Wait } else { Next::Done })
+        let last = match source::nth_id(&self.db, &self.audience, after, max, 1).await? {
+            Some(first) => source::nth_id(&self.db, &self.audience, after, max, size)
+                .await?
+                .unwrap_or(max)
+                .min(guided_end(first, max, live)),
+            None => max,
+        };
+        let claim = Claim {
+            first: after + 1,
+            last,
+            token,
+        };
+        sqlx::query(AssertSqlSafe(format!(
+            "INSERT INTO blast_claims (campaign_id, first_id, last_id, worker, token, lease_until, done) \
+             VALUES ($1, $2, $3, $4, $5, {now} + $6, 0)"
+        )))
+        .bind(self.campaign_id)
+        .bind(claim.first)
+        .bind(claim.last)
+        .bind(&self.worker)
+        .bind(token)
+        .bind(self.ttl_ms())
+        .execute(&mut **tx)
+        .await?;
+        sqlx::query("UPDATE blast_campaigns SET claimed_to = $1 WHERE id = $2")
+            .bind(last)
+            .bind(self.campaign_id)
+            .execute(&mut **tx)
+            .await?;
+        Ok(claim)
     }
 
     /// Renews this worker's live claims; the ones another worker took
