@@ -13,7 +13,7 @@ use governor::DefaultDirectRateLimiter;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::work::{relay_bit, InHand, Work, AMBIGUOUS_NOTE};
+use super::work::{relay_bit, InHand, Job, Work, AMBIGUOUS_NOTE};
 use super::{Breaker, Rate, Stats};
 use crate::adaptive::{Gate, Mark, Permit};
 use crate::clock;
@@ -308,17 +308,7 @@ impl<T: Transport> Injector<T> {
             job.out.envelope.recipient_id,
             outcome.reply().text
         );
-        self.stats.count(&outcome);
-        self.record(Record {
-            recipient_id: job.out.envelope.recipient_id,
-            email: job.out.email,
-            outcome,
-            relay: Some(self.relay_name.clone()),
-            attempts: job.attempts,
-            first_attempt_at: job.first_attempt_at,
-            skipped: None,
-        })
-        .await
+        self.record_outcome(job, outcome).await
     }
 
     /// The server answered: the slot is released with its mark, a 4xx goes
@@ -355,9 +345,14 @@ impl<T: Transport> Injector<T> {
         if self.breaker.tripped() {
             self.stop.cancel();
         }
+        self.record_outcome(job, outcome).await
+    }
+
+    /// Counts `job`'s outcome on this relay and hands it to the ledger.
+    async fn record_outcome(&self, job: Job, outcome: Outcome) -> Flow {
         self.stats.count(&outcome);
         self.record(Record {
-            recipient_id: id,
+            recipient_id: job.out.envelope.recipient_id,
             email: job.out.email,
             outcome,
             relay: Some(self.relay_name.clone()),
