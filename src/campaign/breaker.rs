@@ -67,10 +67,10 @@ pub struct Breaker {
 #[derive(Debug)]
 struct Answer {
     id: i64,
-    email: String,
+    /// The address, kept for a 5xx refusal only (what a trip requeues):
+    /// an acceptance costs no allocation.
+    refused: Option<String>,
     at: OffsetDateTime,
-    /// A 5xx refusal.
-    refused: bool,
     /// A refusal that suppresses the address.
     suppresses: bool,
 }
@@ -179,14 +179,18 @@ impl Breaker {
             return;
         }
         let window = self.rule.window as usize;
-        let (answers, suppressing) = st.windows.entry(relay.to_string()).or_default();
+        if !st.windows.contains_key(relay) {
+            st.windows.insert(relay.to_string(), Default::default());
+        }
+        let Some((answers, suppressing)) = st.windows.get_mut(relay) else {
+            return;
+        };
         let refused = matches!(outcome, Outcome::Failed(_));
         let suppresses = refused && classify::suppresses(outcome.reply());
         answers.push_back(Answer {
             id,
-            email: email.to_string(),
+            refused: refused.then(|| email.to_string()),
             at,
-            refused,
             suppresses,
         });
         *suppressing += usize::from(suppresses);
@@ -204,8 +208,7 @@ impl Breaker {
         }
         let refused: Vec<(i64, String, OffsetDateTime)> = answers
             .iter()
-            .filter(|a| a.refused)
-            .map(|a| (a.id, a.email.clone(), a.at))
+            .filter_map(|a| a.refused.clone().map(|email| (a.id, email, a.at)))
             .collect();
         let reason = format!(
             "{} of the last {n} answers from {relay} refused the address as unknown \

@@ -104,6 +104,9 @@ pub(super) struct RenderWorker {
 #[derive(Debug, Default)]
 pub(super) struct RenderStreak {
     threshold: u32,
+    /// A streak is running: lets [`RenderStreak::success`] skip the lock
+    /// on the usual path (no failures), once per message.
+    active: std::sync::atomic::AtomicBool,
     state: std::sync::Mutex<Option<(String, u32, i64)>>,
 }
 
@@ -112,15 +115,17 @@ impl RenderStreak {
     pub(super) fn new(threshold: u32) -> RenderStreak {
         RenderStreak {
             threshold,
+            active: std::sync::atomic::AtomicBool::new(false),
             state: std::sync::Mutex::new(None),
         }
     }
 
     /// A message was built: the streak ends.
     fn success(&self) {
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if st.is_some() {
+        if self.active.load(Ordering::Relaxed) {
+            let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
             *st = None;
+            self.active.store(false, Ordering::Relaxed);
         }
     }
 
@@ -128,6 +133,7 @@ impl RenderStreak {
     /// same error has failed `threshold` recipients in a row.
     fn failure(&self, id: i64, error: &str) -> Option<String> {
         let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.active.store(true, Ordering::Relaxed);
         match st.as_mut() {
             Some((e, n, _)) if e == error => *n += 1,
             _ => *st = Some((error.to_string(), 1, id)),
