@@ -56,6 +56,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "address keys",
         include_str!("../schema/sqlite/0006_address_keys.sql"),
     ),
+    (
+        7,
+        "mta delivery",
+        include_str!("../schema/sqlite/0007_mta_delivery.sql"),
+    ),
 ];
 /// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -84,6 +89,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         6,
         "address keys",
         include_str!("../schema/postgres/0006_address_keys.sql"),
+    ),
+    (
+        7,
+        "mta delivery",
+        include_str!("../schema/postgres/0007_mta_delivery.sql"),
     ),
 ];
 
