@@ -131,6 +131,7 @@ impl Renderer {
         // Autoescape exactly the HTML template (whatever its file suffix).
         let html_name = message.html.as_ref().map(|t| format!("{} (html)", t.name));
         tera.autoescape_on(html_name.clone().into_iter().collect::<Vec<_>>());
+        tera.set_escape_fn(escape_html);
         let mut add = |name: &str, body: &str| {
             tera.add_raw_template(name, body)
                 .map_err(|e| Error::Template {
@@ -480,6 +481,30 @@ pub fn quoted_printable(text: &str, out: &mut Vec<u8>) {
     }
 }
 
+/// HTML-escapes `input` into `out` as Tera's own escaper does (`&`, `<`,
+/// `>`, `"` and `'`), but copies the runs between special characters
+/// whole: Tera's writes every byte on its own through `dyn Write`, which
+/// was 9% of blast's CPU per message (campaign-wide article summaries are
+/// escaped again for every recipient).
+fn escape_html(input: &str, out: &mut dyn std::io::Write) -> std::io::Result<()> {
+    let bytes = input.as_bytes();
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let entity: &[u8] = match b {
+            b'&' => b"&amp;",
+            b'<' => b"&lt;",
+            b'>' => b"&gt;",
+            b'"' => b"&quot;",
+            b'\'' => b"&#39;",
+            _ => continue,
+        };
+        out.write_all(&bytes[start..i])?;
+        out.write_all(entity)?;
+        start = i + 1;
+    }
+    out.write_all(&bytes[start..])
+}
+
 /// Tera's `default`, but a null value (a NULL column) counts as missing too,
 /// as it does for an operator writing `{{ city | default(value="") }}`.
 fn default_filter(
@@ -775,6 +800,27 @@ pub(crate) mod tests {
             assert!(out.is_ascii());
             let expected = input.replace("\r\n", "\n").replace('\n', "\r\n");
             assert_eq!(String::from_utf8(qp_decode(&out)).unwrap(), expected);
+        }
+    }
+
+    #[test]
+    fn html_escaping_matches_teras_own() {
+        for input in [
+            "",
+            "plain text",
+            "<script>alert('x')</script> & \"q\"",
+            "&&<<>>''\"\"",
+            "Grüße <b>José</b>",
+            "end&",
+        ] {
+            let mut ours = Vec::new();
+            escape_html(input, &mut ours).unwrap();
+            let mut teras = Vec::new();
+            tera::escape_html(input, &mut teras).unwrap();
+            assert_eq!(
+                String::from_utf8(ours).unwrap(),
+                String::from_utf8(teras).unwrap()
+            );
         }
     }
 
