@@ -1,6 +1,7 @@
-//! Per-message CPU of the render path on the example newsletter (about 8 KB:
-//! subject, text and HTML with eight articles): templates alone, MIME
-//! building alone, and both. Run with `cargo bench --bench render`.
+//! Per-message CPU of the render path on the example newsletter (about 11
+//! KB: subject, text and HTML with eight articles): the header templates,
+//! the whole message, and the byte encoders (MB/s). Run with `cargo bench
+//! --bench render`.
 
 use std::path::Path;
 
@@ -33,29 +34,67 @@ fn setup() -> (Renderer, Recipient) {
     (renderer, recipient)
 }
 
-/// Templates only: subject, headers, text and HTML.
+/// The header templates only (subject, display name, custom headers, the
+/// signed unsubscribe links and VERP address).
 #[divan::bench]
-fn templates(b: divan::Bencher<'_, '_>) {
+fn header_templates(b: divan::Bencher<'_, '_>) {
     let (r, rcpt) = setup();
     b.bench_local(|| r.render_parts(divan::black_box(&rcpt)).expect("renders"));
 }
 
-/// MIME building only, from already rendered parts.
-#[divan::bench]
-fn mime(b: divan::Bencher<'_, '_>) {
-    let (r, rcpt) = setup();
-    let parts = r.render_parts(&rcpt).expect("renders");
-    let now = blast::clock::now();
-    b.with_inputs(|| parts.clone())
-        .bench_local_values(|p| r.build(&rcpt, p, now).unwrap());
-}
-
-/// The whole per-message path, as the runner calls it.
+/// The whole per-message path, as the runner calls it: templates, bodies
+/// and the MIME writer, into one buffer.
 #[divan::bench]
 fn message(b: divan::Bencher<'_, '_>) {
     let (r, rcpt) = setup();
     let now = blast::clock::now();
     let size = r.render(&rcpt, now).expect("renders").bytes.len();
     eprintln!("message size: {size} bytes");
-    b.bench_local(|| r.render(divan::black_box(&rcpt), now).expect("renders"));
+    b.counter(divan::counter::BytesCount::new(size))
+        .bench_local(|| r.render(divan::black_box(&rcpt), now).expect("renders"));
+}
+
+/// Text for the encoders: the example newsletter's text part, personalized
+/// in German (non-ASCII, so quoted-printable has work to do), 64 KiB.
+fn sample_text() -> String {
+    let (r, rcpt) = setup();
+    let message = r.render(&rcpt, blast::clock::now()).expect("renders");
+    let text = String::from_utf8_lossy(&message.bytes).replace("Hello", "Grüße, Jürgen");
+    text.repeat(65536 / text.len() + 1)
+}
+
+/// The quoted-printable encoder (for parts that cannot go 7bit or 8bit).
+#[divan::bench]
+fn quoted_printable(b: divan::Bencher<'_, '_>) {
+    let text = sample_text();
+    let mut out = Vec::with_capacity(text.len() * 2);
+    b.counter(divan::counter::BytesCount::of_str(&text))
+        .bench_local(|| {
+            out.clear();
+            blast::render::quoted_printable(divan::black_box(&text), &mut out);
+        });
+}
+
+/// Dot-stuffing of DATA content (RFC 5321 4.5.2), on a message where one
+/// line in twenty starts with ".".
+#[divan::bench]
+fn dot_stuffing(b: divan::Bencher<'_, '_>) {
+    let text = sample_text()
+        .split("\r\n")
+        .enumerate()
+        .map(|(i, l)| {
+            if i % 20 == 0 {
+                format!(".{l}")
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\r\n");
+    let mut out = Vec::with_capacity(text.len() * 2);
+    b.counter(divan::counter::BytesCount::of_str(&text))
+        .bench_local(|| {
+            out.clear();
+            blast::transport::smtp::dot_stuff(divan::black_box(text.as_bytes()), &mut out);
+        });
 }

@@ -5,14 +5,9 @@
 //! and every header value is flattened to one line before MIME encoding so a
 //! CR/LF in a name can never start a new header.
 
-use std::borrow::Cow;
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
-use mail_builder::headers::address::Address;
-use mail_builder::headers::date::Date;
-use mail_builder::headers::raw::Raw;
-use mail_builder::headers::text::Text;
-use mail_builder::mime::MimePart;
-use mail_builder::MessageBuilder;
 use serde_json::{Map, Value};
 use tera::{Context, Tera};
 
@@ -21,12 +16,18 @@ use crate::error::{Error, Result};
 use crate::model::{Envelope, Outgoing, Recipient};
 use crate::sign::{Key, Pattern, Var};
 
+mod mime;
+
+pub use mime::quoted_printable;
+use mime::Encoding;
+
 const SUBJECT: &str = "message.subject";
 const TO_NAME: &str = "message.to_name";
 const ENVELOPE_FROM: &str = "delivery.envelope_from";
 
-/// One recipient's rendered templates, before MIME encoding. Header values
-/// are already flattened to one line.
+/// One recipient's rendered header templates and envelope, before MIME
+/// encoding (the bodies are rendered straight into a reused buffer). Header
+/// values are already flattened to one line.
 #[derive(Debug, Clone)]
 pub struct Parts {
     /// Envelope recipient, ASCII form.
@@ -45,10 +46,6 @@ pub struct Parts {
     pub unsubscribe_url: String,
     /// The recipient's signed unsubscribe address.
     pub unsubscribe_mailto: String,
-    /// Plain-text part.
-    pub text: Option<String>,
-    /// HTML part.
-    pub html: Option<String>,
 }
 
 /// Why one recipient's message could not be built. Recorded as that
@@ -105,7 +102,10 @@ pub struct Renderer {
     headers: Vec<(String, String)>,
     from_name: Option<String>,
     from_addr: String,
-    reply_to: Option<String>,
+    /// `Reply-To`: display name and ASCII address.
+    reply_to: Option<(Option<String>, String)>,
+    /// The campaign's name as `X-Blast-Campaign` carries it (one line).
+    campaign_header: String,
     has_to_name: bool,
     identity: Identity,
     key: Key,
@@ -114,7 +114,18 @@ pub struct Renderer {
     unsubscribe: Unsubscribe,
     /// Every relay offers 8BITMIME: non-ASCII parts go as `8bit` (no
     /// encoding at all) when their lines allow it.
-    eight_bit: std::sync::atomic::AtomicBool,
+    eight_bit: AtomicBool,
+    /// The last message's size: the next one's buffer is allocated once,
+    /// at about the size it will need.
+    size_hint: AtomicUsize,
+}
+
+thread_local! {
+    /// A render thread's reused buffers for the text and HTML templates'
+    /// output, encoded from there into the message.
+    static BODIES: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// The `Date:` value of the last second a message was built in.
+    static DATE: RefCell<(i64, String)> = const { RefCell::new((i64::MIN, String::new())) };
 }
 
 impl Renderer {
@@ -175,6 +186,15 @@ impl Renderer {
             )
         })?;
         let from_name = display_name(&message.from);
+        let reply_to = match &message.reply_to {
+            Some(r) => {
+                let addr = ascii_address(address_part(r)).map_err(|reason| {
+                    Error::config("<campaign>", "message.reply_to", format!("{r:?}: {reason}"))
+                })?;
+                Some((display_name(r), addr))
+            }
+            None => None,
+        };
         let msgid_domain = from_addr
             .rsplit_once('@')
             .map(|(_, d)| d.to_string())
@@ -186,14 +206,16 @@ impl Renderer {
             headers,
             from_name,
             from_addr,
-            reply_to: message.reply_to.clone(),
+            reply_to,
+            campaign_header: one_line(&identity.campaign),
             has_to_name: message.to_name.is_some(),
             key: identity.key.clone().unwrap_or_else(zero_key),
             identity,
             msgid_domain,
             verp: message.verp.clone(),
             unsubscribe: message.unsubscribe.clone(),
-            eight_bit: std::sync::atomic::AtomicBool::new(false),
+            eight_bit: AtomicBool::new(false),
+            size_hint: AtomicUsize::new(4096),
         })
     }
 
@@ -201,8 +223,7 @@ impl Renderer {
     /// relay offered 8BITMIME; the transport then says `BODY=8BITMIME`).
     /// Off by default: quoted-printable, which any server takes.
     pub fn allow_8bit(&self, on: bool) {
-        self.eight_bit
-            .store(on, std::sync::atomic::Ordering::Relaxed);
+        self.eight_bit.store(on, Ordering::Relaxed);
     }
 
     /// Sets the ledger id (Message-IDs, VERP, tokens) and the signing key
@@ -212,19 +233,56 @@ impl Renderer {
         self.key = key;
     }
 
-    /// Builds `recipient`'s message: [`Renderer::render_parts`] then
-    /// [`Renderer::build`].
+    /// Builds `recipient`'s message: the header templates
+    /// ([`Renderer::render_parts`]), then the bodies into this thread's
+    /// reused buffers, then the message, written once into a buffer of
+    /// about its size: the one the injector sends from.
     pub fn render(
         &self,
         recipient: &Recipient,
         now: time::OffsetDateTime,
     ) -> std::result::Result<Outgoing, RenderError> {
-        let parts = self.render_parts(recipient)?;
-        self.build(recipient, parts, now)
+        let (parts, ctx) = self.render_head(recipient)?;
+        BODIES.with(|bodies| {
+            let (text_buf, html_buf) = &mut *bodies.borrow_mut();
+            let text = self.render_body(self.text.as_deref(), &ctx, text_buf)?;
+            let html = self.render_body(self.html.as_deref(), &ctx, html_buf)?;
+            self.build(recipient, parts, text, html, now)
+        })
     }
 
-    /// Runs the templates for `recipient` (no MIME yet).
+    /// Runs the header templates for `recipient` (no bodies, no MIME).
     pub fn render_parts(&self, recipient: &Recipient) -> std::result::Result<Parts, RenderError> {
+        self.render_head(recipient).map(|(parts, _)| parts)
+    }
+
+    /// Renders body template `name` (if the campaign has it) into `buf`.
+    fn render_body<'b>(
+        &self,
+        name: Option<&str>,
+        ctx: &Context,
+        buf: &'b mut Vec<u8>,
+    ) -> std::result::Result<Option<&'b str>, RenderError> {
+        let Some(name) = name else {
+            return Ok(None);
+        };
+        buf.clear();
+        self.tera
+            .render_to(name, ctx, &mut *buf)
+            .map_err(|e| RenderError::Template {
+                template: name.to_string(),
+                message: e.to_string(),
+            })?;
+        std::str::from_utf8(buf)
+            .map(Some)
+            .map_err(|_| RenderError::Mime(format!("template {name} rendered to invalid UTF-8")))
+    }
+
+    /// The header templates' output, and the context the bodies render in.
+    fn render_head(
+        &self,
+        recipient: &Recipient,
+    ) -> std::result::Result<(Parts, Context), RenderError> {
         if let Some(why) = &recipient.broken {
             return Err(RenderError::Row(why.clone()));
         }
@@ -273,9 +331,7 @@ impl Renderer {
         for (h, tpl) in &self.headers {
             headers.push((h.clone(), one_line(&render(tpl)?)));
         }
-        let text = self.text.as_deref().map(render).transpose()?;
-        let html = self.html.as_deref().map(render).transpose()?;
-        Ok(Parts {
+        let parts = Parts {
             rcpt,
             envelope_from,
             to_name,
@@ -284,89 +340,91 @@ impl Renderer {
             sig,
             unsubscribe_url,
             unsubscribe_mailto,
-            text,
-            html,
-        })
+        };
+        Ok((parts, ctx))
     }
 
-    /// Builds the MIME message from rendered parts.
-    pub fn build(
+    /// Writes the message: header fields, then the bodies (one part, or
+    /// `multipart/alternative` with both), each in the lightest transfer
+    /// encoding its bytes allow.
+    fn build(
         &self,
         recipient: &Recipient,
         parts: Parts,
+        text: Option<&str>,
+        html: Option<&str>,
         now: time::OffsetDateTime,
     ) -> std::result::Result<Outgoing, RenderError> {
+        let hint = self.size_hint.load(Ordering::Relaxed);
+        let mut out = Vec::with_capacity(hint + hint / 8);
+        mime::mailbox(&mut out, "From", self.from_name.as_deref(), &self.from_addr);
+        mime::mailbox(&mut out, "To", parts.to_name.as_deref(), &parts.rcpt);
+        mime::unstructured(&mut out, "Subject", &parts.subject);
+        DATE.with(|date| {
+            let (second, value) = &mut *date.borrow_mut();
+            if *second != now.unix_timestamp() {
+                *second = now.unix_timestamp();
+                *value = now
+                    .format(&time::format_description::well_known::Rfc2822)
+                    .unwrap_or_default();
+            }
+            mime::raw(&mut out, "Date", value);
+        });
         let message_id = format!(
-            "{}.{}.{}@{}",
+            "<{}.{}.{}@{}>",
             self.identity.campaign_id,
             recipient.id,
             now.unix_timestamp(),
             self.msgid_domain
         );
-        let from = Address::new_address(
-            self.from_name.as_deref().map(Cow::Borrowed),
-            Cow::Borrowed(self.from_addr.as_str()),
+        mime::raw(&mut out, "Message-ID", &message_id);
+        mime::unstructured(&mut out, "X-Blast-Campaign", &self.campaign_header);
+        mime::raw(&mut out, "X-Blast-Recipient", &recipient.id.to_string());
+        mime::raw(&mut out, "X-Blast-Sig", &parts.sig);
+        // RFC 2369 + RFC 8058: mailbox providers show an unsubscribe
+        // button and POST to the URL with no further step.
+        mime::list(
+            &mut out,
+            "List-Unsubscribe",
+            &[
+                &format!("<mailto:{}>", parts.unsubscribe_mailto),
+                &format!("<{}>", parts.unsubscribe_url),
+            ],
         );
-        let to = Address::new_address(
-            parts.to_name.map(Cow::Owned),
-            Cow::Borrowed(parts.rcpt.as_str()),
+        mime::raw(
+            &mut out,
+            "List-Unsubscribe-Post",
+            "List-Unsubscribe=One-Click",
         );
-        let mut b = MessageBuilder::new()
-            .from(from)
-            .to(to)
-            .subject(parts.subject)
-            .date(Date::new(now.unix_timestamp()))
-            .message_id(message_id)
-            .header(
-                "X-Blast-Campaign",
-                Text::new(self.identity.campaign.as_str()),
-            )
-            .header("X-Blast-Recipient", Text::new(recipient.id.to_string()))
-            .header("X-Blast-Sig", Raw::new(parts.sig.as_str()))
-            // RFC 2369 + RFC 8058: mailbox providers show an unsubscribe
-            // button and POST to the URL with no further step.
-            .header(
-                "List-Unsubscribe",
-                Raw::new(format!(
-                    "<mailto:{}>, <{}>",
-                    parts.unsubscribe_mailto, parts.unsubscribe_url
-                )),
-            )
-            .header(
-                "List-Unsubscribe-Post",
-                Raw::new("List-Unsubscribe=One-Click"),
-            );
-        if let Some(r) = &self.reply_to {
-            b = b.reply_to(Address::new_address(
-                display_name(r).map(Cow::Owned),
-                Cow::Borrowed(address_part(r)),
-            ));
+        if let Some((name, addr)) = &self.reply_to {
+            mime::mailbox(&mut out, "Reply-To", name.as_deref(), addr);
         }
-        for (h, v) in parts.headers {
-            b = b.header(h, Text::new(v));
+        for (h, v) in &parts.headers {
+            mime::unstructured(&mut out, h, v);
         }
-        let eight_bit = self.eight_bit.load(std::sync::atomic::Ordering::Relaxed);
-        let text = parts
-            .text
-            .map(|t| body_part("text/plain", &t, eight_bit))
-            .transpose()?;
-        let html = parts
-            .html
-            .map(|h| body_part("text/html", &h, eight_bit))
-            .transpose()?;
-        b = match (text, html) {
-            (Some(t), Some(h)) => b.body(MimePart::new("multipart/alternative", vec![t, h])),
-            (Some(p), None) | (None, Some(p)) => b.body(p),
-            (None, None) => b,
-        };
-        // Never an empty or truncated message: an error is the recipient's
-        // (unrendered, built again by the next pass).
-        let bytes = b
-            .write_to_vec()
-            .map_err(|e| RenderError::Mime(e.to_string()))?;
-        if bytes.is_empty() {
-            return Err(RenderError::Mime("the message came out empty".into()));
+        mime::raw(&mut out, "MIME-Version", "1.0");
+        let eight_bit = self.eight_bit.load(Ordering::Relaxed);
+        match (text, html) {
+            (Some(text), Some(html)) => {
+                let boundary = mime::boundary(&parts.sig, &[text, html]);
+                out.extend_from_slice(b"Content-Type: multipart/alternative;\r\n boundary=\"");
+                out.extend_from_slice(boundary.as_bytes());
+                out.extend_from_slice(b"\"\r\n\r\n");
+                for (content_type, body) in [("text/plain", text), ("text/html", html)] {
+                    out.extend_from_slice(b"--");
+                    out.extend_from_slice(boundary.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                    body_part(&mut out, content_type, body, eight_bit);
+                }
+                out.extend_from_slice(b"--");
+                out.extend_from_slice(boundary.as_bytes());
+                out.extend_from_slice(b"--\r\n");
+            }
+            (Some(text), None) => body_part(&mut out, "text/plain", text, eight_bit),
+            (None, Some(html)) => body_part(&mut out, "text/html", html, eight_bit),
+            (None, None) => body_part(&mut out, "text/plain", "", eight_bit),
         }
+        self.size_hint.store(out.len(), Ordering::Relaxed);
         Ok(Outgoing {
             envelope: Envelope {
                 recipient_id: recipient.id,
@@ -374,111 +432,24 @@ impl Renderer {
                 to: parts.rcpt,
             },
             email: recipient.email.clone(),
-            bytes,
+            bytes: out,
         })
     }
+}
+
+/// One text part: its header fields, a blank line, and `text` in the
+/// lightest transfer encoding its bytes allow (`8bit` only when
+/// `eight_bit`: every relay offered 8BITMIME).
+fn body_part(out: &mut Vec<u8>, content_type: &str, text: &str, eight_bit: bool) {
+    let encoding = Encoding::choose(text, eight_bit);
+    mime::part_headers(out, content_type, encoding);
+    out.extend_from_slice(b"\r\n");
+    encoding.write(text, out);
 }
 
 /// The key used before [`Renderer::set_campaign`] (benches, unit tests).
 fn zero_key() -> Key {
     Key::from_hex(&"0".repeat(64)).unwrap_or_else(|| unreachable!("64 hex digits"))
-}
-
-/// A text part with its transfer encoding chosen and applied here: `7bit`
-/// when the text is ASCII with lines of at most 998 octets (no encoding work
-/// at all), quoted-printable otherwise. mail-builder would pick the same
-/// encodings but encodes byte by byte through `io::Write`, which was a
-/// quarter of blast's CPU per message.
-fn body_part(
-    content_type: &'static str,
-    text: &str,
-    eight_bit: bool,
-) -> std::result::Result<MimePart<'static>, RenderError> {
-    let mut out = Vec::with_capacity(text.len() + text.len() / 16 + 8);
-    let encoding = if seven_bit(text, &mut out) {
-        "7bit"
-    } else if eight_bit && {
-        out.clear();
-        short_lines(text, &mut out)
-    } {
-        // RFC 6152: UTF-8 as it is, lines of at most 998 octets; Postfix
-        // converts it for a next hop without 8BITMIME.
-        "8bit"
-    } else {
-        out.clear();
-        quoted_printable(text, &mut out);
-        "quoted-printable"
-    };
-    // The text was UTF-8 and every encoding keeps it so; anything else is a
-    // bug, and no message goes out with a part missing.
-    let body = String::from_utf8(out)
-        .map_err(|_| RenderError::Mime(format!("the {content_type} part is not UTF-8")))?;
-    let content_type = mail_builder::headers::content_type::ContentType::new(content_type)
-        .attribute("charset", "utf-8");
-    Ok(MimePart::new(content_type, body).transfer_encoding(encoding))
-}
-
-/// Copies `text` with CRLF line ends if it can travel as `7bit` (RFC 2045:
-/// ASCII, no NUL, no lone CR, lines of at most 998 octets); false otherwise.
-fn seven_bit(text: &str, out: &mut Vec<u8>) -> bool {
-    // Whole-text check first: vectorised in std.
-    text.is_ascii() && short_lines(text, out)
-}
-
-/// Copies `text` with CRLF line ends if it can travel as `8bit` (RFC 6152:
-/// no NUL, no lone CR, lines of at most 998 octets); false otherwise.
-fn short_lines(text: &str, out: &mut Vec<u8>) -> bool {
-    if text.contains('\0') {
-        return false;
-    }
-    for line in text.split('\n') {
-        let line = line.strip_suffix('\r').unwrap_or(line);
-        if line.len() > 998 || line.contains('\r') {
-            return false;
-        }
-        out.extend_from_slice(line.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    true
-}
-
-/// RFC 2045 quoted-printable with CRLF line ends and lines of at most 76
-/// characters (soft breaks `=` CRLF).
-pub fn quoted_printable(text: &str, out: &mut Vec<u8>) {
-    const HEX: &[u8; 16] = b"0123456789ABCDEF";
-    let bytes = text.as_bytes();
-    let mut line = 0;
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        let crlf = b == b'\r' && bytes.get(i + 1) == Some(&b'\n');
-        if b == b'\n' || crlf {
-            out.extend_from_slice(b"\r\n");
-            line = 0;
-            i += if crlf { 2 } else { 1 };
-            continue;
-        }
-        // Whitespace before a line end must be encoded or it may be stripped.
-        let at_eol = match bytes.get(i + 1) {
-            None | Some(b'\n') => true,
-            Some(b'\r') => bytes.get(i + 2) == Some(&b'\n'),
-            _ => false,
-        };
-        let literal =
-            ((b == b' ' || b == b'\t') && !at_eol) || ((33..=126).contains(&b) && b != b'=');
-        let width = if literal { 1 } else { 3 };
-        if line + width > 75 {
-            out.extend_from_slice(b"=\r\n");
-            line = 0;
-        }
-        if literal {
-            out.push(b);
-        } else {
-            out.extend_from_slice(&[b'=', HEX[(b >> 4) as usize], HEX[(b & 15) as usize]]);
-        }
-        line += width;
-        i += 1;
-    }
 }
 
 /// HTML-escapes `input` into `out` as Tera's own escaper does (`&`, `<`,
@@ -617,18 +588,32 @@ pub(crate) mod tests {
         m: &MessageConfig,
         r: &Recipient,
     ) -> std::result::Result<Outgoing, RenderError> {
-        let vars = Map::new();
-        Renderer::compile(
+        render_with(m, r, false)
+    }
+
+    /// [`render`], with 8bit parts allowed or not.
+    pub(crate) fn render_with(
+        m: &MessageConfig,
+        r: &Recipient,
+        eight_bit: bool,
+    ) -> std::result::Result<Outgoing, RenderError> {
+        let renderer = Renderer::compile(
             m,
-            &vars,
+            &Map::new(),
             Identity {
                 campaign: "c".into(),
                 campaign_id: 1,
                 key: None,
             },
         )
-        .unwrap()
-        .render(r, crate::clock::now())
+        .unwrap();
+        renderer.allow_8bit(eight_bit);
+        renderer.render(r, crate::clock::now())
+    }
+
+    /// The `To:` display name blast writes for a rendered `name`.
+    pub(crate) fn display(name: &str) -> Option<String> {
+        Some(display_len(one_line(name)))
     }
 
     fn headers(bytes: &[u8]) -> String {
@@ -689,18 +674,7 @@ pub(crate) mod tests {
 
     /// Renders with 8bit allowed (every relay offered 8BITMIME).
     fn render_8bit(m: &MessageConfig, r: &Recipient) -> Outgoing {
-        let renderer = Renderer::compile(
-            m,
-            &Map::new(),
-            Identity {
-                campaign: "c".into(),
-                campaign_id: 1,
-                key: None,
-            },
-        )
-        .unwrap();
-        renderer.allow_8bit(true);
-        renderer.render(r, crate::clock::now()).unwrap()
+        render_with(m, r, true).unwrap()
     }
 
     #[test]
@@ -751,58 +725,6 @@ pub(crate) mod tests {
         assert!(err.to_string().contains("nickname"), "{err}");
     }
 
-    /// Decodes quoted-printable (test helper).
-    fn qp_decode(s: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        let mut i = 0;
-        while i < s.len() {
-            match s[i] {
-                b'=' if s.get(i + 1) == Some(&b'\r') => i += 3,
-                b'=' => {
-                    let hex = std::str::from_utf8(&s[i + 1..i + 3]).unwrap();
-                    out.push(u8::from_str_radix(hex, 16).unwrap());
-                    i += 3;
-                }
-                b => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
-        }
-        out
-    }
-
-    #[test]
-    fn quoted_printable_round_trips_with_short_lines() {
-        let long = "Grüße aus München = 100% ".repeat(20);
-        let inputs = [
-            "plain\nline two \nend".to_string(),
-            long.clone(),
-            format!("{long}\r\n\ttab at end\t\n.dot line\n"),
-            "trailing space ".into(),
-            "é".repeat(60),
-        ];
-        for input in inputs {
-            let mut out = Vec::new();
-            quoted_printable(&input, &mut out);
-            for line in out.split(|&b| b == b'\n') {
-                assert!(
-                    line.len() <= 77,
-                    "line too long: {}",
-                    String::from_utf8_lossy(line)
-                );
-                let line = line.strip_suffix(b"\r").unwrap_or(line);
-                assert!(
-                    !line.ends_with(b" ") && !line.ends_with(b"\t"),
-                    "trailing whitespace"
-                );
-            }
-            assert!(out.is_ascii());
-            let expected = input.replace("\r\n", "\n").replace('\n', "\r\n");
-            assert_eq!(String::from_utf8(qp_decode(&out)).unwrap(), expected);
-        }
-    }
-
     #[test]
     fn html_escaping_matches_teras_own() {
         for input in [
@@ -822,16 +744,6 @@ pub(crate) mod tests {
                 String::from_utf8(teras).unwrap()
             );
         }
-    }
-
-    #[test]
-    fn seven_bit_only_for_short_ascii_lines() {
-        let mut out = Vec::new();
-        assert!(seven_bit("a\nb\r\nc", &mut out));
-        assert_eq!(out, b"a\r\nb\r\nc\r\n");
-        assert!(!seven_bit("caf\u{e9}", &mut Vec::new()));
-        assert!(!seven_bit(&"x".repeat(999), &mut Vec::new()));
-        assert!(!seven_bit("lone\rcr", &mut Vec::new()));
     }
 
     #[test]
