@@ -153,16 +153,24 @@ impl RenderWorker {
     /// run stops. Several run in parallel so rendering and MIME building
     /// use every core.
     pub(super) async fn run(self, chunks: Chunks) {
+        let mut jobs = Vec::with_capacity(RENDER_CHUNK);
         while let Some(chunk) = self.next_chunk(&chunks).await {
             let now = clock::now();
             for recipient in chunk {
-                let handed = match self.prepare(recipient, now) {
-                    Prepared::Send(job) => self.feed.push(job, &self.stop).await,
-                    Prepared::Skip(record) => self.records.send(record).await.is_ok(),
-                };
-                if !handed {
-                    return;
+                match self.prepare(recipient, now) {
+                    Prepared::Send(job) => jobs.push(job),
+                    Prepared::Skip(record) => {
+                        if self.records.send(record).await.is_err() {
+                            return;
+                        }
+                    }
                 }
+            }
+            // The chunk's messages go to the injectors together: the
+            // renderer waits for room for all of them at once, so it is
+            // woken once per chunk, not once per message taken.
+            if !self.feed.push_all(&mut jobs, &self.stop).await {
+                return;
             }
         }
     }

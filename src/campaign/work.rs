@@ -309,19 +309,32 @@ pub(super) struct Feed {
 impl Feed {
     /// Hands `job` to the injectors, waiting for room. False when the run
     /// is stopping or the injectors are gone.
+    #[cfg(test)]
     pub(super) async fn push(&self, job: Job, stop: &CancellationToken) -> bool {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => false,
-            slot = self.tx.reserve() => match slot {
-                Ok(slot) => {
-                    self.outstanding.fetch_add(1, Ordering::AcqRel);
-                    slot.send(job);
-                    true
-                }
-                Err(_) => false,
-            },
+        self.push_all(&mut vec![job], stop).await
+    }
+
+    /// Hands every job in `jobs` to the injectors (leaving `jobs` empty),
+    /// waiting for room for as many as the channel holds at a time: one
+    /// wake-up of the renderer per batch, not one per message taken. False
+    /// when the run is stopping or the injectors are gone.
+    pub(super) async fn push_all(&self, jobs: &mut Vec<Job>, stop: &CancellationToken) -> bool {
+        while !jobs.is_empty() {
+            let n = jobs.len().min(self.tx.max_capacity());
+            let permits = tokio::select! {
+                biased;
+                _ = stop.cancelled() => return false,
+                permits = self.tx.reserve_many(n) => match permits {
+                    Ok(permits) => permits,
+                    Err(_) => return false,
+                },
+            };
+            self.outstanding.fetch_add(n as u64, Ordering::AcqRel);
+            for (permit, job) in permits.zip(jobs.drain(..n)) {
+                permit.send(job);
+            }
         }
+        true
     }
 }
 
