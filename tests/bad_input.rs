@@ -149,8 +149,16 @@ async fn a_template_mistake_pauses_and_resume_sends_everyone_after_the_fix() {
     let status = blast::commands::status(&cfg).await.unwrap();
     assert_eq!(status.state, "paused", "{status:?}");
     let reason = status.reason.clone().unwrap_or_default();
+    // Two render workers fail in parallel (chunks 1-32 and 33-64): the run
+    // is named from the lowest id either had reached.
+    let from: i64 = reason
+        .split("from recipient ")
+        .nth(1)
+        .and_then(|r| r.split(':').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("{reason}"));
     assert!(
-        reason.contains("frist_name") && reason.contains("from recipient 1"),
+        reason.contains("frist_name") && (1..=33).contains(&from),
         "{reason}"
     );
     assert_eq!(status.failed, 0);

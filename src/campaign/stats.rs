@@ -172,7 +172,12 @@ impl Stats {
             false => OTHER_RENDER_ERRORS,
         };
         match kinds.iter_mut().find(|k| k.error == error) {
-            Some(k) => k.recipients += 1,
+            // Render workers run in parallel: the first recipient is the
+            // lowest id, whichever worker got there first.
+            Some(k) => {
+                k.recipients += 1;
+                k.first_recipient = k.first_recipient.min(id);
+            }
             None => kinds.push(RenderErrorSummary {
                 error: error.to_string(),
                 recipients: 1,
