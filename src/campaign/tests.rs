@@ -9,7 +9,6 @@ use serde_json::{Map, Value};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
-use super::produce::{RENDER_CHUNK, RENDER_QUEUE_CHUNKS};
 use super::{run, Pipeline, RunOptions, Stats, Summary, AMBIGUOUS_NOTE};
 use crate::config::{Concurrency, MessageConfig, TemplateSource, Unsubscribe};
 use crate::error::Result;
@@ -110,7 +109,7 @@ fn reply(code: u16, text: &str) -> Reply {
 }
 
 #[tokio::test(start_paused = true)]
-async fn messages_go_out_in_audience_order_within_the_render_window_and_once_each() {
+async fn messages_go_out_once_each_and_each_is_recorded_once() {
     let (stub, ledger) = (Stub::new(), MemoryLedger::new());
     let s = go(
         VecSource::numbered(2500, 1000),
@@ -121,17 +120,10 @@ async fn messages_go_out_in_audience_order_within_the_render_window_and_once_eac
     )
     .await
     .unwrap();
-    // Render workers run in parallel, each on a chunk in order: a message
-    // goes out at most a few chunks away from its place in the audience.
+    // Render workers run in parallel on blocking threads, each on a chunk
+    // in order; a chunk whose thread is descheduled goes out late, so the
+    // order of chunks is not promised (resume and claims do not need it).
     let ids = delivered_ids(&stub);
-    let window = (RENDER_CHUNK * RENDER_QUEUE_CHUNKS) as i64;
-    for (pos, id) in ids.iter().enumerate() {
-        let off = (id - 1 - pos as i64).abs();
-        assert!(
-            off <= window,
-            "recipient {id} went out {off} places from its own"
-        );
-    }
     let mut sorted = ids.clone();
     sorted.sort_unstable();
     assert!(
@@ -362,7 +354,14 @@ async fn a_relay_refusal_trips_the_breaker_at_once_and_is_no_failure() {
         "the relay's refusal says nothing of the recipient"
     );
     assert_eq!(recorded(&ledger, Status::Deferred), vec![3]);
-    assert_eq!(recorded(&ledger, Status::Sent), vec![1, 2]);
+    // 1 and 2 went before 3 (one injector, one chunk in order); the other
+    // render worker's chunk (33-64) may have gone first, nothing else.
+    let sent = recorded(&ledger, Status::Sent);
+    assert!(sent.starts_with(&[1, 2]), "{sent:?}");
+    assert!(
+        sent[2..].iter().all(|id| (33..=64).contains(id)),
+        "{sent:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
