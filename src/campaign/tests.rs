@@ -354,14 +354,12 @@ async fn a_relay_refusal_trips_the_breaker_at_once_and_is_no_failure() {
         "the relay's refusal says nothing of the recipient"
     );
     assert_eq!(recorded(&ledger, Status::Deferred), vec![3]);
-    // 1 and 2 went before 3 (one injector, one chunk in order); the other
-    // render worker's chunk (33-64) may have gone first, nothing else.
+    // 1 and 2 went before 3 (one injector, their chunk in order) and
+    // nothing of that chunk after it; other chunks (ids past 32) may have
+    // gone first, whichever render thread ran first.
     let sent = recorded(&ledger, Status::Sent);
     assert!(sent.starts_with(&[1, 2]), "{sent:?}");
-    assert!(
-        sent[2..].iter().all(|id| (33..=64).contains(id)),
-        "{sent:?}"
-    );
+    assert!(sent[2..].iter().all(|&id| id > 32), "{sent:?}");
 }
 
 #[tokio::test(start_paused = true)]
