@@ -54,6 +54,9 @@ pub enum Command {
         #[command(subcommand)]
         command: SuppressCommand,
     },
+    /// Read the MTA's log (Postfix) into the ledger: each recipient's final
+    /// delivery at the next hop; hard bounces suppress the address.
+    Reconcile(ReconcileArgs),
     /// Read returned mail (bounces, complaints, auto-replies).
     Bounce {
         /// What to do with it.
@@ -126,6 +129,25 @@ pub struct BounceParseArgs {
     /// Print one JSON object per file on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `blast reconcile`
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// Postfix's log: a file (syslog's mail.log, or Postfix's own
+    /// maillog_file), or `-` for stdin.
+    #[arg(long, value_name = "FILE|-")]
+    pub maillog: PathBuf,
+    /// Keep reading as the file grows and across rotation, until
+    /// SIGINT/SIGTERM.
+    #[arg(long)]
+    pub follow: bool,
+    /// Print the summary as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+    /// Database URL.
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: String,
 }
 
 /// `blast serve`

@@ -317,6 +317,22 @@ pub struct StatusCounts {
     pub unsubscribed: i64,
     /// The workers that sent it, live ones first (filled by `blast status`).
     pub workers: Vec<crate::worker::WorkerRow>,
+    /// At the MTA, read back from its log by `blast reconcile`: delivered
+    /// at the next hop.
+    pub mta_delivered: i64,
+    /// ... refused there for good.
+    pub mta_bounced: i64,
+    /// ... given up on after the MTA's queue lifetime.
+    pub mta_expired: i64,
+    /// ... still queued at the MTA (deferred).
+    pub mta_deferred: i64,
+}
+
+impl StatusCounts {
+    /// Whether `blast reconcile` has recorded anything for the campaign.
+    pub fn reconciled(&self) -> bool {
+        self.mta_delivered + self.mta_bounced + self.mta_expired + self.mta_deferred > 0
+    }
 }
 
 /// Counts per outcome for campaign `row`; `pending` comes from the caller.
@@ -345,6 +361,25 @@ pub async fn status_counts(db: &Db, row: &CampaignRow, pending: i64) -> Result<S
             Ok(Status::Unrendered) => c.unrendered += n,
             // Reserved tags (`queued`, `sending`) mean "not done": pending.
             Err(_) => {}
+        }
+    }
+    // The next hop, as the MTA's log told `blast reconcile`.
+    let rows = sqlx::query(
+        "SELECT mta_status, COUNT(*) AS n FROM blast_deliveries \
+         WHERE campaign_id = $1 AND mta_status IS NOT NULL GROUP BY mta_status",
+    )
+    .bind(row.id)
+    .fetch_all(db.pool())
+    .await?;
+    for r in rows {
+        let status: String = r.try_get("mta_status")?;
+        let n: i64 = r.try_get("n")?;
+        match crate::reconcile::MtaStatus::parse(&status) {
+            Some(crate::reconcile::MtaStatus::Delivered) => c.mta_delivered += n,
+            Some(crate::reconcile::MtaStatus::Bounced) => c.mta_bounced += n,
+            Some(crate::reconcile::MtaStatus::Expired) => c.mta_expired += n,
+            Some(crate::reconcile::MtaStatus::Deferred) => c.mta_deferred += n,
+            None => {}
         }
     }
     // The inbound side: signed bounces and complaints, and unsubscribes.

@@ -29,6 +29,8 @@
 //! - [`commands`]: each subcommand's orchestration, callable from tests.
 //! - [`import`]: CSV → `subscribers`.
 //! - [`progress`]: the operator's view.
+//! - [`reconcile`]: the MTA's log → each recipient's final delivery at the
+//!   next hop (`mta_*` columns); hard bounces suppress.
 //! - [`serve`]: `blast serve`, the one-click unsubscribe endpoint.
 //! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
@@ -53,6 +55,7 @@ pub mod import;
 pub mod ledger;
 pub mod model;
 pub mod progress;
+pub mod reconcile;
 mod rekey;
 pub mod render;
 pub mod schedule;

@@ -23,6 +23,8 @@ mod inbound;
 mod ledger;
 /// Through a real, tuned Postfix.
 mod mta;
+/// `blast reconcile`: Postfix's log into the ledger, follow, rotation.
+mod reconcile;
 /// Relays off this host: STARTTLS, implicit TLS, AUTH, from_domains routing.
 mod relays;
 /// Leases, SIGKILL, retries, suppression, breaker, pause/resume/cancel, outages.

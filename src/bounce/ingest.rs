@@ -418,7 +418,7 @@ impl Ingestor {
                 "complaint: {}",
                 f.feedback_type.as_deref().unwrap_or("abuse")
             )),
-            ("bounce", Class::Hard) => Some(format!("hard bounce: {status} {}", f.reason)),
+            ("bounce", Class::Hard) => Some(hard_bounce_reason(status, &f.reason)),
             ("bounce", Class::Soft) if self.policy.soft_limit > 0 => {
                 let since = now - self.policy.soft_window;
                 // Only signed events count (they carry the campaign), as
@@ -448,6 +448,13 @@ impl Ingestor {
             _ => None,
         })
     }
+}
+
+/// The suppression reason of a hard bounce with enhanced status `status`
+/// (`-` when none) and reason name `reason`: `hard bounce: 5.1.1
+/// userunknown`. Bounce mail and `blast reconcile` write the same words.
+pub fn hard_bounce_reason(status: &str, reason: &str) -> String {
+    format!("hard bounce: {status} {reason}")
 }
 
 /// A recipient a mail names that is not an address: as written, and why.

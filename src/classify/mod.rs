@@ -173,5 +173,41 @@ pub fn suppresses(reply: &Reply) -> bool {
         && !relay_refusal(reply)
 }
 
+/// Enhanced status codes that say the recipient's address is gone:
+/// 5.1.0/5.1.1/5.1.3 (bad or unknown mailbox), 5.1.2 (no such host), 5.1.6
+/// (moved), 5.1.10 (null MX), 5.2.1 (mailbox disabled). 5.1.7 and 5.1.8 are
+/// about the sender and are not here.
+pub fn hard_status(status: &str) -> bool {
+    matches!(
+        status,
+        "5.1.0" | "5.1.1" | "5.1.2" | "5.1.3" | "5.1.6" | "5.1.10" | "5.2.1"
+    )
+}
+
+/// Whether a bounce the MTA logged (`status=bounced`, its `dsn=` and the
+/// remote reply or reason in `text`) puts the address on the suppression
+/// list: a hard reason by the rule of [`suppresses`], or a
+/// [`hard_status`] code whose words name no other, soft, reason. A refusal
+/// about the relay ([`relay_refusal`]) never does.
+pub fn logged_bounce_suppresses(dsn: Option<&str>, text: &str) -> bool {
+    // "host mx[1.2.3.4] said: 550 5.1.1 ...": the remote's own code.
+    let code = text
+        .split_once(" said: ")
+        .and_then(|(_, r)| r.get(..3))
+        .and_then(|c| c.parse::<u16>().ok())
+        .unwrap_or(550);
+    let reply = Reply {
+        code: Some(code),
+        enhanced: dsn.map(str::to_string),
+        text: text.to_string(),
+    };
+    if relay_refusal(&reply) || !(500..=599).contains(&code) {
+        return false;
+    }
+    let soft_words =
+        reason_from_text(text).is_some_and(|r| class_of(r) != Class::Hard && r != "suspend");
+    class_of(reason(text, dsn)) == Class::Hard || (dsn.is_some_and(hard_status) && !soft_words)
+}
+
 #[cfg(test)]
 mod tests;

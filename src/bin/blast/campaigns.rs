@@ -97,6 +97,12 @@ pub(crate) async fn status(args: blast::cli::StatusArgs) -> anyhow::Result<ExitC
                 "after sending:\n  hard bounces  {}\n  soft bounces  {}\n  complaints    {}\n  unsubscribed  {}",
                 c.bounced_hard, c.bounced_soft, c.complaints, c.unsubscribed
             );
+        if c.reconciled() {
+            println!(
+                "at the MTA (blast reconcile):\n  delivered     {}\n  bounced       {}\n  expired       {}\n  still queued  {}",
+                c.mta_delivered, c.mta_bounced, c.mta_expired, c.mta_deferred
+            );
+        }
         if let Some(reason) = &c.reason {
             println!("  reason      {reason}");
         }

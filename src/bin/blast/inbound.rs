@@ -1,11 +1,11 @@
-//! The inbound side: `blast serve` (one-click unsubscribe), `blast suppress`
-//! and `blast bounce parse|ingest`.
+//! The inbound side: `blast serve` (one-click unsubscribe), `blast suppress`,
+//! `blast bounce parse|ingest` and `blast reconcile`.
 
 use std::path::Path;
 use std::process::ExitCode;
 
 use anyhow::Context as _;
-use blast::cli::{BounceIngestArgs, BounceParseArgs, ServeArgs, SuppressCommand};
+use blast::cli::{BounceIngestArgs, BounceParseArgs, ReconcileArgs, ServeArgs, SuppressCommand};
 
 use super::shutdown_signal;
 
@@ -290,4 +290,57 @@ pub(crate) async fn bounce_ingest_run(args: BounceIngestArgs) -> anyhow::Result<
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `blast reconcile`: a plain progress line every 10 s on stderr while it
+/// reads (terminal, cron mail and journal alike), the summary at the end
+/// (JSON on stdout with --json). Exit 0 whatever the log held: malformed
+/// and unrelated lines are counted, not fatal.
+pub(crate) async fn reconcile(args: ReconcileArgs) -> anyhow::Result<ExitCode> {
+    use blast::reconcile::{self, Input, Summary};
+    let input = if args.maillog.as_os_str() == "-" {
+        anyhow::ensure!(!args.follow, "--follow needs a file, not stdin");
+        Input::Stdin
+    } else {
+        Input::File(args.maillog.clone())
+    };
+    let db = blast::db::Db::connect(&args.database).await?;
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown_signal().await;
+            stop.cancel();
+        }
+    });
+    let line = |s: &Summary| {
+        format!(
+            "{} lines, {} malformed, {} unrelated; {} delivered, {} bounced, {} expired, \
+             {} deferred; {} suppressed, {} rows updated",
+            s.lines,
+            s.malformed,
+            s.unrelated,
+            s.delivered,
+            s.bounced,
+            s.expired,
+            s.deferred,
+            s.suppressed,
+            s.updated
+        )
+    };
+    let mut last = std::time::Instant::now();
+    let result = reconcile::run(db.clone(), input, args.follow, stop, |s| {
+        if last.elapsed() >= std::time::Duration::from_secs(10) {
+            last = std::time::Instant::now();
+            super::say(&format!("blast reconcile: {}", line(s)));
+        }
+    })
+    .await;
+    db.close().await;
+    let summary = result.with_context(|| format!("reconciling {}", args.maillog.display()))?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    }
+    super::say(&format!("blast reconcile: {}", line(&summary)));
+    Ok(ExitCode::SUCCESS)
 }

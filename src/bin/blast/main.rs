@@ -20,7 +20,7 @@ mod inbound;
 mod tools;
 
 use campaigns::{check, control, list, preview, resume, run_due, schedule, send, status};
-use inbound::{bounce_ingest, bounce_parse, serve, suppress};
+use inbound::{bounce_ingest, bounce_parse, reconcile, serve, suppress};
 use tools::{import, sink};
 
 fn main() -> ExitCode {
@@ -69,6 +69,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::List(args) => list(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Suppress { command } => suppress(command).await,
+        Command::Reconcile(args) => reconcile(args).await,
         Command::Bounce { command } => match command {
             BounceCommand::Parse(args) => bounce_parse(args),
             BounceCommand::Ingest(args) => bounce_ingest(args).await,
