@@ -881,3 +881,116 @@ fn postfix_script_refuses_planted_directories_and_links() {
         assert!(stderr.contains(why), "owner {owner}: {stderr}");
     }
 }
+
+/// Issue 15: `blast reconcile` against the log of a real Postfix. The sink
+/// behind it refuses two recipients with 550 5.1.1 and defers two with 451:
+/// after reconcile each recipient's MTA outcome is what the sink did, the
+/// refused are suppressed, the injection's own status stays `sent`, and a
+/// second run changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_reads_what_postfix_did_with_each_recipient() {
+    let n = 20;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(n).await;
+    let refuse = |who: &str, code, enh: &str, text: &str| {
+        (format!("{who}@"), code, enh.to_string(), text.to_string())
+    };
+    let sink = util::sink(Faults {
+        rcpt_contains: vec![
+            refuse("user3", 550, "5.1.1", "No such user"),
+            refuse("user7", 550, "5.1.1", "No such user"),
+            refuse("user5", 451, "4.3.0", "Try again later"),
+            refuse("user9", 451, "4.3.0", "Try again later"),
+        ],
+        ..Faults::default()
+    })
+    .await;
+    let postfix = Postfix::start(sink.local_addr().port());
+    let path = w.campaign("reconcile", "Hi", "x", None, "");
+    let mut cfg = w.config(&path, None, 4);
+    cfg.delivery.relays[0].port = postfix.port;
+    let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    assert_eq!(s.sent, n as u64, "Postfix takes every message: {s:?}");
+
+    // Wait for Postfix to try every recipient at the sink.
+    let log = postfix.dir.join("maillog");
+    wait_until(
+        "Postfix to log every recipient's try",
+        Duration::from_millis(200),
+        || {
+            let text = postfix.log();
+            async move {
+                let tried = text
+                    .lines()
+                    .filter(|l| {
+                        l.contains("status=sent")
+                            || l.contains("status=bounced")
+                            || l.contains("status=deferred")
+                    })
+                    .filter(|l| l.contains("to=<user"))
+                    .count();
+                match tried >= n as usize {
+                    true => Ok(()),
+                    false => Err(format!("{tried} logged")),
+                }
+            }
+        },
+    )
+    .await;
+
+    let run = || {
+        let out = util::blast()
+            .args(["reconcile", "--json", "--database", &w.url, "--maillog"])
+            .arg(&log)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).unwrap()
+    };
+    let first = run();
+    assert_eq!(first["bounced"], 2, "{first}");
+    assert_eq!(first["suppressed"], 2, "{first}");
+
+    let db = w.db().await;
+    let rows: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT recipient_id, status, mta_status, mta_dsn FROM blast_deliveries ORDER BY recipient_id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), n as usize);
+    for (id, status, mta, dsn) in &rows {
+        assert_eq!(status, "sent", "the injection's status never changes");
+        let (want, want_dsn) = match id {
+            3 | 7 => ("bounced", "5.1.1"),
+            5 | 9 => ("deferred", "4.3.0"),
+            _ => ("delivered", "2.0.0"),
+        };
+        assert_eq!(mta.as_deref(), Some(want), "recipient {id}");
+        assert_eq!(dsn.as_deref(), Some(want_dsn), "recipient {id}");
+    }
+    let suppressed: Vec<String> =
+        sqlx::query_scalar("SELECT address FROM blast_suppressions ORDER BY address")
+            .fetch_all(db.pool())
+            .await
+            .unwrap();
+    assert_eq!(suppressed, vec!["user3@example.com", "user7@example.com"]);
+
+    // Reading the same log again changes nothing.
+    let second = run();
+    assert_eq!(
+        (&second["updated"], &second["suppressed"]),
+        (&0.into(), &0.into()),
+        "{second}"
+    );
+    let again: Vec<(i64, String, Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT recipient_id, status, mta_status, mta_dsn FROM blast_deliveries ORDER BY recipient_id",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    assert_eq!(again, rows);
+    drop(postfix);
+}
