@@ -130,6 +130,9 @@ pub fn render(r: &Report) -> String {
             escape(&d.day), d.bounces, d.complaints, d.unsubscribes
         );
     }
+    if r.per_day.is_empty() {
+        s.push_str("<tr><td colspan=\"4\">none</td></tr>");
+    }
     s.push_str("</table>");
 
     s.push_str("<h2>At the MTA (blast reconcile)</h2>");

@@ -6,10 +6,10 @@ use std::fmt::Write;
 
 /// Chart size in SVG user units.
 const WIDTH: f64 = 760.0;
-const HEIGHT: f64 = 260.0;
+const HEIGHT: f64 = 300.0;
 /// Room for the axis labels.
 const LEFT: f64 = 56.0;
-const BOTTOM: f64 = 64.0;
+const BOTTOM: f64 = 96.0;
 const TOP: f64 = 16.0;
 const RIGHT: f64 = 12.0;
 
@@ -78,7 +78,8 @@ pub fn bars(name: &str, y_label: &str, points: &[(String, i64)]) -> String {
         );
     }
     let step = plot_w / points.len() as f64;
-    let bar_w = (step * 0.8).max(1.0);
+    // Thin bars when there are many, never wider than 56 units.
+    let bar_w = (step * 0.8).clamp(1.0, 56.0);
     // Label at most ~12 bars on the x axis so text does not overlap.
     let every = points.len().div_ceil(12).max(1);
     for (i, (label, v)) in points.iter().enumerate() {
