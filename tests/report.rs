@@ -275,3 +275,78 @@ fn run_chromium(bin: &str, profile: &Path, args: &[&str]) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// Writes the same small ledger (three domains, two minutes, refusals,
+/// bounces, a complaint, an unsubscribe, MTA outcomes) into `w`'s database
+/// as campaign `rep`.
+async fn known_ledger(w: &World) {
+    let db = w.db().await;
+    let c = blast::ledger::open_campaign(&db, "rep", async { Ok(9) })
+        .await
+        .unwrap();
+    db.close().await;
+    let id = c.id;
+    w.exec(&format!(
+        "INSERT INTO blast_deliveries (campaign_id, recipient_id, email, status, smtp_code, reply, updated_at) VALUES \
+         ({id}, 1, 'a@example.com', 'sent', 250, '250 ok', '2026-12-05T10:00:01.000Z'), \
+         ({id}, 2, 'b@EXAMPLE.COM', 'sent', 250, '250 ok', '2026-12-05T10:00:30.000Z'), \
+         ({id}, 3, '\"x@y\"@example.com', 'failed', 550, '550 5.1.1 <b>no</b>', '2026-12-05T10:00:59.000Z'), \
+         ({id}, 4, 'd@example.com', 'deferred', 451, '451 4.3.0 later', '2026-12-05T10:01:00.000Z'), \
+         ({id}, 5, 'e@b.org', 'failed', 550, '550 5.1.1 <b>no</b>', '2026-12-05T10:01:10.000Z'), \
+         ({id}, 6, 'f@b.org', 'sent', 250, '250 ok', '2026-12-05T10:01:20.000Z'), \
+         ({id}, 7, 'g@b.org', 'suppressed', NULL, NULL, '2026-12-05T10:01:30.000Z'), \
+         ({id}, 8, 'h@c.net', 'sent', 250, '250 ok', '2026-12-05T10:01:41.000Z')"
+    ))
+    .await;
+    w.exec(&format!(
+        "INSERT INTO blast_bounces (campaign_id, recipient_id, address, kind, class, reason, source, message_hash, received_at) VALUES \
+         ({id}, 1, 'a@example.com', 'bounce', 'hard', 'x', 's', 'h1', '2026-12-05T11:00:00.000Z'), \
+         ({id}, 1, 'a@example.com', 'bounce', 'hard', 'x', 's', 'h2', '2026-12-06T11:00:00.000Z'), \
+         ({id}, 6, 'f@b.org', 'complaint', 'complaint', 'x', 's', 'h3', '2026-12-06T12:00:00.000Z')"
+    ))
+    .await;
+    w.exec(&format!(
+        "INSERT INTO blast_suppressions (address, reason, source, created_at) VALUES \
+         ('h@c.net', 'unsubscribe', 'https:campaign={id}', '2026-12-07T09:00:00.000Z')"
+    ))
+    .await;
+    w.exec(&format!("UPDATE blast_deliveries SET mta_status = 'delivered', mta_delay_secs = 0.5 WHERE campaign_id = {id} AND recipient_id IN (1, 2)")).await;
+    w.exec(&format!("UPDATE blast_deliveries SET mta_status = 'expired', mta_delay_secs = 4000 WHERE campaign_id = {id} AND recipient_id = 6")).await;
+}
+
+/// The report's SQL is one text for both backends: the same ledger gives
+/// the same report on SQLite and PostgreSQL, and its figures are the known ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn same_report_on_sqlite_and_postgres() {
+    let mut reports = Vec::new();
+    for backend in [Backend::Sqlite, Backend::Postgres] {
+        let w = World::new(backend).await;
+        known_ledger(&w).await;
+        reports.push(blast::commands::report(&w.url, "rep", None).await.unwrap());
+    }
+    let r = &reports[0];
+    assert_eq!(reports[0], reports[1]);
+    let t = &r.totals;
+    assert_eq!(
+        (t.audience, t.sent, t.failed, t.deferred, t.suppressed),
+        (8, 4, 2, 1, 1)
+    );
+    assert_eq!(
+        (t.bounced, t.complained, t.unsubscribed, t.peak_per_minute),
+        (1, 1, 1, 5)
+    );
+    assert_eq!(t.duration_secs, 100.0);
+    let d: Vec<_> = r
+        .domains
+        .iter()
+        .map(|d| (d.domain.as_str(), d.total, d.bounced))
+        .collect();
+    assert_eq!(
+        d,
+        vec![("example.com", 4, 1), ("b.org", 3, 0), ("c.net", 1, 0)]
+    );
+    assert_eq!((r.replies[0].code, r.replies[0].recipients), (Some(550), 2));
+    assert_eq!(r.per_day.len(), 3);
+    let delays: Vec<i64> = r.mta_delays.iter().map(|c| c.n).collect();
+    assert_eq!(delays, vec![2, 0, 0, 0, 0, 1]);
+}
