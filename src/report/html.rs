@@ -39,7 +39,7 @@ pub fn render(r: &Report) -> String {
         escape(&r.state)
     );
     let rate = format!("{:.1}/s", t.mean_rate);
-    let duration = format!("{:.0}s", t.duration_secs);
+    let duration = format!("{:.1}s", t.duration_secs);
     let cards: Vec<(&str, String)> = vec![
         ("audience", t.audience.to_string()),
         ("sent", t.sent.to_string()),

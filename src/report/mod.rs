@@ -83,7 +83,7 @@ pub struct Totals {
     pub last_at: Option<String>,
     /// `last_at - first_at`, seconds.
     pub duration_secs: f64,
-    /// Ledger rows per second over `duration_secs` (0 when under a second).
+    /// Ledger rows per second over `duration_secs` (0 with a single instant).
     pub mean_rate: f64,
     /// The busiest minute's ledger rows.
     pub peak_per_minute: i64,
@@ -173,7 +173,7 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
     if let (Some(a), Some(b)) = (&t.first_at, &t.last_at) {
         t.duration_secs = seconds_between(a, b).unwrap_or(0.0);
     }
-    if t.duration_secs >= 1.0 {
+    if t.duration_secs > 0.0 {
         t.mean_rate = rows as f64 / t.duration_secs;
     }
 
