@@ -73,4 +73,8 @@ mkdir -p "$out/bounces/new" "$out/bounces/cur" "$out/bounces/tmp"
 "$bin" bounce ingest --maildir "$out/bounces" --database "$db"
 echo "== suppression list"
 "$bin" suppress list --database "$db"
+echo "== report"
+"$bin" status templates/newsletter/campaign.toml --database "$db" --by-domain
+page=$("$bin" report templates/newsletter/campaign.toml --database "$db" --html "$out/report.html")
+echo "the campaign's report: $page (open it in a browser)"
 exit $status

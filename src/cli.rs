@@ -44,6 +44,8 @@ pub enum Command {
     Schedule(ScheduleArgs),
     /// Send every stored campaign that is due, then exit (for cron/systemd).
     RunDue(RunDueArgs),
+    /// Sum up a campaign's ledger: JSON, or a self-contained HTML page.
+    Report(ReportArgs),
     /// Show campaigns with state, counts and next due time.
     List(ListArgs),
     /// Answer one-click unsubscribes (RFC 8058) over HTTP.
@@ -373,6 +375,25 @@ pub struct StatusArgs {
     pub campaign: CampaignArgs,
     /// Print as JSON.
     #[arg(long)]
+    pub json: bool,
+    /// Show outcomes by destination domain (the 20 largest) instead.
+    #[arg(long)]
+    pub by_domain: bool,
+}
+
+/// `blast report`
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// A campaign file, or a campaign name (then --database is needed).
+    pub campaign: String,
+    /// Database URL (default: the campaign file's).
+    #[arg(long, env = "BLAST_DATABASE")]
+    pub database: Option<String>,
+    /// Where to write the HTML page (default: `<campaign>-report.html` here).
+    #[arg(long)]
+    pub html: Option<PathBuf>,
+    /// Print the report as one JSON object on stdout instead.
+    #[arg(long, conflicts_with = "html")]
     pub json: bool,
 }
 

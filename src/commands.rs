@@ -693,6 +693,28 @@ pub async fn status(cfg: &Config) -> Result<StatusCounts> {
     Ok(counts)
 }
 
+/// `blast report`: campaign `name`'s ledger summed up. With the campaign's
+/// `cfg` the audience's pending recipients are counted too.
+pub async fn report(
+    database: &str,
+    name: &str,
+    cfg: Option<&Config>,
+) -> Result<crate::report::Report> {
+    let db = Db::connect(database).await?;
+    let row = ledger::find_campaign(&db, name)
+        .await?
+        .ok_or_else(|| Error::UnknownCampaign(name.to_string()))?;
+    let pending = match cfg {
+        Some(cfg) => {
+            Some(source::pending_count(&db, &cfg.audience, row.id, row.max_recipient_id).await?)
+        }
+        None => None,
+    };
+    let report = crate::report::build(&db, &row, pending).await;
+    db.close().await;
+    report
+}
+
 /// What `blast pause|resume|cancel` do to a campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {

@@ -31,6 +31,8 @@
 //! - [`progress`]: the operator's view.
 //! - [`reconcile`]: the MTA's log → each recipient's final delivery at the
 //!   next hop (`mta_*` columns); hard bounces suppress.
+//! - [`report`]: the ledger summed up by SQL aggregates; `blast report`'s
+//!   JSON and self-contained HTML page with inline SVG charts.
 //! - [`serve`]: `blast serve`, the one-click unsubscribe endpoint.
 //! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
@@ -58,6 +60,7 @@ pub mod progress;
 pub mod reconcile;
 mod rekey;
 pub mod render;
+pub mod report;
 pub mod schedule;
 pub mod serve;
 pub mod sign;

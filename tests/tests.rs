@@ -29,6 +29,8 @@ mod reconcile;
 mod relays;
 /// Leases, SIGKILL, retries, suppression, breaker, pause/resume/cancel, outages.
 mod reliability;
+/// `blast report`: JSON equal to the ledger, the HTML page in headless Chromium.
+mod report;
 /// Running a campaign again: stopped runs, deferred recipients.
 mod resume;
 /// Scheduled campaigns and run-due.

@@ -48,7 +48,7 @@ pub fn read(
         Input::Stdin => {
             let stdin = std::io::stdin();
             let mut lines = Lines::new(stdin.lock(), tx);
-            lines.read_to_end_of(Path::new("<stdin>"))?;
+            lines.read_to_eof(Path::new("<stdin>"))?;
             lines.finish(true);
             Ok(())
         }
@@ -58,7 +58,7 @@ pub fn read(
                 return Followed::new(&path, file)?.run(&path, tx, stop);
             }
             let mut lines = Lines::new(BufReader::new(file), tx);
-            lines.read_to_end_of(&path)?;
+            lines.read_to_eof(&path)?;
             lines.finish(true);
             Ok(())
         }
@@ -94,7 +94,7 @@ impl<'t, R: BufRead> Lines<'t, R> {
     /// Reads to the current end; returns the bytes read. A last line
     /// without a line end is kept for later (the writer may be in the
     /// middle of it).
-    fn read_to_end_of(&mut self, path: &Path) -> Result<u64> {
+    fn read_to_eof(&mut self, path: &Path) -> Result<u64> {
         let mut got = 0;
         loop {
             let n = self
@@ -167,7 +167,7 @@ impl Followed {
         let mut lines = Lines::new(BufReader::new(self.file), tx);
         let mut fresh = false;
         loop {
-            fresh |= lines.read_to_end_of(path)? > 0;
+            fresh |= lines.read_to_eof(path)? > 0;
             lines.finish(false);
             if lines.closed {
                 return Ok(());
@@ -186,7 +186,7 @@ impl Followed {
                 Ok(m) if file_id(&m) != self.id => {
                     // Rotated: what the writer put in the old file before it
                     // moved on, then the new file from its start.
-                    lines.read_to_end_of(path)?;
+                    lines.read_to_eof(path)?;
                     lines.finish(true);
                     let file = File::open(path).map_err(|e| Error::io(path, e))?;
                     self.id = identity(&file).map_err(|e| Error::io(path, e))?;

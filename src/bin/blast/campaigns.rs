@@ -85,6 +85,15 @@ pub(crate) async fn preview(args: blast::cli::PreviewArgs) -> anyhow::Result<Exi
 /// `blast status`: a campaign's counts, as text or JSON.
 pub(crate) async fn status(args: blast::cli::StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_campaign(args.campaign)?;
+    if args.by_domain {
+        let r = blast::commands::report(&cfg.database, &cfg.name, None).await?;
+        if args.json {
+            println!("{}", serde_json::to_string(&r.domains)?);
+        } else {
+            print!("{}", domain_table(&r.domains));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
     let c = blast::commands::status(&cfg).await?;
     if args.json {
         println!("{}", serde_json::to_string(&c)?);
@@ -400,5 +409,55 @@ pub(crate) async fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
             r.reason.unwrap_or_default()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The domain table of `blast status --by-domain`, columns aligned to the
+/// widest domain.
+fn domain_table(rows: &[blast::report::DomainRow]) -> String {
+    let w = rows
+        .iter()
+        .map(|d| d.domain.chars().count())
+        .max()
+        .unwrap_or(0)
+        .max(6);
+    let mut s = format!(
+        "{:<w$}  {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+        "domain", "total", "sent", "deferred", "failed", "bounced"
+    );
+    for d in rows {
+        s.push_str(&format!(
+            "{:<w$}  {:>9} {:>9} {:>9} {:>9} {:>9}\n",
+            d.domain, d.total, d.sent, d.deferred, d.failed, d.bounced
+        ));
+    }
+    s
+}
+
+/// `blast report`: the report as JSON on stdout, or an HTML page written to
+/// a file whose path is printed.
+pub(crate) async fn report_page(args: blast::cli::ReportArgs) -> anyhow::Result<ExitCode> {
+    let (db, name, cfg) = campaign_ref(&args.campaign, args.database)?;
+    let r = blast::commands::report(&db, &name, cfg.as_ref()).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let path = args.html.unwrap_or_else(|| {
+        let safe: String = name
+            .chars()
+            .map(|c| {
+                if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                    c
+                } else {
+                    '_'
+                }
+            })
+            .collect();
+        std::path::PathBuf::from(format!("{safe}-report.html"))
+    });
+    std::fs::write(&path, blast::report::html::render(&r))
+        .with_context(|| format!("writing {}", path.display()))?;
+    println!("{}", path.display());
     Ok(ExitCode::SUCCESS)
 }

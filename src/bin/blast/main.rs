@@ -19,7 +19,9 @@ mod campaigns;
 mod inbound;
 mod tools;
 
-use campaigns::{check, control, list, preview, resume, run_due, schedule, send, status};
+use campaigns::{
+    check, control, list, preview, report_page, resume, run_due, schedule, send, status,
+};
 use inbound::{bounce_ingest, bounce_parse, reconcile, serve, suppress};
 use tools::{import, sink};
 
@@ -66,6 +68,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Retry(args) => send(args, true).await,
         Command::Schedule(args) => schedule(args).await,
         Command::RunDue(args) => run_due(args).await,
+        Command::Report(args) => report_page(args).await,
         Command::List(args) => list(args).await,
         Command::Serve(args) => serve(args).await,
         Command::Suppress { command } => suppress(command).await,

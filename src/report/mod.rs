@@ -1,0 +1,364 @@
+//! `blast report`: one campaign's ledger summed up for people — totals,
+//! sends per minute, outcomes by destination domain, the commonest refusals,
+//! bounces, complaints and unsubscribes per day, and what the MTA said later.
+//!
+//! Every figure is an aggregate computed by the database (`GROUP BY`), so a
+//! report on millions of recipients reads a few hundred rows. The SQL is
+//! written once for SQLite and PostgreSQL. [`html`] renders a [`Report`] as
+//! one self-contained page with [`svg`] charts.
+
+pub mod html;
+pub mod svg;
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+use sqlx::Row;
+
+use crate::db::Db;
+use crate::error::Result;
+use crate::ledger::CampaignRow;
+
+/// How many destination domains the report lists.
+pub const TOP_DOMAINS: i64 = 20;
+/// How many distinct refusals the report lists.
+pub const TOP_REPLIES: i64 = 10;
+
+/// The lower-cased part of `email` after its last `@`, in SQL that SQLite and
+/// PostgreSQL both run: `rtrim(email, <email without '@'>)` strips from the
+/// right every character but `@`, leaving the text up to the last `@`.
+const DOMAIN_SQL: &str = "lower(substr(email, length(rtrim(email, replace(email, '@', ''))) + 1))";
+
+/// Everything `blast report` shows.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Report {
+    /// Campaign name.
+    pub campaign: String,
+    /// Run state.
+    pub state: String,
+    /// The figures at a glance.
+    pub totals: Totals,
+    /// Ledger rows written per minute (`YYYY-MM-DDTHH:MM`, UTC), in order.
+    pub per_minute: Vec<Count>,
+    /// Outcomes by destination domain, the largest [`TOP_DOMAINS`] first.
+    pub domains: Vec<DomainRow>,
+    /// The commonest answers to recipients that were not sent, by how many
+    /// recipients got them (at most [`TOP_REPLIES`]).
+    pub replies: Vec<ReplyRow>,
+    /// Bounces, complaints and unsubscribes per day, in order.
+    pub per_day: Vec<DayRow>,
+    /// The MTA's final word per recipient (`blast reconcile`), by status.
+    pub mta: Vec<Count>,
+    /// How long the MTA took to deliver (`mta_delay_secs`), in buckets.
+    pub mta_delays: Vec<Count>,
+}
+
+/// Figures at a glance.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct Totals {
+    /// Ledger rows plus `pending` when known.
+    pub audience: i64,
+    /// Recipients without a final outcome, when the audience is known (a
+    /// campaign file was given).
+    pub pending: Option<i64>,
+    /// Accepted by the MTA.
+    pub sent: i64,
+    /// Refused for good.
+    pub failed: i64,
+    /// Temporarily refused.
+    pub deferred: i64,
+    /// Skipped: address suppressed.
+    pub suppressed: i64,
+    /// Message could not be built.
+    pub unrendered: i64,
+    /// Recipients with a bounce ingested.
+    pub bounced: i64,
+    /// Recipients who complained.
+    pub complained: i64,
+    /// Addresses unsubscribed through this campaign.
+    pub unsubscribed: i64,
+    /// The first ledger write (RFC 3339).
+    pub first_at: Option<String>,
+    /// The last ledger write (RFC 3339).
+    pub last_at: Option<String>,
+    /// `last_at - first_at`, seconds.
+    pub duration_secs: f64,
+    /// Ledger rows per second over `duration_secs` (0 with a single instant).
+    pub mean_rate: f64,
+    /// The busiest minute's ledger rows.
+    pub peak_per_minute: i64,
+}
+
+/// A label and how many.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Count {
+    /// What was counted.
+    pub label: String,
+    /// How many.
+    pub n: i64,
+}
+
+/// One destination domain.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DomainRow {
+    /// Lower-cased domain.
+    pub domain: String,
+    /// Ledger rows for it.
+    pub total: i64,
+    /// Sent.
+    pub sent: i64,
+    /// Deferred.
+    pub deferred: i64,
+    /// Failed.
+    pub failed: i64,
+    /// Recipients with a bounce ingested.
+    pub bounced: i64,
+}
+
+/// One reply text and how many recipients got it.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct ReplyRow {
+    /// SMTP code, when there was one.
+    pub code: Option<i64>,
+    /// The reply text.
+    pub reply: String,
+    /// Recipients.
+    pub recipients: i64,
+}
+
+/// One day's inbound events.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct DayRow {
+    /// `YYYY-MM-DD` (UTC).
+    pub day: String,
+    /// Bounces received.
+    pub bounces: i64,
+    /// Complaints received.
+    pub complaints: i64,
+    /// Unsubscribes.
+    pub unsubscribes: i64,
+}
+
+/// Builds the report for campaign `row`; `pending` when the audience is known.
+pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<Report> {
+    let pool = db.pool();
+    let id = row.id;
+    let mut t = Totals {
+        pending,
+        ..Default::default()
+    };
+
+    let r = sqlx::query(
+        "SELECT COUNT(*) AS n, \
+         COUNT(CASE WHEN status = 'sent' THEN 1 END) AS sent, \
+         COUNT(CASE WHEN status = 'failed' THEN 1 END) AS failed, \
+         COUNT(CASE WHEN status = 'deferred' THEN 1 END) AS deferred, \
+         COUNT(CASE WHEN status = 'suppressed' THEN 1 END) AS suppressed, \
+         COUNT(CASE WHEN status = 'unrendered' THEN 1 END) AS unrendered, \
+         MIN(updated_at) AS first_at, MAX(updated_at) AS last_at \
+         FROM blast_deliveries WHERE campaign_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?;
+    let rows: i64 = r.try_get("n")?;
+    t.sent = r.try_get("sent")?;
+    t.failed = r.try_get("failed")?;
+    t.deferred = r.try_get("deferred")?;
+    t.suppressed = r.try_get("suppressed")?;
+    t.unrendered = r.try_get("unrendered")?;
+    t.first_at = r.try_get("first_at")?;
+    t.last_at = r.try_get("last_at")?;
+    t.audience = rows + pending.unwrap_or(0);
+    if let (Some(a), Some(b)) = (&t.first_at, &t.last_at) {
+        t.duration_secs = seconds_between(a, b).unwrap_or(0.0);
+    }
+    if t.duration_secs > 0.0 {
+        t.mean_rate = rows as f64 / t.duration_secs;
+    }
+
+    let per_minute = counts(
+        db,
+        "SELECT substr(updated_at, 1, 16) AS label, COUNT(*) AS n FROM blast_deliveries \
+         WHERE campaign_id = $1 GROUP BY substr(updated_at, 1, 16) \
+         ORDER BY substr(updated_at, 1, 16)",
+        id,
+    )
+    .await?;
+    t.peak_per_minute = per_minute.iter().map(|c| c.n).max().unwrap_or(0);
+
+    let r = sqlx::query(
+        "SELECT COUNT(DISTINCT CASE WHEN kind = 'bounce' THEN recipient_id END) AS bounced, \
+         COUNT(DISTINCT CASE WHEN kind = 'complaint' THEN recipient_id END) AS complained \
+         FROM blast_bounces WHERE campaign_id = $1",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?;
+    t.bounced = r.try_get("bounced")?;
+    t.complained = r.try_get("complained")?;
+    let (https, mailto) = (
+        format!("https:campaign={id}"),
+        format!("mailto:campaign={id}"),
+    );
+    t.unsubscribed =
+        sqlx::query_scalar("SELECT COUNT(*) FROM blast_suppressions WHERE source IN ($1, $2)")
+            .bind(&https)
+            .bind(&mailto)
+            .fetch_one(pool)
+            .await?;
+
+    let sql = format!(
+        "SELECT {DOMAIN_SQL} AS domain, COUNT(*) AS n, \
+         COUNT(CASE WHEN status = 'sent' THEN 1 END) AS sent, \
+         COUNT(CASE WHEN status = 'deferred' THEN 1 END) AS deferred, \
+         COUNT(CASE WHEN status = 'failed' THEN 1 END) AS failed, \
+         COUNT(CASE WHEN EXISTS (SELECT 1 FROM blast_bounces b WHERE b.campaign_id = d.campaign_id \
+           AND b.recipient_id = d.recipient_id AND b.kind = 'bounce') THEN 1 END) AS bounced \
+         FROM blast_deliveries d WHERE campaign_id = $1 GROUP BY {DOMAIN_SQL} \
+         ORDER BY COUNT(*) DESC, {DOMAIN_SQL} LIMIT {TOP_DOMAINS}"
+    );
+    let mut domains = Vec::new();
+    for r in sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_all(pool)
+        .await?
+    {
+        domains.push(DomainRow {
+            domain: r.try_get("domain")?,
+            total: r.try_get("n")?,
+            sent: r.try_get("sent")?,
+            deferred: r.try_get("deferred")?,
+            failed: r.try_get("failed")?,
+            bounced: r.try_get("bounced")?,
+        });
+    }
+
+    let sql = format!(
+        "SELECT CAST(smtp_code AS BIGINT) AS code, reply, COUNT(*) AS n FROM blast_deliveries \
+         WHERE campaign_id = $1 AND status <> 'sent' AND reply IS NOT NULL \
+         GROUP BY smtp_code, reply ORDER BY COUNT(*) DESC, reply LIMIT {TOP_REPLIES}"
+    );
+    let mut replies = Vec::new();
+    for r in sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(id)
+        .fetch_all(pool)
+        .await?
+    {
+        replies.push(ReplyRow {
+            code: r.try_get("code")?,
+            reply: r.try_get("reply")?,
+            recipients: r.try_get("n")?,
+        });
+    }
+
+    let mut days: BTreeMap<String, DayRow> = BTreeMap::new();
+    for r in sqlx::query(
+        "SELECT substr(received_at, 1, 10) AS day, kind, COUNT(*) AS n FROM blast_bounces \
+         WHERE campaign_id = $1 AND kind IN ('bounce', 'complaint') \
+         GROUP BY substr(received_at, 1, 10), kind",
+    )
+    .bind(id)
+    .fetch_all(pool)
+    .await?
+    {
+        let day: String = r.try_get("day")?;
+        let kind: String = r.try_get("kind")?;
+        let n: i64 = r.try_get("n")?;
+        let e = days.entry(day.clone()).or_insert_with(|| DayRow {
+            day,
+            ..Default::default()
+        });
+        match kind.as_str() {
+            "bounce" => e.bounces += n,
+            _ => e.complaints += n,
+        }
+    }
+    for r in sqlx::query(
+        "SELECT substr(created_at, 1, 10) AS day, COUNT(*) AS n FROM blast_suppressions \
+         WHERE source IN ($1, $2) GROUP BY substr(created_at, 1, 10)",
+    )
+    .bind(&https)
+    .bind(&mailto)
+    .fetch_all(pool)
+    .await?
+    {
+        let day: String = r.try_get("day")?;
+        let n: i64 = r.try_get("n")?;
+        days.entry(day.clone())
+            .or_insert_with(|| DayRow {
+                day,
+                ..Default::default()
+            })
+            .unsubscribes += n;
+    }
+
+    let mta = counts(
+        db,
+        "SELECT mta_status AS label, COUNT(*) AS n FROM blast_deliveries \
+         WHERE campaign_id = $1 AND mta_status IS NOT NULL GROUP BY mta_status ORDER BY mta_status",
+        id,
+    )
+    .await?;
+    let r = sqlx::query(
+        "SELECT \
+         COUNT(CASE WHEN mta_delay_secs < 1 THEN 1 END) AS b0, \
+         COUNT(CASE WHEN mta_delay_secs >= 1 AND mta_delay_secs < 10 THEN 1 END) AS b1, \
+         COUNT(CASE WHEN mta_delay_secs >= 10 AND mta_delay_secs < 60 THEN 1 END) AS b2, \
+         COUNT(CASE WHEN mta_delay_secs >= 60 AND mta_delay_secs < 600 THEN 1 END) AS b3, \
+         COUNT(CASE WHEN mta_delay_secs >= 600 AND mta_delay_secs < 3600 THEN 1 END) AS b4, \
+         COUNT(CASE WHEN mta_delay_secs >= 3600 THEN 1 END) AS b5 \
+         FROM blast_deliveries WHERE campaign_id = $1 AND mta_status IS NOT NULL",
+    )
+    .bind(id)
+    .fetch_one(pool)
+    .await?;
+    let mut mta_delays = Vec::new();
+    for (i, label) in DELAY_BUCKETS.iter().enumerate() {
+        mta_delays.push(Count {
+            label: (*label).to_string(),
+            n: r.try_get(format!("b{i}").as_str())?,
+        });
+    }
+    if mta.is_empty() {
+        mta_delays.clear();
+    }
+
+    Ok(Report {
+        campaign: row.name.clone(),
+        state: row.state.clone(),
+        totals: t,
+        per_minute,
+        domains,
+        replies,
+        per_day: days.into_values().collect(),
+        mta,
+        mta_delays,
+    })
+}
+
+/// The labels of the `mta_delay_secs` histogram's buckets.
+pub const DELAY_BUCKETS: [&str; 6] = ["<1s", "1-10s", "10-60s", "1-10min", "10-60min", ">=1h"];
+
+/// Rows of `(label, n)` from `sql`, which binds the campaign id as `$1`.
+async fn counts(db: &Db, sql: &'static str, id: i64) -> Result<Vec<Count>> {
+    let mut out = Vec::new();
+    for r in sqlx::query(sql).bind(id).fetch_all(db.pool()).await? {
+        out.push(Count {
+            label: r.try_get("label")?,
+            n: r.try_get("n")?,
+        });
+    }
+    Ok(out)
+}
+
+/// Seconds from RFC 3339 `a` to `b`.
+fn seconds_between(a: &str, b: &str) -> Option<f64> {
+    use time::format_description::well_known::Rfc3339;
+    let a = time::OffsetDateTime::parse(a, &Rfc3339).ok()?;
+    let b = time::OffsetDateTime::parse(b, &Rfc3339).ok()?;
+    Some((b - a).as_seconds_f64())
+}
+
+#[cfg(test)]
+mod tests;
