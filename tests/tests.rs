@@ -37,5 +37,7 @@ mod resume;
 mod schedule;
 /// The SMTP injector's protocol modes (PIPELINING, CHUNKING, lock-step).
 mod smtp;
+/// contrib/systemd: the units verify and run real blast commands.
+mod systemd;
 /// Several workers on one PostgreSQL campaign: claims, fencing, faults.
 mod workers;
