@@ -18,6 +18,8 @@ use crate::error::{Error, Result};
 
 /// Rows per batch (one transaction each).
 const BATCH: i64 = 1000;
+/// How often the backfill logs how far it is.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
 /// Duplicates and invalid addresses named one by one in the log, at most.
 const NAMED: u64 = 20;
 
@@ -55,7 +57,19 @@ async fn subscribers(db: &Db) -> Result<()> {
         "SELECT s.email_key FROM subscribers s JOIN {} AS u ON s.email_key = u.key",
         db.json_rows_sql(1, &[("key", "text")])
     );
+    // Minutes on millions of rows: say so, then every PROGRESS_EVERY, so a
+    // first command on a big database is not silent.
+    let started = std::time::Instant::now();
+    let mut reported = started;
+    let mut walked = 0u64;
     loop {
+        if reported.elapsed() >= PROGRESS_EVERY {
+            reported = std::time::Instant::now();
+            tracing::info!(
+                "filling in address keys (schema v6, once): {walked} subscribers done in {} s",
+                started.elapsed().as_secs()
+            );
+        }
         // Walk the primary key and skip keyed rows here: with `email_key IS
         // NULL` in SQL, SQLite read the NULLs through the email_key index and
         // sorted all of them for every batch (quadratic: minutes at 2M rows).
@@ -69,6 +83,7 @@ async fn subscribers(db: &Db) -> Result<()> {
         .await?;
         let Some(last) = rows.last() else { break };
         after = last.try_get("id")?;
+        walked += rows.len() as u64;
         let mut keyed: Vec<(i64, String, String)> = Vec::with_capacity(rows.len());
         for r in &rows {
             if r.try_get::<Option<String>, _>("email_key")?.is_some() {
