@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use super::svg::{bars, escape};
-use super::Report;
+use super::{Count, Report};
 
 /// The charts on the page, by `data-chart` name, with how many data points
 /// each draws for `r` (what the browser test counts).
@@ -29,8 +29,33 @@ svg{background:#fff;border:1px solid #dde;border-radius:6px}svg text{font-size:1
 
 /// The page for `r`.
 pub fn render(r: &Report) -> String {
-    let t = &r.totals;
     let mut s = String::new();
+    glance(&mut s, r);
+    s.push_str("<h2>Sends per minute (UTC)</h2>");
+    s.push_str(&bars(
+        "per-minute",
+        "recipients answered",
+        &points(&r.per_minute),
+    ));
+    domains(&mut s, r);
+    replies(&mut s, r);
+    per_day(&mut s, r);
+    s.push_str("<h2>At the MTA (blast reconcile)</h2>");
+    s.push_str(&bars("mta", "recipients", &points(&r.mta)));
+    s.push_str("<h2>MTA delivery delay</h2>");
+    s.push_str(&bars("mta-delays", "recipients", &points(&r.mta_delays)));
+    s.push_str("</body></html>\n");
+    s
+}
+
+/// A chart's points from labelled counts.
+fn points(counts: &[Count]) -> Vec<(String, i64)> {
+    counts.iter().map(|c| (c.label.clone(), c.n)).collect()
+}
+
+/// The head of the page and the numbers at a glance.
+fn glance(s: &mut String, r: &Report) {
+    let t = &r.totals;
     let name = escape(&r.campaign);
     let _ = write!(
         s,
@@ -74,15 +99,10 @@ pub fn render(r: &Report) -> String {
             escape(b)
         );
     }
+}
 
-    s.push_str("<h2>Sends per minute (UTC)</h2>");
-    let pts: Vec<(String, i64)> = r
-        .per_minute
-        .iter()
-        .map(|c| (c.label.clone(), c.n))
-        .collect();
-    s.push_str(&bars("per-minute", "recipients answered", &pts));
-
+/// The destination domains: chart and table.
+fn domains(s: &mut String, r: &Report) {
     s.push_str("<h2>Destination domains (top 20 by volume)</h2>");
     let pts: Vec<(String, i64)> = r
         .domains
@@ -99,7 +119,10 @@ pub fn render(r: &Report) -> String {
         );
     }
     s.push_str("</table>");
+}
 
+/// The commonest refusals.
+fn replies(s: &mut String, r: &Report) {
     s.push_str("<h2>Commonest refusals (recipients not sent)</h2><table><tr><th class=\"n\">code</th><th>reply</th><th class=\"n\">recipients</th></tr>");
     for x in &r.replies {
         let _ = write!(
@@ -114,7 +137,10 @@ pub fn render(r: &Report) -> String {
         s.push_str("<tr><td colspan=\"3\">none</td></tr>");
     }
     s.push_str("</table>");
+}
 
+/// Bounces, complaints and unsubscribes per day: chart and table.
+fn per_day(s: &mut String, r: &Report) {
     s.push_str("<h2>Bounces, complaints and unsubscribes per day</h2>");
     let pts: Vec<(String, i64)> = r
         .per_day
@@ -134,17 +160,4 @@ pub fn render(r: &Report) -> String {
         s.push_str("<tr><td colspan=\"4\">none</td></tr>");
     }
     s.push_str("</table>");
-
-    s.push_str("<h2>At the MTA (blast reconcile)</h2>");
-    let pts: Vec<(String, i64)> = r.mta.iter().map(|c| (c.label.clone(), c.n)).collect();
-    s.push_str(&bars("mta", "recipients", &pts));
-    s.push_str("<h2>MTA delivery delay</h2>");
-    let pts: Vec<(String, i64)> = r
-        .mta_delays
-        .iter()
-        .map(|c| (c.label.clone(), c.n))
-        .collect();
-    s.push_str(&bars("mta-delays", "recipients", &pts));
-    s.push_str("</body></html>\n");
-    s
 }

@@ -141,8 +141,52 @@ pub struct DayRow {
 
 /// Builds the report for campaign `row`; `pending` when the audience is known.
 pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<Report> {
-    let pool = db.pool();
     let id = row.id;
+    let mut t = totals(db, id, pending).await?;
+    let per_minute = counts(
+        db,
+        "SELECT substr(updated_at, 1, 16) AS label, COUNT(*) AS n FROM blast_deliveries \
+         WHERE campaign_id = $1 GROUP BY substr(updated_at, 1, 16) \
+         ORDER BY substr(updated_at, 1, 16)",
+        id,
+    )
+    .await?;
+    t.peak_per_minute = per_minute.iter().map(|c| c.n).max().unwrap_or(0);
+    let mta = counts(
+        db,
+        "SELECT mta_status AS label, COUNT(*) AS n FROM blast_deliveries \
+         WHERE campaign_id = $1 AND mta_status IS NOT NULL GROUP BY mta_status ORDER BY mta_status",
+        id,
+    )
+    .await?;
+    let mta_delays = match mta.is_empty() {
+        true => Vec::new(),
+        false => mta_delays(db, id).await?,
+    };
+    Ok(Report {
+        campaign: row.name.clone(),
+        state: row.state.clone(),
+        totals: t,
+        per_minute,
+        domains: domains(db, id).await?,
+        replies: replies(db, id).await?,
+        per_day: per_day(db, id).await?,
+        mta,
+        mta_delays,
+    })
+}
+
+/// The `source` values of this campaign's unsubscribes (one-click, mail).
+fn unsubscribe_sources(id: i64) -> (String, String) {
+    (
+        format!("https:campaign={id}"),
+        format!("mailto:campaign={id}"),
+    )
+}
+
+/// The numbers at a glance (all but the peak per minute).
+async fn totals(db: &Db, id: i64, pending: Option<i64>) -> Result<Totals> {
+    let pool = db.pool();
     let mut t = Totals {
         pending,
         ..Default::default()
@@ -177,16 +221,6 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
         t.mean_rate = rows as f64 / t.duration_secs;
     }
 
-    let per_minute = counts(
-        db,
-        "SELECT substr(updated_at, 1, 16) AS label, COUNT(*) AS n FROM blast_deliveries \
-         WHERE campaign_id = $1 GROUP BY substr(updated_at, 1, 16) \
-         ORDER BY substr(updated_at, 1, 16)",
-        id,
-    )
-    .await?;
-    t.peak_per_minute = per_minute.iter().map(|c| c.n).max().unwrap_or(0);
-
     let r = sqlx::query(
         "SELECT COUNT(DISTINCT CASE WHEN kind = 'bounce' THEN recipient_id END) AS bounced, \
          COUNT(DISTINCT CASE WHEN kind = 'complaint' THEN recipient_id END) AS complained \
@@ -197,10 +231,7 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
     .await?;
     t.bounced = r.try_get("bounced")?;
     t.complained = r.try_get("complained")?;
-    let (https, mailto) = (
-        format!("https:campaign={id}"),
-        format!("mailto:campaign={id}"),
-    );
+    let (https, mailto) = unsubscribe_sources(id);
     t.unsubscribed =
         sqlx::query_scalar("SELECT COUNT(*) FROM blast_suppressions WHERE source IN ($1, $2)")
             .bind(&https)
@@ -208,6 +239,12 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
             .fetch_one(pool)
             .await?;
 
+    Ok(t)
+}
+
+/// Outcomes by destination domain, the top [`TOP_DOMAINS`] by volume.
+async fn domains(db: &Db, id: i64) -> Result<Vec<DomainRow>> {
+    let pool = db.pool();
     let sql = format!(
         "SELECT {DOMAIN_SQL} AS domain, COUNT(*) AS n, \
          COUNT(CASE WHEN status = 'sent' THEN 1 END) AS sent, \
@@ -234,6 +271,12 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
         });
     }
 
+    Ok(domains)
+}
+
+/// The commonest replies of recipients not sent, by recipients affected.
+async fn replies(db: &Db, id: i64) -> Result<Vec<ReplyRow>> {
+    let pool = db.pool();
     let sql = format!(
         "SELECT CAST(smtp_code AS BIGINT) AS code, reply, COUNT(*) AS n FROM blast_deliveries \
          WHERE campaign_id = $1 AND status <> 'sent' AND reply IS NOT NULL \
@@ -252,6 +295,13 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
         });
     }
 
+    Ok(replies)
+}
+
+/// Bounces, complaints and unsubscribes per day.
+async fn per_day(db: &Db, id: i64) -> Result<Vec<DayRow>> {
+    let pool = db.pool();
+    let (https, mailto) = unsubscribe_sources(id);
     let mut days: BTreeMap<String, DayRow> = BTreeMap::new();
     for r in sqlx::query(
         "SELECT substr(received_at, 1, 10) AS day, kind, COUNT(*) AS n FROM blast_bounces \
@@ -293,13 +343,11 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
             .unsubscribes += n;
     }
 
-    let mta = counts(
-        db,
-        "SELECT mta_status AS label, COUNT(*) AS n FROM blast_deliveries \
-         WHERE campaign_id = $1 AND mta_status IS NOT NULL GROUP BY mta_status ORDER BY mta_status",
-        id,
-    )
-    .await?;
+    Ok(days.into_values().collect())
+}
+
+/// The histogram of `mta_delay_secs` over [`DELAY_BUCKETS`].
+async fn mta_delays(db: &Db, id: i64) -> Result<Vec<Count>> {
     let r = sqlx::query(
         "SELECT \
          COUNT(CASE WHEN mta_delay_secs < 1 THEN 1 END) AS b0, \
@@ -311,7 +359,7 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
          FROM blast_deliveries WHERE campaign_id = $1 AND mta_status IS NOT NULL",
     )
     .bind(id)
-    .fetch_one(pool)
+    .fetch_one(db.pool())
     .await?;
     let mut mta_delays = Vec::new();
     for (i, label) in DELAY_BUCKETS.iter().enumerate() {
@@ -320,21 +368,8 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
             n: r.try_get(format!("b{i}").as_str())?,
         });
     }
-    if mta.is_empty() {
-        mta_delays.clear();
-    }
 
-    Ok(Report {
-        campaign: row.name.clone(),
-        state: row.state.clone(),
-        totals: t,
-        per_minute,
-        domains,
-        replies,
-        per_day: days.into_values().collect(),
-        mta,
-        mta_delays,
-    })
+    Ok(mta_delays)
 }
 
 /// The labels of the `mta_delay_secs` histogram's buckets.
