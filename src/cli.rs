@@ -158,6 +158,10 @@ pub struct ServeArgs {
     /// Address to listen on (put a TLS-terminating proxy in front).
     #[arg(long, default_value = "127.0.0.1:8025")]
     pub listen: SocketAddr,
+    /// Serve `/metrics` on this address instead of on `--listen` (keep the
+    /// figures off the public listener).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Database URL.
     #[arg(long, env = "BLAST_DATABASE")]
     pub database: String,
@@ -247,6 +251,10 @@ pub struct RunDueArgs {
     /// `password_env` (repeatable); BLAST_SMTP_PASSWORD always may.
     #[arg(long = "password-env", value_name = "VAR")]
     pub password_env: Vec<String>,
+    /// Serve Prometheus metrics of every campaign it sends at
+    /// http://ADDR/metrics (e.g. 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Print one JSON object per campaign on stdout.
     #[arg(long)]
     pub json: bool,
@@ -329,6 +337,10 @@ pub struct SendArgs {
     /// `./blast-dry-run/<campaign>`); records nothing in the ledger.
     #[arg(long, value_name = "DIR", num_args = 0..=1, default_missing_value = "")]
     pub dry_run: Option<PathBuf>,
+    /// Serve Prometheus metrics at http://ADDR/metrics while sending
+    /// (e.g. 127.0.0.1:9464), overriding `delivery.metrics`.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
     /// Print the summary as one JSON object on stdout.
     #[arg(long)]
     pub json: bool,

@@ -15,6 +15,7 @@ use crate::config::{Concurrency, Config};
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ledger::{self, Ledger, SqlLedger, StatusCounts};
+use crate::metrics::{Endpoint, Metrics};
 use crate::progress::{self, Progress};
 use crate::render::{Identity, Renderer};
 use crate::sign::Key;
@@ -41,18 +42,40 @@ pub async fn send(
 
 /// [`send`], plus `abort`: when cancelled after `stop`, transactions in
 /// flight are abandoned instead of finished (the operator's second SIGINT).
-/// A dry run and a real one take the same path; only the transport, the
-/// ledger and the campaign's ownership differ.
+/// With `delivery.metrics`, serves the run's metrics while it lasts.
 pub async fn send_with_abort(
     cfg: &Config,
     mode: progress::Mode,
     stop: impl Future<Output = ()> + Send + 'static,
     abort: CancellationToken,
 ) -> Result<Summary> {
+    let endpoint = match cfg.delivery.metrics {
+        Some(addr) => Some(Endpoint::start(addr, Metrics::new()).await?),
+        None => None,
+    };
+    let metrics = endpoint.as_ref().map(|e| e.metrics.clone());
+    let result = send_observed(cfg, mode, stop, abort, metrics).await;
+    if let Some(e) = endpoint {
+        e.stop().await;
+    }
+    result
+}
+
+/// [`send_with_abort`], exposing the run in `metrics` (run-due's, or the
+/// endpoint's of a send). A dry run and a real one take the same path;
+/// only the transport, the ledger and the campaign's ownership differ.
+pub async fn send_observed(
+    cfg: &Config,
+    mode: progress::Mode,
+    stop: impl Future<Output = ()> + Send + 'static,
+    abort: CancellationToken,
+    metrics: Option<Arc<Metrics>>,
+) -> Result<Summary> {
     // Templates first: a syntax error must abort before anything else happens.
     let renderer = compile(cfg)?;
     let db = Db::connect(&cfg.database).await?;
-    let prepared = Prepared::open(cfg, &db, renderer, abort).await?;
+    let mut prepared = Prepared::open(cfg, &db, renderer, abort).await?;
+    prepared.metrics = metrics;
     let run = Background::start(cfg, &db, &prepared, stop);
     let result = match &cfg.dry_run {
         Some(dir) => {
@@ -104,6 +127,8 @@ struct Prepared<S = SqlSource> {
     source: S,
     opts: RunOptions,
     stats: Arc<Stats>,
+    /// Where the run is exposed, if anywhere.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl<S: Source> Prepared<S> {
@@ -115,6 +140,7 @@ impl<S: Source> Prepared<S> {
             source: f(self.source),
             opts: self.opts,
             stats: self.stats,
+            metrics: self.metrics,
         }
     }
 
@@ -129,6 +155,10 @@ impl<S: Source> Prepared<S> {
         stop: &CancellationToken,
     ) -> Result<Summary> {
         let progress = Progress::start(&cfg.name, self.stats.clone(), mode);
+        let _exposed = self
+            .metrics
+            .as_ref()
+            .map(|m| m.track(&cfg.name, &cfg.worker, self.stats.clone()));
         let pipeline = Pipeline {
             name: cfg.name.clone(),
             source: self.source,
@@ -196,6 +226,7 @@ impl Prepared {
             renderer: Arc::new(renderer),
             source,
             stats: Arc::new(Stats::new(injectors)),
+            metrics: None,
         })
     }
 
@@ -276,16 +307,7 @@ impl Background {
         prepared: &Prepared,
         stop: impl Future<Output = ()> + Send + 'static,
     ) -> Background {
-        let token = CancellationToken::new();
-        let watcher = {
-            let token = token.clone();
-            tokio::spawn(async move {
-                tokio::select! {
-                    _ = stop => token.cancel(),
-                    _ = token.cancelled() => {}
-                }
-            })
-        };
+        let (token, watcher) = crate::stop::token(stop);
         // Counting a large audience can take a while: do it beside the first sends.
         let counter = {
             let (db, audience, stats) = (db.clone(), cfg.audience.clone(), prepared.stats.clone());

@@ -42,6 +42,7 @@ use crate::clock;
 use crate::config::RetryPolicy;
 use crate::db::{Backend, Backoff, Db};
 use crate::error::{Error, Result};
+use crate::measure::Histogram;
 use crate::model::{Outcome, Record, Reply, Status};
 use crate::worker::claims;
 use crate::worker::{Claim, Holdings};
@@ -992,14 +993,31 @@ fn drain(rx: &mut mpsc::Receiver<Record>, batch: &mut Vec<Record>) -> bool {
     false
 }
 
+/// The ledger writer's own measures: how long each batch took to store
+/// (retries included) and how many rows it had.
+#[derive(Debug, Default)]
+pub struct Flushes {
+    /// Time to store a batch, microseconds.
+    pub time: Histogram,
+    /// Rows per batch.
+    pub rows: Histogram<FLUSH_ROW_BUCKETS>,
+}
+
+/// Buckets of [`Flushes::rows`]: up to 1024, then the rest.
+pub const FLUSH_ROW_BUCKETS: usize = 12;
+
 /// Drains `rx` into `ledger` in batches until every sender is gone: a batch
 /// is written when [`FLUSH_ROWS`] records are waiting or [`FLUSH_EVERY`] after
 /// its first record, whichever comes first. A transient error is retried
 /// for up to [`db::RETRY_FOR`](crate::db::RETRY_FOR). Returns the first
 /// lasting write error
 /// (after which the runner stops the campaign: it must not send what it
-/// cannot record).
-pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>) -> Result<u64> {
+/// cannot record). Each batch's time and size go into `flushes`.
+pub async fn write_loop<L: Ledger>(
+    mut ledger: L,
+    mut rx: mpsc::Receiver<Record>,
+    flushes: &Flushes,
+) -> Result<u64> {
     let mut batch = Vec::with_capacity(FLUSH_ROWS);
     let mut written = 0u64;
     while let Some(first) = rx.recv().await {
@@ -1020,6 +1038,7 @@ pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>
         // A database that restarts or drops the connection is waited for
         // (the batch is kept, sending waits on the full channel).
         let mut backoff = Backoff::new("ledger");
+        let started = std::time::Instant::now();
         loop {
             match ledger.record(&batch).await {
                 Ok(()) => break,
@@ -1028,6 +1047,8 @@ pub async fn write_loop<L: Ledger>(mut ledger: L, mut rx: mpsc::Receiver<Record>
             }
         }
         backoff.succeeded();
+        flushes.time.record(started.elapsed());
+        flushes.rows.observe(batch.len() as u64);
         written += batch.len() as u64;
         batch.clear();
     }
@@ -1041,7 +1062,9 @@ mod tests {
 
     use tokio::sync::mpsc;
 
-    use super::{insert_sql, stored, write_loop, Ledger, DRAIN_EVERY, FLUSH_EVERY, FLUSH_ROWS};
+    use super::{
+        insert_sql, stored, write_loop, Flushes, Ledger, DRAIN_EVERY, FLUSH_EVERY, FLUSH_ROWS,
+    };
     use crate::config::RetryPolicy;
     use crate::db::Backend;
     use crate::error::{Error, Result};
@@ -1085,7 +1108,11 @@ mod tests {
     async fn batches_are_flushed_when_full_or_after_flush_every() {
         let batches = Batches::default();
         let (tx, rx) = mpsc::channel(FLUSH_ROWS);
-        let writer = tokio::spawn(write_loop(batches.clone(), rx));
+        let flushes = Arc::new(Flushes::default());
+        let writer = {
+            let (batches, flushes) = (batches.clone(), flushes.clone());
+            tokio::spawn(async move { write_loop(batches, rx, &flushes).await })
+        };
         let start = tokio::time::Instant::now();
         for i in 0..2500 {
             tx.send(record(i, Outcome::local_failure("x")))
@@ -1101,6 +1128,12 @@ mod tests {
         let got = batches.0.lock().unwrap().clone();
         let sizes: Vec<usize> = got.iter().map(|b| b.0).collect();
         assert_eq!(sizes, vec![1000, 1000, 500, 1]);
+        // Each batch measured: its rows (the sum, the buckets) and a time.
+        let rows = flushes.rows.snapshot();
+        assert_eq!((rows.count, rows.sum), (4, 2501));
+        let le = |bound| rows.buckets.iter().find(|b| b.0 == Some(bound)).unwrap().1;
+        assert_eq!((le(1), le(512), le(1024)), (1, 1, 2));
+        assert_eq!(flushes.time.snapshot().count, 4);
         // The partial batch waited FLUSH_EVERY for more after its first
         // record (which came within a poll of the previous write), no longer.
         let waited = got[2].1 - got[1].1;
@@ -1144,7 +1177,7 @@ mod tests {
             kept: kept.clone(),
         };
         let (tx, rx) = mpsc::channel(FLUSH_ROWS);
-        let writer = tokio::spawn(write_loop(flaky, rx));
+        let writer = tokio::spawn(async move { write_loop(flaky, rx, &Flushes::default()).await });
         for i in 0..10 {
             tx.send(record(i, Outcome::local_failure("x")))
                 .await
@@ -1167,7 +1200,7 @@ mod tests {
             kept: kept.clone(),
         };
         let (tx, rx) = mpsc::channel(FLUSH_ROWS);
-        let writer = tokio::spawn(write_loop(flaky, rx));
+        let writer = tokio::spawn(async move { write_loop(flaky, rx, &Flushes::default()).await });
         tx.send(record(1, Outcome::local_failure("x")))
             .await
             .unwrap();
@@ -1186,7 +1219,7 @@ mod tests {
             kept,
         };
         let (tx, rx) = mpsc::channel(FLUSH_ROWS);
-        let writer = tokio::spawn(write_loop(flaky, rx));
+        let writer = tokio::spawn(async move { write_loop(flaky, rx, &Flushes::default()).await });
         tx.send(record(1, Outcome::local_failure("x")))
             .await
             .unwrap();

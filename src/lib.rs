@@ -37,7 +37,10 @@
 //! - [`sign`]: the HMAC key, VERP signatures, unsubscribe tokens, address patterns.
 //! - [`sink`]: a built-in SMTP server for demos, tests and benchmarks.
 //! - [`tls`]: rustls configurations and plain-or-TLS connection halves.
-//! - [`clock`], [`error`]: the time seam and the error type.
+//! - [`metrics`]: Prometheus metrics of runs and of `serve`; [`measure`]:
+//!   the lock-free histogram stages record into.
+//! - [`clock`], [`error`], [`stop`]: the time seam, the error type, the stop
+//!   signal as a token.
 
 #![forbid(unsafe_code)]
 #![deny(unreachable_pub, rust_2018_idioms)]
@@ -55,6 +58,8 @@ pub mod db;
 pub mod error;
 pub mod import;
 pub mod ledger;
+pub mod measure;
+pub mod metrics;
 pub mod model;
 pub mod progress;
 pub mod reconcile;
@@ -67,6 +72,7 @@ pub mod sign;
 pub mod sink;
 pub mod source;
 pub mod state;
+pub mod stop;
 pub mod suppress;
 pub mod tls;
 pub mod transport;

@@ -59,7 +59,7 @@ fn limits(stats: &Stats) -> String {
     let Some(relays) = stats.relays.get() else {
         return String::new();
     };
-    let snaps: Vec<_> = relays.iter().map(|(_, g)| g.snapshot()).collect();
+    let snaps: Vec<_> = relays.iter().map(|r| r.gate.snapshot()).collect();
     let join = |f: &dyn Fn(&crate::adaptive::Aimd) -> String| {
         snaps.iter().map(f).collect::<Vec<_>>().join("/")
     };

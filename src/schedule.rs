@@ -12,6 +12,7 @@
 use std::collections::HashSet;
 use std::future::Future;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sqlx::any::AnyRow;
@@ -43,7 +44,7 @@ pub struct Spec {
 /// settings that run commands or read secrets. A stored campaign is data
 /// written by whoever can write the database; these come from the cron
 /// host's own flags and environment (see `docs/security.md`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Host {
     /// `--queue-probe`: the MTA queue probe every stored campaign uses; a
     /// stored campaign's own `delivery.queue_probe` is ignored.
@@ -51,6 +52,10 @@ pub struct Host {
     /// `--password-env`: the environment variables a stored relay may take
     /// its AUTH password from. Defaults to [`SMTP_PASSWORD_ENV`] alone.
     pub password_envs: Vec<String>,
+    /// `--metrics`: where every campaign's run is exposed; a stored
+    /// campaign's own `delivery.metrics` is ignored (one endpoint per
+    /// process).
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Default for Host {
@@ -58,6 +63,7 @@ impl Default for Host {
         Host {
             queue_probe: None,
             password_envs: vec![SMTP_PASSWORD_ENV.to_string()],
+            metrics: None,
         }
     }
 }
@@ -287,15 +293,7 @@ pub async fn run_due_on(
 ) -> Result<Vec<Due>> {
     let worker = worker.map_or_else(crate::worker::hostname, |w| w.trim().to_string());
     let db = Db::connect(database).await?;
-    let stop_token = CancellationToken::new();
-    let watcher = {
-        let t = stop_token.clone();
-        tokio::spawn(async move {
-            stop.await;
-            t.cancel();
-        })
-    };
-    let stop = stop_token;
+    let (stop, watcher) = crate::stop::token(stop);
     let mut done = HashSet::new();
     let mut report = Vec::new();
     loop {
@@ -382,6 +380,7 @@ async fn run_one(
     let cfg = match spec.load(dir.path(), database, host) {
         Ok(mut c) => {
             c.worker = worker.to_string();
+            c.delivery.metrics = None;
             c
         }
         Err(e) => {
@@ -400,7 +399,15 @@ async fn run_one(
     }
     let token = stop.clone();
     Ok(
-        match crate::commands::send(&cfg, mode, async move { token.cancelled().await }).await {
+        match crate::commands::send_observed(
+            &cfg,
+            mode,
+            async move { token.cancelled().await },
+            CancellationToken::new(),
+            host.metrics.clone(),
+        )
+        .await
+        {
             Ok(summary) => Due::Sent {
                 campaign: name,
                 summary: Box::new(summary),

@@ -8,6 +8,11 @@
 //! tampered one gets 404 and changes nothing. No answer depends on whether
 //! the address is still subscribed. This module does not send mail or read
 //! bounces.
+//!
+//! `GET /metrics` ([`crate::metrics`]) counts the requests answered and the
+//! database's inbound figures (bounces by class, suppressions by reason);
+//! with [`Options::metrics`] it moves to a listener of its own, so the
+//! public one serves unsubscribes only.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -22,6 +27,7 @@ use tokio::net::TcpListener;
 use crate::db::Db;
 use crate::error::{Error, Result};
 use crate::ledger;
+use crate::metrics::{InboundCounts, Metrics, Unsubscribe, CONTENT_TYPE};
 use crate::sign::Key;
 use crate::suppress;
 
@@ -30,14 +36,27 @@ use crate::suppress;
 struct AppState {
     db: Db,
     key: Key,
+    metrics: Arc<Metrics>,
 }
 
-/// The service's routes over `db` signed with `key`.
-pub fn router(db: Db, key: Key) -> Router {
-    Router::new()
+/// How to serve.
+#[derive(Debug, Default)]
+pub struct Options {
+    /// A listener of its own for `/metrics` (then not on the public one).
+    pub metrics: Option<TcpListener>,
+}
+
+/// The service's routes over `db` signed with `key`, counting into
+/// `metrics`; with `with_metrics`, `/metrics` too.
+fn router(app: Arc<AppState>, with_metrics: bool) -> Router {
+    let r = Router::new()
         .route("/healthz", get(health))
-        .route("/unsubscribe/{token}", get(confirm_page).post(unsubscribe))
-        .with_state(Arc::new(AppState { db, key }))
+        .route("/unsubscribe/{token}", get(confirm_page).post(unsubscribe));
+    let r = match with_metrics {
+        true => r.route("/metrics", get(metrics)),
+        false => r,
+    };
+    r.with_state(app)
 }
 
 /// Serves on `listener` until `stop` resolves, then finishes requests in
@@ -45,18 +64,63 @@ pub fn router(db: Db, key: Key) -> Router {
 pub async fn run(
     db: Db,
     listener: TcpListener,
+    opts: Options,
     stop: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let key = Key::load(&db).await?;
-    let addr = listener.local_addr().ok();
-    tracing::info!(
-        "blast serve: listening on {}",
-        addr.map_or("?".into(), |a| a.to_string())
-    );
-    axum::serve(listener, router(db, key))
-        .with_graceful_shutdown(stop)
-        .await
-        .map_err(|e| Error::Invalid(format!("HTTP server: {e}")))
+    let app = Arc::new(AppState {
+        db,
+        key,
+        metrics: Metrics::new(),
+    });
+    let addr = |l: &TcpListener| l.local_addr().map_or("?".into(), |a| a.to_string());
+    tracing::info!("blast serve: listening on {}", addr(&listener));
+    let (stop, watcher) = crate::stop::token(stop);
+    let side = opts.metrics.map(|l| {
+        tracing::info!("blast serve: metrics on http://{}/metrics", addr(&l));
+        let (app, stop) = (app.clone(), stop.clone());
+        tokio::spawn(async move {
+            axum::serve(
+                l,
+                Router::new()
+                    .route("/metrics", get(metrics))
+                    .with_state(app),
+            )
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+        })
+    });
+    let public = router(app, side.is_none());
+    let served = {
+        let stop = stop.clone();
+        axum::serve(listener, public)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    };
+    // The public listener ended (a stop, or an error): so does the other.
+    stop.cancel();
+    let _ = watcher.await;
+    if let Some(task) = side {
+        if let Ok(Err(e)) = task.await {
+            tracing::warn!("metrics listener: {e}");
+        }
+    }
+    served.map_err(|e| Error::Invalid(format!("HTTP server: {e}")))
+}
+
+/// `GET /metrics`: the requests answered and the database's inbound counts.
+async fn metrics(State(app): State<Arc<AppState>>) -> Response {
+    match InboundCounts::load(&app.db).await {
+        Ok(counts) => (
+            [(header::CONTENT_TYPE, CONTENT_TYPE)],
+            app.metrics.encode(Some(counts)),
+        )
+            .into_response(),
+        Err(e) => {
+            tracing::warn!("metrics: {e}");
+            (StatusCode::SERVICE_UNAVAILABLE, "database unavailable\n").into_response()
+        }
+    }
 }
 
 /// 200 when the database answers, 503 otherwise (for load balancers).
@@ -92,7 +156,13 @@ async fn resolve(app: &AppState, token: &str) -> Result<Resolved> {
 
 /// `GET`: a page with one button that POSTs back to the same URL.
 async fn confirm_page(State(app): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
-    match resolve(&app, &token).await {
+    let resolved = resolve(&app, &token).await;
+    app.metrics.unsubscribe(match &resolved {
+        Ok(Resolved::Address { .. }) => Unsubscribe::Page,
+        Ok(Resolved::Invalid) => Unsubscribe::Invalid,
+        Err(_) => Unsubscribe::Unavailable,
+    });
+    match resolved {
         Ok(Resolved::Address { .. }) => page(
             StatusCode::OK,
             "Unsubscribe",
@@ -111,11 +181,22 @@ async fn confirm_page(State(app): State<Arc<AppState>>, Path(token): Path<String
 async fn unsubscribe(State(app): State<Arc<AppState>>, Path(token): Path<String>) -> Response {
     let (campaign, address) = match resolve(&app, &token).await {
         Ok(Resolved::Address { campaign, address }) => (campaign, address),
-        Ok(Resolved::Invalid) => return invalid(),
-        Err(e) => return unavailable(e),
+        Ok(Resolved::Invalid) => {
+            app.metrics.unsubscribe(Unsubscribe::Invalid);
+            return invalid();
+        }
+        Err(e) => {
+            app.metrics.unsubscribe(Unsubscribe::Unavailable);
+            return unavailable(e);
+        }
     };
     let source = format!("https:campaign={campaign}");
-    match suppress::add(&app.db, &address, "unsubscribe", &source).await {
+    let added = suppress::add(&app.db, &address, "unsubscribe", &source).await;
+    app.metrics.unsubscribe(match added {
+        Ok(_) => Unsubscribe::Done,
+        Err(_) => Unsubscribe::Unavailable,
+    });
+    match added {
         Ok(new) => {
             if new {
                 tracing::info!("unsubscribed {address} (campaign {campaign}, https)");

@@ -121,7 +121,7 @@ async fn run_paced(
                 let limits = stats
                     .relays
                     .get()
-                    .map(|r| r.iter().map(|(_, g)| g.snapshot().limit()).collect())
+                    .map(|r| r.iter().map(|r| r.gate.snapshot().limit()).collect())
                     .unwrap_or_default();
                 let accepted = models.iter().map(|m| m.stats().accepted).collect();
                 samples

@@ -7,64 +7,11 @@ use std::time::Duration;
 use blast::db::Db;
 use blast::sign::Key;
 use blast::sink::Faults;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::util::{self, header, sink, slow_sink, spawn_send, wait_for, Backend, World};
+use crate::util::{self, header, sink, slow_sink, spawn_send, wait_for, Backend, Server, World};
 
 const VERP: &str =
     "[bounces]\nverp = \"bounces+{campaign}-{recipient}-{sig}@bounce.example.com\"\n";
-
-/// A running `blast serve` on 127.0.0.1:0.
-struct Server {
-    addr: std::net::SocketAddr,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    task: tokio::task::JoinHandle<blast::Result<()>>,
-}
-
-impl Server {
-    async fn start(db: Db) -> Server {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        let task = tokio::spawn(blast::serve::run(db, listener, async move {
-            let _ = rx.await;
-        }));
-        Server {
-            addr,
-            stop: Some(tx),
-            task,
-        }
-    }
-
-    /// One HTTP/1.1 request; returns (status, body).
-    async fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
-        let mut s = tokio::net::TcpStream::connect(self.addr).await.unwrap();
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: lists.example.com\r\nConnection: close\r\n\
-             Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut out = Vec::new();
-        tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
-            .await
-            .expect("server answers within 10 s")
-            .unwrap();
-        let text = String::from_utf8_lossy(&out).to_string();
-        let status = text
-            .split(' ')
-            .nth(1)
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-        (status, body.to_string())
-    }
-
-    async fn stop(mut self) {
-        let _ = self.stop.take().unwrap().send(());
-        self.task.await.unwrap().unwrap();
-    }
-}
 
 /// The token in a message's List-Unsubscribe URL.
 fn token_of(msg: &[u8]) -> String {

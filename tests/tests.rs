@@ -21,6 +21,8 @@ mod import;
 mod inbound;
 /// The SQL ledger driven directly on both backends: exact text, duplicates.
 mod ledger;
+/// Prometheus metrics: scrapes parsed by Prometheus's own parser.
+mod metrics;
 /// Through a real, tuned Postfix.
 mod mta;
 /// `blast reconcile`: Postfix's log into the ledger, follow, rotation.

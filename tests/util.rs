@@ -158,6 +158,74 @@ pub async fn slow_sink(latency: Duration) -> Sink {
     .await
 }
 
+/// A running `blast serve` on 127.0.0.1:0.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<blast::Result<()>>,
+}
+
+impl Server {
+    pub async fn start(db: Db) -> Server {
+        Server::start_with(db, blast::serve::Options::default()).await
+    }
+
+    pub async fn start_with(db: Db, opts: blast::serve::Options) -> Server {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(blast::serve::run(db, listener, opts, async move {
+            let _ = rx.await;
+        }));
+        Server {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    /// One HTTP/1.1 request; returns (status, body).
+    pub async fn request(&self, method: &str, path: &str, body: &str) -> (u16, String) {
+        let (status, _, body) = http(self.addr, method, path, body).await;
+        (status, body)
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// One HTTP/1.1 request to `addr`; returns (status, head, body).
+pub async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: lists.example.com\r\nConnection: close\r\n\
+         Content-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .expect("server answers within 10 s")
+        .unwrap();
+    let text = String::from_utf8_lossy(&out).to_string();
+    let status = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (status, head.to_string(), body.to_string())
+}
+
 /// The `blast` binary built for this test run, as an operator runs it.
 pub fn blast() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blast"))

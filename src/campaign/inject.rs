@@ -5,7 +5,6 @@
 //! path out of a step (a stop, an abort, a lost connection) can leak a
 //! slot or leave the end of the run waiting for a message nobody holds.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -207,7 +206,8 @@ impl<T: Transport> Injector<T> {
         let Some(why) = self.suppressions.get(&hand.job().out.email) else {
             return Unsuppressed::Send(hand);
         };
-        self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .add_on(self.relay, &self.stats.suppressed, |r| &r.suppressed);
         let job = hand.finish();
         Unsuppressed::Skip(Record::suppressed(
             job.out.envelope.recipient_id,
@@ -254,7 +254,8 @@ impl<T: Transport> Injector<T> {
             _ = self.abort.cancelled() => Sent::Abandoned,
             r = session.send(&job.out.envelope, &job.out.bytes) => match r {
                 Ok(outcome) => {
-                    self.stats.transaction(self.slot, session.latency());
+                    self.stats
+                        .transaction(self.slot, self.relay, session.latency());
                     Sent::Answered(outcome)
                 }
                 Err(e) => Sent::Lost(e),
@@ -296,8 +297,9 @@ impl<T: Transport> Injector<T> {
     async fn give_up_ambiguous(&self, hand: InHand<'_>, e: &SessionError) -> Flow {
         let job = hand.finish();
         self.stats
-            .possibly_delivered
-            .fetch_add(1, Ordering::Relaxed);
+            .add_on(self.relay, &self.stats.possibly_delivered, |r| {
+                &r.possibly_delivered
+            });
         let outcome = Outcome::local_failure(format!(
             "possibly delivered: the connection was lost after the message data {} times; \
              not sent again (last: {})",
@@ -323,7 +325,8 @@ impl<T: Transport> Injector<T> {
         let hand = match deferred {
             true => match hand.defer_elsewhere(self.relay) {
                 None => {
-                    self.stats.rerouted.fetch_add(1, Ordering::Relaxed);
+                    self.stats
+                        .add_on(self.relay, &self.stats.rerouted, |r| &r.rerouted);
                     return Flow::Next;
                 }
                 Some(hand) => hand,
@@ -334,8 +337,9 @@ impl<T: Transport> Injector<T> {
         if job.ambiguous {
             // Lost after the message data once: the MTA may have it twice.
             self.stats
-                .possibly_duplicated
-                .fetch_add(1, Ordering::Relaxed);
+                .add_on(self.relay, &self.stats.possibly_duplicated, |r| {
+                    &r.possibly_duplicated
+                });
             outcome.note(AMBIGUOUS_NOTE);
         }
         let id = job.out.envelope.recipient_id;
@@ -350,7 +354,7 @@ impl<T: Transport> Injector<T> {
 
     /// Counts `job`'s outcome on this relay and hands it to the ledger.
     async fn record_outcome(&self, job: Job, outcome: Outcome) -> Flow {
-        self.stats.count(&outcome);
+        self.stats.count_on(self.relay, &outcome);
         self.record(Record {
             recipient_id: job.out.envelope.recipient_id,
             email: job.out.email,
@@ -392,7 +396,8 @@ impl<T: Transport> Injector<T> {
     /// Logs a lost connection and sleeps with capped exponential backoff and
     /// jitter. Returns false when stopped meanwhile.
     async fn wait_retry(&self, e: &SessionError, backoff: &mut Duration) -> bool {
-        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .add_on(self.relay, &self.stats.retries, |r| &r.retries);
         // Jitter keeps N injectors from reconnecting in lockstep.
         let jitter =
             Duration::from_millis((self.slot as u64 * 37 + clock::now().nanosecond() as u64) % 100);

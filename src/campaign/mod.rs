@@ -124,7 +124,7 @@ mod work;
 pub use breaker::{Breaker, RateRule};
 pub use rate::{share, Rate};
 pub use stats::{
-    Histogram, InjectorStats, InjectorSummary, LatencySummary, RelaySummary, RenderErrorSummary,
+    InjectorStats, InjectorSummary, LatencySummary, RelayStats, RelaySummary, RenderErrorSummary,
     Stats, Summary,
 };
 pub use watch::queue_depth;
@@ -164,7 +164,7 @@ where
     let work = Arc::new(work);
     let breaker = Arc::new(Breaker::new(opts.breaker_threshold, opts.breaker_rate));
     let (rec_tx, rec_rx) = mpsc::channel::<Record>(ledger::FLUSH_ROWS);
-    let ledger_task = spawn_ledger(ledger, rec_rx, stop.clone());
+    let ledger_task = spawn_ledger(ledger, rec_rx, stats.clone(), stop.clone());
 
     let injectors = TaskTracker::new();
     for inj in relays.injectors_for(&opts, &transport, &work, &rec_tx, &stats, &breaker, &stop) {
@@ -215,10 +215,11 @@ where
 fn spawn_ledger<L: Ledger>(
     ledger: L,
     records: mpsc::Receiver<Record>,
+    stats: Arc<Stats>,
     stop: CancellationToken,
 ) -> JoinHandle<Result<u64>> {
     tokio::spawn(async move {
-        let r = ledger::write_loop(ledger, records).await;
+        let r = ledger::write_loop(ledger, records, &stats.flushes).await;
         if r.is_err() {
             stop.cancel();
         }
@@ -270,7 +271,7 @@ impl Relays {
             gates
                 .iter()
                 .enumerate()
-                .map(|(r, g)| (transport.describe(r), g.clone()))
+                .map(|(r, g)| RelayStats::new(transport.describe(r), g.clone()))
                 .collect(),
         );
         let limiters = relay_opts

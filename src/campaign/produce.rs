@@ -222,7 +222,10 @@ impl RenderWorker {
                 recipient.first_attempt_at,
             ));
         }
-        match self.renderer.render(&recipient, now) {
+        let started = std::time::Instant::now();
+        let rendered = self.renderer.render(&recipient, now);
+        self.stats.render.record(started.elapsed());
+        match rendered {
             Ok(out) => {
                 self.streak.success();
                 Prepared::Send(Job {

@@ -10,6 +10,8 @@ use serde::Serialize;
 use super::{Breaker, RunOptions};
 use crate::adaptive::Gate;
 use crate::config::Concurrency;
+use crate::ledger::Flushes;
+use crate::measure::Histogram;
 use crate::model::Outcome;
 
 /// Live counters, shared with the progress display.
@@ -21,6 +23,10 @@ pub struct Stats {
     pub first_outcome_us: AtomicU64,
     /// SMTP transaction latency over all injectors.
     pub latency: Histogram,
+    /// Time to build each message (templates and MIME), microseconds.
+    pub render: Histogram,
+    /// The ledger writer's batches: time to store, rows.
+    pub flushes: Flushes,
     /// Per-injector counters, indexed by slot.
     pub injectors: Vec<InjectorStats>,
     /// Accepted by the MTA.
@@ -52,8 +58,10 @@ pub struct Stats {
     pub queue: AtomicU64,
     /// See `queue`.
     pub queue_max: AtomicU64,
-    /// Each relay's name and concurrency gate, once the run has started.
-    pub relays: std::sync::OnceLock<Vec<(String, Arc<Gate>)>>,
+    /// Whether an MTA queue probe has reported (`queue` means something).
+    pub queue_probed: std::sync::atomic::AtomicBool,
+    /// Each relay's gate and counters, once the run has started.
+    pub relays: std::sync::OnceLock<Vec<RelayStats>>,
     /// The whole campaign as the last heartbeat saw it, when several
     /// workers share it.
     pub campaign: std::sync::Mutex<Option<CampaignView>>,
@@ -73,6 +81,62 @@ pub struct CampaignView {
     baseline: u64,
 }
 
+/// One relay's share of the counters (each also counted in the run's
+/// totals), its latency and its gate (limit, in flight, circuit).
+#[derive(Debug)]
+pub struct RelayStats {
+    /// `smtp://host:port`, as logs and the ledger name it.
+    pub name: String,
+    /// Its limit and circuit.
+    pub gate: Arc<Gate>,
+    /// Accepted.
+    pub sent: AtomicU64,
+    /// Refused for good (5xx, a message given up as possibly delivered).
+    pub failed: AtomicU64,
+    /// Temporarily refused, and no other relay took it.
+    pub deferred: AtomicU64,
+    /// Suppressed after the message was built (an unsubscribe mid-run).
+    pub suppressed: AtomicU64,
+    /// Answered 4xx here and handed to another relay.
+    pub rerouted: AtomicU64,
+    /// Sent here again after a connection lost after the data.
+    pub possibly_duplicated: AtomicU64,
+    /// Given up after every try lost the connection after the data.
+    pub possibly_delivered: AtomicU64,
+    /// Connections lost or refused.
+    pub retries: AtomicU64,
+    /// SMTP transaction time, microseconds.
+    pub latency: Histogram,
+}
+
+impl RelayStats {
+    /// Counters for relay `name` behind `gate`.
+    pub fn new(name: String, gate: Arc<Gate>) -> RelayStats {
+        RelayStats {
+            name,
+            gate,
+            sent: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            deferred: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+            rerouted: AtomicU64::new(0),
+            possibly_duplicated: AtomicU64::new(0),
+            possibly_delivered: AtomicU64::new(0),
+            retries: AtomicU64::new(0),
+            latency: Histogram::default(),
+        }
+    }
+
+    /// The counter for `outcome`.
+    fn outcome(&self, outcome: &Outcome) -> &AtomicU64 {
+        match outcome {
+            Outcome::Sent { .. } => &self.sent,
+            Outcome::Deferred(_) => &self.deferred,
+            Outcome::Failed(_) => &self.failed,
+        }
+    }
+}
+
 /// One injector's counters: what an operator needs to see whether adding
 /// connections still adds throughput.
 #[derive(Debug, Default)]
@@ -83,44 +147,6 @@ pub struct InjectorStats {
     pub busy_us: AtomicU64,
 }
 
-/// A latency histogram with power-of-two microsecond buckets (bucket `i`
-/// holds durations in `[2^i, 2^(i+1))` us), lock-free to update.
-#[derive(Debug, Default)]
-pub struct Histogram {
-    buckets: [AtomicU64; 26],
-}
-
-impl Histogram {
-    /// Adds one sample.
-    pub fn record(&self, d: Duration) {
-        let us = d.as_micros().max(1) as u64;
-        let i = (63 - us.leading_zeros() as usize).min(self.buckets.len() - 1);
-        self.buckets[i].fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// The `q` quantile (0..=1) as the upper bound of its bucket; zero when empty.
-    pub fn quantile(&self, q: f64) -> Duration {
-        let counts: Vec<u64> = self
-            .buckets
-            .iter()
-            .map(|b| b.load(Ordering::Relaxed))
-            .collect();
-        let total: u64 = counts.iter().sum();
-        if total == 0 {
-            return Duration::ZERO;
-        }
-        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
-        let mut seen = 0;
-        for (i, c) in counts.iter().enumerate() {
-            seen += c;
-            if seen >= rank {
-                return Duration::from_micros(1u64 << (i + 1));
-            }
-        }
-        Duration::from_micros(1u64 << counts.len())
-    }
-}
-
 impl Stats {
     /// Counters for `injectors` injectors, starting the clock now.
     pub fn new(injectors: usize) -> Stats {
@@ -128,6 +154,8 @@ impl Stats {
             started: Instant::now(),
             first_outcome_us: AtomicU64::new(0),
             latency: Histogram::default(),
+            render: Histogram::default(),
+            flushes: Flushes::default(),
             injectors: (0..injectors).map(|_| InjectorStats::default()).collect(),
             sent: AtomicU64::new(0),
             failed: AtomicU64::new(0),
@@ -142,6 +170,7 @@ impl Stats {
             total: AtomicU64::new(0),
             queue: AtomicU64::new(0),
             queue_max: AtomicU64::new(0),
+            queue_probed: std::sync::atomic::AtomicBool::new(false),
             relays: std::sync::OnceLock::new(),
             campaign: std::sync::Mutex::new(None),
         }
@@ -207,9 +236,30 @@ impl Stats {
         view.filter(|v| v.workers > 1)
     }
 
-    /// Records one SMTP transaction by injector `slot`.
-    pub(super) fn transaction(&self, slot: usize, latency: Duration) {
+    /// Relay `r`'s counters (none before the run has planned its relays).
+    pub(super) fn relay(&self, r: usize) -> Option<&RelayStats> {
+        self.relays.get().and_then(|v| v.get(r))
+    }
+
+    /// Adds one to the run's `total` and to relay `r`'s share of it.
+    pub(super) fn add_on(
+        &self,
+        r: usize,
+        total: &AtomicU64,
+        share: impl Fn(&RelayStats) -> &AtomicU64,
+    ) {
+        total.fetch_add(1, Ordering::Relaxed);
+        if let Some(relay) = self.relay(r) {
+            share(relay).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Records one SMTP transaction by injector `slot` on relay `r`.
+    pub(super) fn transaction(&self, slot: usize, r: usize, latency: Duration) {
         self.latency.record(latency);
+        if let Some(relay) = self.relay(r) {
+            relay.latency.record(latency);
+        }
         if let Some(i) = self.injectors.get(slot) {
             i.messages.fetch_add(1, Ordering::Relaxed);
             i.busy_us
@@ -217,6 +267,15 @@ impl Stats {
         }
     }
 
+    /// Counts `outcome`, answered by relay `r`.
+    pub(super) fn count_on(&self, r: usize, outcome: &Outcome) {
+        self.count(outcome);
+        if let Some(relay) = self.relay(r) {
+            relay.outcome(outcome).fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Counts `outcome` (no relay answered: an address that is no address).
     pub(super) fn count(&self, outcome: &Outcome) {
         if self.first_outcome_us.load(Ordering::Relaxed) == 0 {
             let us = (self.started.elapsed().as_micros() as u64).max(1);
@@ -344,10 +403,11 @@ impl Stats {
             .get()
             .map(|v| {
                 v.iter()
-                    .map(|(relay, g)| {
+                    .map(|r| {
+                        let g = &r.gate;
                         let a = g.snapshot();
                         RelaySummary {
-                            relay: relay.clone(),
+                            relay: r.name.clone(),
                             adaptive,
                             limit: a.limit(),
                             peak_limit: a.peak_limit(),
@@ -387,7 +447,7 @@ pub struct InjectorSummary {
 impl Stats {
     /// Latency quantiles so far.
     pub fn latency_summary(&self) -> LatencySummary {
-        let ms = |q| self.latency.quantile(q).as_secs_f64() * 1000.0;
+        let ms = |q| self.latency.quantile_duration(q).as_secs_f64() * 1000.0;
         LatencySummary {
             p50: ms(0.5),
             p90: ms(0.9),

@@ -100,6 +100,7 @@ async fn probe_queue(
             }
         };
         stats.queue.store(depth, Ordering::Relaxed);
+        stats.queue_probed.store(true, Ordering::Relaxed);
         stats.queue_max.fetch_max(depth, Ordering::Relaxed);
         if depth > probe.target {
             gates.iter().for_each(|g| g.mark(Mark::Queue));

@@ -122,6 +122,8 @@ pub struct Overrides {
     pub retries_only: bool,
     /// `--worker`: this process's worker name (default: the host name).
     pub worker: Option<String>,
+    /// `--metrics ADDR`: serve Prometheus metrics while sending.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Who receives the campaign.
@@ -240,6 +242,9 @@ pub struct DeliveryConfig {
     pub queue_probe: Option<QueueProbe>,
     /// How workers share the campaign.
     pub workers: Workers,
+    /// Where to serve Prometheus metrics while sending (`/metrics`);
+    /// None = off.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// How several workers share one campaign (see `docs/scale-out.md`).
@@ -460,6 +465,7 @@ impl Config {
         let concurrency = sections::concurrency(overrides.concurrency, d.concurrency)?;
         let verp = sections::verp(raw.bounces, d.envelope_from.is_some())?;
         let queue_probe = sections::queue_probe(d.queue_probe, d.queue_target)?;
+        let metrics = sections::metrics(overrides.metrics, d.metrics)?;
         // Default bounce address: the From address itself.
         let envelope_from = d
             .envelope_from
@@ -508,6 +514,7 @@ impl Config {
                 chunking: d.chunking.unwrap_or(true),
                 queue_probe,
                 workers,
+                metrics,
             },
             limit: overrides.limit,
             dry_run: overrides.dry_run.clone(),

@@ -70,6 +70,7 @@ pub(super) struct DeliveryFile {
     pub(super) chunking: Option<bool>,
     pub(super) queue_probe: Option<String>,
     pub(super) queue_target: Option<u64>,
+    pub(super) metrics: Option<String>,
     pub(super) max_workers: Option<u32>,
     pub(super) claim_size: Option<u64>,
     pub(super) claim_time: Option<String>,

@@ -6,6 +6,7 @@
 //! else.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -397,6 +398,26 @@ pub(super) fn queue_probe(
             command,
             target: target.unwrap_or(DEFAULT_QUEUE_TARGET),
         }))
+}
+
+/// `delivery.metrics` (or `--metrics`, which wins): the address of the
+/// Prometheus endpoint; empty turns it off.
+pub(super) fn metrics(
+    flag: Option<SocketAddr>,
+    file: Option<String>,
+) -> Checked<Option<SocketAddr>> {
+    if flag.is_some() {
+        return Ok(flag);
+    }
+    match file.as_deref().map(str::trim) {
+        None | Some("") => Ok(None),
+        Some(addr) => addr.parse().map(Some).map_err(|_| {
+            invalid(
+                "delivery.metrics",
+                format!("{addr:?} is not an address to listen on (e.g. \"127.0.0.1:9464\")"),
+            )
+        }),
+    }
 }
 
 /// `[unsubscribe]`: an `https://` URL and a mailto address, each with one

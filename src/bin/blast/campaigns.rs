@@ -147,6 +147,7 @@ pub(crate) async fn send(args: SendArgs, retries_only: bool) -> anyhow::Result<E
         dry_run: args.dry_run,
         retries_only,
         worker: args.worker,
+        metrics: args.metrics,
     };
     let cfg = load(&args.campaign.campaign, overrides)?;
     let mode = progress_mode(&args.progress);
@@ -312,6 +313,13 @@ pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     host.password_envs.extend(args.password_env);
+    let endpoint = match args.metrics {
+        Some(addr) => {
+            Some(blast::metrics::Endpoint::start(addr, blast::metrics::Metrics::new()).await?)
+        }
+        None => None,
+    };
+    host.metrics = endpoint.as_ref().map(|e| e.metrics.clone());
     let report = blast::schedule::run_due_on(
         &args.database,
         args.worker.as_deref(),
@@ -319,7 +327,11 @@ pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
         progress_mode(&args.progress),
         shutdown_signal(),
     )
-    .await?;
+    .await;
+    if let Some(e) = endpoint {
+        e.stop().await;
+    }
+    let report = report?;
     let mut code = ExitCode::SUCCESS;
     for due in &report {
         if args.json {

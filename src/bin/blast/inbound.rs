@@ -18,7 +18,16 @@ pub(crate) async fn serve(args: ServeArgs) -> anyhow::Result<ExitCode> {
         "blast serve: listening on http://{}",
         listener.local_addr()?
     );
-    blast::serve::run(db.clone(), listener, shutdown_signal()).await?;
+    let metrics = match args.metrics {
+        Some(addr) => Some(
+            tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("metrics: cannot listen on {addr}"))?,
+        ),
+        None => None,
+    };
+    let opts = blast::serve::Options { metrics };
+    blast::serve::run(db.clone(), listener, opts, shutdown_signal()).await?;
     db.close().await;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,373 @@
+//! The runs of this process as metric families, read from their
+//! [`Stats`] at scrape time.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet};
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use crate::campaign::{RelayStats, Stats};
+use crate::measure::Snapshot;
+
+/// One run being exposed.
+#[derive(Debug, Clone)]
+pub(super) struct Run {
+    pub(super) campaign: String,
+    pub(super) worker: String,
+    stats: Arc<Stats>,
+    /// Unix time the run started.
+    started: f64,
+    /// False once the run is over.
+    pub(super) active: Arc<AtomicBool>,
+}
+
+impl Run {
+    pub(super) fn new(campaign: &str, worker: &str, stats: Arc<Stats>) -> Run {
+        Run {
+            campaign: campaign.to_string(),
+            worker: worker.to_string(),
+            stats,
+            started: crate::clock::now().unix_timestamp_nanos() as f64 / 1e9,
+            active: Arc::new(AtomicBool::new(true)),
+        }
+    }
+
+    fn labels(&self) -> [(&'static str, &str); 2] {
+        [("campaign", &self.campaign), ("worker", &self.worker)]
+    }
+
+    fn relay_labels<'a>(&'a self, relay: &'a str) -> [(&'static str, &'a str); 3] {
+        [
+            ("campaign", &self.campaign),
+            ("worker", &self.worker),
+            ("relay", relay),
+        ]
+    }
+
+    fn relays(&self) -> &[RelayStats] {
+        self.stats.relays.get().map_or(&[], |v| v.as_slice())
+    }
+}
+
+/// Every run of this process.
+#[derive(Debug)]
+pub(super) struct Runs(pub(super) Vec<Run>);
+
+/// Outcomes a relay answered (or caused), with the relay's counter.
+type RelayCounter = fn(&RelayStats) -> &AtomicU64;
+
+const RELAY_OUTCOMES: [(&str, RelayCounter); 7] = [
+    ("sent", |r| &r.sent),
+    ("deferred", |r| &r.deferred),
+    ("failed", |r| &r.failed),
+    ("suppressed", |r| &r.suppressed),
+    ("rerouted", |r| &r.rerouted),
+    ("possibly_duplicated", |r| &r.possibly_duplicated),
+    ("possibly_delivered", |r| &r.possibly_delivered),
+];
+
+/// Outcomes by the run's totals: what no relay saw is the total less the
+/// relays' shares (relay label empty).
+type RunCounter = fn(&Stats) -> &AtomicU64;
+
+const RUN_OUTCOMES: [(&str, RunCounter); 5] = [
+    ("sent", |s| &s.sent),
+    ("deferred", |s| &s.deferred),
+    ("failed", |s| &s.failed),
+    ("suppressed", |s| &s.suppressed),
+    ("unrendered", |s| &s.unrendered),
+];
+
+fn load(c: &AtomicU64) -> u64 {
+    c.load(Ordering::Relaxed)
+}
+
+/// A counter family, one sample per label set.
+fn counters<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, u64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (labels, v) in samples {
+        family
+            .encode_family(&labels)?
+            .encode_counter::<NoLabelSet, _, u64>(&v, None)?;
+    }
+    Ok(())
+}
+
+/// A gauge family, one sample per label set.
+fn gauges<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    samples: impl IntoIterator<Item = (L, f64)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (labels, v) in samples {
+        family.encode_family(&labels)?.encode_gauge(&v)?;
+    }
+    Ok(())
+}
+
+/// A histogram family; `scale` turns a bucket bound into the unit (1e-6
+/// for microseconds as seconds), and buckets below `from` are merged into
+/// it (Prometheus's buckets are cumulative, so nothing is lost).
+fn histograms<L: EncodeLabelSet>(
+    enc: &mut DescriptorEncoder<'_>,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    scale: f64,
+    from: usize,
+    samples: impl IntoIterator<Item = (L, Snapshot)>,
+) -> Result<(), std::fmt::Error> {
+    let mut family = enc.encode_descriptor(name, help, unit, MetricType::Histogram)?;
+    for (labels, s) in samples {
+        let below: u64 = s.buckets.iter().take(from).map(|b| b.1).sum();
+        let buckets: Vec<(f64, u64)> = s
+            .buckets
+            .iter()
+            .enumerate()
+            .skip(from)
+            .map(|(i, (bound, n))| {
+                let n = if i == from { n + below } else { *n };
+                (bound.map_or(f64::MAX, |b| b as f64 * scale), n)
+            })
+            .collect();
+        family
+            .encode_family(&labels)?
+            .encode_histogram::<NoLabelSet>(s.sum as f64 * scale, s.count, &buckets, None)?;
+    }
+    Ok(())
+}
+
+/// Seconds histograms start at 8 us (rendering one message takes ~20 us).
+const SECONDS_FROM: usize = 3;
+
+impl Collector for Runs {
+    fn encode(&self, mut enc: DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let runs = &self.0;
+        self.messages(&mut enc)?;
+        counters(
+            &mut enc,
+            "blast_connection_retries",
+            "SMTP connections lost or refused; the message went to the queue again",
+            runs.iter().flat_map(|run| {
+                run.relays()
+                    .iter()
+                    .map(move |r| (run.relay_labels(&r.name), load(&r.retries)))
+            }),
+        )?;
+        histograms(
+            &mut enc,
+            "blast_smtp_transaction",
+            "Time of one SMTP transaction (MAIL to the reply after the data)",
+            Some(&Unit::Seconds),
+            1e-6,
+            SECONDS_FROM,
+            runs.iter().flat_map(|run| {
+                run.relays()
+                    .iter()
+                    .map(move |r| (run.relay_labels(&r.name), r.latency.snapshot()))
+            }),
+        )?;
+        self.relays(&mut enc)?;
+        histograms(
+            &mut enc,
+            "blast_render",
+            "Time to build one message: templates and MIME",
+            Some(&Unit::Seconds),
+            1e-6,
+            SECONDS_FROM,
+            runs.iter()
+                .map(|run| (run.labels(), run.stats.render.snapshot())),
+        )?;
+        histograms(
+            &mut enc,
+            "blast_ledger_flush",
+            "Time to store one batch of outcomes in the ledger, retries included",
+            Some(&Unit::Seconds),
+            1e-6,
+            SECONDS_FROM,
+            runs.iter()
+                .map(|run| (run.labels(), run.stats.flushes.time.snapshot())),
+        )?;
+        histograms(
+            &mut enc,
+            "blast_ledger_batch_rows",
+            "Outcomes stored per ledger batch",
+            None,
+            1.0,
+            0,
+            runs.iter()
+                .map(|run| (run.labels(), run.stats.flushes.rows.snapshot())),
+        )?;
+        self.progress(&mut enc)
+    }
+}
+
+impl Runs {
+    /// `blast_messages_total`: every recipient's outcome by relay; what no
+    /// relay saw has an empty relay.
+    fn messages(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let mut samples = Vec::new();
+        for run in &self.0 {
+            let relays = run.relays();
+            for r in relays {
+                for (outcome, counter) in RELAY_OUTCOMES {
+                    samples.push((relay_outcome(run, &r.name, outcome), load(counter(r))));
+                }
+            }
+            for (outcome, total) in RUN_OUTCOMES {
+                let on_relays: u64 = RELAY_OUTCOMES
+                    .iter()
+                    .filter(|(o, _)| *o == outcome)
+                    .flat_map(|(_, c)| relays.iter().map(|r| load(c(r))))
+                    .sum();
+                let rest = load(total(&run.stats)).saturating_sub(on_relays);
+                samples.push((relay_outcome(run, "", outcome), rest));
+            }
+        }
+        counters(
+            enc,
+            "blast_messages",
+            "Recipients by outcome: sent (the MTA took it), deferred (4xx, no relay took it), \
+             failed (5xx, bad address, given up), suppressed, unrendered (template or data \
+             error), rerouted (4xx here, sent on by another relay), possibly_duplicated \
+             (sent again after a connection lost after the data), possibly_delivered \
+             (given up after every try was lost that way)",
+            samples,
+        )
+    }
+
+    /// Each relay's concurrency, transactions in flight and circuit.
+    fn relays(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let each = |f: fn(&RelayStats) -> f64| {
+            self.0.iter().flat_map(move |run| {
+                run.relays()
+                    .iter()
+                    .map(move |r| (run.relay_labels(&r.name), f(r)))
+            })
+        };
+        gauges(
+            enc,
+            "blast_relay_in_flight",
+            "SMTP transactions in flight on the relay",
+            each(|r| r.gate.snapshot().in_flight() as f64),
+        )?;
+        gauges(
+            enc,
+            "blast_relay_concurrency_limit",
+            "Transactions the relay may have in flight (adaptive, or pinned by `concurrency`)",
+            each(|r| r.gate.snapshot().limit() as f64),
+        )?;
+        gauges(
+            enc,
+            "blast_relay_circuit_open",
+            "1 while the relay's circuit is open (it gets no messages until a probe succeeds)",
+            each(|r| f64::from(u8::from(r.gate.is_open()))),
+        )?;
+        counters(
+            enc,
+            "blast_relay_circuit_opened",
+            "Times the relay's circuit opened (connection failures or a burst of 4xx)",
+            self.0.iter().flat_map(|run| {
+                run.relays()
+                    .iter()
+                    .map(move |r| (run.relay_labels(&r.name), r.gate.times_opened()))
+            }),
+        )?;
+        let mut marks = Vec::new();
+        for run in &self.0 {
+            for r in run.relays() {
+                let m = r.gate.snapshot().marks();
+                for (kind, n) in [
+                    ("deferred", m.deferred),
+                    ("connection", m.connection),
+                    ("stall", m.stall),
+                    ("queue", m.queue),
+                    ("latency", m.latency),
+                ] {
+                    let [c, w, rl] = run.relay_labels(&r.name);
+                    marks.push(([c, w, rl, ("kind", kind)], n));
+                }
+            }
+        }
+        counters(
+            enc,
+            "blast_relay_congestion_marks",
+            "Congestion marks that lowered the relay's limit, by kind",
+            marks,
+        )
+    }
+
+    /// Where each run stands: pending recipients, workers, the MTA's queue.
+    fn progress(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
+        let runs = &self.0;
+        gauges(
+            enc,
+            "blast_recipients_pending",
+            "Recipients of the campaign not yet answered (over every worker when several \
+             share it; from this worker's start when alone)",
+            runs.iter()
+                .map(|run| (run.labels(), pending(&run.stats) as f64)),
+        )?;
+        gauges(
+            enc,
+            "blast_campaign_workers",
+            "Live workers sending the campaign, this one included",
+            runs.iter().map(|run| {
+                let n = run.stats.campaign_view().map_or(1, |v| v.workers);
+                (run.labels(), n as f64)
+            }),
+        )?;
+        gauges(
+            enc,
+            "blast_mta_queue_messages",
+            "Messages in the MTA's queue at the last probe (only with `queue_probe`)",
+            runs.iter()
+                .filter(|run| run.stats.queue_probed.load(Ordering::Relaxed))
+                .map(|run| (run.labels(), load(&run.stats.queue) as f64)),
+        )?;
+        gauges(
+            enc,
+            "blast_run_start_time_seconds",
+            "When the run started, Unix time",
+            runs.iter().map(|run| (run.labels(), run.started)),
+        )?;
+        gauges(
+            enc,
+            "blast_run_active",
+            "1 while the run sends, 0 once it ended (its figures stay)",
+            runs.iter().map(|run| {
+                let active = run.active.load(Ordering::Relaxed);
+                (run.labels(), f64::from(u8::from(active)))
+            }),
+        )
+    }
+}
+
+fn relay_outcome<'a>(
+    run: &'a Run,
+    relay: &'a str,
+    outcome: &'a str,
+) -> [(&'static str, &'a str); 4] {
+    let [c, w, r] = run.relay_labels(relay);
+    [c, w, r, ("outcome", outcome)]
+}
+
+/// Recipients not yet answered: the campaign's when several workers share
+/// it, else this run's total less what it answered (0 while the audience
+/// is still being counted).
+fn pending(stats: &Stats) -> u64 {
+    match stats.campaign_view() {
+        Some(v) => v.left,
+        None => load(&stats.total).saturating_sub(stats.done()),
+    }
+}
