@@ -571,3 +571,122 @@ async fn serve_counts_unsubscribes_and_the_databases_bounces() {
     server.stop().await;
     assert_eq!(sum(&s, "blast_suppressed_addresses", &[]), 2.0);
 }
+
+/// The metric names (with their `_total`, `_bucket`... suffixes) in `s`.
+fn names(s: &[Sample]) -> std::collections::BTreeSet<String> {
+    s.iter().map(|s| s.name.clone()).collect()
+}
+
+/// Every `blast_...` name in a PromQL expression.
+fn metric_names_in(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = expr;
+    while let Some(at) = rest.find("blast_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        rest = &rest[at + name.len()..];
+        out.push(name);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_grafana_dashboard_asks_only_for_series_blast_exposes() {
+    // A run with a queue probe (so the MTA's queue is exposed)...
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(20).await;
+    let sink = slow_sink(Duration::from_millis(20)).await;
+    let path = w.campaign(
+        "dash",
+        "Hi",
+        "x",
+        None,
+        "[delivery]\nqueue_probe = \"echo 3\"\n",
+    );
+    let metrics = Metrics::new();
+    let summary = blast::commands::send_observed(
+        &w.config(&path, Some(&sink), 1),
+        blast::progress::Mode::Quiet,
+        std::future::pending(),
+        CancellationToken::new(),
+        Some(metrics.clone()),
+    )
+    .await
+    .unwrap();
+    assert_eq!(summary.sent, 20);
+    let run = parse(&metrics.encode(None));
+    assert_eq!(sum(&run, "blast_mta_queue_messages", &[]), 3.0);
+    // ...and serve's view of a database with a bounce and a suppression.
+    w.exec(
+        "INSERT INTO blast_bounces (address, kind, class, reason, source, message_hash, \
+         received_at) VALUES ('user2@example.com', 'bounce', 'hard', 'x', 'maildir', 'h1', \
+         '2026-01-01T00:00:00.000Z')",
+    )
+    .await;
+    let db = w.db().await;
+    blast::suppress::add(&db, "user4@example.com", "operator", "operator")
+        .await
+        .unwrap();
+    let server = Server::start(db).await;
+    let (status, _) = server.request("POST", "/unsubscribe/forged", "").await;
+    assert_eq!(status, 404);
+    let inbound = scrape(server.addr).await;
+    server.stop().await;
+    let exposed: std::collections::BTreeSet<String> =
+        names(&run).into_iter().chain(names(&inbound)).collect();
+
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/grafana/blast.json");
+    let dash: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let panels = dash["panels"].as_array().unwrap();
+    let mut ids = std::collections::BTreeSet::new();
+    let mut asked = std::collections::BTreeSet::new();
+    for p in panels {
+        assert!(
+            ids.insert(p["id"].as_u64().unwrap()),
+            "panel ids are unique"
+        );
+        let g = &p["gridPos"];
+        assert!(
+            g["x"].as_u64().unwrap() + g["w"].as_u64().unwrap() <= 24,
+            "{p}"
+        );
+        if p["type"] == "row" {
+            continue;
+        }
+        assert_eq!(p["datasource"]["uid"], "${DS_PROMETHEUS}", "{}", p["title"]);
+        let targets = p["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}", p["title"]);
+        for t in targets {
+            let expr = t["expr"].as_str().unwrap();
+            let found = metric_names_in(expr);
+            assert!(!found.is_empty(), "{expr}");
+            for name in found {
+                assert!(
+                    exposed.contains(&name),
+                    "panel {}: {name} is not exposed; blast exposes {exposed:?}",
+                    p["title"]
+                );
+                asked.insert(name);
+            }
+        }
+    }
+    // Every family blast exposes has a panel.
+    let families = |n: &String| {
+        ["_bucket", "_sum", "_count"]
+            .iter()
+            .fold(n.clone(), |n, s| {
+                n.strip_suffix(s).map_or(n.clone(), str::to_string)
+            })
+    };
+    let shown: std::collections::BTreeSet<String> = asked.iter().map(families).collect();
+    let missing: Vec<String> = exposed
+        .iter()
+        .map(families)
+        .filter(|f| !shown.contains(f))
+        .filter(|f| f != "blast_run_start_time_seconds")
+        .collect();
+    assert!(missing.is_empty(), "no panel shows {missing:?}");
+}
