@@ -11,6 +11,7 @@
 #   scripts/bench.sh --postfix --sweep "4 16 64 auto" -n 30000 [--in-flow-delay 0] [--probe]
 #   scripts/bench.sh --tls -n 200000 -c 16  # blast in clear against blast over STARTTLS, into the sink
 #   scripts/bench.sh --compare-db -n 200000 -c 16 [--pairs 3] [--resume-at 5000000]
+#   scripts/bench.sh --compare-metrics -n 200000 -c 16 [--pairs 5] [--sink smtp-sink]
 #   scripts/bench.sh --sink smtp-sink -n 200000 -c 16   # into Postfix's smtp-sink instead of blast's
 #   scripts/bench.sh --props               # the property tests' long mode (100,000+ cases each)
 #                                         # blast on SQLite against blast on a durable PostgreSQL
@@ -23,6 +24,11 @@
 # --tls compares blast in clear with blast over STARTTLS (certificate from a
 # CA made with openssl for the run, checked through ca_file) into the sink;
 # smtp-source speaks no TLS, so it does not run.
+#
+# --compare-metrics runs blast without and with --metrics (scraped once a
+# second by a python3 loop, 15x Prometheus's default interval), in --pairs
+# interleaved pairs, and prints each pair's rates and CPU per message and the
+# medians: what metrics cost the send.
 #
 # --compare-db runs the same campaign from SQLite and from a throwaway
 # PostgreSQL with production durability (fsync, synchronous_commit and
@@ -50,6 +56,8 @@ in_flow_delay=1s
 use_probe=0
 use_tls=0
 compare_db=0
+compare_metrics=0
+metrics_args=()
 pairs=3
 resume_at=0
 sink_kind=blast
@@ -64,13 +72,14 @@ while [ $# -gt 0 ]; do
     --probe) use_probe=1; shift ;;
     --tls) use_tls=1; shift ;;
     --compare-db) compare_db=1; shift ;;
+    --compare-metrics) compare_metrics=1; shift ;;
     --pairs) pairs=$2; shift 2 ;;
     --resume-at) resume_at=$2; shift 2 ;;
     --sink) sink_kind=$2; shift 2 ;;
     # The property tests (the parsers, the renderer, the address
     # canonicaliser, dot-stuffing) with 100,000 cases each: minutes.
     --props) PROPTEST_CASES=${PROPTEST_CASES:-100000} exec cargo test --release --lib ;;
-    -h|--help) sed -n '2,42p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -249,7 +258,8 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   fi
   t0=$(now)
   /usr/bin/time -v -o "$work/time.log" "$bin" send "$campaign" --database "$db_url" \
-    ${relay[@]+"${relay[@]}"} --concurrency "$1" --progress none --json > "$work/summary.json"
+    ${relay[@]+"${relay[@]}"} ${metrics_args[@]+"${metrics_args[@]}"} \
+    --concurrency "$1" --progress none --json > "$work/summary.json"
   t1=$(now)
   b_secs=$(python3 -c "print($t1 - $t0)")
   b_rate=$(python3 -c "import json; d=json.load(open('$work/summary.json')); print(round(d['sent']/$b_secs))")
@@ -277,7 +287,45 @@ drain() { # waits for Postfix's queue to empty; prints nothing, sets d_secs sinc
 }
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
-if [ $compare_db -eq 1 ]; then
+if [ $compare_metrics -eq 1 ]; then
+  echo "bench: sink: $sink_kind; metrics scraped every second"
+  printf '%-6s %10s %10s %7s %8s %8s %10s\n' pair off/s on/s on/off off_us on_us scrapes
+  off_rates=(); on_rates=(); ratios=(); off_cpus=(); on_cpus=()
+  metrics_port=$(free_port)
+  one() { # $1 = off|on; sets rate_<mode> cpu_<mode>
+    metrics_args=(); local scraper=""
+    if [ "$1" = on ]; then
+      metrics_args=(--metrics "127.0.0.1:$metrics_port")
+      python3 - "$metrics_port" "$work/scrapes" <<'PY' &
+import sys, time, urllib.request
+port, out, n = sys.argv[1], sys.argv[2], 0
+while True:
+    try:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2).read()
+        n += 1
+        open(out, "w").write(str(n))
+    except OSError:
+        pass
+    time.sleep(1)
+PY
+      scraper=$!
+      echo 0 > "$work/scrapes"
+    fi
+    start_sink; run_blast "$conc" "$sink_port"; stop_sink
+    [ -n "$scraper" ] && { kill "$scraper"; wait "$scraper" 2>/dev/null || true; }
+    [ "$sink_msgs" = "$n" ] || echo "bench: warning: sink counted $sink_msgs of $n ($1)" >&2
+    printf -v "rate_$1" %s "$b_rate"; printf -v "cpu_$1" %s "$b_cpu"
+  }
+  for p in $(seq "$pairs"); do
+    if [ $((p % 2)) -eq 1 ]; then one off; one on; else one on; one off; fi
+    r=$(python3 -c "print(f'{$rate_on/$rate_off:.3f}')")
+    off_rates+=("$rate_off"); on_rates+=("$rate_on"); ratios+=("$r"); off_cpus+=("$cpu_off"); on_cpus+=("$cpu_on")
+    printf '%-6s %10s %10s %7s %8s %8s %10s\n' "$p" "$rate_off" "$rate_on" "$r" "$cpu_off" "$cpu_on" "$(cat "$work/scrapes")"
+  done
+  printf '%-6s %10s %10s %7s %8s %8s\n' median "$(median "${off_rates[@]}")" "$(median "${on_rates[@]}")" \
+    "$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')" \
+    "$(median "${off_cpus[@]}")" "$(median "${on_cpus[@]}")"
+elif [ $compare_db -eq 1 ]; then
   printf '%-6s %10s %10s %7s %10s %10s\n' pair sqlite/s pg/s pg/lite lite_rss pg_rss
   lite_rates=(); pg_rates=(); ratios=()
   one() { # $1 = sqlite|pg; sets rate_<backend> rss_<backend>
