@@ -111,6 +111,17 @@ async fn report_json_matches_the_ledger_and_html_is_written() {
         .unwrap()
         .contains("<script>"));
     assert_eq!(r["mta"].as_array().unwrap().len(), 2);
+    // One worker (the host's name) wrote every row: no per-worker series.
+    assert_eq!(
+        scalar(
+            &w,
+            "SELECT COUNT(*) FROM blast_deliveries WHERE worker IS NULL"
+        )
+        .await,
+        0
+    );
+    assert_eq!(r["workers"], 1);
+    assert_eq!(r["per_minute_by_worker"].as_array().map(Vec::len), Some(0));
 
     // By name with --database, the same figures (pending unknown).
     let out = blast()
@@ -277,8 +288,9 @@ fn run_chromium(bin: &str, profile: &Path, args: &[&str]) -> String {
 }
 
 /// Writes the same small ledger (three domains, two minutes, refusals,
-/// bounces, a complaint, an unsubscribe, MTA outcomes) into `w`'s database
-/// as campaign `rep`.
+/// bounces, a complaint, an unsubscribe, MTA outcomes, two workers and a
+/// row from before schema v8 that names none) into `w`'s database as
+/// campaign `rep`.
 async fn known_ledger(w: &World) {
     let db = w.db().await;
     let c = blast::ledger::open_campaign(&db, "rep", async { Ok(9) })
@@ -312,6 +324,8 @@ async fn known_ledger(w: &World) {
     .await;
     w.exec(&format!("UPDATE blast_deliveries SET mta_status = 'delivered', mta_delay_secs = 0.5 WHERE campaign_id = {id} AND recipient_id IN (1, 2)")).await;
     w.exec(&format!("UPDATE blast_deliveries SET mta_status = 'expired', mta_delay_secs = 4000 WHERE campaign_id = {id} AND recipient_id = 6")).await;
+    w.exec(&format!("UPDATE blast_deliveries SET worker = 'a' WHERE campaign_id = {id} AND recipient_id IN (1, 2, 4, 5)")).await;
+    w.exec(&format!("UPDATE blast_deliveries SET worker = 'b<i>' WHERE campaign_id = {id} AND recipient_id IN (3, 6, 7)")).await;
 }
 
 /// The report's SQL is one text for both backends: the same ledger gives
@@ -349,4 +363,27 @@ async fn same_report_on_sqlite_and_postgres() {
     assert_eq!(r.per_day.len(), 3);
     let delays: Vec<i64> = r.mta_delays.iter().map(|c| c.n).collect();
     assert_eq!(delays, vec![2, 0, 0, 0, 0, 1]);
+    // Two workers: a series each plus one for the row naming none (in the
+    // same order on both backends, though they sort NULL differently),
+    // adding up to the total minute by minute.
+    let per_minute: Vec<i64> = r.per_minute.iter().map(|c| c.n).collect();
+    assert_eq!(per_minute, [3, 5]);
+    assert_eq!((r.workers, r.worker_series), (2, 3));
+    let series: Vec<(Option<&str>, Vec<i64>)> = r
+        .per_minute_by_worker
+        .iter()
+        .map(|s| (s.worker.as_deref(), s.points.iter().map(|p| p.n).collect()))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            (Some("a"), vec![2, 2]),
+            (Some("b<i>"), vec![1, 2]),
+            (None, vec![0, 1])
+        ]
+    );
+    for (i, total) in per_minute.iter().enumerate() {
+        let sum: i64 = r.per_minute_by_worker.iter().map(|s| s.points[i].n).sum();
+        assert_eq!(sum, *total, "minute {i}");
+    }
 }
