@@ -172,7 +172,8 @@ async fn report_json_matches_the_ledger_and_html_is_written() {
 }
 
 /// Headless Chromium loads the page: every chart has its data points, and
-/// the DOM holds no script. A screenshot lands in the target directory.
+/// the DOM holds no script; a page of two workers has their lines and
+/// legend, names as text. Screenshots land in the target directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_renders_in_headless_chromium() {
     let chromium = ["chromium", "chromium-browser", "google-chrome"]
@@ -251,6 +252,47 @@ async fn report_renders_in_headless_chromium() {
     );
     let png = std::fs::read(&shot).expect("chromium wrote no screenshot");
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+
+    // Two workers (one named with markup) and rows naming none: the
+    // per-minute chart keeps its bars and gains a line and a legend entry
+    // per series, the names as text.
+    let w = World::new(Backend::Sqlite).await;
+    known_ledger(&w).await;
+    let html = w.path("workers.html");
+    let out = blast()
+        .args(["report", "rep", "--database", &w.url, "--html"])
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = format!("file://{}", html.display());
+    let profile = tempfile::tempdir().unwrap();
+    let dom = run_chromium(chromium, profile.path(), &["--dump-dom", &url]);
+    let start = dom.find("data-chart=\"per-minute\"").unwrap();
+    let chart = &dom[start..start + dom[start..].find("<h2>").unwrap()];
+    assert_eq!(chart.matches("data-point=").count(), 2);
+    assert_eq!(chart.matches("<polyline data-series=").count(), 3);
+    assert_eq!(chart.matches("<li data-worker=").count(), 3);
+    assert!(chart.contains("b&lt;i&gt; (3)</li>"), "{chart}");
+    assert!(!chart.contains("<i>"), "a worker name became markup");
+    let shot = shot.with_file_name("report-workers-screenshot.png");
+    let _ = std::fs::remove_file(&shot);
+    let profile = tempfile::tempdir().unwrap();
+    run_chromium(
+        chromium,
+        profile.path(),
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,1000",
+            &url,
+        ],
+    );
+    assert!(std::fs::read(&shot).is_ok_and(|png| png.starts_with(b"\x89PNG")));
 }
 
 /// Runs headless Chromium in its own process group with `args`, returns its
