@@ -583,7 +583,7 @@ impl SqlLedger {
 
     /// PostgreSQL: one statement per table for the whole batch, its rows in
     /// one JSON text parameter unpacked by `json_to_recordset` (sqlx's `Any`
-    /// driver binds no arrays). 1,000 rows of 13 parameters each in
+    /// driver binds no arrays). 1,000 rows of 12 parameters each in
     /// statements of 100 cost ten round trips and ten parses and plans per
     /// table; this is one of each. `rows` must not name a recipient twice
     /// (see [`rounds`]). The worker's name is the same for every row: one

@@ -8,7 +8,8 @@ use super::{Count, Report, TOP_WORKERS};
 
 /// The charts on the page, by `data-chart` name, with how many data points
 /// (bars) each draws for `r` (what the browser test counts). The per-minute
-/// chart's worker lines are `data-series`, one per [`Report::per_minute_by_worker`].
+/// chart's worker lines are `data-series` elements, one per
+/// [`Report::per_minute_by_worker`].
 pub fn chart_points(r: &Report) -> Vec<(&'static str, usize)> {
     vec![
         ("per-minute", r.per_minute.len()),

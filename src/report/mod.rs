@@ -1,6 +1,7 @@
 //! `blast report`: one campaign's ledger summed up for people — totals,
-//! sends per minute (per worker too when several sent it), outcomes by destination domain, the commonest refusals,
-//! bounces, complaints and unsubscribes per day, and what the MTA said later.
+//! sends per minute (per worker too when several sent it), outcomes by
+//! destination domain, the commonest refusals, bounces, complaints and
+//! unsubscribes per day, and what the MTA said later.
 //!
 //! Every figure is an aggregate computed by the database (`GROUP BY`), so a
 //! report on millions of recipients reads a few hundred rows. The SQL is
