@@ -411,7 +411,8 @@ async fn send_live(
             stop.clone(),
         );
         let ledger = SqlLedger::new(db.clone(), campaign_id, cfg.delivery.retry.clone())
-            .fenced(holdings.clone());
+            .fenced(holdings.clone())
+            .worker(&worker.name);
         let r = prepared.execute(cfg, mode, transport, ledger, stop).await;
         let why = keeper.finish().await;
         // Ranges not finished go back to the pool for the other workers.

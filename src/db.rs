@@ -61,6 +61,11 @@ const SQLITE_MIGRATIONS: &[(i64, &str, &str)] = &[
         "mta delivery",
         include_str!("../schema/sqlite/0007_mta_delivery.sql"),
     ),
+    (
+        8,
+        "delivery worker",
+        include_str!("../schema/sqlite/0008_delivery_worker.sql"),
+    ),
 ];
 /// The PostgreSQL twins of [`SQLITE_MIGRATIONS`]; versions must match.
 const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
@@ -94,6 +99,11 @@ const POSTGRES_MIGRATIONS: &[(i64, &str, &str)] = &[
         7,
         "mta delivery",
         include_str!("../schema/postgres/0007_mta_delivery.sql"),
+    ),
+    (
+        8,
+        "delivery worker",
+        include_str!("../schema/postgres/0008_delivery_worker.sql"),
     ),
 ];
 

@@ -230,3 +230,85 @@ async fn one_recipient_twice_in_a_batch_sqlite() {
 async fn one_recipient_twice_in_a_batch_postgres() {
     one_recipient_twice_in_a_batch(Backend::Postgres).await;
 }
+
+/// Every row the ledger inserts or updates names the worker that wrote it
+/// (schema v8): a deferral answered later by another worker becomes that
+/// worker's; a late answer to a final row, and the breaker's requeue, leave
+/// the row's worker as it was; a ledger built without a worker leaves it NULL.
+async fn rows_carry_their_worker(backend: Backend) {
+    let w = World::new(backend).await;
+    let db = w.db().await;
+    let c = ledger::open_campaign(&db, "workers", async { Ok(10) })
+        .await
+        .unwrap();
+    let retry = RetryPolicy::default();
+    // A name that breaks naive quoting: it is bound, never spliced in.
+    let b_name = "b'; DROP TABLE blast_deliveries; -- $4 ?";
+    let mut a = SqlLedger::new(db.clone(), c.id, retry.clone()).worker("a");
+    let mut b = SqlLedger::new(db.clone(), c.id, retry.clone()).worker(b_name);
+    let mut nameless = SqlLedger::new(db.clone(), c.id, retry);
+    let sent = |id: i64| {
+        record(
+            id,
+            Outcome::Sent {
+                reply: reply(250, "2.0.0", "Ok"),
+                queue_id: None,
+            },
+            &format!("u{id}"),
+        )
+    };
+    let deferred = |id: i64| {
+        record(
+            id,
+            Outcome::Deferred(reply(451, "4.3.0", "later")),
+            &format!("u{id}"),
+        )
+    };
+    let failed = |id: i64| {
+        record(
+            id,
+            Outcome::Failed(reply(550, "5.1.1", "5.1.1 user unknown")),
+            &format!("u{id}"),
+        )
+    };
+    a.record(&[sent(1), deferred(2), failed(3)]).await.unwrap();
+    b.record(&[sent(2), failed(1)]).await.unwrap();
+    nameless.record(&[sent(4)]).await.unwrap();
+    let since = blast::clock::now() - std::time::Duration::from_secs(60);
+    ledger::requeue(&db, c.id, &[(3, "u3@Example.com".into())], since)
+        .await
+        .unwrap();
+
+    let rows: Vec<(i64, String, Option<String>)> = sqlx::query_as(
+        "SELECT recipient_id, status, worker FROM blast_deliveries WHERE campaign_id = $1 \
+         ORDER BY recipient_id",
+    )
+    .bind(c.id)
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    let rows: Vec<(i64, &str, Option<&str>)> = rows
+        .iter()
+        .map(|(i, s, w)| (*i, s.as_str(), w.as_deref()))
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            (1, "sent", Some("a")),
+            (2, "sent", Some(b_name)),
+            (3, "deferred", Some("a")),
+            (4, "sent", None),
+        ]
+    );
+    db.close().await;
+}
+
+#[tokio::test]
+async fn rows_carry_their_worker_sqlite() {
+    rows_carry_their_worker(Backend::Sqlite).await;
+}
+
+#[tokio::test]
+async fn rows_carry_their_worker_postgres() {
+    rows_carry_their_worker(Backend::Postgres).await;
+}

@@ -111,6 +111,12 @@ async fn report_json_matches_the_ledger_and_html_is_written() {
         .unwrap()
         .contains("<script>"));
     assert_eq!(r["mta"].as_array().unwrap().len(), 2);
+    // One worker (the host's name) wrote every row: no per-worker series.
+    let host = blast::worker::hostname().replace('\'', "''");
+    let sql = format!("SELECT COUNT(*) FROM blast_deliveries WHERE worker = '{host}'");
+    assert_eq!(scalar(&w, &sql).await, 30);
+    assert_eq!(r["workers"], 1);
+    assert_eq!(r["per_minute_by_worker"].as_array().map(Vec::len), Some(0));
 
     // By name with --database, the same figures (pending unknown).
     let out = blast()
@@ -161,7 +167,8 @@ async fn report_json_matches_the_ledger_and_html_is_written() {
 }
 
 /// Headless Chromium loads the page: every chart has its data points, and
-/// the DOM holds no script. A screenshot lands in the target directory.
+/// the DOM holds no script; a page of two workers has their lines and
+/// legend, names as text. Screenshots land in the target directory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn report_renders_in_headless_chromium() {
     let chromium = ["chromium", "chromium-browser", "google-chrome"]
@@ -240,6 +247,47 @@ async fn report_renders_in_headless_chromium() {
     );
     let png = std::fs::read(&shot).expect("chromium wrote no screenshot");
     assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+
+    // Two workers (one named with markup) and rows naming none: the
+    // per-minute chart keeps its bars and gains a line and a legend entry
+    // per series, the names as text.
+    let w = World::new(Backend::Sqlite).await;
+    known_ledger(&w).await;
+    let html = w.path("workers.html");
+    let out = blast()
+        .args(["report", "rep", "--database", &w.url, "--html"])
+        .arg(&html)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let url = format!("file://{}", html.display());
+    let profile = tempfile::tempdir().unwrap();
+    let dom = run_chromium(chromium, profile.path(), &["--dump-dom", &url]);
+    let start = dom.find("data-chart=\"per-minute\"").unwrap();
+    let chart = &dom[start..start + dom[start..].find("<h2>").unwrap()];
+    assert_eq!(chart.matches("data-point=").count(), 2);
+    assert_eq!(chart.matches("<polyline data-series=").count(), 3);
+    assert_eq!(chart.matches("<li data-worker=").count(), 3);
+    assert!(chart.contains("b&lt;i&gt; (3)</li>"), "{chart}");
+    assert!(!chart.contains("<i>"), "a worker name became markup");
+    let shot = shot.with_file_name("report-workers-screenshot.png");
+    let _ = std::fs::remove_file(&shot);
+    let profile = tempfile::tempdir().unwrap();
+    run_chromium(
+        chromium,
+        profile.path(),
+        &[
+            &format!("--screenshot={}", shot.display()),
+            "--window-size=1280,1000",
+            &url,
+        ],
+    );
+    assert!(std::fs::read(&shot).is_ok_and(|png| png.starts_with(b"\x89PNG")));
 }
 
 /// Runs headless Chromium in its own process group with `args`, returns its
@@ -277,8 +325,9 @@ fn run_chromium(bin: &str, profile: &Path, args: &[&str]) -> String {
 }
 
 /// Writes the same small ledger (three domains, two minutes, refusals,
-/// bounces, a complaint, an unsubscribe, MTA outcomes) into `w`'s database
-/// as campaign `rep`.
+/// bounces, a complaint, an unsubscribe, MTA outcomes, two workers and a
+/// row from before schema v8 that names none) into `w`'s database as
+/// campaign `rep`.
 async fn known_ledger(w: &World) {
     let db = w.db().await;
     let c = blast::ledger::open_campaign(&db, "rep", async { Ok(9) })
@@ -312,6 +361,8 @@ async fn known_ledger(w: &World) {
     .await;
     w.exec(&format!("UPDATE blast_deliveries SET mta_status = 'delivered', mta_delay_secs = 0.5 WHERE campaign_id = {id} AND recipient_id IN (1, 2)")).await;
     w.exec(&format!("UPDATE blast_deliveries SET mta_status = 'expired', mta_delay_secs = 4000 WHERE campaign_id = {id} AND recipient_id = 6")).await;
+    w.exec(&format!("UPDATE blast_deliveries SET worker = 'a' WHERE campaign_id = {id} AND recipient_id IN (1, 2, 4, 5)")).await;
+    w.exec(&format!("UPDATE blast_deliveries SET worker = 'b<i>' WHERE campaign_id = {id} AND recipient_id IN (3, 6, 7)")).await;
 }
 
 /// The report's SQL is one text for both backends: the same ledger gives
@@ -349,4 +400,27 @@ async fn same_report_on_sqlite_and_postgres() {
     assert_eq!(r.per_day.len(), 3);
     let delays: Vec<i64> = r.mta_delays.iter().map(|c| c.n).collect();
     assert_eq!(delays, vec![2, 0, 0, 0, 0, 1]);
+    // Two workers: a series each plus one for the row naming none (in the
+    // same order on both backends, though they sort NULL differently),
+    // adding up to the total minute by minute.
+    let per_minute: Vec<i64> = r.per_minute.iter().map(|c| c.n).collect();
+    assert_eq!(per_minute, [3, 5]);
+    assert_eq!((r.workers, r.worker_series), (2, 3));
+    let series: Vec<(Option<&str>, Vec<i64>)> = r
+        .per_minute_by_worker
+        .iter()
+        .map(|s| (s.worker.as_deref(), s.points.iter().map(|p| p.n).collect()))
+        .collect();
+    assert_eq!(
+        series,
+        [
+            (Some("a"), vec![2, 2]),
+            (Some("b<i>"), vec![1, 2]),
+            (None, vec![0, 1])
+        ]
+    );
+    for (i, total) in per_minute.iter().enumerate() {
+        let sum: i64 = r.per_minute_by_worker.iter().map(|s| s.points[i].n).sum();
+        assert_eq!(sum, *total, "minute {i}");
+    }
 }

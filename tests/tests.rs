@@ -19,7 +19,8 @@ mod identity;
 mod import;
 /// VERP, List-Unsubscribe, `blast serve`, the suppression list, bounces.
 mod inbound;
-/// The SQL ledger driven directly on both backends: exact text, duplicates.
+/// The SQL ledger driven directly on both backends: exact text, duplicates,
+/// the worker that wrote each row.
 mod ledger;
 /// Prometheus metrics: scrapes parsed by Prometheus's own parser.
 mod metrics;

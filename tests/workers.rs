@@ -308,6 +308,37 @@ async fn the_rate_holds_across_workers() {
         took >= Duration::from_millis(8500),
         "6,000 messages at 600/s in all took only {took:?}"
     );
+    // Each worker's ledger rows name it: as many as its sink received.
+    let db = w.db().await;
+    let rows: Vec<(Option<String>, i64)> = sqlx::query_as(
+        "SELECT worker, COUNT(*) FROM blast_deliveries GROUP BY worker ORDER BY worker",
+    )
+    .fetch_all(db.pool())
+    .await
+    .unwrap();
+    db.close().await;
+    let expected: Vec<(Option<String>, i64)> = ["r1", "r2", "r3"]
+        .iter()
+        .zip(&sinks)
+        .map(|(name, s)| (Some(name.to_string()), s.stats().messages as i64))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!(rows, expected);
+    // The report draws them: a series per worker, adding up to the total.
+    let r = blast::commands::report(&w.url, "rate", None).await.unwrap();
+    assert_eq!(r.workers, expected.len());
+    let series: Vec<(Option<String>, i64)> = r
+        .per_minute_by_worker
+        .iter()
+        .map(|s| (s.worker.clone(), s.total))
+        .collect();
+    let mut busiest = expected.clone();
+    busiest.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    assert_eq!(series, busiest);
+    for (i, m) in r.per_minute.iter().enumerate() {
+        let sum: i64 = r.per_minute_by_worker.iter().map(|s| s.points[i].n).sum();
+        assert_eq!(sum, m.n, "minute {}", m.label);
+    }
 }
 
 /// `blast pause` stops every worker within a second or two, and the state

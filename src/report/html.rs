@@ -3,11 +3,13 @@
 
 use std::fmt::Write;
 
-use super::svg::{bars, escape};
-use super::{Count, Report};
+use super::svg::{bars, bars_and_lines, escape, Line, LINE_COLOURS};
+use super::{Count, Report, TOP_WORKERS};
 
 /// The charts on the page, by `data-chart` name, with how many data points
-/// each draws for `r` (what the browser test counts).
+/// (bars) each draws for `r` (what the browser test counts). The per-minute
+/// chart's worker lines are `data-series` elements, one per
+/// [`Report::per_minute_by_worker`].
 pub fn chart_points(r: &Report) -> Vec<(&'static str, usize)> {
     vec![
         ("per-minute", r.per_minute.len()),
@@ -25,18 +27,16 @@ h1{font-size:24px;margin:0 0 4px}h2{font-size:18px;margin:28px 0 8px;border-bott
 .card span{color:#667;font-size:13px}table{border-collapse:collapse;background:#fff;width:100%}\
 th,td{border:1px solid #dde;padding:4px 8px;text-align:left}td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}\
 svg{background:#fff;border:1px solid #dde;border-radius:6px}svg text{font-size:11px;fill:#333}svg text.axis{font-size:12px}\
-.reply{font-family:ui-monospace,monospace;font-size:13px;word-break:break-all}";
+.reply{font-family:ui-monospace,monospace;font-size:13px;word-break:break-all}\
+.legend{list-style:none;padding:0;margin:6px 0;display:flex;flex-wrap:wrap;gap:4px 16px;font-size:13px}\
+.legend i{display:inline-block;width:14px;height:4px;margin-right:6px;vertical-align:middle}\
+.legend i.bar{height:10px;background:#3b6ea8}";
 
 /// The page for `r`.
 pub fn render(r: &Report) -> String {
     let mut s = String::new();
     glance(&mut s, r);
-    s.push_str("<h2>Sends per minute (UTC)</h2>");
-    s.push_str(&bars(
-        "per-minute",
-        "recipients answered",
-        &points(&r.per_minute),
-    ));
+    per_minute(&mut s, r);
     domains(&mut s, r);
     replies(&mut s, r);
     per_day(&mut s, r);
@@ -99,6 +99,58 @@ fn glance(s: &mut String, r: &Report) {
             escape(b)
         );
     }
+}
+
+/// Sends per minute: the total as bars and, when several workers sent the
+/// campaign, a line per worker (the busiest [`TOP_WORKERS`]) with a legend.
+fn per_minute(s: &mut String, r: &Report) {
+    s.push_str("<h2>Sends per minute (UTC)</h2>");
+    let total = points(&r.per_minute);
+    if r.per_minute_by_worker.is_empty() {
+        s.push_str(&bars("per-minute", "recipients answered", &total));
+        return;
+    }
+    let lines: Vec<Line> = r
+        .per_minute_by_worker
+        .iter()
+        .map(|w| Line {
+            name: worker_name(w.worker.as_deref()),
+            values: w.points.iter().map(|p| p.n).collect(),
+        })
+        .collect();
+    s.push_str(&bars_and_lines(
+        "per-minute",
+        "recipients answered",
+        &total,
+        &lines,
+    ));
+    s.push_str("<ul class=\"legend\"><li><i class=\"bar\"></i>all workers</li>");
+    for (i, (line, w)) in lines.iter().zip(&r.per_minute_by_worker).enumerate() {
+        let _ = write!(
+            s,
+            "<li data-worker=\"{name}\"><i style=\"background:{}\"></i>{name} ({})</li>",
+            LINE_COLOURS[i % LINE_COLOURS.len()],
+            w.total,
+            name = escape(&line.name),
+        );
+    }
+    s.push_str("</ul>");
+    if r.worker_series > r.per_minute_by_worker.len() {
+        let _ = write!(
+            s,
+            "<p>Lines for the {TOP_WORKERS} busiest of {} workers; the bars count every worker's rows.</p>",
+            r.worker_series
+        );
+    }
+}
+
+/// How a worker is named on the page: rows written before schema v8
+/// recorded none.
+fn worker_name(w: Option<&str>) -> String {
+    w.map_or_else(
+        || "(unknown: written before schema v8)".to_string(),
+        str::to_string,
+    )
 }
 
 /// The destination domains: chart and table.

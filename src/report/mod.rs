@@ -1,6 +1,7 @@
 //! `blast report`: one campaign's ledger summed up for people — totals,
-//! sends per minute, outcomes by destination domain, the commonest refusals,
-//! bounces, complaints and unsubscribes per day, and what the MTA said later.
+//! sends per minute (per worker too when several sent it), outcomes by
+//! destination domain, the commonest refusals, bounces, complaints and
+//! unsubscribes per day, and what the MTA said later.
 //!
 //! Every figure is an aggregate computed by the database (`GROUP BY`), so a
 //! report on millions of recipients reads a few hundred rows. The SQL is
@@ -23,6 +24,8 @@ use crate::ledger::CampaignRow;
 pub const TOP_DOMAINS: i64 = 20;
 /// How many distinct refusals the report lists.
 pub const TOP_REPLIES: i64 = 10;
+/// How many workers' per-minute series the report keeps: the busiest.
+pub const TOP_WORKERS: usize = 8;
 
 /// The lower-cased part of `email` after its last `@`, in SQL that SQLite and
 /// PostgreSQL both run: `rtrim(email, <email without '@'>)` strips from the
@@ -40,6 +43,17 @@ pub struct Report {
     pub totals: Totals,
     /// Ledger rows written per minute (`YYYY-MM-DDTHH:MM`, UTC), in order.
     pub per_minute: Vec<Count>,
+    /// How many distinct workers wrote the campaign's ledger rows (rows
+    /// written before schema v8 name none and are not counted).
+    pub workers: usize,
+    /// When more than one worker wrote rows: each one's rows per minute,
+    /// the busiest [`TOP_WORKERS`] first. Rows that name no worker (written
+    /// before schema v8) are one more series, `worker` null, so the series
+    /// of a campaign with at most [`TOP_WORKERS`] of them add up to
+    /// `per_minute`. Empty when one worker (or none) wrote the rows.
+    pub per_minute_by_worker: Vec<WorkerSeries>,
+    /// How many series there were before the cap of [`TOP_WORKERS`].
+    pub worker_series: usize,
     /// Outcomes by destination domain, the largest [`TOP_DOMAINS`] first.
     pub domains: Vec<DomainRow>,
     /// The commonest answers to recipients that were not sent, by how many
@@ -98,6 +112,19 @@ pub struct Count {
     pub n: i64,
 }
 
+/// One worker's ledger rows per minute.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct WorkerSeries {
+    /// The worker's name (`--worker`, default the host name); null for rows
+    /// that name no worker (written before schema v8).
+    pub worker: Option<String>,
+    /// Its rows in all.
+    pub total: i64,
+    /// Its rows in each minute of [`Report::per_minute`], same labels in
+    /// the same order (0 in a minute it wrote nothing).
+    pub points: Vec<Count>,
+}
+
 /// One destination domain.
 #[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
 pub struct DomainRow {
@@ -152,6 +179,9 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
     )
     .await?;
     t.peak_per_minute = per_minute.iter().map(|c| c.n).max().unwrap_or(0);
+    let (workers, mut per_minute_by_worker) = by_worker(db, id, &per_minute).await?;
+    let worker_series = per_minute_by_worker.len();
+    per_minute_by_worker.truncate(TOP_WORKERS);
     let mta = counts(
         db,
         "SELECT mta_status AS label, COUNT(*) AS n FROM blast_deliveries \
@@ -168,6 +198,9 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
         state: row.state.clone(),
         totals: t,
         per_minute,
+        workers,
+        per_minute_by_worker,
+        worker_series,
         domains: domains(db, id).await?,
         replies: replies(db, id).await?,
         per_day: per_day(db, id).await?,
@@ -240,6 +273,52 @@ async fn totals(db: &Db, id: i64, pending: Option<i64>) -> Result<Totals> {
             .await?;
 
     Ok(t)
+}
+
+/// How many workers wrote the campaign's rows, and, when more than one did,
+/// every worker's rows per minute over the minutes of `per_minute`, busiest
+/// first (then by name; rows naming no worker last among equals).
+async fn by_worker(db: &Db, id: i64, per_minute: &[Count]) -> Result<(usize, Vec<WorkerSeries>)> {
+    // Ordered in Rust: SQLite sorts NULL first, PostgreSQL last.
+    let rows = sqlx::query(
+        "SELECT substr(updated_at, 1, 16) AS label, worker, COUNT(*) AS n FROM blast_deliveries \
+         WHERE campaign_id = $1 GROUP BY substr(updated_at, 1, 16), worker",
+    )
+    .bind(id)
+    .fetch_all(db.pool())
+    .await?;
+    let mut minutes: BTreeMap<Option<String>, BTreeMap<String, i64>> = BTreeMap::new();
+    for r in rows {
+        let worker: Option<String> = r.try_get("worker")?;
+        let label: String = r.try_get("label")?;
+        let n: i64 = r.try_get("n")?;
+        *minutes.entry(worker).or_default().entry(label).or_default() += n;
+    }
+    let workers = minutes.keys().filter(|w| w.is_some()).count();
+    if workers < 2 {
+        return Ok((workers, Vec::new()));
+    }
+    let mut series: Vec<WorkerSeries> = minutes
+        .into_iter()
+        .map(|(worker, by_minute)| WorkerSeries {
+            worker,
+            total: by_minute.values().sum(),
+            points: per_minute
+                .iter()
+                .map(|m| Count {
+                    label: m.label.clone(),
+                    n: by_minute.get(&m.label).copied().unwrap_or(0),
+                })
+                .collect(),
+        })
+        .collect();
+    series.sort_by(|a, b| {
+        b.total
+            .cmp(&a.total)
+            .then_with(|| a.worker.is_none().cmp(&b.worker.is_none()))
+            .then_with(|| a.worker.cmp(&b.worker))
+    });
+    Ok((workers, series))
 }
 
 /// Outcomes by destination domain, the top [`TOP_DOMAINS`] by volume.

@@ -1,6 +1,7 @@
 //! Bar charts as inline SVG text: no script, no fonts to fetch. Each bar is
 //! one `data-point` element so tests (and people reading the DOM) can count
-//! what was drawn.
+//! what was drawn; lines drawn over the bars (one series each, a
+//! `data-series` polyline) share their x positions and y scale.
 
 use std::fmt::Write;
 
@@ -29,10 +30,37 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// The colours of [`Line`]s, in order (then again): distinct from the bars'
+/// blue and from each other.
+pub const LINE_COLOURS: [&str; 8] = [
+    "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#1d2330",
+];
+
+/// One series drawn as a line over a bar chart: a value per bar.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Line {
+    /// Its name (escaped when drawn).
+    pub name: String,
+    /// One value per bar, in the bars' order.
+    pub values: Vec<i64>,
+}
+
 /// A vertical bar chart named `name` (its `data-chart`), one bar per
 /// `(label, value)`, the y axis titled `y_label`. With no points it says so
 /// and draws no `data-point`.
 pub fn bars(name: &str, y_label: &str, points: &[(String, i64)]) -> String {
+    bars_and_lines(name, y_label, points, &[])
+}
+
+/// [`bars`] with `lines` drawn over the bars, the i-th in
+/// [`LINE_COLOURS`]`[i % 8]`, each one `polyline` with its name in
+/// `data-series` and a `title`. A value past the last bar is not drawn.
+pub fn bars_and_lines(
+    name: &str,
+    y_label: &str,
+    points: &[(String, i64)],
+    lines: &[Line],
+) -> String {
     let mut s = String::new();
     let _ = write!(
         s,
@@ -65,7 +93,13 @@ pub fn bars(name: &str, y_label: &str, points: &[(String, i64)]) -> String {
         );
         return s;
     }
-    let max = points.iter().map(|p| p.1).max().unwrap_or(0).max(1);
+    let max = points
+        .iter()
+        .map(|p| p.1)
+        .chain(lines.iter().flat_map(|l| l.values.iter().copied()))
+        .max()
+        .unwrap_or(0)
+        .max(1);
     // y ticks: 0, half, max.
     for v in [0, max / 2, max] {
         let y = base - plot_h * v as f64 / max as f64;
@@ -101,6 +135,30 @@ pub fn bars(name: &str, y_label: &str, points: &[(String, i64)]) -> String {
             );
         }
     }
+    for (i, line) in lines.iter().enumerate() {
+        let mut xy: Vec<String> = line
+            .values
+            .iter()
+            .take(points.len())
+            .enumerate()
+            .map(|(k, v)| {
+                let x = LEFT + step * k as f64 + step / 2.0;
+                let y = base - plot_h * (*v).max(0) as f64 / max as f64;
+                format!("{x:.1},{y:.1}")
+            })
+            .collect();
+        // A single point twice: with round caps it shows as a dot.
+        if xy.len() == 1 {
+            xy.push(xy[0].clone());
+        }
+        let name = escape(&line.name);
+        let _ = write!(
+            s,
+            r#"<polyline data-series="{name}" points="{}" fill="none" stroke="{}" stroke-width="2" stroke-linejoin="round" stroke-linecap="round"><title>{name}</title></polyline>"#,
+            xy.join(" "),
+            LINE_COLOURS[i % LINE_COLOURS.len()]
+        );
+    }
     s.push_str("</svg>");
     s
 }
@@ -126,11 +184,50 @@ mod tests {
     }
 
     #[test]
+    fn one_polyline_per_line_through_the_bar_centres() {
+        let pts: Vec<(String, i64)> = (0..4).map(|i| (format!("m{i}"), 10)).collect();
+        let lines = [
+            Line {
+                name: "a".into(),
+                values: vec![4, 6, 10, 0],
+            },
+            Line {
+                name: "b".into(),
+                values: vec![6],
+            },
+        ];
+        let svg = bars_and_lines("per-minute", "sends", &pts, &lines);
+        assert_eq!(svg.matches("data-point=").count(), 4);
+        assert_eq!(svg.matches("<polyline ").count(), 2);
+        // The plot is 692 wide from x = 56: bars 173 apart, centres at
+        // 142.5, 315.5...; the top (10) at y = 16, the base (0) at 204.
+        assert!(
+            svg.contains(
+                r#"data-series="a" points="142.5,128.8 315.5,91.2 488.5,16.0 661.5,204.0""#
+            ),
+            "{svg}"
+        );
+        // One value: a dot.
+        assert!(
+            svg.contains(r#"data-series="b" points="142.5,91.2 142.5,91.2""#),
+            "{svg}"
+        );
+        assert!(svg.contains(LINE_COLOURS[0]) && svg.contains(LINE_COLOURS[1]));
+    }
+
+    #[test]
     fn labels_are_escaped() {
         let pts = vec![("<script>alert(\"x\")</script>&'".to_string(), 3)];
         let svg = bars("domains", "a<b", &pts);
         assert!(!svg.contains("<script"));
         assert!(svg.contains("&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;&amp;&#39;"));
         assert!(svg.contains("a&lt;b"));
+        let line = Line {
+            name: "<script>x</script>\"'&".into(),
+            values: vec![1],
+        };
+        let svg = bars_and_lines("per-minute", "sends", &pts, &[line]);
+        assert!(!svg.contains("<script"));
+        assert!(svg.contains(r#"data-series="&lt;script&gt;x&lt;/script&gt;&quot;&#39;&amp;""#));
     }
 }
