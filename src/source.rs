@@ -461,12 +461,16 @@ fn sqlite_value(row: &AnyRow, i: usize) -> Result<Value> {
     if raw.is_null() {
         return Ok(Value::Null);
     }
-    let kind = raw.type_info().name().to_ascii_uppercase();
-    Ok(match kind.as_str() {
-        "BOOLEAN" => Value::Bool(row.try_get(i)?),
-        "SMALLINT" | "INTEGER" | "BIGINT" => Value::from(row.try_get::<i64, _>(i)?),
-        "REAL" | "DOUBLE" => Value::from(row.try_get::<f64, _>(i)?),
-        "BLOB" => {
+    // Compared without case and without allocating: this runs for every
+    // column of every recipient.
+    let info = raw.type_info();
+    let kind = info.name();
+    let is = |names: &[&str]| names.iter().any(|n| kind.eq_ignore_ascii_case(n));
+    Ok(match () {
+        _ if is(&["BOOLEAN"]) => Value::Bool(row.try_get(i)?),
+        _ if is(&["SMALLINT", "INTEGER", "BIGINT"]) => Value::from(row.try_get::<i64, _>(i)?),
+        _ if is(&["REAL", "DOUBLE"]) => Value::from(row.try_get::<f64, _>(i)?),
+        _ if is(&["BLOB"]) => {
             Value::String(String::from_utf8_lossy(&row.try_get::<Vec<u8>, _>(i)?).into_owned())
         }
         _ => {
