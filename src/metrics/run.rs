@@ -314,9 +314,10 @@ impl Runs {
             enc,
             "blast_recipients_pending",
             "Recipients of the campaign not yet answered (over every worker when several \
-             share it; from this worker's start when alone)",
+             share it; from this worker's start when alone); absent while the audience is \
+             still being counted",
             runs.iter()
-                .map(|run| (run.labels(), pending(&run.stats) as f64)),
+                .filter_map(|run| pending(&run.stats).map(|n| (run.labels(), n as f64))),
         )?;
         gauges(
             enc,
@@ -363,11 +364,15 @@ fn relay_outcome<'a>(
 }
 
 /// Recipients not yet answered: the campaign's when several workers share
-/// it, else this run's total less what it answered (0 while the audience
-/// is still being counted).
-fn pending(stats: &Stats) -> u64 {
+/// it, else this run's total less what it answered; None while the
+/// audience is still being counted (a large one takes a while), rather
+/// than a 0 a dashboard would read as done.
+fn pending(stats: &Stats) -> Option<u64> {
     match stats.campaign_view() {
-        Some(v) => v.left,
-        None => load(&stats.total).saturating_sub(stats.done()),
+        Some(v) => Some(v.left),
+        None => match load(&stats.total) {
+            0 => None,
+            total => Some(total.saturating_sub(stats.done())),
+        },
     }
 }
