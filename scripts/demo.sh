@@ -73,6 +73,8 @@ mkdir -p "$out/bounces/new" "$out/bounces/cur" "$out/bounces/tmp"
 "$bin" bounce ingest --maildir "$out/bounces" --database "$db"
 echo "== suppression list"
 "$bin" suppress list --database "$db"
+echo "== what blast serve shows Prometheus (GET /metrics), in part:"
+curl -s "http://127.0.0.1:$serve_port/metrics" | grep -E '^blast_(unsubscribe_requests|bounces|suppressed_addresses)' || true
 echo "== report"
 "$bin" status templates/newsletter/campaign.toml --database "$db" --by-domain
 page=$("$bin" report templates/newsletter/campaign.toml --database "$db" --html "$out/report.html")
