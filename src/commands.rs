@@ -738,6 +738,18 @@ pub async fn report(
     report
 }
 
+/// `blast status --by-domain`: campaign `name`'s outcomes by destination
+/// domain, the largest first.
+pub async fn domains(database: &str, name: &str) -> Result<Vec<crate::report::DomainRow>> {
+    let db = Db::connect(database).await?;
+    let row = ledger::find_campaign(&db, name)
+        .await?
+        .ok_or_else(|| Error::UnknownCampaign(name.to_string()))?;
+    let domains = crate::report::domain_table(&db, &row).await;
+    db.close().await;
+    domains
+}
+
 /// What `blast pause|resume|cancel` do to a campaign.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Control {

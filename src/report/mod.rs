@@ -229,6 +229,13 @@ pub async fn build(db: &Db, row: &CampaignRow, pending: Option<i64>) -> Result<R
     })
 }
 
+/// The domain table alone (`blast status --by-domain`): one aggregate,
+/// not the whole report.
+pub async fn domain_table(db: &Db, row: &CampaignRow) -> Result<Vec<DomainRow>> {
+    let turns = tokio::sync::Semaphore::new(1);
+    domains(db, row.id, turns.acquire().await.expect("never closed")).await
+}
+
 /// Rows per minute (`YYYY-MM-DDTHH:MM`) and worker (None: written before
 /// schema v8).
 type Minutes = BTreeMap<Option<String>, BTreeMap<String, i64>>;

@@ -86,11 +86,11 @@ pub(crate) async fn preview(args: blast::cli::PreviewArgs) -> anyhow::Result<Exi
 pub(crate) async fn status(args: blast::cli::StatusArgs) -> anyhow::Result<ExitCode> {
     let cfg = load_campaign(args.campaign)?;
     if args.by_domain {
-        let r = blast::commands::report(&cfg.database, &cfg.name, None).await?;
+        let domains = blast::commands::domains(&cfg.database, &cfg.name).await?;
         if args.json {
-            println!("{}", serde_json::to_string(&r.domains)?);
+            println!("{}", serde_json::to_string(&domains)?);
         } else {
-            print!("{}", domain_table(&r.domains));
+            print!("{}", domain_table(&domains));
         }
         return Ok(ExitCode::SUCCESS);
     }
