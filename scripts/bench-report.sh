@@ -47,11 +47,12 @@ if [ $use_pg -eq 1 ]; then
   "$bin" list --database "$url" >/dev/null
   cols="campaign_id, recipient_id, email, status, smtp_code, enhanced_status, reply, queue_id, relay, updated_at, mta_status, mta_delay_secs, worker"
   copy() { # $1 = table, $2 = columns
-    python3 - "$db" "$1" "$2" <<'PY' | psql "$url" -qc "COPY $1 ($2) FROM STDIN WITH (FORMAT csv, NULL '')"
+    python3 - "$db" "$1" "$2" <<'PY' | psql "$url" -qc "COPY $1 ($2) FROM STDIN WITH (FORMAT csv)"
 import csv, sqlite3, sys
-w = csv.writer(sys.stdout)
+# Strings quoted, NULL as an unquoted empty field: COPY tells them apart.
+w = csv.writer(sys.stdout, quoting=csv.QUOTE_NONNUMERIC)
 for r in sqlite3.connect(sys.argv[1]).execute(f"SELECT {sys.argv[3]} FROM {sys.argv[2]}"):
-    w.writerow(["" if v is None else v for v in r])
+    w.writerow(r)
 PY
   }
   copy blast_campaigns "id, name, state, max_recipient_id, created_at, updated_at"

@@ -5,7 +5,6 @@
 
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
@@ -49,21 +48,13 @@ pub async fn send_with_abort(
     stop: impl Future<Output = ()> + Send + 'static,
     abort: CancellationToken,
 ) -> Result<Summary> {
-    let endpoint = match cfg.delivery.metrics {
-        Some(addr) => Some(Endpoint::start(addr, Metrics::new()).await?),
-        None => None,
-    };
-    let metrics = endpoint.as_ref().map(|e| e.metrics.clone());
-    let result = send_observed(cfg, mode, stop, abort, metrics).await;
-    if let Some(e) = endpoint {
-        e.stop().await;
-    }
-    result
+    send_observed(cfg, mode, stop, abort, None).await
 }
 
-/// [`send_with_abort`], exposing the run in `metrics` (run-due's, or the
-/// endpoint's of a send). A dry run and a real one take the same path;
-/// only the transport, the ledger and the campaign's ownership differ.
+/// [`send_with_abort`], exposing the run in `metrics` (run-due's); without
+/// them, `delivery.metrics` gives the run an endpoint of its own. A dry
+/// run and a real one take the same path; only the transport, the ledger
+/// and the campaign's ownership differ.
 pub async fn send_observed(
     cfg: &Config,
     mode: progress::Mode,
@@ -79,6 +70,14 @@ pub async fn send_observed(
     let run = Background::start(cfg, &db, &prepared, stop);
     let result = match &cfg.dry_run {
         Some(dir) => {
+            let endpoint = match own_endpoint(cfg, &mut prepared).await {
+                Ok(e) => e,
+                Err(e) => {
+                    run.finish().await;
+                    db.close().await;
+                    return Err(e);
+                }
+            };
             let dir = dry_run_dir(cfg, dir);
             let transport = match cfg.render_only {
                 true => FileTransport::discard(),
@@ -86,15 +85,33 @@ pub async fn send_observed(
             };
             // Nothing is recorded: the summary counts every outcome and
             // keeps the render errors, in bounded memory.
-            prepared
+            let r = prepared
                 .execute(cfg, mode, transport, ledger::Discard, &run.token)
-                .await
+                .await;
+            if let Some(e) = endpoint {
+                e.stop().await;
+            }
+            r
         }
         None => send_live(cfg, &db, prepared, mode, &run.token).await,
     };
     run.finish().await;
     db.close().await;
     result
+}
+
+/// With `delivery.metrics` and no metrics from the caller (run-due's): the
+/// run's own endpoint, exposing it. A real send starts it once it has
+/// joined the campaign, so a second process of the same worker name (cron
+/// overlapping a long send) still exits with nothing to do instead of
+/// failing on the port the first one holds.
+async fn own_endpoint<S>(cfg: &Config, prepared: &mut Prepared<S>) -> Result<Option<Endpoint>> {
+    let (None, Some(addr)) = (&prepared.metrics, cfg.delivery.metrics) else {
+        return Ok(None);
+    };
+    let endpoint = Endpoint::start(addr, Metrics::new()).await?;
+    prepared.metrics = Some(endpoint.metrics.clone());
+    Ok(Some(endpoint))
 }
 
 /// The campaign's templates, compiled (signed later, once its id is known).
@@ -316,9 +333,7 @@ impl Background {
             tokio::spawn(async move {
                 if let Ok(n) = source::pending_count(&db, &audience, id, max).await {
                     let n = n.max(0) as u64;
-                    stats
-                        .total
-                        .store(limit.map_or(n, |l| l.min(n)), Ordering::Relaxed);
+                    stats.set_total(limit.map_or(n, |l| l.min(n)));
                 }
             })
         };
@@ -373,6 +388,16 @@ async fn send_live(
     )
     .await?;
     let worker = Arc::new(worker);
+    let mut prepared = prepared;
+    let endpoint = match own_endpoint(cfg, &mut prepared).await {
+        Ok(e) => e,
+        Err(e) => {
+            if let Err(e) = worker.leave().await {
+                tracing::warn!("leaving the campaign: {e}");
+            }
+            return Err(e);
+        }
+    };
     let result = async {
         // Parts go 8bit (no encoding) only if every relay takes them.
         let eight_bit = probe(&transport, cfg.delivery.relays.len()).await?;
@@ -423,6 +448,9 @@ async fn send_live(
     // Leave even after an error, so the others need not wait out the TTL.
     if let Err(e) = worker.leave().await {
         tracing::warn!("leaving the campaign: {e}");
+    }
+    if let Some(e) = endpoint {
+        e.stop().await;
     }
     result
 }

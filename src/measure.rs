@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 /// Buckets of a duration histogram in microseconds: the last one, past
-/// 2^25 us (33 s), counts everything longer.
-pub const DURATION_BUCKETS: usize = 27;
+/// 2^30 us (18 minutes, beyond any SMTP timeout), counts everything longer.
+pub const DURATION_BUCKETS: usize = 32;
 
 /// A histogram of integer values (microseconds, rows) with power-of-two
 /// buckets: bucket 0 holds 0 and 1, bucket `i` holds `(2^(i-1), 2^i]`, so

@@ -10,9 +10,9 @@
 //! bounces.
 //!
 //! `GET /metrics` ([`crate::metrics`]) counts the requests answered and the
-//! database's inbound figures (bounces by class, suppressions by reason);
-//! with [`Options::metrics`] it moves to a listener of its own, so the
-//! public one serves unsubscribes only.
+//! database's inbound figures (bounces by class, suppressions by reason,
+//! read at most every 10 s); with [`Options::metrics`] it moves to a
+//! listener of its own, so the public one serves unsubscribes only.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,12 +32,20 @@ use crate::sign::Key;
 use crate::suppress;
 
 /// What every handler needs.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 struct AppState {
     db: Db,
     key: Key,
     metrics: Arc<Metrics>,
+    /// The database's inbound counts and when they were read: scrapes
+    /// share one reading for [`COUNTS_FOR`], and one at a time reads, so
+    /// requests to `/metrics` (on the public listener, anyone's) cannot
+    /// take the pool's connections from unsubscribes.
+    counts: tokio::sync::Mutex<Option<(std::time::Instant, InboundCounts)>>,
 }
+
+/// How long one reading of the inbound counts serves scrapes.
+const COUNTS_FOR: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// How to serve.
 #[derive(Debug, Default)]
@@ -72,6 +80,7 @@ pub async fn run(
         db,
         key,
         metrics: Metrics::new(),
+        counts: tokio::sync::Mutex::new(None),
     });
     let addr = |l: &TcpListener| l.local_addr().map_or("?".into(), |a| a.to_string());
     tracing::info!("blast serve: listening on {}", addr(&listener));
@@ -108,9 +117,23 @@ pub async fn run(
     served.map_err(|e| Error::Invalid(format!("HTTP server: {e}")))
 }
 
+/// The inbound counts, read again when the last reading is older than
+/// [`COUNTS_FOR`] (one reader at a time; the others wait and share it).
+async fn inbound_counts(app: &AppState) -> Result<InboundCounts> {
+    let mut cached = app.counts.lock().await;
+    if let Some((at, counts)) = &*cached {
+        if at.elapsed() < COUNTS_FOR {
+            return Ok(counts.clone());
+        }
+    }
+    let counts = InboundCounts::load(&app.db).await?;
+    *cached = Some((std::time::Instant::now(), counts.clone()));
+    Ok(counts)
+}
+
 /// `GET /metrics`: the requests answered and the database's inbound counts.
 async fn metrics(State(app): State<Arc<AppState>>) -> Response {
-    match InboundCounts::load(&app.db).await {
+    match inbound_counts(&app).await {
         Ok(counts) => (
             [(header::CONTENT_TYPE, CONTENT_TYPE)],
             app.metrics.encode(Some(counts)),

@@ -91,10 +91,11 @@ panel("Unsubscribe requests per second by result",
       [('sum by (result) (rate(blast_unsubscribe_requests_total[$__rate_interval]))', "{{result}}")],
       unit="ops", w=8)
 panel("Bounces ingested per hour by kind and class",
-      [('sum by (kind, class) (increase(blast_bounces_total[1h]))', "{{kind}} {{class}}")],
+      # Database-wide figures: every `serve` replica reports the same ones.
+      [('max by (kind, class) (increase(blast_bounces_total[1h]))', "{{kind}} {{class}}")],
       w=8, x=8)
 panel("Suppressed addresses by reason",
-      [('sum by (reason) (blast_suppressed_addresses)', "{{reason}}")],
+      [('sum by (reason) (max by (reason, channel) (blast_suppressed_addresses))', "{{reason}}")],
       w=8, x=16)
 down()
 

@@ -213,7 +213,7 @@ impl RenderWorker {
     /// address is suppressed, or its message cannot be built.
     fn prepare(&self, recipient: Recipient, now: OffsetDateTime) -> Prepared {
         if let Some(reason) = &recipient.suppressed {
-            self.stats.suppressed.fetch_add(1, Ordering::Relaxed);
+            self.stats.suppressed_unrelayed();
             return Prepared::Skip(Record::suppressed(
                 recipient.id,
                 recipient.email,
@@ -241,7 +241,7 @@ impl RenderWorker {
             // like a 5xx: final.
             Err(e @ RenderError::InvalidAddress { .. }) => {
                 let outcome = Outcome::local_failure(e.to_string());
-                self.stats.count(&outcome);
+                self.stats.count_unrelayed(&outcome);
                 Prepared::Skip(Record {
                     recipient_id: recipient.id,
                     email: recipient.email,

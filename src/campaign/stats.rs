@@ -54,6 +54,12 @@ pub struct Stats {
     pub rerouted: AtomicU64,
     /// Pending recipients at start, once known (0 = unknown).
     pub total: AtomicU64,
+    /// Whether `total` was counted (an empty audience counts 0).
+    pub total_known: std::sync::atomic::AtomicBool,
+    /// What no relay saw: suppressed when its page was read, an address
+    /// that is none (failed). Unrendered recipients are all here too
+    /// (`unrendered`).
+    pub unrelayed: Unrelayed,
     /// The MTA's queue at the last probe, and the most seen (with a probe).
     pub queue: AtomicU64,
     /// See `queue`.
@@ -81,12 +87,25 @@ pub struct CampaignView {
     baseline: u64,
 }
 
+/// Outcomes decided before any relay saw the message (each also counted
+/// in the run's totals).
+#[derive(Debug, Default)]
+pub struct Unrelayed {
+    /// Suppressed when its page was read.
+    pub suppressed: AtomicU64,
+    /// An address that is no address.
+    pub failed: AtomicU64,
+}
+
 /// One relay's share of the counters (each also counted in the run's
 /// totals), its latency and its gate (limit, in flight, circuit).
 #[derive(Debug)]
 pub struct RelayStats {
     /// `smtp://host:port`, as logs and the ledger name it.
     pub name: String,
+    /// `name` without a user name (`smtp://user@host` is `smtp://host`),
+    /// for labels others see: metrics.
+    pub label: String,
     /// Its limit and circuit.
     pub gate: Arc<Gate>,
     /// Accepted.
@@ -113,6 +132,7 @@ impl RelayStats {
     /// Counters for relay `name` behind `gate`.
     pub fn new(name: String, gate: Arc<Gate>) -> RelayStats {
         RelayStats {
+            label: without_user(&name),
             name,
             gate,
             sent: AtomicU64::new(0),
@@ -168,6 +188,8 @@ impl Stats {
             possibly_delivered: AtomicU64::new(0),
             rerouted: AtomicU64::new(0),
             total: AtomicU64::new(0),
+            total_known: std::sync::atomic::AtomicBool::new(false),
+            unrelayed: Unrelayed::default(),
             queue: AtomicU64::new(0),
             queue_max: AtomicU64::new(0),
             queue_probed: std::sync::atomic::AtomicBool::new(false),
@@ -275,8 +297,29 @@ impl Stats {
         }
     }
 
-    /// Counts `outcome` (no relay answered: an address that is no address).
-    pub(super) fn count(&self, outcome: &Outcome) {
+    /// Counts `outcome` that no relay answered (an address that is no
+    /// address).
+    pub(super) fn count_unrelayed(&self, outcome: &Outcome) {
+        self.count(outcome);
+        if let Outcome::Failed(_) = outcome {
+            self.unrelayed.failed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A recipient suppressed when its page was read.
+    pub(super) fn suppressed_unrelayed(&self) {
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        self.unrelayed.suppressed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Sets the pending recipients at start.
+    pub fn set_total(&self, n: u64) {
+        self.total.store(n, Ordering::Relaxed);
+        self.total_known.store(true, Ordering::Relaxed);
+    }
+
+    /// Counts `outcome` in the run's totals.
+    fn count(&self, outcome: &Outcome) {
         if self.first_outcome_us.load(Ordering::Relaxed) == 0 {
             let us = (self.started.elapsed().as_micros() as u64).max(1);
             let _ =
@@ -298,6 +341,19 @@ impl Stats {
             + self.deferred.load(Ordering::Relaxed)
             + self.suppressed.load(Ordering::Relaxed)
             + self.unrendered.load(Ordering::Relaxed)
+    }
+}
+
+/// `url` without the user name of its authority (`smtp://bulk@mx:587` →
+/// `smtp://mx:587`).
+fn without_user(url: &str) -> String {
+    let (scheme, rest) = url.split_once("://").unwrap_or(("", url));
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    match scheme {
+        "" => format!("{host}{path}"),
+        s => format!("{s}://{host}{path}"),
     }
 }
 
@@ -543,6 +599,18 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::Stats;
+
+    #[test]
+    fn relay_labels_carry_no_user_name() {
+        use super::without_user;
+        assert_eq!(
+            without_user("smtp://bulk@mx.example.net:587"),
+            "smtp://mx.example.net:587"
+        );
+        assert_eq!(without_user("smtps://a@b@mx:465"), "smtps://mx:465");
+        assert_eq!(without_user("smtp://127.0.0.1:25"), "smtp://127.0.0.1:25");
+        assert_eq!(without_user("file:///tmp/x@y"), "file:///tmp/x@y");
+    }
 
     #[test]
     fn the_campaign_view_counts_every_worker_from_this_ones_start() {

@@ -11,6 +11,7 @@ use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 use sqlx::Row;
 
+use super::Label;
 use crate::db::Db;
 use crate::error::Result;
 
@@ -133,7 +134,7 @@ impl Collector for InboundCounts {
             MetricType::Counter,
         )?;
         for (kind, class, n) in &self.bounces {
-            let labels = [("kind", kind.as_str()), ("class", class.as_str())];
+            let labels = [("kind", Label(kind)), ("class", Label(class))];
             family
                 .encode_family(&labels)?
                 .encode_counter::<NoLabelSet, _, u64>(&(n.max(&0).unsigned_abs()), None)?;
@@ -146,7 +147,7 @@ impl Collector for InboundCounts {
             MetricType::Gauge,
         )?;
         for (reason, channel, n) in &self.suppressed {
-            let labels = [("reason", reason.as_str()), ("channel", channel.as_str())];
+            let labels = [("reason", Label(reason)), ("channel", Label(channel))];
             family.encode_family(&labels)?.encode_gauge(n)?;
         }
         Ok(())

@@ -45,6 +45,34 @@ use run::{Run, Runs};
 /// writes (Prometheus asks for it and accepts it).
 pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
+/// A label value, escaped as the text format requires (`\\`, `\"`,
+/// `\n`): campaign and worker names and relay URLs are the operator's
+/// text, and `prometheus-client` writes label values as they are. One
+/// quote in a campaign's name would otherwise make Prometheus refuse the
+/// whole scrape.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Label<'a>(pub(crate) &'a str);
+
+impl prometheus_client::encoding::EncodeLabelValue for Label<'_> {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder<'_>,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write as _;
+        let mut rest = self.0;
+        while let Some(at) = rest.find(['\\', '"', '\n']) {
+            encoder.write_str(&rest[..at])?;
+            encoder.write_str(match rest.as_bytes()[at] {
+                b'\\' => "\\\\",
+                b'"' => "\\\"",
+                _ => "\\n",
+            })?;
+            rest = &rest[at + 1..];
+        }
+        encoder.write_str(rest)
+    }
+}
+
 /// Everything this process exposes: its runs (one per campaign it sends,
 /// kept after the run ends so the last figures stay readable) and, in
 /// `serve`, the unsubscribe requests it answered.
@@ -163,5 +191,24 @@ impl Endpoint {
     pub async fn stop(self) {
         self.stop.cancel();
         let _ = crate::error::joined("the metrics endpoint", self.task).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::Metrics;
+    use crate::campaign::Stats;
+
+    #[test]
+    fn label_values_are_escaped_as_the_text_format_requires() {
+        let m = Metrics::new();
+        let _run = m.track("a\"b\\c\nd", "w", Arc::new(Stats::new(1)));
+        let text = m.encode(None);
+        assert!(
+            text.contains(r#"blast_run_active{campaign="a\"b\\c\nd",worker="w"} 1"#),
+            "{text}"
+        );
     }
 }

@@ -9,6 +9,7 @@ use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, NoLabelSet}
 use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
+use super::Label;
 use crate::campaign::{RelayStats, Stats};
 use crate::measure::Snapshot;
 
@@ -35,15 +36,18 @@ impl Run {
         }
     }
 
-    fn labels(&self) -> [(&'static str, &str); 2] {
-        [("campaign", &self.campaign), ("worker", &self.worker)]
+    fn labels(&self) -> [(&'static str, Label<'_>); 2] {
+        [
+            ("campaign", Label(&self.campaign)),
+            ("worker", Label(&self.worker)),
+        ]
     }
 
-    fn relay_labels<'a>(&'a self, relay: &'a str) -> [(&'static str, &'a str); 3] {
+    fn relay_labels<'a>(&'a self, relay: &'a str) -> [(&'static str, Label<'a>); 3] {
         [
-            ("campaign", &self.campaign),
-            ("worker", &self.worker),
-            ("relay", relay),
+            ("campaign", Label(&self.campaign)),
+            ("worker", Label(&self.worker)),
+            ("relay", Label(relay)),
         ]
     }
 
@@ -69,15 +73,14 @@ const RELAY_OUTCOMES: [(&str, RelayCounter); 7] = [
     ("possibly_delivered", |r| &r.possibly_delivered),
 ];
 
-/// Outcomes by the run's totals: what no relay saw is the total less the
-/// relays' shares (relay label empty).
+/// Outcomes no relay saw (relay label empty), each with its own counter:
+/// derived as a total less the relays' shares, a scrape between the two
+/// additions would read a counter going down.
 type RunCounter = fn(&Stats) -> &AtomicU64;
 
-const RUN_OUTCOMES: [(&str, RunCounter); 5] = [
-    ("sent", |s| &s.sent),
-    ("deferred", |s| &s.deferred),
-    ("failed", |s| &s.failed),
-    ("suppressed", |s| &s.suppressed),
+const UNRELAYED_OUTCOMES: [(&str, RunCounter); 3] = [
+    ("failed", |s| &s.unrelayed.failed),
+    ("suppressed", |s| &s.unrelayed.suppressed),
     ("unrendered", |s| &s.unrendered),
 ];
 
@@ -161,7 +164,7 @@ impl Collector for Runs {
             runs.iter().flat_map(|run| {
                 run.relays()
                     .iter()
-                    .map(move |r| (run.relay_labels(&r.name), load(&r.retries)))
+                    .map(move |r| (run.relay_labels(&r.label), load(&r.retries)))
             }),
         )?;
         histograms(
@@ -174,7 +177,7 @@ impl Collector for Runs {
             runs.iter().flat_map(|run| {
                 run.relays()
                     .iter()
-                    .map(move |r| (run.relay_labels(&r.name), r.latency.snapshot()))
+                    .map(move |r| (run.relay_labels(&r.label), r.latency.snapshot()))
             }),
         )?;
         self.relays(&mut enc)?;
@@ -218,20 +221,13 @@ impl Runs {
     fn messages(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
         let mut samples = Vec::new();
         for run in &self.0 {
-            let relays = run.relays();
-            for r in relays {
+            for r in run.relays() {
                 for (outcome, counter) in RELAY_OUTCOMES {
-                    samples.push((relay_outcome(run, &r.name, outcome), load(counter(r))));
+                    samples.push((relay_outcome(run, &r.label, outcome), load(counter(r))));
                 }
             }
-            for (outcome, total) in RUN_OUTCOMES {
-                let on_relays: u64 = RELAY_OUTCOMES
-                    .iter()
-                    .filter(|(o, _)| *o == outcome)
-                    .flat_map(|(_, c)| relays.iter().map(|r| load(c(r))))
-                    .sum();
-                let rest = load(total(&run.stats)).saturating_sub(on_relays);
-                samples.push((relay_outcome(run, "", outcome), rest));
+            for (outcome, counter) in UNRELAYED_OUTCOMES {
+                samples.push((relay_outcome(run, "", outcome), load(counter(&run.stats))));
             }
         }
         counters(
@@ -246,57 +242,70 @@ impl Runs {
         )
     }
 
-    /// Each relay's concurrency, transactions in flight and circuit.
+    /// Each relay's concurrency, transactions in flight and circuit, from
+    /// one snapshot of its gate per scrape.
     fn relays(&self, enc: &mut DescriptorEncoder<'_>) -> Result<(), std::fmt::Error> {
-        let each = |f: fn(&RelayStats) -> f64| {
-            self.0.iter().flat_map(move |run| {
-                run.relays()
-                    .iter()
-                    .map(move |r| (run.relay_labels(&r.name), f(r)))
+        struct Gate<'a> {
+            labels: [(&'static str, Label<'a>); 3],
+            in_flight: f64,
+            limit: f64,
+            open: f64,
+            opened: u64,
+            marks: crate::adaptive::Marks,
+        }
+        let gates: Vec<Gate<'_>> = self
+            .0
+            .iter()
+            .flat_map(|run| {
+                run.relays().iter().map(move |r| {
+                    let a = r.gate.snapshot();
+                    Gate {
+                        labels: run.relay_labels(&r.label),
+                        in_flight: a.in_flight() as f64,
+                        limit: a.limit() as f64,
+                        open: f64::from(u8::from(r.gate.is_open())),
+                        opened: r.gate.times_opened(),
+                        marks: a.marks(),
+                    }
+                })
             })
-        };
+            .collect();
         gauges(
             enc,
             "blast_relay_in_flight",
             "SMTP transactions in flight on the relay",
-            each(|r| r.gate.snapshot().in_flight() as f64),
+            gates.iter().map(|g| (g.labels, g.in_flight)),
         )?;
         gauges(
             enc,
             "blast_relay_concurrency_limit",
             "Transactions the relay may have in flight (adaptive, or pinned by `concurrency`)",
-            each(|r| r.gate.snapshot().limit() as f64),
+            gates.iter().map(|g| (g.labels, g.limit)),
         )?;
         gauges(
             enc,
             "blast_relay_circuit_open",
             "1 while the relay's circuit is open (it gets no messages until a probe succeeds)",
-            each(|r| f64::from(u8::from(r.gate.is_open()))),
+            gates.iter().map(|g| (g.labels, g.open)),
         )?;
         counters(
             enc,
             "blast_relay_circuit_opened",
             "Times the relay's circuit opened (connection failures or a burst of 4xx)",
-            self.0.iter().flat_map(|run| {
-                run.relays()
-                    .iter()
-                    .map(move |r| (run.relay_labels(&r.name), r.gate.times_opened()))
-            }),
+            gates.iter().map(|g| (g.labels, g.opened)),
         )?;
         let mut marks = Vec::new();
-        for run in &self.0 {
-            for r in run.relays() {
-                let m = r.gate.snapshot().marks();
-                for (kind, n) in [
-                    ("deferred", m.deferred),
-                    ("connection", m.connection),
-                    ("stall", m.stall),
-                    ("queue", m.queue),
-                    ("latency", m.latency),
-                ] {
-                    let [c, w, rl] = run.relay_labels(&r.name);
-                    marks.push(([c, w, rl, ("kind", kind)], n));
-                }
+        for g in &gates {
+            let m = g.marks;
+            for (kind, n) in [
+                ("deferred", m.deferred),
+                ("connection", m.connection),
+                ("stall", m.stall),
+                ("queue", m.queue),
+                ("latency", m.latency),
+            ] {
+                let [c, w, r] = g.labels;
+                marks.push(([c, w, r, ("kind", Label(kind))], n));
             }
         }
         counters(
@@ -358,9 +367,9 @@ fn relay_outcome<'a>(
     run: &'a Run,
     relay: &'a str,
     outcome: &'a str,
-) -> [(&'static str, &'a str); 4] {
+) -> [(&'static str, Label<'a>); 4] {
     let [c, w, r] = run.relay_labels(relay);
-    [c, w, r, ("outcome", outcome)]
+    [c, w, r, ("outcome", Label(outcome))]
 }
 
 /// Recipients not yet answered: the campaign's when several workers share
@@ -370,9 +379,9 @@ fn relay_outcome<'a>(
 fn pending(stats: &Stats) -> Option<u64> {
     match stats.campaign_view() {
         Some(v) => Some(v.left),
-        None => match load(&stats.total) {
-            0 => None,
-            total => Some(total.saturating_sub(stats.done())),
-        },
+        None => stats
+            .total_known
+            .load(Ordering::Relaxed)
+            .then(|| load(&stats.total).saturating_sub(stats.done())),
     }
 }

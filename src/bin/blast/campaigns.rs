@@ -313,9 +313,19 @@ pub(crate) async fn run_due(args: RunDueArgs) -> anyhow::Result<ExitCode> {
         ..Default::default()
     };
     host.password_envs.extend(args.password_env);
+    // Two run-due processes may overlap (cron): the second finds every
+    // campaign busy and exits; it must not fail on the port the first holds.
     let endpoint = match args.metrics {
         Some(addr) => {
-            Some(blast::metrics::Endpoint::start(addr, blast::metrics::Metrics::new()).await?)
+            match blast::metrics::Endpoint::start(addr, blast::metrics::Metrics::new()).await {
+                Ok(e) => Some(e),
+                Err(e) => {
+                    eprintln!(
+                        "blast: {e}; going on without metrics (another run-due serving them?)"
+                    );
+                    None
+                }
+            }
         }
         None => None,
     };
