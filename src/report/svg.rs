@@ -111,19 +111,49 @@ pub fn bars_and_lines(
             WIDTH - RIGHT
         );
     }
-    let step = plot_w / points.len() as f64;
+    let plot = Plot {
+        step: plot_w / points.len() as f64,
+        base,
+        height: plot_h,
+        max,
+    };
+    draw_bars(&mut s, &plot, points);
+    draw_lines(&mut s, &plot, points.len(), lines);
+    s.push_str("</svg>");
+    s
+}
+
+/// Where a chart's values go: one slot of `step` per bar, `max` at the top.
+struct Plot {
+    step: f64,
+    base: f64,
+    height: f64,
+    max: i64,
+}
+
+impl Plot {
+    /// The y of value `v` (negative values at the axis).
+    fn y(&self, v: i64) -> f64 {
+        self.base - self.height * v.max(0) as f64 / self.max as f64
+    }
+}
+
+/// One `rect` per point, with its label under every few bars.
+fn draw_bars(s: &mut String, plot: &Plot, points: &[(String, i64)]) {
+    let step = plot.step;
+    let base = plot.base;
     // Thin bars when there are many, never wider than 56 units.
     let bar_w = (step * 0.8).clamp(1.0, 56.0);
     // Label at most ~12 bars on the x axis so text does not overlap.
     let every = points.len().div_ceil(12).max(1);
     for (i, (label, v)) in points.iter().enumerate() {
-        let h = plot_h * (*v).max(0) as f64 / max as f64;
+        let top = plot.y(*v);
+        let h = base - top;
         let x = LEFT + step * i as f64 + (step - bar_w) / 2.0;
         let label = escape(label);
         let _ = write!(
             s,
-            r##"<rect data-point="{label}" data-value="{v}" x="{x:.1}" y="{:.1}" width="{bar_w:.1}" height="{h:.1}" fill="#3b6ea8"><title>{label}: {v}</title></rect>"##,
-            base - h
+            r##"<rect data-point="{label}" data-value="{v}" x="{x:.1}" y="{top:.1}" width="{bar_w:.1}" height="{h:.1}" fill="#3b6ea8"><title>{label}: {v}</title></rect>"##,
         );
         if i % every == 0 {
             let cx = x + bar_w / 2.0;
@@ -135,16 +165,19 @@ pub fn bars_and_lines(
             );
         }
     }
+}
+
+/// One `polyline` per line over the first `bars` slots.
+fn draw_lines(s: &mut String, plot: &Plot, bars: usize, lines: &[Line]) {
     for (i, line) in lines.iter().enumerate() {
         let mut xy: Vec<String> = line
             .values
             .iter()
-            .take(points.len())
+            .take(bars)
             .enumerate()
             .map(|(k, v)| {
-                let x = LEFT + step * k as f64 + step / 2.0;
-                let y = base - plot_h * (*v).max(0) as f64 / max as f64;
-                format!("{x:.1},{y:.1}")
+                let x = LEFT + plot.step * k as f64 + plot.step / 2.0;
+                format!("{x:.1},{:.1}", plot.y(*v))
             })
             .collect();
         // A single point twice: with round caps it shows as a dot.
@@ -159,8 +192,6 @@ pub fn bars_and_lines(
             LINE_COLOURS[i % LINE_COLOURS.len()]
         );
     }
-    s.push_str("</svg>");
-    s
 }
 
 #[cfg(test)]
