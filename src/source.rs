@@ -215,19 +215,24 @@ fn page_sql(backend: Backend, audience: &Audience, retries_only: bool) -> String
         ),
         // SQLite walks the audience's key and probes the ledger's primary key
         // for NOT EXISTS; the details are scalar subqueries, evaluated for
-        // the returned rows only.
+        // the returned rows only. When the ledger has no row at all in the
+        // range still ahead (`touched`, not correlated: SQLite evaluates it
+        // once per page), which is every page of a first pass, the three
+        // probes per row are skipped (0.85 us of SQLite's time per row).
         Backend::Sqlite => format!(
             "SELECT {cols}, \
-             (SELECT CAST(d.attempts AS BIGINT) FROM blast_deliveries d \
-               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_attempts, \
-             (SELECT d.first_attempt_at FROM blast_deliveries d \
-               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) AS blast_first_attempt \
+             CASE WHEN {touched} THEN (SELECT CAST(d.attempts AS BIGINT) FROM blast_deliveries d \
+               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) END AS blast_attempts, \
+             CASE WHEN {touched} THEN (SELECT d.first_attempt_at FROM blast_deliveries d \
+               WHERE d.campaign_id = $3 AND d.recipient_id = a.id) END AS blast_first_attempt \
              FROM ({inner}) AS a \
              WHERE a.id > $1 AND a.id <= $2 \
-             AND NOT EXISTS (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $3 \
+             AND (NOT {touched} OR NOT EXISTS (SELECT 1 FROM blast_deliveries d WHERE d.campaign_id = $3 \
                  AND d.recipient_id = a.id \
-                 AND (d.status IN ({FINAL_STATUSES_SQL}) OR (d.status = 'deferred' AND d.next_attempt_at > $5))) \
+                 AND (d.status IN ({FINAL_STATUSES_SQL}) OR (d.status = 'deferred' AND d.next_attempt_at > $5)))) \
              {only_sqlite} ORDER BY a.id LIMIT $4",
+            touched = "EXISTS (SELECT 1 FROM blast_deliveries t WHERE t.campaign_id = $3 \
+                 AND t.recipient_id > $1 AND t.recipient_id <= $2)",
             only_sqlite = if retries_only {
                 "AND EXISTS (SELECT 1 FROM blast_deliveries r WHERE r.campaign_id = $3 \
                  AND r.recipient_id = a.id AND r.status = 'deferred')"
