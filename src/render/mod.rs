@@ -111,6 +111,11 @@ pub struct Renderer {
     key: Key,
     msgid_domain: String,
     verp: Option<Pattern>,
+    /// The VERP pattern filled with the longest values it can take is an
+    /// address that needs no normalizing: every recipient's is too (the
+    /// values are digits, `-` and hex), so it is not parsed again per
+    /// message.
+    verp_checked: bool,
     unsubscribe: Unsubscribe,
     /// Every relay offers 8BITMIME: non-ASCII parts go as `8bit` (no
     /// encoding at all) when their lines allow it.
@@ -212,6 +217,7 @@ impl Renderer {
             key: identity.key.clone().unwrap_or_else(zero_key),
             identity,
             msgid_domain,
+            verp_checked: message.verp.as_ref().is_some_and(verp_always_valid),
             verp: message.verp.clone(),
             unsubscribe: message.unsubscribe.clone(),
             eight_bit: AtomicBool::new(false),
@@ -321,8 +327,11 @@ impl Renderer {
             }),
             None => one_line(&render(ENVELOPE_FROM)?),
         };
-        let envelope_from =
-            ascii_address(&envelope_from).map_err(|_| RenderError::EnvelopeFrom(envelope_from))?;
+        let envelope_from = match self.verp_checked {
+            true => envelope_from,
+            false => ascii_address(&envelope_from)
+                .map_err(|_| RenderError::EnvelopeFrom(envelope_from))?,
+        };
         let to_name = match self.has_to_name {
             true => Some(display_len(one_line(&render(TO_NAME)?))).filter(|n| !n.is_empty()),
             false => None,
@@ -404,6 +413,7 @@ impl Renderer {
         }
         mime::raw(&mut out, "MIME-Version", "1.0");
         let eight_bit = self.eight_bit.load(Ordering::Relaxed);
+        let mut any_8bit = false;
         match (text, html) {
             (Some(text), Some(html)) => {
                 let boundary = mime::boundary(&parts.sig, &[text, html]);
@@ -414,15 +424,15 @@ impl Renderer {
                     out.extend_from_slice(b"--");
                     out.extend_from_slice(boundary.as_bytes());
                     out.extend_from_slice(b"\r\n");
-                    body_part(&mut out, content_type, body, eight_bit);
+                    any_8bit |= body_part(&mut out, content_type, body, eight_bit);
                 }
                 out.extend_from_slice(b"--");
                 out.extend_from_slice(boundary.as_bytes());
                 out.extend_from_slice(b"--\r\n");
             }
-            (Some(text), None) => body_part(&mut out, "text/plain", text, eight_bit),
-            (None, Some(html)) => body_part(&mut out, "text/html", html, eight_bit),
-            (None, None) => body_part(&mut out, "text/plain", "", eight_bit),
+            (Some(text), None) => any_8bit = body_part(&mut out, "text/plain", text, eight_bit),
+            (None, Some(html)) => any_8bit = body_part(&mut out, "text/html", html, eight_bit),
+            (None, None) => any_8bit = body_part(&mut out, "text/plain", "", eight_bit),
         }
         self.size_hint.store(out.len(), Ordering::Relaxed);
         Ok(Outgoing {
@@ -430,6 +440,7 @@ impl Renderer {
                 recipient_id: recipient.id,
                 from: parts.envelope_from,
                 to: parts.rcpt,
+                eight_bit: any_8bit,
             },
             email: recipient.email.clone(),
             bytes: out,
@@ -439,12 +450,25 @@ impl Renderer {
 
 /// One text part: its header fields, a blank line, and `text` in the
 /// lightest transfer encoding its bytes allow (`8bit` only when
-/// `eight_bit`: every relay offered 8BITMIME).
-fn body_part(out: &mut Vec<u8>, content_type: &str, text: &str, eight_bit: bool) {
+/// `eight_bit`: every relay offered 8BITMIME). Returns whether the part
+/// went as `8bit`.
+fn body_part(out: &mut Vec<u8>, content_type: &str, text: &str, eight_bit: bool) -> bool {
     let encoding = Encoding::choose(text, eight_bit);
     mime::part_headers(out, content_type, encoding);
     out.extend_from_slice(b"\r\n");
     encoding.write(text, out);
+    encoding == Encoding::EightBit
+}
+
+/// Whether every address `verp` can produce is valid as it is: filled with
+/// the longest values (an `i64::MIN` campaign and recipient, a signature of
+/// full length) it parses, and parsing leaves it unchanged.
+fn verp_always_valid(verp: &Pattern) -> bool {
+    let longest = verp.fill(|v| match v {
+        Var::Campaign | Var::Recipient => i64::MIN.to_string(),
+        _ => zero_key().verp_sig(i64::MIN, i64::MIN),
+    });
+    ascii_address(&longest).is_ok_and(|a| a == longest)
 }
 
 /// The key used before [`Renderer::set_campaign`] (benches, unit tests).
@@ -681,6 +705,7 @@ pub(crate) mod tests {
     fn non_ascii_parts_go_8bit_when_every_relay_takes_it() {
         let m = message("Hi", Some("Grüße, {{ name }}"), Some("<p>Grüße</p>"));
         let out = render_8bit(&m, &recipient(1, "a@example.com", "José"));
+        assert!(out.envelope.eight_bit, "MAIL FROM must say BODY=8BITMIME");
         let s = String::from_utf8(out.bytes).unwrap();
         assert_eq!(
             s.matches("Content-Transfer-Encoding: 8bit").count(),
@@ -693,6 +718,7 @@ pub(crate) mod tests {
         assert!(h.is_ascii(), "headers stay 7-bit: {h}");
         // Without 8BITMIME (the default): quoted-printable.
         let qp = render(&m, &recipient(1, "a@example.com", "José")).unwrap();
+        assert!(!qp.envelope.eight_bit);
         let qp = String::from_utf8(qp.bytes).unwrap();
         assert!(
             qp.contains("quoted-printable") && !qp.contains("8bit"),
@@ -705,6 +731,7 @@ pub(crate) mod tests {
         let m = message("Hi", Some("{{ name }}"), None);
         let long = format!("é{}", "x".repeat(997)); // 999 octets
         let out = render_8bit(&m, &recipient(1, "a@example.com", &long));
+        assert!(!out.envelope.eight_bit);
         let s = String::from_utf8(out.bytes).unwrap();
         assert!(
             s.contains("Content-Transfer-Encoding: quoted-printable"),
@@ -713,8 +740,37 @@ pub(crate) mod tests {
         assert!(s.split("\r\n").all(|l| l.len() <= 998));
         let ok = format!("é{}", "x".repeat(996)); // 998 octets: 8bit
         let out = render_8bit(&m, &recipient(1, "a@example.com", &ok));
+        assert!(out.envelope.eight_bit);
         let s = String::from_utf8(out.bytes).unwrap();
         assert!(s.contains("Content-Transfer-Encoding: 8bit"), "{s}");
+        // An ASCII message is 7bit even where 8bit is allowed.
+        let ascii = render_8bit(&m, &recipient(1, "a@example.com", "plain"));
+        assert!(!ascii.envelope.eight_bit);
+    }
+
+    #[test]
+    fn verp_addresses_are_checked_once_when_every_fill_is_valid() {
+        let verp = |raw: &str| Pattern::parse(raw, &[Var::Campaign, Var::Recipient, Var::Sig]);
+        let ok = verp("bounces+{campaign}-{recipient}-{sig}@example.com").unwrap();
+        assert!(verp_always_valid(&ok));
+        // 34 + two ids + a signature: too long a local part for the largest
+        // ids (64 octets at most), fine for small ones. Checked per message.
+        let long =
+            verp("bounces-of-the-weekly-newsletter-x+{campaign}-{recipient}-{sig}@example.com")
+                .unwrap();
+        assert!(!verp_always_valid(&long));
+        let mut m = message("Hi", Some("x"), None);
+        m.verp = Some(long);
+        let out = render(&m, &recipient(7, "a@example.com", "A")).unwrap();
+        assert!(out
+            .envelope
+            .from
+            .starts_with("bounces-of-the-weekly-newsletter-x+1-7-"));
+        let err = render(&m, &recipient(i64::MIN, "a@example.com", "A")).unwrap_err();
+        assert!(matches!(err, RenderError::EnvelopeFrom(_)), "{err}");
+        // A quoted local part is rewritten by parsing: checked per message.
+        let quoted = verp("\"b {recipient}\"+{campaign}-{sig}@example.com").unwrap();
+        assert!(!verp_always_valid(&quoted));
     }
 
     #[test]
