@@ -57,6 +57,9 @@ pub struct Envelope {
     pub from: String,
     /// `RCPT TO` address (ASCII, validated).
     pub to: String,
+    /// The message has an `8bit` part: `MAIL FROM` says `BODY=8BITMIME`
+    /// (the renderer knows; nobody scans the message again to find out).
+    pub eight_bit: bool,
 }
 
 /// A message ready for a transport.

@@ -395,6 +395,8 @@ async fn non_ascii_parts_go_8bit_only_to_a_relay_that_takes_them() {
         assert_eq!(s.sent, 3);
         let got = sink.received();
         let msg = String::from_utf8_lossy(&got[0].data).into_owned();
+        // MAIL FROM says BODY=8BITMIME exactly when a part went as 8bit.
+        assert!(got.iter().all(|m| m.eight_bit == eight_bit), "{got:?}");
         if eight_bit {
             assert!(msg.contains("Content-Transfer-Encoding: 8bit"), "{msg}");
             assert!(msg.contains("Grüße, Name"), "{msg}");

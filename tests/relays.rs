@@ -80,6 +80,7 @@ fn envelope(i: i64) -> Envelope {
         recipient_id: i,
         from: "bounces@example.com".into(),
         to: format!("r{i}@example.net"),
+        eight_bit: false,
     }
 }
 

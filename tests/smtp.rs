@@ -56,6 +56,7 @@ async fn mode(pipelining: bool, chunking: bool) {
             recipient_id: i,
             from: "b@example.com".into(),
             to: format!("r{i}@example.com"),
+            eight_bit: false,
         };
         // A leading dot and a bare "." line test dot-stuffing in DATA mode.
         let msg = format!("Subject: m{i}\r\n\r\n.hidden line\r\n.\r\nbody {i}\r\n");
@@ -135,6 +136,7 @@ async fn drop_after_data_is_ambiguous() {
         recipient_id: 1,
         from: "b@example.com".into(),
         to: "x@example.com".into(),
+        eight_bit: false,
     };
     let err = s.send(&env, b"Subject: x\r\n\r\nx\r\n").await.unwrap_err();
     assert!(err.ambiguous, "{err}");
@@ -153,6 +155,7 @@ async fn refused_mail_from() {
         recipient_id: 1,
         from: "b@example.com".into(),
         to: "x@example.com".into(),
+        eight_bit: false,
     };
     let o = s.send(&env, b"Subject: x\r\n\r\nx\r\n").await.unwrap();
     assert_eq!((o.status(), o.reply().code), (Status::Failed, Some(530)));
@@ -178,6 +181,7 @@ async fn dot_lines(chunking: bool) {
         recipient_id: 1,
         from: "b@example.com".into(),
         to: "r@example.com".into(),
+        eight_bit: false,
     };
     let outcome = s.send(&env, msg.as_bytes()).await.unwrap();
     assert_eq!(outcome.status(), Status::Sent, "{outcome:?}");

@@ -356,6 +356,7 @@ mod tests {
                     recipient_id: id,
                     from: "b@example.com".into(),
                     to: format!("u{id}@example.com"),
+                    eight_bit: false,
                 },
                 email: format!("u{id}@example.com"),
                 bytes: Vec::new(),

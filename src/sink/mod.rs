@@ -189,6 +189,8 @@ pub struct SinkStats {
 pub struct Received {
     /// Envelope sender without angle brackets (empty for the null sender `<>`).
     pub mail_from: String,
+    /// MAIL FROM said `BODY=8BITMIME`.
+    pub eight_bit: bool,
     /// Accepted envelope recipients, in RCPT order, without angle brackets.
     pub rcpt_to: Vec<String>,
     /// The message octets: dot-unstuffed for DATA (raw for BDAT), line

@@ -70,6 +70,8 @@ enum DataState {
 #[derive(Default)]
 struct Transaction {
     mail_from: Option<String>,
+    /// MAIL FROM said `BODY=8BITMIME`.
+    eight_bit: bool,
     rcpts: Vec<String>,
     /// RCPT commands tried, accepted or not, to tell "no RCPT" (503) from
     /// "all RCPTs refused" (554).
@@ -86,6 +88,7 @@ struct Transaction {
 impl Transaction {
     fn reset(&mut self) {
         self.mail_from = None;
+        self.eight_bit = false;
         self.rcpts.clear();
         self.rcpt_attempts = 0;
         self.bdat_active = false;
@@ -542,6 +545,7 @@ impl Session {
             return self.reply("501 5.1.7 Bad sender address syntax");
         };
         let config = &self.shared.config;
+        let mut body_8bit = false;
         for param in params.split_ascii_whitespace() {
             if let Some(size) = strip_prefix_ci(param, "SIZE=") {
                 match size.parse::<u64>() {
@@ -552,11 +556,11 @@ impl Session {
                     Err(_) => return self.reply("501 5.5.4 Bad SIZE syntax"),
                 }
             } else if let Some(body) = strip_prefix_ci(param, "BODY=") {
-                let ok = body.eq_ignore_ascii_case("7BIT")
-                    || (config.eight_bit_mime && body.eq_ignore_ascii_case("8BITMIME"));
-                if !ok {
+                let eight_bit = body.eq_ignore_ascii_case("8BITMIME");
+                if !(body.eq_ignore_ascii_case("7BIT") || (config.eight_bit_mime && eight_bit)) {
                     return self.reply("555 5.5.4 Unsupported option: BODY");
                 }
+                body_8bit = eight_bit;
             }
             // Other parameters (SMTPUTF8, RET, ENVID, ...) are accepted and
             // ignored: a sink has nothing to do with them.
@@ -571,6 +575,7 @@ impl Session {
             None => self.reply("250 2.1.0 Ok"),
         }
         self.tx.mail_from = Some(addr.to_owned());
+        self.tx.eight_bit = body_8bit;
     }
 
     fn rcpt(&mut self, arg: &str) {
@@ -861,6 +866,7 @@ impl Session {
         let config = &shared.config;
         let queue_id = next_queue_id();
         let mail_from = self.tx.mail_from.take().unwrap_or_default();
+        let eight_bit = std::mem::take(&mut self.tx.eight_bit);
         let rcpt_to = std::mem::take(&mut self.tx.rcpts);
         let size = self.tx.size;
         let mut data = std::mem::take(&mut self.tx.data);
@@ -887,6 +893,7 @@ impl Session {
             let auth = self.authenticated.clone();
             shared.received().push(Received {
                 mail_from,
+                eight_bit,
                 rcpt_to,
                 data,
                 queue_id,

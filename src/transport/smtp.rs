@@ -876,8 +876,8 @@ impl super::Session for SmtpSession {
         }
         let started = Instant::now();
         // RFC 6152: a message with 8bit parts says so (only rendered so
-        // when the relay offered 8BITMIME).
-        let body = match self.caps.eight_bit_mime && !message.is_ascii() {
+        // when the relay offered 8BITMIME; the renderer marks it).
+        let body = match self.caps.eight_bit_mime && envelope.eight_bit {
             true => " BODY=8BITMIME",
             false => "",
         };
