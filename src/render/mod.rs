@@ -107,6 +107,10 @@ pub struct Renderer {
     /// The campaign's name as `X-Blast-Campaign` carries it (one line).
     campaign_header: String,
     has_to_name: bool,
+    /// The top-level names the templates read (`None`: not known, every
+    /// column goes into the context). A recipient's other columns are not
+    /// converted for Tera at all.
+    needed: Option<std::collections::HashSet<String>>,
     identity: Identity,
     key: Key,
     msgid_domain: String,
@@ -176,6 +180,7 @@ impl Renderer {
             add(&name, v)?;
             headers.push((h.clone(), name));
         }
+        let needed = needed_names(&tera, message);
         let global = tera.global_context();
         for (k, v) in vars {
             global.insert(k.clone(), v);
@@ -214,6 +219,7 @@ impl Renderer {
             reply_to,
             campaign_header: one_line(&identity.campaign),
             has_to_name: message.to_name.is_some(),
+            needed,
             key: identity.key.clone().unwrap_or_else(zero_key),
             identity,
             msgid_domain,
@@ -251,8 +257,8 @@ impl Renderer {
         let (parts, ctx) = self.render_head(recipient)?;
         BODIES.with(|bodies| {
             let (text_buf, html_buf) = &mut *bodies.borrow_mut();
-            let text = self.render_body(self.text.as_deref(), &ctx, text_buf)?;
-            let html = self.render_body(self.html.as_deref(), &ctx, html_buf)?;
+            let text = self.render_body(self.text.as_deref(), &ctx, recipient, text_buf)?;
+            let html = self.render_body(self.html.as_deref(), &ctx, recipient, html_buf)?;
             self.build(recipient, parts, text, html, now)
         })
     }
@@ -267,6 +273,7 @@ impl Renderer {
         &self,
         name: Option<&str>,
         ctx: &Context,
+        recipient: &Recipient,
         buf: &'b mut Vec<u8>,
     ) -> std::result::Result<Option<&'b str>, RenderError> {
         let Some(name) = name else {
@@ -275,13 +282,55 @@ impl Renderer {
         buf.clear();
         self.tera
             .render_to(name, ctx, &mut *buf)
-            .map_err(|e| RenderError::Template {
-                template: name.to_string(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| self.template_error(name, e, recipient))?;
         std::str::from_utf8(buf)
             .map(Some)
             .map_err(|_| RenderError::Mime(format!("template {name} rendered to invalid UTF-8")))
+    }
+
+    /// `recipient`'s template context: the names in `only` (every column
+    /// when `None`), `id`, `email` and `unsubscribe_url`. The campaign's
+    /// variables are Tera's global context.
+    fn context(
+        &self,
+        recipient: &Recipient,
+        unsubscribe_url: &str,
+        only: Option<&std::collections::HashSet<String>>,
+    ) -> Context {
+        let needs = |name: &str| only.is_none_or(|n| n.contains(name));
+        let mut ctx = Context::new();
+        for (k, v) in &recipient.vars {
+            if needs(k) {
+                ctx.insert(k.clone(), v);
+            }
+        }
+        ctx.insert("id", &recipient.id);
+        if needs("email") {
+            ctx.insert("email", &recipient.email);
+        }
+        if needs("unsubscribe_url") {
+            ctx.insert("unsubscribe_url", unsubscribe_url);
+        }
+        ctx
+    }
+
+    /// Template `name`'s failure for `recipient`. Rendered again with every
+    /// column when the context held only the names the templates read, so
+    /// Tera's "available variables" lists all of the recipient's (rare: a
+    /// missing variable fails every recipient alike).
+    fn template_error(&self, name: &str, e: tera::Error, recipient: &Recipient) -> RenderError {
+        let mut message = e.to_string();
+        if self.needed.is_some() {
+            let token = self.key.token(self.identity.campaign_id, recipient.id);
+            let url = self.unsubscribe.url.fill(|_| token.clone());
+            if let Err(e) = self.tera.render(name, &self.context(recipient, &url, None)) {
+                message = e.to_string();
+            }
+        }
+        RenderError::Template {
+            template: name.to_string(),
+            message,
+        }
     }
 
     /// The header templates' output, and the context the bodies render in.
@@ -297,26 +346,17 @@ impl Renderer {
                 address: recipient.email.clone(),
                 reason,
             })?;
-        let mut ctx = Context::new();
-        for (k, v) in &recipient.vars {
-            ctx.insert(k.clone(), v);
-        }
-        ctx.insert("id", &recipient.id);
-        ctx.insert("email", &recipient.email);
         let campaign_id = self.identity.campaign_id;
         let token = self.key.token(campaign_id, recipient.id);
         let unsubscribe_url = self.unsubscribe.url.fill(|_| token.clone());
         let unsubscribe_mailto = self.unsubscribe.mailto.fill(|_| token.clone());
         let sig = self.key.verp_sig(campaign_id, recipient.id);
-        ctx.insert("unsubscribe_url", &unsubscribe_url);
+        let ctx = self.context(recipient, &unsubscribe_url, self.needed.as_ref());
 
         let render = |name: &str| {
             self.tera
                 .render(name, &ctx)
-                .map_err(|e| RenderError::Template {
-                    template: name.to_string(),
-                    message: e.to_string(),
-                })
+                .map_err(|e| self.template_error(name, e, recipient))
         };
         let subject = one_line(&render(SUBJECT)?);
         let envelope_from = match &self.verp {
@@ -458,6 +498,43 @@ fn body_part(out: &mut Vec<u8>, content_type: &str, text: &str, eight_bit: bool)
     out.extend_from_slice(b"\r\n");
     encoding.write(text, out);
     encoding == Encoding::EightBit
+}
+
+/// Every top-level name `message`'s templates read, or `None` when that is
+/// not certain: a template that dumps the whole context (`__tera_context`)
+/// or defines a component (whose implicit parameters are looked up by
+/// name in the caller's scope).
+fn needed_names(tera: &Tera, message: &MessageConfig) -> Option<std::collections::HashSet<String>> {
+    let mut sources = vec![message.subject.as_str(), message.envelope_from.as_str()];
+    sources.extend(message.to_name.as_deref());
+    sources.extend(
+        message
+            .text
+            .iter()
+            .chain(&message.html)
+            .map(|t| t.body.as_str()),
+    );
+    sources.extend(message.headers.iter().map(|(_, v)| v.as_str()));
+    let dynamic = |s: &&str| {
+        s.contains("__tera_")
+            || s.match_indices("component").any(|(i, _)| {
+                let before = s[..i].trim_end_matches([' ', '\t', '\r', '\n', '-']);
+                before.ends_with("{%")
+            })
+    };
+    if sources.iter().any(dynamic) {
+        return None;
+    }
+    let mut names = std::collections::HashSet::new();
+    for name in tera.get_template_names() {
+        names.extend(
+            tera.get_template_variables(name)
+                .ok()?
+                .into_iter()
+                .map(str::to_string),
+        );
+    }
+    Some(names)
 }
 
 /// Whether every address `verp` can produce is valid as it is: filled with
@@ -774,11 +851,85 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn only_the_names_templates_read_enter_the_context_and_output_is_the_same() {
+        let body = "{% set greeting = nick | default(value=first) %}{{ greeting }} \
+            {% for first in items %}[{{ first }}]{% endfor %}{{ first }} \
+            {% if city %}{{ city | upper }}{% endif %}{{ prefs.color }} {{ email }} \
+            {{ unsubscribe_url }} {{ id }}";
+        let mut m = message(
+            "Hi {{ first }}",
+            Some(body),
+            Some("<p>{{ first }} {{ prefs.color }}</p>"),
+        );
+        m.to_name = Some("{{ first }}".into());
+        m.headers
+            .push(("X-City".into(), "{{ city | default(value='') }}".into()));
+        let mut vars = Map::new();
+        for (k, v) in [
+            ("first", serde_json::json!("Ann")),
+            ("nick", serde_json::json!(null)),
+            ("city", serde_json::json!("Oslo")),
+            ("prefs", serde_json::json!({"color": "red"})),
+            ("items", serde_json::json!([1, 2])),
+            ("unused", serde_json::json!("never read")),
+            (
+                "attributes",
+                serde_json::json!({"first": "Ann", "unused": 1}),
+            ),
+        ] {
+            vars.insert(k.into(), v);
+        }
+        let r = Recipient::new(9, "ann@example.com", vars);
+        let ident = || Identity {
+            campaign: "c".into(),
+            campaign_id: 1,
+            key: None,
+        };
+        let pruned = Renderer::compile(&m, &Map::new(), ident()).unwrap();
+        let needed = pruned.needed.as_ref().expect("every name is known");
+        assert!(needed.contains("first") && needed.contains("prefs") && needed.contains("city"));
+        assert!(
+            !needed.contains("unused") && !needed.contains("attributes"),
+            "{needed:?}"
+        );
+        let mut full = Renderer::compile(&m, &Map::new(), ident()).unwrap();
+        full.needed = None;
+        let now = crate::clock::now();
+        let (a, b) = (
+            pruned.render(&r, now).unwrap(),
+            full.render(&r, now).unwrap(),
+        );
+        assert_eq!(
+            String::from_utf8(a.bytes).unwrap(),
+            String::from_utf8(b.bytes).unwrap()
+        );
+        // A template that dumps the context, or defines a component, gets
+        // every column.
+        for dynamic in [
+            "{{ __tera_context }}",
+            "{%- component X() %}x{% endcomponent X %}",
+        ] {
+            let m = message("Hi", Some(dynamic), None);
+            let r = Renderer::compile(&m, &Map::new(), ident()).unwrap();
+            assert!(r.needed.is_none(), "{dynamic}");
+        }
+        let m = message("Hi", Some("{{ __tera_context }}"), None);
+        let out = render(&m, &recipient(1, "a@example.com", "A")).unwrap();
+        assert!(String::from_utf8_lossy(&out.bytes).contains("name"));
+    }
+
+    #[test]
     fn missing_variable_is_a_per_recipient_error() {
         let m = message("Hi {{ nickname }}", Some("x"), None);
         let err = render(&m, &recipient(1, "a@example.com", "A")).unwrap_err();
         assert!(matches!(err, RenderError::Template { .. }), "{err}");
         assert!(err.to_string().contains("nickname"), "{err}");
+        // Tera's list of what is available names every column, not only
+        // those the templates read.
+        let mut r = recipient(1, "a@example.com", "A");
+        r.vars.insert("nick_name".into(), Value::String("x".into()));
+        let err = render(&m, &r).unwrap_err();
+        assert!(err.to_string().contains("nick_name"), "{err}");
     }
 
     #[test]
