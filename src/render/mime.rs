@@ -338,6 +338,14 @@ pub(super) fn part_headers(out: &mut Vec<u8>, content_type: &str, encoding: Enco
 /// as they are, each candidate is checked against the text, and another is
 /// tried on the (vanishingly rare, or hostile) match.
 pub(super) fn boundary(seed: &str, parts: &[&str]) -> String {
+    // Every boundary starts with this: parts without it (nearly all) need
+    // no search per candidate.
+    static PREFIX: std::sync::OnceLock<memchr::memmem::Finder<'static>> =
+        std::sync::OnceLock::new();
+    let prefix = PREFIX.get_or_init(|| memchr::memmem::Finder::new("=_blast_"));
+    if parts.iter().all(|p| prefix.find(p.as_bytes()).is_none()) {
+        return format!("=_blast_{seed}_0");
+    }
     let mut n = 0u32;
     loop {
         let b = format!("=_blast_{seed}_{n}");
