@@ -6,7 +6,9 @@
 //! CR/LF in a name can never start a new header.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 use tera::{Context, Tera};
@@ -111,6 +113,10 @@ pub struct Renderer {
     /// column goes into the context). A recipient's other columns are not
     /// converted for Tera at all.
     needed: Option<std::collections::HashSet<String>>,
+    /// Header templates that read only campaign variables, rendered once:
+    /// template name → (value, the names it reads). A recipient with a
+    /// column of one of those names gets the template rendered for them.
+    fixed: HashMap<String, (String, Vec<String>)>,
     identity: Identity,
     key: Key,
     msgid_domain: String,
@@ -127,6 +133,41 @@ pub struct Renderer {
     /// The last message's size: the next one's buffer is allocated once,
     /// at about the size it will need.
     size_hint: AtomicUsize,
+}
+
+/// Message buffers the injectors are done with, for the next messages: a
+/// message of ~10 KB is above glibc's per-thread cache, and it is freed on
+/// another thread than the one that allocated it, so a fresh buffer per
+/// message cost a lock on the allocating thread's arena and, now and then,
+/// a consolidation of its free lists.
+static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
+/// At most this many buffers wait in [`SPARE`] ...
+const SPARE_MAX: usize = 64;
+/// ... and none larger than this is kept (at most 16 MiB in all).
+const SPARE_LARGEST: usize = 256 * 1024;
+
+/// Hands a sent message's buffer back for the next one (see [`SPARE`]).
+pub fn recycle(mut buf: Vec<u8>) {
+    if buf.capacity() == 0 || buf.capacity() > SPARE_LARGEST {
+        return;
+    }
+    buf.clear();
+    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
+    if spare.len() < SPARE_MAX {
+        spare.push(buf);
+    }
+}
+
+/// An empty buffer of at least `capacity`, recycled if one is spare.
+fn message_buffer(capacity: usize) -> Vec<u8> {
+    let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop();
+    match spare {
+        Some(mut buf) => {
+            buf.reserve(capacity);
+            buf
+        }
+        None => Vec::with_capacity(capacity),
+    }
 }
 
 thread_local! {
@@ -186,6 +227,10 @@ impl Renderer {
             global.insert(k.clone(), v);
         }
         global.insert("campaign", &identity.campaign);
+        let fixed = match &needed {
+            Some(_) => fixed_headers(&tera, &headers, message.to_name.is_some()),
+            None => HashMap::new(),
+        };
 
         let from_addr = address_part(&message.from).to_string();
         let from_addr = ascii_address(&from_addr).map_err(|reason| {
@@ -220,6 +265,7 @@ impl Renderer {
             campaign_header: one_line(&identity.campaign),
             has_to_name: message.to_name.is_some(),
             needed,
+            fixed,
             key: identity.key.clone().unwrap_or_else(zero_key),
             identity,
             msgid_domain,
@@ -353,10 +399,14 @@ impl Renderer {
         let sig = self.key.verp_sig(campaign_id, recipient.id);
         let ctx = self.context(recipient, &unsubscribe_url, self.needed.as_ref());
 
-        let render = |name: &str| {
-            self.tera
+        let render = |name: &str| match self.fixed.get(name) {
+            Some((value, names)) if !names.iter().any(|n| recipient.vars.contains_key(n)) => {
+                Ok(value.clone())
+            }
+            _ => self
+                .tera
                 .render(name, &ctx)
-                .map_err(|e| self.template_error(name, e, recipient))
+                .map_err(|e| self.template_error(name, e, recipient)),
         };
         let subject = one_line(&render(SUBJECT)?);
         let envelope_from = match &self.verp {
@@ -405,7 +455,7 @@ impl Renderer {
         now: time::OffsetDateTime,
     ) -> std::result::Result<Outgoing, RenderError> {
         let hint = self.size_hint.load(Ordering::Relaxed);
-        let mut out = Vec::with_capacity(hint + hint / 8);
+        let mut out = message_buffer(hint + hint / 8);
         mime::mailbox(&mut out, "From", self.from_name.as_deref(), &self.from_addr);
         mime::mailbox(&mut out, "To", parts.to_name.as_deref(), &parts.rcpt);
         mime::unstructured(&mut out, "Subject", &parts.subject);
@@ -535,6 +585,38 @@ fn needed_names(tera: &Tera, message: &MessageConfig) -> Option<std::collections
         );
     }
     Some(names)
+}
+
+/// The header templates (subject, envelope sender, display name, extra
+/// headers) that read no recipient data: none of `id`, `email` and
+/// `unsubscribe_url`, and they render with the campaign's variables alone.
+fn fixed_headers(
+    tera: &Tera,
+    headers: &[(String, String)],
+    to_name: bool,
+) -> HashMap<String, (String, Vec<String>)> {
+    let mut names = vec![SUBJECT, ENVELOPE_FROM];
+    if to_name {
+        names.push(TO_NAME);
+    }
+    names.extend(headers.iter().map(|(_, tpl)| tpl.as_str()));
+    let mut fixed = HashMap::new();
+    for name in names {
+        let Ok(reads) = tera.get_template_variables(name) else {
+            continue;
+        };
+        if reads
+            .iter()
+            .any(|n| ["id", "email", "unsubscribe_url"].contains(n))
+        {
+            continue;
+        }
+        if let Ok(value) = tera.render(name, &Context::new()) {
+            let reads = reads.into_iter().map(str::to_string).collect();
+            fixed.insert(name.to_string(), (value, reads));
+        }
+    }
+    fixed
 }
 
 /// Whether every address `verp` can produce is valid as it is: filled with
@@ -916,6 +998,47 @@ pub(crate) mod tests {
         let m = message("Hi", Some("{{ __tera_context }}"), None);
         let out = render(&m, &recipient(1, "a@example.com", "A")).unwrap();
         assert!(String::from_utf8_lossy(&out.bytes).contains("name"));
+    }
+
+    #[test]
+    fn header_templates_of_campaign_variables_render_once_unless_a_column_shadows_them() {
+        let mut m = message("Issue {{ issue }}", Some("x"), None);
+        m.headers = vec![
+            ("X-Issue".into(), "{{ issue }}".into()),
+            ("X-Id".into(), "{{ id }}".into()),
+            ("X-Nick".into(), "{{ nick | default(value='none') }}".into()),
+        ];
+        let mut vars = Map::new();
+        vars.insert("issue".into(), Value::from(48));
+        let ident = Identity {
+            campaign: "c".into(),
+            campaign_id: 1,
+            key: None,
+        };
+        let r = Renderer::compile(&m, &vars, ident).unwrap();
+        let mut fixed: Vec<&str> = r.fixed.keys().map(String::as_str).collect();
+        fixed.sort();
+        assert_eq!(
+            fixed,
+            [
+                "message.headers.X-Issue",
+                "message.headers.X-Nick",
+                SUBJECT, // the envelope sender reads `id` here
+            ]
+        );
+        let plain = r.render_parts(&recipient(5, "a@example.com", "A")).unwrap();
+        assert_eq!(plain.subject, "Issue 48");
+        assert_eq!(plain.headers[0].1, "48");
+        assert_eq!(plain.headers[1].1, "5");
+        assert_eq!(plain.headers[2].1, "none");
+        // A recipient's own `issue` and `nick` columns win, as in Tera.
+        let mut own = recipient(6, "b@example.com", "B");
+        own.vars.insert("issue".into(), Value::from(7));
+        own.vars.insert("nick".into(), Value::from("Bee"));
+        let p = r.render_parts(&own).unwrap();
+        assert_eq!(p.subject, "Issue 7");
+        assert_eq!(p.headers[0].1, "7");
+        assert_eq!(p.headers[2].1, "Bee");
     }
 
     #[test]
