@@ -355,7 +355,6 @@ impl<T: Transport> Injector<T> {
     /// Counts `job`'s outcome on this relay and hands it to the ledger.
     async fn record_outcome(&self, job: Job, outcome: Outcome) -> Flow {
         self.stats.count_on(self.relay, &outcome);
-        crate::render::recycle(job.out.bytes);
         self.record(Record {
             recipient_id: job.out.envelope.recipient_id,
             email: job.out.email,

@@ -8,7 +8,6 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
 
 use serde_json::{Map, Value};
 use tera::{Context, Tera};
@@ -133,41 +132,6 @@ pub struct Renderer {
     /// The last message's size: the next one's buffer is allocated once,
     /// at about the size it will need.
     size_hint: AtomicUsize,
-}
-
-/// Message buffers the injectors are done with, for the next messages: a
-/// message of ~10 KB is above glibc's per-thread cache, and it is freed on
-/// another thread than the one that allocated it, so a fresh buffer per
-/// message cost a lock on the allocating thread's arena and, now and then,
-/// a consolidation of its free lists.
-static SPARE: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
-/// At most this many buffers wait in [`SPARE`] ...
-const SPARE_MAX: usize = 64;
-/// ... and none larger than this is kept (at most 16 MiB in all).
-const SPARE_LARGEST: usize = 256 * 1024;
-
-/// Hands a sent message's buffer back for the next one (see [`SPARE`]).
-pub fn recycle(mut buf: Vec<u8>) {
-    if buf.capacity() == 0 || buf.capacity() > SPARE_LARGEST {
-        return;
-    }
-    buf.clear();
-    let mut spare = SPARE.lock().unwrap_or_else(|e| e.into_inner());
-    if spare.len() < SPARE_MAX {
-        spare.push(buf);
-    }
-}
-
-/// An empty buffer of at least `capacity`, recycled if one is spare.
-fn message_buffer(capacity: usize) -> Vec<u8> {
-    let spare = SPARE.lock().unwrap_or_else(|e| e.into_inner()).pop();
-    match spare {
-        Some(mut buf) => {
-            buf.reserve(capacity);
-            buf
-        }
-        None => Vec::with_capacity(capacity),
-    }
 }
 
 thread_local! {
@@ -455,7 +419,7 @@ impl Renderer {
         now: time::OffsetDateTime,
     ) -> std::result::Result<Outgoing, RenderError> {
         let hint = self.size_hint.load(Ordering::Relaxed);
-        let mut out = message_buffer(hint + hint / 8);
+        let mut out = Vec::with_capacity(hint + hint / 8);
         mime::mailbox(&mut out, "From", self.from_name.as_deref(), &self.from_addr);
         mime::mailbox(&mut out, "To", parts.to_name.as_deref(), &parts.rcpt);
         mime::unstructured(&mut out, "Subject", &parts.subject);
