@@ -60,6 +60,61 @@ impl Encoding {
     }
 }
 
+/// Writes one text part: its header fields, a blank line, and `text` in
+/// the lightest transfer encoding its bytes allow (`8bit` only when
+/// `eight_bit`). Text without CR or NUL, the usual case, is copied with CRLF
+/// line ends in the same pass that checks its line lengths; anything else
+/// (or a line over 998 octets) goes through [`Encoding::choose`].
+pub(super) fn text_part(
+    out: &mut Vec<u8>,
+    content_type: &str,
+    text: &str,
+    eight_bit: bool,
+) -> Encoding {
+    let ascii = text.is_ascii();
+    if (ascii || eight_bit) && memchr::memchr2(0, b'\r', text.as_bytes()).is_none() {
+        let encoding = match ascii {
+            true => Encoding::SevenBit,
+            false => Encoding::EightBit,
+        };
+        let mark = out.len();
+        part_headers(out, content_type, encoding);
+        out.extend_from_slice(b"\r\n");
+        if crlf_short_lines(text.as_bytes(), out) {
+            if !out.ends_with(b"\r\n") {
+                out.extend_from_slice(b"\r\n");
+            }
+            return encoding;
+        }
+        out.truncate(mark);
+    }
+    let encoding = Encoding::choose(text, eight_bit);
+    part_headers(out, content_type, encoding);
+    out.extend_from_slice(b"\r\n");
+    encoding.write(text, out);
+    encoding
+}
+
+/// Copies `text` (no CR) with CRLF line ends; false, with `out` partly
+/// written, as soon as a line exceeds 998 octets.
+fn crlf_short_lines(text: &[u8], out: &mut Vec<u8>) -> bool {
+    out.reserve(text.len() + text.len() / 16 + 2);
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', text) {
+        if end - start > 998 {
+            return false;
+        }
+        out.extend_from_slice(&text[start..end]);
+        out.extend_from_slice(b"\r\n");
+        start = end + 1;
+    }
+    if text.len() - start > 998 {
+        return false;
+    }
+    out.extend_from_slice(&text[start..]);
+    true
+}
+
 /// Whether `text` may travel unencoded (RFC 2045 2.7/2.8): no NUL, no CR
 /// except before LF, and no line longer than 998 octets.
 fn short_lines(text: &[u8]) -> bool {
@@ -529,5 +584,39 @@ mod tests {
         assert_eq!(b, "=_blast_abc_0");
         let b = boundary("abc", &["x", "hostile =_blast_abc_0 and =_blast_abc_1"]);
         assert_eq!(b, "=_blast_abc_2");
+    }
+
+    /// The one-pass writer gives what choosing, then writing, gives.
+    #[test]
+    fn text_part_matches_choose_then_write() {
+        let long = "y".repeat(998);
+        let longer = "z".repeat(999);
+        let texts = [
+            String::new(),
+            "plain\nlines\n".into(),
+            "no final newline".into(),
+            "Grüße\nà bientôt".into(),
+            format!("a\n{long}\nb"),
+            format!("a\n{longer}\nb"),
+            format!("é{longer}"),
+            long.clone(),
+            "crlf\r\nlines\r\n".into(),
+            "bare\rcr".into(),
+            "nul\0byte".into(),
+            "\n\n.\n".into(),
+        ];
+        for text in &texts {
+            for eight_bit in [false, true] {
+                let mut fast = b"X".to_vec();
+                let enc = text_part(&mut fast, "text/plain", text, eight_bit);
+                let mut slow = b"X".to_vec();
+                let want = Encoding::choose(text, eight_bit);
+                part_headers(&mut slow, "text/plain", want);
+                slow.extend_from_slice(b"\r\n");
+                want.write(text, &mut slow);
+                assert_eq!(enc, want, "{text:?} {eight_bit}");
+                assert_eq!(fast, slow, "{text:?} {eight_bit}");
+            }
+        }
     }
 }

@@ -507,11 +507,7 @@ impl Renderer {
 /// `eight_bit`: every relay offered 8BITMIME). Returns whether the part
 /// went as `8bit`.
 fn body_part(out: &mut Vec<u8>, content_type: &str, text: &str, eight_bit: bool) -> bool {
-    let encoding = Encoding::choose(text, eight_bit);
-    mime::part_headers(out, content_type, encoding);
-    out.extend_from_slice(b"\r\n");
-    encoding.write(text, out);
-    encoding == Encoding::EightBit
+    mime::text_part(out, content_type, text, eight_bit) == Encoding::EightBit
 }
 
 /// Every top-level name `message`'s templates read, or `None` when that is
