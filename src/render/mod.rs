@@ -602,19 +602,33 @@ fn zero_key() -> Key {
 /// escaped again for every recipient).
 fn escape_html(input: &str, out: &mut dyn std::io::Write) -> std::io::Result<()> {
     let bytes = input.as_bytes();
+    // The next `&`, `<` or `>`, and the next quote, each found by a
+    // vectorized search and searched for again only once it is passed: text
+    // without special characters (most of it) costs two scans.
+    let end = bytes.len();
+    let find_angle =
+        |from: usize| memchr::memchr3(b'&', b'<', b'>', &bytes[from..]).map_or(end, |i| from + i);
+    let find_quote =
+        |from: usize| memchr::memchr2(b'"', b'\'', &bytes[from..]).map_or(end, |i| from + i);
+    let (mut angle, mut quote) = (find_angle(0), find_quote(0));
     let mut start = 0;
-    for (i, b) in bytes.iter().enumerate() {
-        let entity: &[u8] = match b {
+    while angle.min(quote) < end {
+        let i = angle.min(quote);
+        let entity: &[u8] = match bytes[i] {
             b'&' => b"&amp;",
             b'<' => b"&lt;",
             b'>' => b"&gt;",
             b'"' => b"&quot;",
-            b'\'' => b"&#39;",
-            _ => continue,
+            _ => b"&#39;",
         };
         out.write_all(&bytes[start..i])?;
         out.write_all(entity)?;
         start = i + 1;
+        if i == angle {
+            angle = find_angle(start);
+        } else {
+            quote = find_quote(start);
+        }
     }
     out.write_all(&bytes[start..])
 }
@@ -1024,6 +1038,9 @@ pub(crate) mod tests {
             "&&<<>>''\"\"",
             "Grüße <b>José</b>",
             "end&",
+            "'quoted' at both ends'",
+            "a < b && c > d, \"e\" isn't f",
+            ">",
         ] {
             let mut ours = Vec::new();
             escape_html(input, &mut ours).unwrap();
