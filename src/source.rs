@@ -396,25 +396,27 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
                 Ok(_) => broken = Some("the row is not a JSON object".to_string()),
                 Err(e) => broken = Some(format!("the row's JSON does not parse: {e}")),
             }
+            vars.remove("id");
+            vars.remove("email");
         }
         Backend::Sqlite => {
+            let mut has_email = false;
             for (i, col) in row.columns().iter().enumerate() {
-                let name = col.name();
-                let value = sqlite_value(row, i)?;
-                if name == "email" {
-                    email = value.as_str().map(str::to_string);
+                match col.name() {
+                    "id" | "blast_attempts" | "blast_first_attempt" => {}
+                    "email" => {
+                        has_email = true;
+                        email = sqlite_value(row, i)?.as_str().map(str::to_string);
+                    }
+                    name => {
+                        vars.insert(name.to_string(), sqlite_value(row, i)?);
+                    }
                 }
-                vars.insert(name.to_string(), value);
             }
-            if !row.columns().iter().any(|c| c.name() == "email") {
+            if !has_email {
                 return Err(Error::Audience("the audience has no `email` column".into()));
             }
         }
-    }
-    vars.remove("id");
-    vars.remove("email");
-    for k in ["blast_attempts", "blast_first_attempt"] {
-        vars.remove(k);
     }
     if let Err(why) = parse_json_columns(&mut vars) {
         broken.get_or_insert(why);
