@@ -33,12 +33,7 @@ async fn send_status_and_exit_codes() {
     })
     .await
     .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["sent"], 4);
 
@@ -105,12 +100,7 @@ async fn preview_prints_one_recipient() {
         .args(["--id", "3"])
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
     let msg = String::from_utf8_lossy(&out.stdout);
     assert!(
         msg.contains("Subject: Hi Name3")
@@ -328,12 +318,7 @@ fn send_over_starttls_with_auth_between_two_processes() {
         .env("RELAY_PW", "pw 1")
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(summary["sent"], 12);
     // SIGTERM: the sink prints its count on the way out.

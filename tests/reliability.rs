@@ -123,12 +123,7 @@ async fn sigkill(backend: Backend) {
     })
     .await
     .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
 
     let count = util::per_recipient(&sink.received());
     assert_eq!(

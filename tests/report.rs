@@ -40,12 +40,7 @@ async fn sent_campaign() -> (World, PathBuf) {
     })
     .await
     .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(1),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 1);
     w.exec("UPDATE blast_deliveries SET mta_status = 'delivered', mta_delay_secs = 2 WHERE recipient_id IN (1, 2)").await;
     w.exec("UPDATE blast_deliveries SET mta_status = 'deferred', mta_delay_secs = 700 WHERE recipient_id = 3").await;
     (w, path)
@@ -71,12 +66,7 @@ async fn report_json_matches_the_ledger_and_html_is_written() {
         .arg("--json")
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let t = &r["totals"];
     for status in ["sent", "failed", "deferred", "suppressed", "unrendered"] {
@@ -151,12 +141,7 @@ async fn report_json_matches_the_ledger_and_html_is_written() {
         .current_dir(w.dir.path())
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
     assert_eq!(
         String::from_utf8_lossy(&out.stdout).trim(),
         "rep-report.html"
@@ -191,12 +176,7 @@ async fn report_renders_in_headless_chromium() {
         .arg(&html)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
     let out = blast()
         .arg("report")
         .arg(&path)
@@ -259,12 +239,7 @@ async fn report_renders_in_headless_chromium() {
         .arg(&html)
         .output()
         .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    util::assert_exit(&out, 0);
     let url = format!("file://{}", html.display());
     let profile = tempfile::tempdir().unwrap();
     let dom = run_chromium(chromium, profile.path(), &["--dump-dom", &url]);

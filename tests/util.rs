@@ -232,6 +232,17 @@ pub fn blast() -> Command {
 }
 
 /// The PostgreSQL server for tests. Required: `scripts/test.sh` starts one.
+/// Asserts that a finished `blast` exited with `code`, showing its stderr
+/// if not.
+pub fn assert_exit(out: &std::process::Output, code: i32) {
+    assert_eq!(
+        out.status.code(),
+        Some(code),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 pub fn pg_url() -> String {
     std::env::var("BLAST_TEST_PG_URL").expect(
         "BLAST_TEST_PG_URL is not set: run the suite with scripts/test.sh, which starts a throwaway PostgreSQL",
