@@ -214,19 +214,7 @@ async fn report_renders_in_headless_chromium() {
         .parent()
         .unwrap()
         .join("report-screenshot.png");
-    let _ = std::fs::remove_file(&shot);
-    let profile = tempfile::tempdir().unwrap();
-    run_chromium(
-        chromium,
-        profile.path(),
-        &[
-            &format!("--screenshot={}", shot.display()),
-            "--window-size=1280,2400",
-            &url,
-        ],
-    );
-    let png = std::fs::read(&shot).expect("chromium wrote no screenshot");
-    assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
+    screenshot(chromium, &url, &shot, "1280,2400");
 
     // Two workers (one named with markup) and rows naming none: the
     // per-minute chart keeps its bars and gains a line and a legend entry
@@ -251,18 +239,25 @@ async fn report_renders_in_headless_chromium() {
     assert!(chart.contains("b&lt;i&gt; (3)</li>"), "{chart}");
     assert!(!chart.contains("<i>"), "a worker name became markup");
     let shot = shot.with_file_name("report-workers-screenshot.png");
-    let _ = std::fs::remove_file(&shot);
+    screenshot(chromium, &url, &shot, "1280,1000");
+}
+
+/// Has Chromium screenshot `url` into `shot` (a fresh file) at `size`
+/// ("width,height") and checks that it wrote a PNG.
+fn screenshot(chromium: &str, url: &str, shot: &Path, size: &str) {
+    let _ = std::fs::remove_file(shot);
     let profile = tempfile::tempdir().unwrap();
     run_chromium(
         chromium,
         profile.path(),
         &[
             &format!("--screenshot={}", shot.display()),
-            "--window-size=1280,1000",
-            &url,
+            &format!("--window-size={size}"),
+            url,
         ],
     );
-    assert!(std::fs::read(&shot).is_ok_and(|png| png.starts_with(b"\x89PNG")));
+    let png = std::fs::read(shot).expect("chromium wrote no screenshot");
+    assert!(png.starts_with(b"\x89PNG"), "the screenshot is not a PNG");
 }
 
 /// Runs headless Chromium in its own process group with `args`, returns its
