@@ -458,19 +458,21 @@ impl SqlLedger {
             return rows;
         };
         rows.into_iter()
-            .filter_map(|mut r| match h.claim_of(r.record.recipient_id) {
-                Some(c) => {
-                    r.claim = Some(c);
-                    Some(r)
-                }
-                None => {
-                    tracing::warn!(
-                        "ledger: recipient {} is in no claim of this worker; not recorded",
-                        r.record.recipient_id
-                    );
-                    None
-                }
-            })
+            .filter_map(
+                |mut r| match h.claim_of(r.record.recipient_id, r.record.claim_token) {
+                    Some(c) => {
+                        r.claim = Some(c);
+                        Some(r)
+                    }
+                    None => {
+                        tracing::warn!(
+                            "ledger: recipient {} is in no claim of this worker; not recorded",
+                            r.record.recipient_id
+                        );
+                        None
+                    }
+                },
+            )
             .collect()
     }
 
@@ -489,7 +491,10 @@ impl SqlLedger {
             }
         }
         if let Some(h) = &self.holdings {
-            let done = h.recorded(rows.iter().map(|r| r.record.recipient_id));
+            let done = h.recorded(
+                rows.iter()
+                    .map(|r| (r.record.recipient_id, r.record.claim_token)),
+            );
             claims::complete(&mut tx, self.campaign_id, &done).await?;
         }
         tx.commit().await?;
@@ -1096,6 +1101,7 @@ mod tests {
             attempts: 0,
             first_attempt_at: None,
             skipped: None,
+            claim_token: None,
         }
     }
 

@@ -30,6 +30,11 @@ pub struct Recipient {
     /// Why the row cannot be used as it is (a JSON column that does not
     /// parse): the recipient is recorded as unrendered with this reason.
     pub broken: Option<String>,
+    /// The fencing token of the claim this recipient was read under, when
+    /// the run sends from claims: its message may go out, and its outcome
+    /// be stored, only while this worker still holds that very grant (a
+    /// range taken back under a new token is a new grant).
+    pub claim_token: Option<i64>,
 }
 
 impl Recipient {
@@ -43,6 +48,7 @@ impl Recipient {
             first_attempt_at: None,
             suppressed: None,
             broken: None,
+            claim_token: None,
         }
     }
 }
@@ -159,6 +165,9 @@ pub struct Record {
     pub first_attempt_at: Option<String>,
     /// Why nothing was sent although no server refused it, if so.
     pub skipped: Option<Skipped>,
+    /// The fencing token of the claim the recipient was read under
+    /// ([`Recipient::claim_token`]).
+    pub claim_token: Option<i64>,
 }
 
 /// Why a recipient got no message without any server refusing it.
@@ -190,6 +199,7 @@ impl Record {
         why: &str,
         attempts: u32,
         first_attempt_at: Option<String>,
+        claim_token: Option<i64>,
     ) -> Record {
         Record {
             recipient_id,
@@ -199,6 +209,7 @@ impl Record {
             attempts,
             first_attempt_at,
             skipped: Some(Skipped::Suppressed),
+            claim_token,
         }
     }
 }

@@ -431,6 +431,7 @@ fn decode(backend: Backend, row: &AnyRow) -> Result<Recipient> {
         first_attempt_at: row.try_get("blast_first_attempt")?,
         suppressed: None,
         broken,
+        claim_token: None,
     })
 }
 

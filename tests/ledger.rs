@@ -28,6 +28,7 @@ fn record(id: i64, outcome: Outcome, text: &str) -> Record {
         attempts: 0,
         first_attempt_at: None,
         skipped: None,
+        claim_token: None,
     }
 }
 

@@ -185,7 +185,7 @@ impl<T: Transport> Injector<T> {
         // Checked last, just before the transaction: a worker that lost
         // its claim (stopped past its lease) sends nothing more from it.
         // The message is not recorded; whoever holds the claim sends it.
-        if !self.claimed(hand.job().out.envelope.recipient_id) {
+        if !self.claimed(hand.job()) {
             return Flow::Next;
         }
         permit.begin();
@@ -215,13 +215,16 @@ impl<T: Transport> Injector<T> {
             &why,
             job.attempts,
             job.first_attempt_at,
+            job.claim_token,
         ))
     }
 
-    /// Whether this worker may send to recipient `id` now (always, when it
-    /// works without claims).
-    fn claimed(&self, id: i64) -> bool {
-        self.holdings.as_ref().is_none_or(|h| h.may_send(id))
+    /// Whether this worker may send `job` now: it still holds the grant the
+    /// recipient was read under (always, when it works without claims).
+    fn claimed(&self, job: &Job) -> bool {
+        self.holdings
+            .as_ref()
+            .is_none_or(|h| h.may_send(job.out.envelope.recipient_id, job.claim_token))
     }
 
     /// Waits for the campaign's and the relay's rate limits; false when
@@ -363,6 +366,7 @@ impl<T: Transport> Injector<T> {
             attempts: job.attempts,
             first_attempt_at: job.first_attempt_at,
             skipped: None,
+            claim_token: job.claim_token,
         })
         .await
     }

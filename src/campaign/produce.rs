@@ -220,6 +220,7 @@ impl RenderWorker {
                 reason,
                 recipient.attempts,
                 recipient.first_attempt_at,
+                recipient.claim_token,
             ));
         }
         let started = std::time::Instant::now();
@@ -235,6 +236,7 @@ impl RenderWorker {
                     ambiguous: false,
                     ambiguous_losses: 0,
                     deferred_by: 0,
+                    claim_token: recipient.claim_token,
                 })
             }
             // An address that is no address is a fact about the recipient,
@@ -250,6 +252,7 @@ impl RenderWorker {
                     attempts: recipient.attempts,
                     first_attempt_at: recipient.first_attempt_at,
                     skipped: None,
+                    claim_token: recipient.claim_token,
                 })
             }
             Err(e) => Prepared::Skip(self.unrendered(recipient, &e)),
@@ -274,6 +277,7 @@ impl RenderWorker {
             attempts: recipient.attempts,
             first_attempt_at: recipient.first_attempt_at,
             skipped: Some(Skipped::Unrendered),
+            claim_token: recipient.claim_token,
         }
     }
 }

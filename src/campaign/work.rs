@@ -26,6 +26,8 @@ pub(super) struct Job {
     pub(super) ambiguous_losses: u32,
     /// Relays (bit `r` for relay `r`) that answered this message with a 4xx.
     pub(super) deferred_by: u64,
+    /// The fencing token of the claim the recipient was read under.
+    pub(super) claim_token: Option<i64>,
 }
 
 /// Relay `r`'s bit in a [`Job::deferred_by`] mask (none past 64 relays).
@@ -366,6 +368,7 @@ mod tests {
             ambiguous: false,
             ambiguous_losses: 0,
             deferred_by: 0,
+            claim_token: None,
         }
     }
 

@@ -427,9 +427,16 @@ impl ClaimSource {
         loop {
             if let Some(c) = self.current {
                 if self.claims.holdings.is_live(c) {
-                    let page = self.inner.next_page().await?;
+                    let mut page = self.inner.next_page().await?;
                     if !page.is_empty() {
                         self.claims.holdings.yielded(c, page.len());
+                        // Each recipient carries its grant: if this range
+                        // is forfeited and taken back under a new token,
+                        // messages of the old grant still queued are not
+                        // sent and their records not counted to the new one.
+                        for r in &mut page {
+                            r.claim_token = Some(c.token);
+                        }
                         return Ok(page);
                     }
                     if self.inner.limit_reached() {

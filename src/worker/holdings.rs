@@ -158,27 +158,32 @@ impl Holdings {
         None
     }
 
-    /// The claim a record of recipient `id` belongs to: the latest one
-    /// covering it. None for an id this worker never claimed.
-    pub fn claim_of(&self, id: i64) -> Option<Claim> {
-        self.lock()
-            .iter()
+    /// The grant recipient `id` was read under: the claim carrying `token`
+    /// (the recipient's [`claim_token`](crate::model::Recipient::claim_token))
+    /// that covers `id`; without a token, the latest claim covering it.
+    /// A range taken back after it was forfeited is a new grant: messages
+    /// read under the old one still belong to the old one, which sends and
+    /// records nothing more.
+    fn grant(held: &mut [Held], id: i64, token: Option<i64>) -> Option<&mut Held> {
+        held.iter_mut()
             .rev()
-            .find(|h| h.claim.first <= id && id <= h.claim.last)
-            .map(|h| h.claim)
+            .filter(|h| h.claim.first <= id && id <= h.claim.last)
+            .find(|h| token.is_none_or(|t| h.claim.token == t))
     }
 
-    /// The ledger wrote records for `ids`. Returns the claims that became
-    /// complete (for the same transaction to mark done).
-    pub fn recorded(&self, ids: impl IntoIterator<Item = i64>) -> Vec<Claim> {
+    /// The claim a record of recipient `id`, read under `token`, belongs
+    /// to. None for an id this worker never claimed under that token.
+    pub fn claim_of(&self, id: i64, token: Option<i64>) -> Option<Claim> {
+        Self::grant(&mut self.lock(), id, token).map(|h| h.claim)
+    }
+
+    /// The ledger wrote records for these `(id, token)` pairs. Returns the
+    /// claims that became complete (for the same transaction to mark done).
+    pub fn recorded(&self, ids: impl IntoIterator<Item = (i64, Option<i64>)>) -> Vec<Claim> {
         let mut held = self.lock();
         let mut done = Vec::new();
-        for id in ids {
-            let Some(h) = held
-                .iter_mut()
-                .rev()
-                .find(|h| h.claim.first <= id && id <= h.claim.last)
-            else {
+        for (id, token) in ids {
+            let Some(h) = Self::grant(&mut held, id, token) else {
                 continue;
             };
             h.recorded += 1;
@@ -187,19 +192,15 @@ impl Holdings {
         done
     }
 
-    /// Whether a message for recipient `id` may go out now: its claim is
-    /// live and its lease has more than the margin left by the local
-    /// monotonic clock. When not, the claim is forfeited: nothing more is
-    /// sent from it and it goes back to the pool.
-    pub fn may_send(&self, id: i64) -> bool {
+    /// Whether a message for recipient `id`, read under `token`, may go
+    /// out now: that grant is live and its lease has more than the margin
+    /// left by the local monotonic clock. When not, the claim is forfeited:
+    /// nothing more is sent from it and it goes back to the pool.
+    pub fn may_send(&self, id: i64, token: Option<i64>) -> bool {
         let now = Instant::now();
         let margin = self.margin();
         let mut held = self.lock();
-        let Some(h) = held
-            .iter_mut()
-            .rev()
-            .find(|h| h.claim.first <= id && id <= h.claim.last)
-        else {
+        let Some(h) = Self::grant(&mut held, id, token) else {
             return false;
         };
         match h.standing {
@@ -235,9 +236,9 @@ mod tests {
         let c = claim(1, 100, 7);
         h.add(c, Instant::now());
         h.yielded(c, 3);
-        assert!(h.recorded([1, 2]).is_empty());
+        assert!(h.recorded([(1, Some(7)), (2, Some(7))]).is_empty());
         assert_eq!(h.exhausted(c), None, "one record still missing");
-        assert_eq!(h.recorded([3]), vec![c]);
+        assert_eq!(h.recorded([(3, Some(7))]), vec![c]);
         assert!(!h.is_live(c));
         // An empty claim is complete as soon as the source passes it.
         let e = claim(101, 200, 8);
@@ -251,8 +252,11 @@ mod tests {
         h.add(claim(1, 10, 1), Instant::now());
         h.lost(claim(1, 10, 1));
         h.add(claim(1, 10, 5), Instant::now());
-        assert_eq!(h.claim_of(4), Some(claim(1, 10, 5)));
-        assert_eq!(h.claim_of(11), None);
+        assert_eq!(h.claim_of(4, None), Some(claim(1, 10, 5)));
+        assert_eq!(h.claim_of(4, Some(5)), Some(claim(1, 10, 5)));
+        assert_eq!(h.claim_of(4, Some(1)), Some(claim(1, 10, 1)));
+        assert_eq!(h.claim_of(4, Some(9)), None, "never granted with token 9");
+        assert_eq!(h.claim_of(11, None), None);
         assert_eq!(h.live(), vec![claim(1, 10, 5)]);
     }
 
@@ -261,18 +265,48 @@ mod tests {
         let h = Holdings::new(Duration::from_secs(3));
         let c = claim(1, 10, 1);
         h.add(c, Instant::now());
-        assert!(h.may_send(5));
-        assert!(!h.may_send(11), "never claimed");
+        assert!(h.may_send(5, Some(1)));
+        assert!(!h.may_send(11, Some(1)), "never claimed");
         // Granted long ago: the lease has less than the margin left.
         let d = claim(20, 30, 2);
         h.add(d, Instant::now() - Duration::from_secs(2));
-        assert!(!h.may_send(25));
-        assert!(!h.may_send(26));
+        assert!(!h.may_send(25, Some(2)));
+        assert!(!h.may_send(26, Some(2)));
         assert_eq!(h.take_forfeited(), vec![d]);
         assert!(h.take_forfeited().is_empty());
-        assert!(h.may_send(5), "the other claim is untouched");
+        assert!(h.may_send(5, Some(1)), "the other claim is untouched");
         // A lost claim sends nothing.
         h.lost(c);
-        assert!(!h.may_send(5));
+        assert!(!h.may_send(5, Some(1)));
+    }
+
+    #[test]
+    fn a_range_taken_back_is_a_new_grant() {
+        // Stopped past its lease: the first message it tries forfeits the
+        // claim; the keeper gives it back and the source takes it again
+        // under a new token, while messages read under the old one are
+        // still queued.
+        let h = Holdings::new(Duration::from_secs(3));
+        let old = claim(1, 100, 4);
+        h.add(old, Instant::now() - Duration::from_secs(10));
+        h.yielded(old, 100);
+        assert!(!h.may_send(1, Some(4)));
+        assert_eq!(h.take_forfeited(), vec![old]);
+        let new = claim(1, 100, 9);
+        h.add(new, Instant::now());
+        // The queued messages of the old grant stay unsent although the
+        // same ids are live again under the new token.
+        assert!(!h.may_send(2, Some(4)), "a message of the old grant");
+        assert!(h.may_send(2, Some(9)));
+        // Records of the old grant do not count toward the new one: the new
+        // grant completes only when its own recipients are recorded.
+        h.yielded(new, 2);
+        assert!(h.recorded([(1, Some(4)), (2, Some(4))]).is_empty());
+        assert_eq!(
+            h.exhausted(new),
+            None,
+            "nothing of the new grant recorded yet"
+        );
+        assert_eq!(h.recorded([(1, Some(9)), (2, Some(9))]), vec![new]);
     }
 }
