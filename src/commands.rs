@@ -64,7 +64,7 @@ pub async fn send_observed(
 ) -> Result<Summary> {
     // Templates first: a syntax error must abort before anything else happens.
     let renderer = compile(cfg)?;
-    let db = Db::connect(&cfg.database).await?;
+    let db = Db::connect_with_stall(&cfg.database, Some(cfg.delivery.workers.ttl)).await?;
     let mut prepared = Prepared::open(cfg, &db, renderer, abort).await?;
     prepared.metrics = metrics;
     let run = Background::start(cfg, &db, &prepared, stop);

@@ -112,6 +112,18 @@ impl Db {
     /// migrations. A SQLite file is created if missing and put in WAL mode so
     /// readers (status, preview) never block the sender.
     pub async fn connect(url: &str) -> Result<Db> {
+        Db::connect_with_stall(url, None).await
+    }
+
+    /// [`Db::connect`] for a sender on PostgreSQL: a session that sits in
+    /// an open transaction for longer than `stall` (its process stopped or
+    /// its host stalled mid-transaction) is ended by the server, so the
+    /// row locks it held (the campaign row while it takes a grant, its
+    /// claims while its ledger writes) do not hold every other worker up
+    /// until it wakes. Pass the workers' lease TTL: a worker stalled that
+    /// long has lost its claims anyway. Its next statement then fails as
+    /// a dropped connection, which the callers retry on a new one.
+    pub async fn connect_with_stall(url: &str, stall: Option<std::time::Duration>) -> Result<Db> {
         sqlx::any::install_default_drivers();
         let backend = backend_of(url)?;
         let url = match backend {
@@ -153,6 +165,13 @@ impl Db {
                         // enough to trigger it: 130 ms of JIT per page of
                         // 1,000 that runs in 4 ms.
                         conn.execute("SET jit = off").await?;
+                        if let Some(stall) = stall {
+                            let ms = stall.as_millis().max(1);
+                            conn.execute(AssertSqlSafe(format!(
+                                "SET idle_in_transaction_session_timeout = {ms}"
+                            )))
+                            .await?;
+                        }
                     }
                     Ok(())
                 })

@@ -189,12 +189,15 @@ pub fn transient_sqlx(e: &sqlx::Error) -> bool {
             let code = db.code().unwrap_or_default();
             // PostgreSQL: class 08 (connection exception), 57P01-57P03
             // (shutdown, crash shutdown, cannot connect now), 53300 (too
-            // many connections), 40001/40P01 (serialization, deadlock).
+            // many connections), 40001/40P01 (serialization, deadlock),
+            // 25P03/57P05 (the server ended a session idle too long, in a
+            // transaction or not: a stalled sender's, see
+            // [`Db::connect_with_stall`](crate::db::Db::connect_with_stall)).
             // SQLite: 5 BUSY, 6 LOCKED and their extended codes.
             code.starts_with("08")
                 || matches!(
                     code.as_ref(),
-                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01"
+                    "57P01" | "57P02" | "57P03" | "53300" | "40001" | "40P01" | "25P03" | "57P05"
                 )
                 || matches!(code.as_ref(), "5" | "6" | "261" | "262" | "517")
         }

@@ -555,3 +555,59 @@ async fn a_worker_that_takes_its_own_ranges_back_sends_nobody_twice() {
         n
     );
 }
+
+/// A sender stopped in the middle of a transaction (its process stopped,
+/// its host stalled) does not keep its row locks past the lease TTL: the
+/// server ends its session, another worker locks the row, and the
+/// stalled one's next statement fails as a dropped connection (retried
+/// on a new one). Held on, its lock on the campaign row (taken for a
+/// grant) would stop every grant, its lock on a claim (taken while its
+/// ledger writes) would keep the claim from being taken over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_transaction_gives_up_its_locks_after_the_ttl() {
+    let w = World::new(Backend::Postgres).await;
+    let stalled = blast::db::Db::connect_with_stall(&w.url, Some(Duration::from_millis(500)))
+        .await
+        .unwrap();
+    let other = w.db().await;
+    sqlx::query(
+        "INSERT INTO subscribers (id, email, created_at) VALUES (1, 'a@example.com', '2026-01-01')",
+    )
+    .execute(other.pool())
+    .await
+    .unwrap();
+    let mut tx = stalled.pool().begin().await.unwrap();
+    sqlx::query("SELECT id FROM subscribers WHERE id = 1 FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    // Held now: another session cannot take the row.
+    let lock = "SELECT id FROM subscribers WHERE id = 1 FOR UPDATE NOWAIT";
+    let mut probe = other.pool().begin().await.unwrap();
+    let err = sqlx::query(lock).execute(&mut *probe).await.unwrap_err();
+    assert!(err.to_string().contains("could not obtain lock"), "{err}");
+    probe.rollback().await.unwrap();
+    // Stalled past the limit, the session is ended and the row is free.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut probe = other.pool().begin().await.unwrap();
+    sqlx::query(lock).execute(&mut *probe).await.unwrap();
+    probe.rollback().await.unwrap();
+    let err = sqlx::query("SELECT 1")
+        .execute(&mut *tx)
+        .await
+        .map_err(blast::Error::from)
+        .unwrap_err();
+    assert!(err.is_transient(), "{err:?}");
+    drop(tx);
+    // A plain connection has no such limit: the tests' own, held as long.
+    let mut tx = other.pool().begin().await.unwrap();
+    sqlx::query("SELECT id FROM subscribers WHERE id = 1 FOR UPDATE")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    sqlx::query("SELECT 1").execute(&mut *tx).await.unwrap();
+    tx.rollback().await.unwrap();
+    stalled.close().await;
+    other.close().await;
+}
