@@ -192,7 +192,7 @@ pub fn transient_sqlx(e: &sqlx::Error) -> bool {
             // many connections), 40001/40P01 (serialization, deadlock),
             // 25P03/57P05 (the server ended a session idle too long, in a
             // transaction or not: a stalled sender's, see
-            // [`Db::connect_with_stall`](crate::db::Db::connect_with_stall)).
+            // Db::connect_with_stall).
             // SQLite: 5 BUSY, 6 LOCKED and their extended codes.
             code.starts_with("08")
                 || matches!(
