@@ -37,7 +37,7 @@ fn main() -> ExitCode {
         // Colour only on a terminal: cron mail and Postfix's log get plain text.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = match runtime(&cli.command) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("blast: cannot start the async runtime: {e}");
@@ -51,6 +51,28 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// The async runtime for `command`. A send's runtime threads only wait on
+/// sockets (templates render on blocking threads, SQLite runs on its own):
+/// half the cores, at least one, and the other half stay with the render
+/// threads and the MTA on the same host. Every runtime thread more is one
+/// more thread parking in `epoll_wait` and waking per reply: on 2 cores,
+/// two of them cost ~7% more CPU per message than one (docs/tuning.md).
+/// `TOKIO_WORKER_THREADS` overrides it; the sink and `serve` keep one per
+/// core.
+fn runtime(command: &Command) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    let sends = matches!(
+        command,
+        Command::Send(_) | Command::Retry(_) | Command::Resume(_) | Command::RunDue(_)
+    );
+    if sends && std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        builder.worker_threads((cores / 2).max(1));
+    }
+    builder.build()
 }
 
 /// Runs one subcommand; `Ok` carries the exit code for non-fatal endings.
