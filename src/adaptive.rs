@@ -495,6 +495,25 @@ impl Gate {
         }
     }
 
+    /// A slot for the injector of `rank` if one is free now and the
+    /// relay's circuit is closed; never waits (a half-open circuit's probe
+    /// goes through [`Gate::acquire_ranked`]).
+    pub fn try_acquire_ranked(self: &Arc<Self>, rank: usize) -> Option<Permit> {
+        let h = self.health();
+        if h.open_until.is_some() || !self.lock().try_acquire_ranked(Instant::now(), rank) {
+            return None;
+        }
+        drop(h);
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        Some(Permit {
+            gate: self.clone(),
+            id,
+            started: None,
+            probe: false,
+            result: None,
+        })
+    }
+
     /// Updates the circuit with one transaction's result.
     fn observe(&self, now: Instant, mark: Option<Mark>) {
         let mut h = self.health();

@@ -75,6 +75,79 @@ async fn ten_thousand(backend: Backend) {
     sink.shutdown().await;
 }
 
+/// Issue 14: into a server with PIPELINING and no CHUNKING (Postfix's
+/// smtp-sink, many MTAs), each message's data carries the next envelope
+/// behind it. Every recipient still gets exactly its own message, and a
+/// recipient refused at RCPT (written ahead) gets its own failure, on
+/// connections that refusals do not break.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envelopes_written_ahead_keep_every_outcome_with_its_recipient() {
+    let n = 2_000;
+    let refused = [5_i64, 6, 500, 1999];
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(n).await;
+    let mut faults = Faults::default();
+    for id in refused {
+        faults.rcpt_replies.insert(
+            format!("user{id}@example.com"),
+            (550, "5.1.1".into(), format!("no user {id}")),
+        );
+    }
+    let sink = blast::sink::Sink::start(blast::sink::SinkConfig {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        chunking: false,
+        keep_messages: true,
+        faults,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let path = w.campaign(
+        "ahead",
+        "Hello {{ first_name }}",
+        ".{{ id }} starts a line with a dot\n.\nand {{ email }}",
+        None,
+        "",
+    );
+    let cfg = w.config(&path, Some(&sink), 4);
+    let summary = blast::commands::send(&cfg, Mode::Quiet, pending())
+        .await
+        .unwrap();
+    let sent = n as u64 - refused.len() as u64;
+    assert_eq!((summary.sent, summary.failed), (sent, refused.len() as u64));
+    assert_eq!(summary.retries, 0, "no session was lost");
+    let received = sink.received();
+    assert_eq!(received.len() as u64, sent);
+    let mut seen = std::collections::HashSet::new();
+    for r in &received {
+        let id: i64 = header(&r.data, "X-Blast-Recipient")
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert_eq!(r.rcpt_to, [format!("user{id}@example.com")]);
+        assert!(!refused.contains(&id), "{id} was refused");
+        let body = String::from_utf8_lossy(&r.data);
+        assert!(
+            body.contains(&format!(
+                "\r\n.{id} starts a line with a dot\r\n.\r\nand user{id}@"
+            )),
+            "{body}"
+        );
+        assert!(seen.insert(id), "{id} twice");
+    }
+    let db = w.db().await;
+    for (id, status, code, _, reply, _) in ledger_rows(&db, "ahead").await {
+        match refused.contains(&id) {
+            true => {
+                assert_eq!((status.as_str(), code), ("failed", Some(550)));
+                assert!(reply.unwrap_or_default().contains(&format!("no user {id}")));
+            }
+            false => assert_eq!((status.as_str(), code), ("sent", Some(250)), "{id}"),
+        }
+    }
+    sink.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_recipients_sqlite() {
     ten_thousand(Backend::Sqlite).await;

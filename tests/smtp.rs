@@ -32,8 +32,24 @@ fn transport(sink: &Sink) -> Smtp {
     Smtp::new(vec![relay], "test.example".into(), Duration::from_secs(5)).expect("no TLS to set up")
 }
 
+fn envelope(i: i64) -> Envelope {
+    Envelope {
+        recipient_id: i,
+        from: "b@example.com".into(),
+        to: format!("r{i}@example.com"),
+        eight_bit: false,
+    }
+}
+
 /// One session, 30 messages, every third refused (550 or 451) in turn.
 async fn mode(pipelining: bool, chunking: bool) {
+    mode_ahead(pipelining, chunking, false).await;
+}
+
+/// [`mode`]; with `ahead`, each message is sent with the next one's
+/// envelope (`send_then`), which a session with PIPELINING and no
+/// CHUNKING writes right behind the data.
+async fn mode_ahead(pipelining: bool, chunking: bool, ahead: bool) {
     let mut faults = Faults::default();
     for i in (0..30).step_by(3) {
         let (code, enh) = if i % 2 == 0 {
@@ -51,16 +67,23 @@ async fn mode(pipelining: bool, chunking: bool) {
     let mut s = t.connect(0).await.unwrap();
     assert_eq!(s.capabilities().pipelining, pipelining);
     assert_eq!(s.capabilities().chunking, chunking);
+    assert_eq!(s.writes_ahead(), pipelining && !chunking);
     for i in 0..30 {
-        let env = Envelope {
-            recipient_id: i,
-            from: "b@example.com".into(),
-            to: format!("r{i}@example.com"),
-            eight_bit: false,
-        };
+        let env = envelope(i);
+        let next = (ahead && i < 29).then(|| envelope(i + 1));
         // A leading dot and a bare "." line test dot-stuffing in DATA mode.
         let msg = format!("Subject: m{i}\r\n\r\n.hidden line\r\n.\r\nbody {i}\r\n");
-        let outcome = s.send(&env, msg.as_bytes()).await.unwrap();
+        let outcome = s
+            .send_then(&env, msg.as_bytes(), next.as_ref())
+            .await
+            .unwrap();
+        // The next envelope is on the wire only after data that went
+        // (a transaction refused at RCPT never reaches its data).
+        assert_eq!(
+            s.pending(),
+            next.is_some() && s.writes_ahead() && i % 3 != 0,
+            "{i}"
+        );
         match (i % 3, i % 2) {
             (0, 0) => {
                 assert_eq!(outcome.status(), Status::Failed, "{i}: {outcome:?}");
@@ -105,6 +128,57 @@ async fn pipelining_and_chunking() {
 #[tokio::test]
 async fn pipelining_with_data() {
     mode(true, false).await;
+}
+
+/// Issue 14: with the next envelope written behind each message's data
+/// (one round trip per message), outcomes still stay with their own
+/// recipient, refusals included, on one connection.
+#[tokio::test]
+async fn pipelining_with_data_and_envelopes_written_ahead() {
+    mode_ahead(true, false, true).await;
+}
+
+/// Sessions that cannot write ahead (BDAT, lock step) ignore the next
+/// envelope.
+#[tokio::test]
+async fn next_envelopes_are_ignored_where_they_cannot_be_written_ahead() {
+    mode_ahead(true, true, true).await;
+    mode_ahead(false, false, true).await;
+}
+
+/// An envelope written ahead whose message never follows: closing the
+/// session delivers nothing (no empty message, no QUIT read as data), and
+/// a send for another envelope is refused, unsent and not ambiguous.
+#[tokio::test]
+async fn an_envelope_written_ahead_is_never_delivered_without_its_message() {
+    let sink = sink(true, false, Faults::default()).await;
+    let t = transport(&sink);
+    let msg = b"Subject: x\r\n\r\nx\r\n";
+    let mut s = t.connect(0).await.unwrap();
+    let o = s
+        .send_then(&envelope(1), msg, Some(&envelope(2)))
+        .await
+        .unwrap();
+    assert_eq!(o.status(), Status::Sent);
+    assert!(s.pending());
+    s.close().await;
+    let mut s = t.connect(0).await.unwrap();
+    s.send_then(&envelope(3), msg, Some(&envelope(4)))
+        .await
+        .unwrap();
+    let err = s.send(&envelope(5), msg).await.unwrap_err();
+    assert!(!err.ambiguous, "{err}");
+    drop(s);
+    // Time for the sink to act on both ends of session (a wrong close
+    // would show up as a third message).
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(sink.stats().connections, 2);
+    let got: Vec<String> = sink
+        .received()
+        .iter()
+        .map(|r| r.rcpt_to[0].clone())
+        .collect();
+    assert_eq!(got, ["r1@example.com", "r3@example.com"]);
 }
 
 #[tokio::test]

@@ -36,10 +36,13 @@ enum Flow {
     Stop,
 }
 
-/// How a send ended.
-enum Sent {
-    /// The server answered.
-    Answered(Outcome),
+/// How a send ended. (Returned once per message on the stack: boxing the
+/// large variant would cost an allocation per message for nothing.)
+#[allow(clippy::large_enum_variant)]
+enum Sent<'w> {
+    /// The server answered; with the next message if it was taken ahead
+    /// (its envelope may be on the wire already: see [`Session::pending`]).
+    Answered(Outcome, Option<InHand<'w>>),
     /// The session broke before an answer.
     Lost(SessionError),
     /// The operator's second SIGINT abandoned the transaction.
@@ -65,6 +68,15 @@ impl<S: Session> Conn<S> {
     async fn close(&mut self) {
         if let Some(s) = self.session.take() {
             s.close().await;
+        }
+    }
+
+    /// The message whose envelope was written ahead will not be sent on
+    /// this session: the session goes (the server discards the
+    /// transaction it was waiting to receive).
+    fn drop_pending(&mut self) {
+        if self.session.as_ref().is_some_and(|s| s.pending()) {
+            self.session = None;
         }
     }
 }
@@ -114,12 +126,44 @@ impl<T: Transport> Injector<T> {
             session: None,
             backoff: BACKOFF_MIN,
         };
-        while let Some(permit) = self.acquire(&mut conn).await {
-            let Some(hand) = self.take(&mut conn).await else {
-                break;
+        // The next message, taken while the last one was sent.
+        let mut ahead: Option<InHand<'_>> = None;
+        loop {
+            let permit = match ahead.take() {
+                // Sent on at once if the relay has room; otherwise it goes
+                // back for any injector rather than wait in this hand.
+                Some(hand) => match self.acquire_now() {
+                    Some(permit) => {
+                        ahead = Some(hand);
+                        permit
+                    }
+                    None => {
+                        conn.drop_pending();
+                        hand.requeue();
+                        continue;
+                    }
+                },
+                None => match self.acquire(&mut conn).await {
+                    Some(permit) => permit,
+                    None => break,
+                },
             };
-            if let Flow::Stop = self.deliver(&mut conn, permit, hand).await {
-                break;
+            let hand = match ahead.take() {
+                Some(hand) => hand,
+                None => match self.take(&mut conn).await {
+                    Some(hand) => hand,
+                    None => break,
+                },
+            };
+            match self.deliver(&mut conn, permit, hand).await {
+                (Flow::Stop, next) => {
+                    if let Some(next) = next {
+                        conn.drop_pending();
+                        next.requeue();
+                    }
+                    break;
+                }
+                (Flow::Next, next) => ahead = next,
             }
         }
         // After an abort the session is mid-transaction: drop it, no QUIT.
@@ -141,6 +185,15 @@ impl<T: Transport> Injector<T> {
                 _ = tokio::time::sleep(IDLE_CLOSE), if conn.session.is_some() => conn.close().await,
             }
         }
+    }
+
+    /// A slot at once, or `None` if the relay has no room now or the run
+    /// is stopping.
+    fn acquire_now(&self) -> Option<Permit> {
+        if self.stop.is_cancelled() || self.work.done.is_cancelled() {
+            return None;
+        }
+        self.gate.try_acquire_ranked(self.rank)
     }
 
     /// The next message. One at hand needs no idle timer (the per-message
@@ -165,38 +218,59 @@ impl<T: Transport> Injector<T> {
         }
     }
 
-    /// One message from the hand to the ledger.
-    async fn deliver(
-        &self,
+    /// One message from the hand to the ledger; with the next message if
+    /// one was taken ahead.
+    async fn deliver<'w>(
+        &'w self,
         conn: &mut Conn<T::Session>,
         mut permit: Permit,
-        hand: InHand<'_>,
-    ) -> Flow {
+        hand: InHand<'w>,
+    ) -> (Flow, Option<InHand<'w>>) {
         let hand = match self.unsuppressed(hand) {
             Unsuppressed::Send(hand) => hand,
             Unsuppressed::Skip(record) => {
                 drop(permit);
-                return self.record(record).await;
+                conn.drop_pending();
+                return (self.record(record).await, None);
             }
         };
         if !self.pace().await {
-            return Flow::Stop;
+            return (Flow::Stop, None);
         }
         // Checked last, just before the transaction: a worker that lost
         // its claim (stopped past its lease) sends nothing more from it.
         // The message is not recorded; whoever holds the claim sends it.
         if !self.claimed(hand.job()) {
-            return Flow::Next;
+            conn.drop_pending();
+            return (Flow::Next, None);
         }
         permit.begin();
         match self.send(conn, &hand).await {
-            Sent::Answered(outcome) => {
+            Sent::Answered(outcome, next) => {
                 conn.backoff = BACKOFF_MIN;
-                self.settle(permit, hand, outcome).await
+                let flow = self.settle(permit, hand, outcome).await;
+                (flow, next)
             }
-            Sent::Lost(e) => self.lost(conn, permit, hand, e).await,
-            Sent::Abandoned => Flow::Stop,
+            Sent::Lost(e) => (self.lost(conn, permit, hand, e).await, None),
+            Sent::Abandoned => (Flow::Stop, None),
         }
+    }
+
+    /// The next message, taken now so that its envelope can follow this
+    /// message's data in the same write ([`Session::send_then`]): only
+    /// when the session does that, no rate limit would hold it back, and
+    /// one is ready without waiting. `None` otherwise, or when it may not
+    /// be sent (suppressed meanwhile, claim lost: taken the usual way, the
+    /// next step deals with it).
+    fn take_ahead(&self, session: &T::Session) -> Option<InHand<'_>> {
+        if !session.writes_ahead()
+            || self.rate.current().is_some()
+            || self.relay_limiter.is_some()
+            || self.stop.is_cancelled()
+        {
+            return None;
+        }
+        self.work.try_next(self.relay)
     }
 
     /// The message, unless its address was suppressed after its page was
@@ -241,8 +315,9 @@ impl<T: Transport> Injector<T> {
         true
     }
 
-    /// Sends the message, connecting first if needed.
-    async fn send(&self, conn: &mut Conn<T::Session>, hand: &InHand<'_>) -> Sent {
+    /// Sends the message, connecting first if needed, and the next one's
+    /// envelope behind it when it can.
+    async fn send<'w>(&'w self, conn: &mut Conn<T::Session>, hand: &InHand<'w>) -> Sent<'w> {
         let session = match conn.session.take() {
             Some(s) => s,
             None => match self.transport.connect(self.relay).await {
@@ -252,16 +327,29 @@ impl<T: Transport> Injector<T> {
         };
         let session = conn.session.insert(session);
         let job = hand.job();
+        let next = self.take_ahead(session);
+        // Its envelope goes on the wire only if it may be sent.
+        let next_envelope = next
+            .as_ref()
+            .map(InHand::job)
+            .filter(|n| self.suppressions.get(&n.out.email).is_none() && self.claimed(n))
+            .map(|n| &n.out.envelope);
         tokio::select! {
             biased;
             _ = self.abort.cancelled() => Sent::Abandoned,
-            r = session.send(&job.out.envelope, &job.out.bytes) => match r {
+            r = session.send_then(&job.out.envelope, &job.out.bytes, next_envelope) => match r {
                 Ok(outcome) => {
                     self.stats
                         .transaction(self.slot, self.relay, session.latency());
-                    Sent::Answered(outcome)
+                    Sent::Answered(outcome, next)
                 }
-                Err(e) => Sent::Lost(e),
+                Err(e) => {
+                    // Unsent: back for any injector.
+                    if let Some(next) = next {
+                        next.requeue();
+                    }
+                    Sent::Lost(e)
+                }
             },
         }
     }

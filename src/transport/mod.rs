@@ -69,6 +69,34 @@ pub trait Session: Send + 'static {
         message: &[u8],
     ) -> impl Future<Output = Result<Outcome, SessionError>> + Send;
 
+    /// Sends one message like [`Session::send`] and, when the session
+    /// [`writes_ahead`](Session::writes_ahead), writes `next`'s envelope
+    /// right behind it (RFC 2920 pipelining across transactions). After
+    /// that ([`Session::pending`]), the next `send` must be for `next`; a
+    /// caller that will not send it drops the session (the server then
+    /// discards the transaction).
+    fn send_then(
+        &mut self,
+        envelope: &Envelope,
+        message: &[u8],
+        next: Option<&Envelope>,
+    ) -> impl Future<Output = Result<Outcome, SessionError>> + Send {
+        let _ = next;
+        self.send(envelope, message)
+    }
+
+    /// Whether [`Session::send_then`] writes the next envelope ahead (SMTP
+    /// with PIPELINING and without CHUNKING; BDAT already sends a whole
+    /// transaction in one write).
+    fn writes_ahead(&self) -> bool {
+        false
+    }
+
+    /// Whether an envelope was written ahead and awaits its message.
+    fn pending(&self) -> bool {
+        false
+    }
+
     /// Whether the server takes 8bit message parts (8BITMIME); files and
     /// stubs take anything.
     fn eight_bit_mime(&self) -> bool {

@@ -168,6 +168,10 @@ pub struct SmtpSession {
     timeout: Duration,
     /// The previous transaction was refused: send RSET first.
     needs_rset: bool,
+    /// The next transaction's MAIL and RCPT lines, already written (with
+    /// DATA) right behind the last message's data, their replies unread:
+    /// the next `send` must be for that envelope.
+    pending: Option<(String, String)>,
     /// Reused buffer for reply lines.
     line: Vec<u8>,
     /// Reused buffer for dot-stuffed DATA.
@@ -338,6 +342,7 @@ impl SmtpSession {
             use_chunking: false,
             timeout,
             needs_rset: false,
+            pending: None,
             line: Vec::with_capacity(512),
             stuffed: Vec::new(),
             last_latency: Duration::ZERO,
@@ -628,14 +633,31 @@ impl SmtpSession {
 
     /// After a 354: the dot-stuffed message, then its final reply. From the
     /// first byte of data on, a lost connection is ambiguous.
-    async fn finish_data(&mut self, message: &[u8]) -> Result<Outcome, SessionError> {
+    ///
+    /// With `next` (pipelined DATA only), the next transaction's MAIL, RCPT
+    /// and DATA go in the same write, right behind the end of data: RFC
+    /// 2920 lets message content be the first command of a group. One
+    /// round trip per message instead of two; the server answers the data,
+    /// then the next envelope, and ends each transaction at its "." reply,
+    /// so no RSET is needed between them.
+    async fn finish_data(
+        &mut self,
+        message: &[u8],
+        next: Option<(String, String)>,
+    ) -> Result<Outcome, SessionError> {
         self.write_data(message).await?;
+        if let Some((mail, rcpt)) = &next {
+            self.write(mail.as_bytes()).await?;
+            self.write(rcpt.as_bytes()).await?;
+            self.write(b"DATA\r\n").await?;
+        }
         self.flush().await.map_err(|e| SessionError {
             ambiguous: true,
             ..e
         })?;
         let r = self.read_final().await?;
-        self.needs_rset = !r.positive();
+        self.needs_rset = !r.positive() && next.is_none();
+        self.pending = next;
         Ok(r.into_outcome())
     }
 
@@ -661,7 +683,7 @@ impl SmtpSession {
                 return Ok(r.into_outcome());
             }
         }
-        self.finish_data(message).await
+        self.finish_data(message, None).await
     }
 
     /// Buffers [RSET,] MAIL and RCPT for a pipelined write; returns whether
@@ -676,18 +698,32 @@ impl SmtpSession {
         Ok(rset)
     }
 
-    /// RFC 2920: [RSET,] MAIL, RCPT and DATA in one write, then the data.
+    /// RFC 2920: [RSET,] MAIL, RCPT and DATA in one write (or already
+    /// written behind the last message's data), then the data, and with it
+    /// the `next` envelope if the caller has one.
     async fn pipelined_data(
         &mut self,
-        mail: &str,
-        rcpt: &str,
+        mail: String,
+        rcpt: String,
         message: &[u8],
+        next: Option<(String, String)>,
     ) -> Result<Outcome, SessionError> {
-        let rset = self.write_envelope(mail, rcpt).await?;
-        self.write(b"DATA\r\n").await?;
-        self.flush().await?;
-        if rset {
-            self.read_rset().await?;
+        match self.pending.take() {
+            Some((m, r)) if m == mail && r == rcpt => {}
+            Some(_) => {
+                return Err(lost(
+                    "the envelope written ahead was for another message",
+                    false,
+                ))
+            }
+            None => {
+                let rset = self.write_envelope(&mail, &rcpt).await?;
+                self.write(b"DATA\r\n").await?;
+                self.flush().await?;
+                if rset {
+                    self.read_rset().await?;
+                }
+            }
         }
         let m = self.read_reply().await?;
         let r = self.read_reply().await?;
@@ -702,7 +738,7 @@ impl SmtpSession {
                 self.needs_rset = true;
                 return Ok(if m.positive() { r } else { m }.into_outcome());
             }
-            return self.finish_data(message).await;
+            return self.finish_data(message, next).await;
         }
         self.needs_rset = true;
         Ok(first_refusal(m, r, d).into_outcome())
@@ -865,9 +901,48 @@ pub fn dot_stuff(message: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(b".\r\n");
 }
 
+/// The MAIL and RCPT lines of `envelope` on a server with `caps`.
+fn envelope_lines(caps: &Capabilities, envelope: &Envelope) -> (String, String) {
+    // RFC 6152: a message with 8bit parts says so (only rendered so when
+    // the relay offered 8BITMIME; the renderer marks it).
+    let body = match caps.eight_bit_mime && envelope.eight_bit {
+        true => " BODY=8BITMIME",
+        false => "",
+    };
+    (
+        format!("MAIL FROM:<{}>{body}\r\n", envelope.from),
+        format!("RCPT TO:<{}>\r\n", envelope.to),
+    )
+}
+
 impl super::Session for SmtpSession {
     async fn send(&mut self, envelope: &Envelope, message: &[u8]) -> Result<Outcome, SessionError> {
+        self.send_then(envelope, message, None).await
+    }
+
+    fn writes_ahead(&self) -> bool {
+        self.use_pipelining && !self.use_chunking
+    }
+
+    fn pending(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    async fn send_then(
+        &mut self,
+        envelope: &Envelope,
+        message: &[u8],
+        next: Option<&Envelope>,
+    ) -> Result<Outcome, SessionError> {
         if self.caps.size > 0 && message.len() as u64 > self.caps.size {
+            if self.pending.is_some() {
+                // Its envelope is on the wire and the server waits for
+                // data: only a new session can refuse it cleanly.
+                return Err(lost(
+                    "message over the SIZE limit after its envelope",
+                    false,
+                ));
+            }
             return Ok(Outcome::local_failure(format!(
                 "message of {} bytes exceeds the relay's SIZE limit of {}",
                 message.len(),
@@ -875,17 +950,13 @@ impl super::Session for SmtpSession {
             )));
         }
         let started = Instant::now();
-        // RFC 6152: a message with 8bit parts says so (only rendered so
-        // when the relay offered 8BITMIME; the renderer marks it).
-        let body = match self.caps.eight_bit_mime && envelope.eight_bit {
-            true => " BODY=8BITMIME",
-            false => "",
-        };
-        let mail = format!("MAIL FROM:<{}>{body}\r\n", envelope.from);
-        let rcpt = format!("RCPT TO:<{}>\r\n", envelope.to);
+        let (mail, rcpt) = envelope_lines(&self.caps, envelope);
         let outcome = match (self.use_pipelining, self.use_chunking) {
             (true, true) => self.pipelined_bdat(&mail, &rcpt, message).await,
-            (true, false) => self.pipelined_data(&mail, &rcpt, message).await,
+            (true, false) => {
+                let next = next.map(|n| envelope_lines(&self.caps, n));
+                self.pipelined_data(mail, rcpt, message, next).await
+            }
             _ => self.lock_step(&mail, &rcpt, message).await,
         };
         self.last_latency = started.elapsed();
@@ -916,6 +987,13 @@ impl super::Session for SmtpSession {
     }
 
     async fn close(mut self) {
+        if self.pending.is_some() {
+            // The server waits for data: QUIT would be read as message
+            // text. Closing the connection makes it discard the
+            // transaction (nothing is delivered).
+            let _ = tokio::time::timeout(Duration::from_secs(2), self.writer.shutdown()).await;
+            return;
+        }
         let quit = async {
             self.writer.write_all(b"QUIT\r\n").await?;
             self.writer.flush().await?;
