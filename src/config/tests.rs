@@ -207,13 +207,13 @@ fn durations_and_retry_schedule() {
         )
     );
     assert_eq!(r.give_up_after, Duration::from_secs(3600));
-    assert!(c.delivery.chunking, "BDAT by default");
+    assert!(!c.delivery.chunking, "DATA by default");
     let c = parse(
-        &format!("{MINIMAL}\n[delivery]\nchunking = false\n"),
+        &format!("{MINIMAL}\n[delivery]\nchunking = true\n"),
         &|_| None,
     )
     .unwrap();
-    assert!(!c.delivery.chunking);
+    assert!(c.delivery.chunking);
     let e = parse(
         &format!("{MINIMAL}\n[delivery]\nretry = [\"soon\"]\n"),
         &|_| None,
