@@ -13,7 +13,7 @@
 #   scripts/bench.sh --compare-db -n 200000 -c 16 [--pairs 3] [--resume-at 5000000]
 #   scripts/bench.sh --compare-metrics -n 200000 -c 16 [--pairs 5] [--sink smtp-sink]
 #   scripts/bench.sh --sink smtp-sink -n 200000 -c 16   # into Postfix's smtp-sink instead of blast's
-#   scripts/bench.sh --postfix --no-chunking ...         # blast sends DATA, not BDAT, even where offered
+#   scripts/bench.sh --postfix --chunking ...            # blast sends BDAT where offered (default: DATA)
 #   scripts/bench.sh --props               # the property tests' long mode (100,000+ cases each)
 #                                         # blast on SQLite against blast on a durable PostgreSQL
 #
@@ -62,7 +62,7 @@ metrics_args=()
 pairs=3
 resume_at=0
 sink_kind=blast
-no_chunking=0
+chunking=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) n=$2; shift 2 ;;
@@ -78,7 +78,7 @@ while [ $# -gt 0 ]; do
     --pairs) pairs=$2; shift 2 ;;
     --resume-at) resume_at=$2; shift 2 ;;
     --sink) sink_kind=$2; shift 2 ;;
-    --no-chunking) no_chunking=1; shift ;;
+    --chunking) chunking=1; shift ;;
     # The property tests (the parsers, the renderer, the address
     # canonicaliser, dot-stuffing) with 100,000 cases each: minutes.
     --props) PROPTEST_CASES=${PROPTEST_CASES:-100000} exec cargo test --release --lib ;;
@@ -251,8 +251,8 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   local name="bench-$1-$(date +%s%N)"
   [ "$resume_at" -gt 0 ] && name=bench-resume
   sed "s/^name = .*/name = \"$name\"/" templates/newsletter/campaign.toml > "$campaign"
-  # DATA instead of BDAT even where the relay offers CHUNKING.
-  [ $no_chunking -eq 1 ] && sed -i "s|^\\[delivery\\]|[delivery]\\nchunking = false|" "$campaign"
+  # BDAT where the relay offers CHUNKING (the default is pipelined DATA).
+  [ $chunking -eq 1 ] && sed -i "s|^\\[delivery\\]|[delivery]\\nchunking = true|" "$campaign"
   if [ $use_probe -eq 1 ]; then
     sed -i "s|^\\[delivery\\]|[delivery]\\nqueue_probe = \"$PWD/scripts/mta/postfix.sh queue-size --dir $mta_dir\"|" "$campaign"
   fi
