@@ -14,6 +14,7 @@
 #   scripts/bench.sh --compare-metrics -n 200000 -c 16 [--pairs 5] [--sink smtp-sink]
 #   scripts/bench.sh --sink smtp-sink -n 200000 -c 16   # into Postfix's smtp-sink instead of blast's
 #   scripts/bench.sh --postfix --chunking ...            # blast sends BDAT where offered (default: DATA)
+#   scripts/bench.sh --postfix --no-verp ...             # one envelope sender for all, as smtp-source
 #   scripts/bench.sh --props               # the property tests' long mode (100,000+ cases each)
 #                                         # blast on SQLite against blast on a durable PostgreSQL
 #
@@ -63,6 +64,7 @@ pairs=3
 resume_at=0
 sink_kind=blast
 chunking=0
+no_verp=0
 while [ $# -gt 0 ]; do
   case "$1" in
     -n) n=$2; shift 2 ;;
@@ -79,6 +81,7 @@ while [ $# -gt 0 ]; do
     --resume-at) resume_at=$2; shift 2 ;;
     --sink) sink_kind=$2; shift 2 ;;
     --chunking) chunking=1; shift ;;
+    --no-verp) no_verp=1; shift ;;
     # The property tests (the parsers, the renderer, the address
     # canonicaliser, dot-stuffing) with 100,000 cases each: minutes.
     --props) PROPTEST_CASES=${PROPTEST_CASES:-100000} exec cargo test --release --lib ;;
@@ -251,6 +254,9 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   local name="bench-$1-$(date +%s%N)"
   [ "$resume_at" -gt 0 ] && name=bench-resume
   sed "s/^name = .*/name = \"$name\"/" templates/newsletter/campaign.toml > "$campaign"
+  # One fixed envelope sender, as smtp-source has, instead of a VERP
+  # address per recipient (each a new address for the MTA to resolve).
+  [ $no_verp -eq 1 ] && sed -i "/^verp = /d" "$campaign"
   # BDAT where the relay offers CHUNKING (the default is pipelined DATA).
   [ $chunking -eq 1 ] && sed -i "s|^\\[delivery\\]|[delivery]\\nchunking = true|" "$campaign"
   if [ $use_probe -eq 1 ]; then
