@@ -478,16 +478,7 @@ impl Gate {
                 }
             };
             match wait {
-                None => {
-                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-                    return Permit {
-                        gate: self.clone(),
-                        id,
-                        started: None,
-                        probe,
-                        result: None,
-                    };
-                }
+                None => return self.permit(probe),
                 Some(wait) => {
                     let _ = tokio::time::timeout(wait, notified).await;
                 }
@@ -504,14 +495,18 @@ impl Gate {
             return None;
         }
         drop(h);
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
-        Some(Permit {
+        Some(self.permit(false))
+    }
+
+    /// A permit for a slot just taken.
+    fn permit(self: &Arc<Self>, probe: bool) -> Permit {
+        Permit {
             gate: self.clone(),
-            id,
+            id: self.next_id.fetch_add(1, Ordering::Relaxed),
             started: None,
-            probe: false,
+            probe,
             result: None,
-        })
+        }
     }
 
     /// Updates the circuit with one transaction's result.

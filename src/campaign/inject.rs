@@ -129,31 +129,26 @@ impl<T: Transport> Injector<T> {
         // The next message, taken while the last one was sent.
         let mut ahead: Option<InHand<'_>> = None;
         loop {
-            let permit = match ahead.take() {
+            let (permit, hand) = match ahead.take() {
                 // Sent on at once if the relay has room; otherwise it goes
                 // back for any injector rather than wait in this hand.
                 Some(hand) => match self.acquire_now() {
-                    Some(permit) => {
-                        ahead = Some(hand);
-                        permit
-                    }
+                    Some(permit) => (permit, hand),
                     None => {
                         conn.drop_pending();
                         hand.requeue();
                         continue;
                     }
                 },
-                None => match self.acquire(&mut conn).await {
-                    Some(permit) => permit,
-                    None => break,
-                },
-            };
-            let hand = match ahead.take() {
-                Some(hand) => hand,
-                None => match self.take(&mut conn).await {
-                    Some(hand) => hand,
-                    None => break,
-                },
+                None => {
+                    let Some(permit) = self.acquire(&mut conn).await else {
+                        break;
+                    };
+                    let Some(hand) = self.take(&mut conn).await else {
+                        break;
+                    };
+                    (permit, hand)
+                }
             };
             match self.deliver(&mut conn, permit, hand).await {
                 (Flow::Stop, next) => {
@@ -259,9 +254,9 @@ impl<T: Transport> Injector<T> {
     /// The next message, taken now so that its envelope can follow this
     /// message's data in the same write ([`Session::send_then`]): only
     /// when the session does that, no rate limit would hold it back, and
-    /// one is ready without waiting. `None` otherwise, or when it may not
-    /// be sent (suppressed meanwhile, claim lost: taken the usual way, the
-    /// next step deals with it).
+    /// one is ready without waiting. Its checks (suppressed meanwhile,
+    /// claim still held) come as for any message, in [`Injector::deliver`];
+    /// the rare one that fails them drops the session with its envelope.
     fn take_ahead(&self, session: &T::Session) -> Option<InHand<'_>> {
         if !session.writes_ahead()
             || self.rate.current().is_some()
@@ -328,12 +323,7 @@ impl<T: Transport> Injector<T> {
         let session = conn.session.insert(session);
         let job = hand.job();
         let next = self.take_ahead(session);
-        // Its envelope goes on the wire only if it may be sent.
-        let next_envelope = next
-            .as_ref()
-            .map(InHand::job)
-            .filter(|n| self.suppressions.get(&n.out.email).is_none() && self.claimed(n))
-            .map(|n| &n.out.envelope);
+        let next_envelope = next.as_ref().map(|n| &n.job().out.envelope);
         tokio::select! {
             biased;
             _ = self.abort.cancelled() => Sent::Abandoned,
