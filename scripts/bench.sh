@@ -271,8 +271,13 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   /usr/bin/time -v -o "$work/time.log" "$bin" send "$campaign" --database "$db_url" \
     ${relay[@]+"${relay[@]}"} ${metrics_args[@]+"${metrics_args[@]}"} \
     --concurrency "$1" --progress none --json > "$work/summary.json"
-  t1=$(now)
-  b_secs=$(python3 -c "print($t1 - $t0)")
+  b_t1=$(now); b_t0=$t0
+  # Through Postfix the figures wait until its queue has drained: the
+  # python3 runs here would take CPU from Postfix inside blast's window.
+  [ "${defer_figures:-0}" = 1 ] || blast_figures
+}
+blast_figures() { # sets b_rate b_rss b_first b_secs b_cpu b_limit from the last run_blast
+  b_secs=$(python3 -c "print($b_t1 - $b_t0)")
   b_rate=$(python3 -c "import json; d=json.load(open('$work/summary.json')); print(round(d['sent']/$b_secs))")
   b_first=$(python3 -c "import json; print(json.load(open('$work/summary.json'))['first_message_ms'])")
   b_rss=$(awk '/Maximum resident/ {print int($6/1024)}' "$work/time.log")
@@ -287,14 +292,27 @@ run_source() { # $1 = concurrency, $2 = target port; sets s_rate s_secs
   t0=$(now)
   /usr/bin/time -v -o "$work/time-source.log" \
     smtp-source -d -N -s "$1" -m "$n" -F "$work/message.eml" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
-  t1=$(now)
-  s_secs=$(python3 -c "print($t1 - $t0)")
+  s_t1=$(now); s_t0=$t0
+  [ "${defer_figures:-0}" = 1 ] || source_figures
+}
+source_figures() { # sets s_secs s_rate s_cpu from the last run_source
+  s_secs=$(python3 -c "print($s_t1 - $s_t0)")
   s_rate=$(python3 -c "print(round($n/$s_secs))")
   s_cpu=$(cpu_us "$work/time-source.log" "$n")
 }
 drain() { # waits for Postfix's queue to empty; prints nothing, sets d_secs since $1
   scripts/mta/postfix.sh flush-wait --dir "$mta_dir" --timeout 3600 >/dev/null
   d_secs=$(python3 -c "print($(now) - $1)")
+}
+busy_us() { # CPU time spent so far by the whole host (all cores, not idle), in µs
+  awk '/^cpu / {printf "%.0f", ($2 + $3 + $4 + $7 + $8 + $9) * 1e6 / '"$(getconf CLK_TCK)"'}' /proc/stat
+}
+mta_cpu_us() { # $1 = busy_us at the start, $2 = the sender's -v log: the rest of the host's CPU per message
+  python3 -c "
+import re
+t = open('$2').read()
+own = (float(re.search(r'User time.*: ([0-9.]+)', t)[1]) + float(re.search(r'System time.*: ([0-9.]+)', t)[1])) * 1e6
+print(round(($(busy_us) - $1 - own) / $n))"
 }
 
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
@@ -385,23 +403,28 @@ elif [ $use_postfix -eq 0 ]; then
   done
 else
   echo "bench: Postfix in_flow_delay=$in_flow_delay; blast queue probe: $([ $use_probe -eq 1 ] && echo on || echo off)"
-  printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB max_queue limit
+  echo "bench: blast_us/src_us = the sender's CPU per message; mta_us = the rest of the host's (Postfix, the sink) for that run"
+  printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB max_queue limit \
+    blast_us src_us b_mta_us s_mta_us
   for c in $sweep; do
     start_sink; start_postfix
-    t0=$(now); run_blast "$c" "$mta_port"; drain "$t0"; b_e2e=$(python3 -c "print(round($n/$d_secs))")
+    c0=$(busy_us); t0=$(now); defer_figures=1 run_blast "$c" "$mta_port"; drain "$t0"
+    b_mta=$(mta_cpu_us "$c0" "$work/time.log"); blast_figures; b_e2e=$(python3 -c "print(round($n/$d_secs))")
     q_max=$(cat "$work/queue-max")
     stop_postfix; stop_sink; got_b=$sink_msgs
     if [ "$c" = auto ] || [[ "$c" == auto:* ]]; then
       [ "$got_b" = "$n" ] || echo "bench: warning: sink counted blast=$got_b of $n" >&2
-      printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s\n' "$c" "$b_rate" - - "$b_e2e" - - "$b_rss" "$q_max" "$b_limit"
+      printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s\n' "$c" "$b_rate" - - "$b_e2e" - - "$b_rss" "$q_max" "$b_limit" \
+        "$b_cpu" - "$b_mta" -
       continue
     fi
     start_sink; start_postfix
-    t0=$(now); run_source "$c" "$mta_port"; drain "$t0"; s_e2e=$(python3 -c "print(round($n/$d_secs))")
+    c0=$(busy_us); t0=$(now); defer_figures=1 run_source "$c" "$mta_port"; drain "$t0"
+    s_mta=$(mta_cpu_us "$c0" "$work/time-source.log"); source_figures; s_e2e=$(python3 -c "print(round($n/$d_secs))")
     stop_postfix; stop_sink; got_s=$sink_msgs
     [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
-    printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s\n' "$c" "$b_rate" "$s_rate" \
+    printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s\n' "$c" "$b_rate" "$s_rate" \
       "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_e2e" "$s_e2e" \
-      "$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")" "$b_rss" "$q_max" "$b_limit"
+      "$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")" "$b_rss" "$q_max" "$b_limit" "$b_cpu" "$s_cpu" "$b_mta" "$s_mta"
   done
 fi
