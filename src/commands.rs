@@ -64,10 +64,34 @@ pub async fn send_observed(
 ) -> Result<Summary> {
     // Templates first: a syntax error must abort before anything else happens.
     let renderer = compile(cfg)?;
-    let db = Db::connect_with_stall(&cfg.database, Some(cfg.delivery.workers.ttl)).await?;
-    let mut prepared = Prepared::open(cfg, &db, renderer, abort).await?;
+    let (token, watcher) = crate::stop::token(stop);
+    // Opening can take minutes, once (the schema-v6 address-key backfill
+    // on a large audience): a stop ends it at once, the batch under way
+    // rolls back, and the backfill resumes there on the next command.
+    let opened = async {
+        let db = tokio::select! {
+            biased;
+            _ = token.cancelled() => return Err(Error::Stopped("while opening the database")),
+            db = Db::connect_with_stall(&cfg.database, Some(cfg.delivery.workers.ttl)) => db?,
+        };
+        match Prepared::open(cfg, &db, renderer, abort).await {
+            Ok(p) => Ok((db, p)),
+            Err(e) => {
+                db.close().await;
+                Err(e)
+            }
+        }
+    };
+    let (db, mut prepared) = match opened.await {
+        Ok(opened) => opened,
+        Err(e) => {
+            token.cancel();
+            let _ = crate::error::joined("the stop watcher", watcher).await;
+            return Err(e);
+        }
+    };
     prepared.metrics = metrics;
-    let run = Background::start(cfg, &db, &prepared, stop);
+    let run = Background::start(cfg, &db, &prepared, token, watcher);
     let result = match &cfg.dry_run {
         Some(dir) => {
             let endpoint = match own_endpoint(cfg, &mut prepared).await {
@@ -307,7 +331,7 @@ async fn run_options(cfg: &Config, db: &Db, abort: CancellationToken) -> Result<
     })
 }
 
-/// The tasks beside a run: the stop signal turned into a token, the
+/// The tasks beside a run: the stop signal's watcher (its token), the
 /// audience count for the progress display, and the watch for
 /// suppressions arriving while the run sends.
 struct Background {
@@ -322,9 +346,9 @@ impl Background {
         cfg: &Config,
         db: &Db,
         prepared: &Prepared,
-        stop: impl Future<Output = ()> + Send + 'static,
+        token: CancellationToken,
+        watcher: tokio::task::JoinHandle<()>,
     ) -> Background {
-        let (token, watcher) = crate::stop::token(stop);
         // Counting a large audience can take a while: do it beside the first sends.
         let counter = {
             let (db, audience, stats) = (db.clone(), cfg.audience.clone(), prepared.stats.clone());

@@ -108,6 +108,9 @@ pub enum Error {
         /// What the operator can do.
         hint: String,
     },
+    /// A stop (SIGINT, SIGTERM) came before the run began sending.
+    #[error("stopped {0}: nothing was sent; run the command again to continue")]
+    Stopped(&'static str),
     /// A campaign name was not found in the ledger.
     #[error("no campaign named {0:?} in this database")]
     UnknownCampaign(String),

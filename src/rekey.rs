@@ -62,6 +62,7 @@ async fn subscribers(db: &Db) -> Result<()> {
     let started = std::time::Instant::now();
     let mut reported = started;
     let mut walked = 0u64;
+    let mut announced = false;
     loop {
         if reported.elapsed() >= PROGRESS_EVERY {
             reported = std::time::Instant::now();
@@ -99,6 +100,13 @@ async fn subscribers(db: &Db) -> Result<()> {
                     }
                 }
             }
+        }
+        if !keyed.is_empty() && !announced {
+            announced = true;
+            tracing::info!(
+                "filling in address keys (schema v6, once): minutes on millions of \
+                 subscribers; a stop is safe, the next command goes on from there"
+            );
         }
         let keys: Vec<serde_json::Value> = keyed
             .iter()

@@ -171,6 +171,86 @@ async fn signal_flushes_the_ledger(signal: &str) {
     );
 }
 
+/// SIGTERM during the one-time address-key backfill (schema v6) of a large
+/// database stops `blast send` at once, before anything is sent, instead of
+/// running the backfill to its end; the batch under way rolls back and the
+/// next command goes on from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_the_address_key_backfill_stops_at_once() {
+    const N: i64 = 60_000;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(N).await;
+    w.exec("DELETE FROM blast_settings WHERE key = 'address_keys'")
+        .await;
+    let sink = util::sink(Faults::default()).await;
+    let path = w.campaign("rekey", "Hi", "x", None, "");
+    let smtp = format!("smtp://{}", sink.local_addr());
+    let log = w.path("stderr.log");
+    let child = blast()
+        .arg("send")
+        .arg(&path)
+        .args(["--smtp", &smtp, "--progress", "plain"])
+        .env("BLAST_LOG", "info")
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    util::wait_until(
+        "the backfill to start",
+        std::time::Duration::from_millis(10),
+        || async {
+            let seen = std::fs::read_to_string(&log).unwrap_or_default();
+            match seen.contains("filling in address keys") {
+                true => Ok(()),
+                false => Err(seen),
+            }
+        },
+    )
+    .await;
+    let kill = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let stderr = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("stopped while opening the database: nothing was sent"),
+        "{stderr}"
+    );
+    assert_eq!(sink.stats().messages, 0);
+    // Read without blast's own open, which would run the backfill.
+    let pool = sqlx::SqlitePool::connect(&w.url).await.unwrap();
+    let (unkeyed, done): (i64, i64) = sqlx::query_as(
+        "SELECT (SELECT COUNT(*) FROM subscribers WHERE email_key IS NULL), \
+                (SELECT COUNT(*) FROM blast_settings WHERE key = 'address_keys')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+    assert!(unkeyed > 0, "the backfill ran to its end after SIGTERM");
+    assert_eq!(done, 0);
+    let campaigns: i64 = {
+        let db = w.db().await; // finishes the backfill
+        let n = sqlx::query_scalar("SELECT COUNT(*) FROM blast_campaigns")
+            .fetch_one(db.pool())
+            .await
+            .unwrap();
+        let unkeyed: i64 =
+            sqlx::query_scalar("SELECT COUNT(*) FROM subscribers WHERE email_key IS NULL")
+                .fetch_one(db.pool())
+                .await
+                .unwrap();
+        assert_eq!(unkeyed, 0, "the next open finishes the backfill");
+        db.close().await;
+        n
+    };
+    assert_eq!(campaigns, 0, "stopped before the campaign was created");
+}
+
 /// A second SIGINT abandons transactions in flight instead of waiting for a
 /// slow MTA, and the ledger is still flushed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

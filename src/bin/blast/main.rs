@@ -46,6 +46,11 @@ fn main() -> ExitCode {
     };
     match runtime.block_on(run(cli)) {
         Ok(code) => code,
+        // A run stopped before it began sending exits as any stopped run.
+        Err(e) if matches!(e.downcast_ref(), Some(blast::error::Error::Stopped(_))) => {
+            eprintln!("blast: {e:#}");
+            ExitCode::from(1)
+        }
         Err(e) => {
             eprintln!("blast: error: {e:#}");
             ExitCode::from(2)
