@@ -44,7 +44,8 @@
 # (distinct recipients) and -F (one of blast's rendered messages as content).
 # Prints, per run: messages/s for blast and for smtp-source and their ratio,
 # blast's peak RSS, its time to the first message, the sink's peak RSS; with --postfix also the
-# end-to-end rate (accepted by Postfix and delivered to the sink).
+# end-to-end rate (accepted by Postfix and delivered to the sink), each sender's CPU per
+# message, and what the rest of the host (Postfix, the sink) spent per message in that run.
 # Needs: python3, /usr/bin/time, and Postfix's smtp-source (apt-get install postfix).
 set -euo pipefail
 cd "$(dirname "$0")/.."
