@@ -16,6 +16,12 @@ use crate::address;
 use crate::db::Db;
 use crate::error::{Error, Result};
 
+/// One batch of subscribers, in primary-key order after `$1`. The order is
+/// by `subscribers.id`: a bare `id` names the CAST in the select list, and
+/// SQLite then sorted every row past `$1` for each batch (quadratic: 112 ms
+/// per batch at the start of 1,000,000 rows, against 1 ms).
+const PAGE: &str = "SELECT CAST(id AS BIGINT) AS id, email, email_key FROM subscribers \
+                    WHERE id > $1 ORDER BY subscribers.id LIMIT $2";
 /// Rows per batch (one transaction each).
 const BATCH: i64 = 1000;
 /// How often the backfill logs how far it is.
@@ -74,14 +80,11 @@ async fn subscribers(db: &Db) -> Result<()> {
         // Walk the primary key and skip keyed rows here: with `email_key IS
         // NULL` in SQL, SQLite read the NULLs through the email_key index and
         // sorted all of them for every batch (quadratic: minutes at 2M rows).
-        let rows = sqlx::query(
-            "SELECT CAST(id AS BIGINT) AS id, email, email_key FROM subscribers \
-             WHERE id > $1 ORDER BY id LIMIT $2",
-        )
-        .bind(after)
-        .bind(BATCH)
-        .fetch_all(db.pool())
-        .await?;
+        let rows = sqlx::query(PAGE)
+            .bind(after)
+            .bind(BATCH)
+            .fetch_all(db.pool())
+            .await?;
         let Some(last) = rows.last() else { break };
         after = last.try_get("id")?;
         walked += rows.len() as u64;
@@ -200,4 +203,30 @@ async fn suppressions(db: &Db) -> Result<()> {
 /// Rows as a JSON array for [`Db::json_rows_sql`].
 fn json(rows: &[serde_json::Value]) -> Result<String> {
     serde_json::to_string(rows).map_err(|e| Error::Internal(format!("address keys as JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Each batch reads its rows from the primary key, without sorting
+    /// what is left of the table.
+    #[tokio::test]
+    async fn a_batch_walks_the_primary_key_without_a_sort() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}", dir.path().join("t.db").display());
+        let db = Db::connect(&url).await.unwrap();
+        let plan: Vec<String> = sqlx::query(AssertSqlSafe(format!("EXPLAIN QUERY PLAN {PAGE}")))
+            .bind(0i64)
+            .bind(BATCH)
+            .fetch_all(db.pool())
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.try_get::<String, _>("detail").unwrap())
+            .collect();
+        db.close().await;
+        assert!(plan.iter().any(|d| d.contains("PRIMARY KEY")), "{plan:?}");
+        assert!(!plan.iter().any(|d| d.contains("TEMP B-TREE")), "{plan:?}");
+    }
 }
