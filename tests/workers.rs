@@ -87,8 +87,10 @@ impl Workers {
 impl Drop for Workers {
     fn drop(&mut self) {
         for (_, c) in &mut self.children {
+            // A child that already exited: nothing to resume, nothing to say.
             let _ = std::process::Command::new("kill")
                 .args(["-CONT", &c.id().to_string()])
+                .stderr(std::process::Stdio::null())
                 .status();
             let _ = c.kill();
             let _ = c.wait();
