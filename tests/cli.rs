@@ -146,14 +146,7 @@ async fn signal_flushes_the_ledger(signal: &str) {
         .spawn()
         .unwrap();
     util::wait_for(&sink, 200).await;
-    let kill = Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = util::stop_with(signal, child).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     if signal == "-TERM" {
@@ -206,14 +199,7 @@ async fn sigterm_during_the_address_key_backfill_stops_at_once() {
         },
     )
     .await;
-    let kill = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    let out = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    let out = util::stop_with("-TERM", child).await;
     let stderr = std::fs::read_to_string(&log).unwrap();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(

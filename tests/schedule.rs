@@ -183,14 +183,7 @@ async fn run_due_interrupted_then_finished(signal: &str, left_in: &str) {
         .spawn()
         .unwrap();
     util::wait_for(&sink, 200).await;
-    let kill = std::process::Command::new("kill")
-        .args([signal, &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(kill.success());
-    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
-        .await
-        .unwrap();
+    crate::util::stop_with(signal, child).await;
     let first = sink.stats().messages;
     assert!(
         first < n as u64,

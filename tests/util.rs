@@ -231,6 +231,18 @@ pub fn blast() -> Command {
     Command::new(env!("CARGO_BIN_EXE_blast"))
 }
 
+/// Sends `signal` (`-TERM`, `-HUP`, ...) to `child` and waits for it to exit.
+pub async fn stop_with(signal: &str, child: std::process::Child) -> std::process::Output {
+    let kill = Command::new("kill")
+        .args([signal, &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(kill.success());
+    tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+        .await
+        .unwrap()
+}
+
 /// The PostgreSQL server for tests. Required: `scripts/test.sh` starts one.
 /// Asserts that a finished `blast` exited with `code`, showing its stderr
 /// if not.
