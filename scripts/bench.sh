@@ -263,7 +263,7 @@ run_blast() { # $1 = concurrency, $2 = target port; sets b_rate b_rss b_first b_
   if [ $use_probe -eq 1 ]; then
     sed -i "s|^\\[delivery\\]|[delivery]\\nqueue_probe = \"$PWD/scripts/mta/postfix.sh queue-size --dir $mta_dir\"|" "$campaign"
   fi
-  local t0 t1 relay=(--smtp "smtp://127.0.0.1:$2")
+  local t0 relay=(--smtp "smtp://127.0.0.1:$2")
   if [ "${3:-}" = tls ]; then
     sed -i "s|^smtp = .*|smtp = [{ url = \"smtp://127.0.0.1:$2\", tls = \"starttls\", ca_file = \"$work/tls/ca.pem\" }]|" "$campaign"
     relay=()
@@ -289,7 +289,7 @@ cpu_us() { # $1 = /usr/bin/time -v log, $2 = messages: (user + system) µs per m
   awk -v n="$2" '/User time/ {u=$4} /System time/ {s=$4} END {if (n > 0) printf "%.0f", (u + s) * 1e6 / n; else print "-"}' "$1"
 }
 run_source() { # $1 = concurrency, $2 = target port; sets s_rate s_secs
-  local t0 t1
+  local t0
   t0=$(now)
   /usr/bin/time -v -o "$work/time-source.log" \
     smtp-source -d -N -s "$1" -m "$n" -F "$work/message.eml" -f bench@example.com -t rcpt@example.com "127.0.0.1:$2"
