@@ -316,7 +316,17 @@ own = (float(re.search(r'User time.*: ([0-9.]+)', t)[1]) + float(re.search(r'Sys
 print(round(($(busy_us) - $1 - own) / $n))"
 }
 
+stat_now() { # the host's steal and total CPU time so far (/proc/stat, in ticks)
+  awk '/^cpu / {print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat
+}
+steal_pct() { # $1 = stat_now at the start: the share of the CPU the hypervisor took since, in %
+  local s0 t0 s1 t1
+  read -r s0 t0 <<< "$1"; read -r s1 t1 <<< "$(stat_now)"
+  awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.1f", (t > 0 ? 100 * s / t : 0)}'
+}
+
 median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {print (NR%2) ? a[(NR+1)/2] : int((a[NR/2]+a[NR/2+1])/2)}'; }
+median_f() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END {printf "%.2f\n", (NR%2) ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2}'; } # of ratios, two decimals
 if [ $compare_metrics -eq 1 ]; then
   echo "bench: sink: $sink_kind; metrics scraped every second"
   printf '%-6s %10s %10s %7s %8s %8s %10s\n' pair off/s on/s on/off off_us on_us scrapes
@@ -353,7 +363,7 @@ PY
     printf '%-6s %10s %10s %7s %8s %8s %10s\n' "$p" "$rate_off" "$rate_on" "$r" "$cpu_off" "$cpu_on" "$(cat "$work/scrapes")"
   done
   printf '%-6s %10s %10s %7s %8s %8s\n' median "$(median "${off_rates[@]}")" "$(median "${on_rates[@]}")" \
-    "$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')" \
+    "$(median_f "${ratios[@]}")" \
     "$(median "${off_cpus[@]}")" "$(median "${on_cpus[@]}")"
 elif [ $compare_db -eq 1 ]; then
   printf '%-6s %10s %10s %7s %10s %10s\n' pair sqlite/s pg/s pg/lite lite_rss pg_rss
@@ -372,7 +382,7 @@ elif [ $compare_db -eq 1 ]; then
     printf '%-6s %10s %10s %7s %10s %10s\n' "$p" "$rate_sqlite" "$rate_pg" "$r" "$rss_sqlite" "$rss_pg"
   done
   printf '%-6s %10s %10s %7s\n' median "$(median "${lite_rates[@]}")" "$(median "${pg_rates[@]}")" \
-    "$(printf '%s\n' "${ratios[@]}" | sort -n | awk '{a[NR]=$1} END {print a[int((NR+1)/2)]}')"
+    "$(median_f "${ratios[@]}")"
 elif [ $use_tls -eq 1 ]; then
   # A CA and a certificate for 127.0.0.1 signed by it, for this run only.
   mkdir -p "$work/tls"
@@ -405,27 +415,37 @@ elif [ $use_postfix -eq 0 ]; then
 else
   echo "bench: Postfix in_flow_delay=$in_flow_delay; blast queue probe: $([ $use_probe -eq 1 ] && echo on || echo off)"
   echo "bench: blast_us/src_us = the sender's CPU per message; mta_us = the rest of the host's (Postfix, the sink) for that run"
-  printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB max_queue limit \
-    blast_us src_us b_mta_us s_mta_us
+  echo "bench: b_st%/s_st% = CPU time the hypervisor took (steal) in each run; adj = the e2e ratio of rate / (1 - steal)"
+  printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s %6s %6s %6s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB max_queue limit \
+    blast_us src_us b_mta_us s_mta_us b_st% s_st% adj
+  e2e_ratios=(); adj_ratios=()
   for c in $sweep; do
     start_sink; start_postfix
-    c0=$(busy_us); t0=$(now); defer_figures=1 run_blast "$c" "$mta_port"; drain "$t0"
+    c0=$(busy_us); st0=$(stat_now); t0=$(now); defer_figures=1 run_blast "$c" "$mta_port"; drain "$t0"
+    b_steal=$(steal_pct "$st0")
     b_mta=$(mta_cpu_us "$c0" "$work/time.log"); blast_figures; b_e2e=$(python3 -c "print(round($n/$d_secs))")
     q_max=$(cat "$work/queue-max")
     stop_postfix; stop_sink; got_b=$sink_msgs
     if [ "$c" = auto ] || [[ "$c" == auto:* ]]; then
       [ "$got_b" = "$n" ] || echo "bench: warning: sink counted blast=$got_b of $n" >&2
-      printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s\n' "$c" "$b_rate" - - "$b_e2e" - - "$b_rss" "$q_max" "$b_limit" \
-        "$b_cpu" - "$b_mta" -
+      printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s %6s %6s %6s\n' "$c" "$b_rate" - - "$b_e2e" - - "$b_rss" "$q_max" "$b_limit" \
+        "$b_cpu" - "$b_mta" - "$b_steal" - -
       continue
     fi
     start_sink; start_postfix
-    c0=$(busy_us); t0=$(now); defer_figures=1 run_source "$c" "$mta_port"; drain "$t0"
+    c0=$(busy_us); st0=$(stat_now); t0=$(now); defer_figures=1 run_source "$c" "$mta_port"; drain "$t0"
+    s_steal=$(steal_pct "$st0")
     s_mta=$(mta_cpu_us "$c0" "$work/time-source.log"); source_figures; s_e2e=$(python3 -c "print(round($n/$d_secs))")
     stop_postfix; stop_sink; got_s=$sink_msgs
     [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
-    printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s\n' "$c" "$b_rate" "$s_rate" \
+    e2e_ratio=$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")
+    adj_ratio=$(python3 -c "print(f'{$b_e2e * (100 - $s_steal) / ($s_e2e * (100 - $b_steal)):.2f}')")
+    e2e_ratios+=("$e2e_ratio"); adj_ratios+=("$adj_ratio")
+    printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s %6s %6s %6s\n' "$c" "$b_rate" "$s_rate" \
       "$(python3 -c "print(f'{$b_rate/$s_rate:.2f}')")" "$b_e2e" "$s_e2e" \
-      "$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")" "$b_rss" "$q_max" "$b_limit" "$b_cpu" "$s_cpu" "$b_mta" "$s_mta"
+      "$e2e_ratio" "$b_rss" "$q_max" "$b_limit" "$b_cpu" "$s_cpu" "$b_mta" "$s_mta" "$b_steal" "$s_steal" "$adj_ratio"
   done
+  if [ ${#e2e_ratios[@]} -gt 1 ]; then
+    echo "bench: ${#e2e_ratios[@]} pairs: median e2e ratio $(median_f "${e2e_ratios[@]}"), steal-adjusted $(median_f "${adj_ratios[@]}")"
+  fi
 fi
