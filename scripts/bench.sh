@@ -15,6 +15,8 @@
 #   scripts/bench.sh --sink smtp-sink -n 200000 -c 16   # into Postfix's smtp-sink instead of blast's
 #   scripts/bench.sh --postfix --chunking ...            # blast sends BDAT where offered (default: DATA)
 #   scripts/bench.sh --postfix --no-verp ...             # one envelope sender for all, as smtp-source
+#   scripts/bench.sh -n 3000 -c 4 --sink-latency 50      # blast's sink answers each message after 50 ms:
+#                                         # the sender's CPU at a low rate (an MTA's pace, not its CPU)
 #   scripts/bench.sh --props               # the property tests' long mode (100,000+ cases each)
 #                                         # blast on SQLite against blast on a durable PostgreSQL
 #
@@ -64,6 +66,7 @@ metrics_args=()
 pairs=3
 resume_at=0
 sink_kind=blast
+sink_latency=0
 chunking=0
 no_verp=0
 while [ $# -gt 0 ]; do
@@ -81,16 +84,21 @@ while [ $# -gt 0 ]; do
     --pairs) pairs=$2; shift 2 ;;
     --resume-at) resume_at=$2; shift 2 ;;
     --sink) sink_kind=$2; shift 2 ;;
+    --sink-latency) sink_latency=$2; shift 2 ;;
     --chunking) chunking=1; shift ;;
     --no-verp) no_verp=1; shift ;;
     # The property tests (the parsers, the renderer, the address
     # canonicaliser, dot-stuffing) with 100,000 cases each: minutes.
     --props) PROPTEST_CASES=${PROPTEST_CASES:-100000} exec cargo test --release --lib ;;
-    -h|--help) sed -n '2,47p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,51p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
 [ -n "$sweep" ] || sweep=$conc
+if [ "$sink_latency" != 0 ]; then
+  [[ "$sink_latency" =~ ^[0-9]+$ ]] || { echo "bench.sh: --sink-latency takes milliseconds, got '$sink_latency'" >&2; exit 2; }
+  [ "$sink_kind" = blast ] && [ $use_postfix -eq 0 ] || { echo "bench.sh: --sink-latency is for blast's sink without --postfix" >&2; exit 2; }
+fi
 command -v smtp-source >/dev/null || { echo "bench.sh: smtp-source missing: apt-get install postfix" >&2; exit 2; }
 [ -x /usr/bin/time ] || { echo "bench.sh: /usr/bin/time missing: apt-get install time" >&2; exit 2; }
 
@@ -208,7 +216,8 @@ start_sink() {
     local user=(); [ "$(id -u)" -eq 0 ] && user=(-u nobody)
     smtp-sink -c ${user[@]+"${user[@]}"} "127.0.0.1:$sink_port" 256 >"$work/sink.log" 2>&1 &
   else
-    "$bin" sink --listen "127.0.0.1:$sink_port" ${sink_tls[@]+"${sink_tls[@]}"} 2>"$work/sink.log" &
+    local latency=(); [ "$sink_latency" = 0 ] || latency=(--latency-ms "$sink_latency")
+    "$bin" sink --listen "127.0.0.1:$sink_port" ${latency[@]+"${latency[@]}"} ${sink_tls[@]+"${sink_tls[@]}"} 2>"$work/sink.log" &
   fi
   sink_pid=$!
   for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$sink_port") 2>/dev/null && return; sleep 0.05; done
