@@ -1003,26 +1003,27 @@ impl Ledger for MemoryLedger {
 /// first, and the shortest wait between two looks.
 const DRAIN_EVERY: Duration = Duration::from_millis(5);
 
-/// When to look for records next, `elapsed` after a batch's first with
-/// `len` in it: half the time the batch would take to fill at the rate
-/// seen so far, at least [`DRAIN_EVERY`], never past `deadline`. At 500
+/// When to look for records next, at `now`, with `len` in the batch whose
+/// first came at `start`: half the time the batch would take to fill at
+/// the rate seen so far, at least [`DRAIN_EVERY`], never past its write
+/// at `start` + [`FLUSH_EVERY`]. At 500
 /// messages a second that is one look at 5 ms and the write at 100 ms;
 /// at 20,000 a look every few milliseconds as the batch nears full. What
 /// arrives meanwhile fills at most half the channel (it holds a batch), so
 /// a rate that doubles meanwhile still does not hold up the senders.
 fn next_look(
+    start: tokio::time::Instant,
     now: tokio::time::Instant,
-    elapsed: Duration,
     len: usize,
-    deadline: tokio::time::Instant,
 ) -> tokio::time::Instant {
+    let elapsed = now - start;
     let wait = if elapsed < DRAIN_EVERY || len == 0 {
         DRAIN_EVERY
     } else {
         let per_row = elapsed / len as u32;
         (per_row * FLUSH_ROWS.saturating_sub(len) as u32 / 2).max(DRAIN_EVERY)
     };
-    deadline.min(now + wait)
+    (start + FLUSH_EVERY).min(now + wait)
 }
 
 /// Moves the records waiting in `rx` into `batch`, up to [`FLUSH_ROWS`];
@@ -1082,7 +1083,7 @@ pub async fn write_loop<L: Ledger>(
             if closed || batch.len() >= FLUSH_ROWS || now >= deadline {
                 break;
             }
-            tokio::time::sleep_until(next_look(now, now - start, batch.len(), deadline)).await;
+            tokio::time::sleep_until(next_look(start, now, batch.len())).await;
         }
         // A database that restarts or drops the connection is waited for
         // (the batch is kept, sending waits on the full channel).
@@ -1204,23 +1205,25 @@ mod tests {
     #[test]
     fn the_writer_looks_for_records_as_often_as_the_rate_needs() {
         let ms = Duration::from_millis;
-        let t = tokio::time::Instant::now();
-        let deadline = t + FLUSH_EVERY;
+        let start = tokio::time::Instant::now();
+        let deadline = start + FLUSH_EVERY;
         // Just after the batch's first record: a first look 5 ms later.
-        assert_eq!(next_look(t, ms(0), 1, deadline), t + DRAIN_EVERY);
+        assert_eq!(next_look(start, start, 1), start + DRAIN_EVERY);
         // 500 messages a second: 3 rows in 6 ms, the batch would take 2 s
         // to fill; the next look is the write at the deadline.
-        assert_eq!(next_look(t, ms(6), 3, deadline), deadline);
+        assert_eq!(next_look(start, start + ms(6), 3), deadline);
         // 20,000 a second: 100 rows in 5 ms, full in 45 ms more; look
         // again halfway.
+        let now = start + ms(5);
         assert_eq!(
-            next_look(t, ms(5), 100, deadline),
-            t + Duration::from_micros(22_500)
+            next_look(start, now, 100),
+            now + Duration::from_micros(22_500)
         );
         // Nearly full: never more often than every DRAIN_EVERY.
-        assert_eq!(next_look(t, ms(40), 990, deadline), t + DRAIN_EVERY);
+        let now = start + ms(40);
+        assert_eq!(next_look(start, now, 990), now + DRAIN_EVERY);
         // Never past the deadline.
-        assert_eq!(next_look(t + ms(98), ms(98), 2, deadline), deadline);
+        assert_eq!(next_look(start, start + ms(98), 2), deadline);
     }
 
     /// Fails its first `fail` writes with `error()`, then keeps batches.
