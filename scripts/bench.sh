@@ -314,23 +314,21 @@ drain() { # waits for Postfix's queue to empty; prints nothing, sets d_secs sinc
   scripts/mta/postfix.sh flush-wait --dir "$mta_dir" --timeout 3600 >/dev/null
   d_secs=$(python3 -c "print($(now) - $1)")
 }
-busy_us() { # CPU time spent so far by the whole host (all cores, not idle), in µs
-  awk '/^cpu / {printf "%.0f", ($2 + $3 + $4 + $7 + $8 + $9) * 1e6 / '"$(getconf CLK_TCK)"'}' /proc/stat
+stat_now() { # the host's CPU time so far, all cores, in ticks (/proc/stat): busy (not idle, iowait or steal), steal, total
+  awk '/^cpu / {print $2 + $3 + $4 + $7 + $8, $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat
 }
-mta_cpu_us() { # $1 = busy_us at the start, $2 = the sender's -v log: the rest of the host's CPU per message
+mta_cpu_us() { # $1 = stat_now at the start, $2 = the sender's -v log: the rest of the host's CPU per message
+  local b0 b1 _
+  read -r b0 _ <<< "$1"; read -r b1 _ <<< "$(stat_now)"
   python3 -c "
 import re
 t = open('$2').read()
 own = (float(re.search(r'User time.*: ([0-9.]+)', t)[1]) + float(re.search(r'System time.*: ([0-9.]+)', t)[1])) * 1e6
-print(round(($(busy_us) - $1 - own) / $n))"
-}
-
-stat_now() { # the host's steal and total CPU time so far (/proc/stat, in ticks)
-  awk '/^cpu / {print $9, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat
+print(round(($((b1 - b0)) * 1e6 / $(getconf CLK_TCK) - own) / $n))"
 }
 steal_pct() { # $1 = stat_now at the start: the share of the CPU the hypervisor took since, in %
-  local s0 t0 s1 t1
-  read -r s0 t0 <<< "$1"; read -r s1 t1 <<< "$(stat_now)"
+  local s0 t0 s1 t1 _
+  read -r _ s0 t0 <<< "$1"; read -r _ s1 t1 <<< "$(stat_now)"
   awk -v s=$((s1 - s0)) -v t=$((t1 - t0)) 'BEGIN {printf "%.1f", (t > 0 ? 100 * s / t : 0)}'
 }
 
@@ -430,9 +428,9 @@ else
   e2e_ratios=(); adj_ratios=()
   for c in $sweep; do
     start_sink; start_postfix
-    c0=$(busy_us); st0=$(stat_now); t0=$(now); defer_figures=1 run_blast "$c" "$mta_port"; drain "$t0"
+    st0=$(stat_now); t0=$(now); defer_figures=1 run_blast "$c" "$mta_port"; drain "$t0"
     b_steal=$(steal_pct "$st0")
-    b_mta=$(mta_cpu_us "$c0" "$work/time.log"); blast_figures; b_e2e=$(python3 -c "print(round($n/$d_secs))")
+    b_mta=$(mta_cpu_us "$st0" "$work/time.log"); blast_figures; b_e2e=$(python3 -c "print(round($n/$d_secs))")
     q_max=$(cat "$work/queue-max")
     stop_postfix; stop_sink; got_b=$sink_msgs
     if [ "$c" = auto ] || [[ "$c" == auto:* ]]; then
@@ -442,9 +440,9 @@ else
       continue
     fi
     start_sink; start_postfix
-    c0=$(busy_us); st0=$(stat_now); t0=$(now); defer_figures=1 run_source "$c" "$mta_port"; drain "$t0"
+    st0=$(stat_now); t0=$(now); defer_figures=1 run_source "$c" "$mta_port"; drain "$t0"
     s_steal=$(steal_pct "$st0")
-    s_mta=$(mta_cpu_us "$c0" "$work/time-source.log"); source_figures; s_e2e=$(python3 -c "print(round($n/$d_secs))")
+    s_mta=$(mta_cpu_us "$st0" "$work/time-source.log"); source_figures; s_e2e=$(python3 -c "print(round($n/$d_secs))")
     stop_postfix; stop_sink; got_s=$sink_msgs
     [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
     e2e_ratio=$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")
