@@ -237,8 +237,8 @@ stop_sink() {
 }
 # Postfix's queue on tmpfs, as docs/postfix.md deploys it (postfix.sh's own
 # default). Under $work (/tmp, a disk here) each queue file's fsync was a
-# journal commit on the VM's disk, shared with blast's ledger commits:
-# 25% slower for both senders and an unfair penalty on blast's.
+# journal commit on the VM's disk: both senders ran a fifth slower, blast
+# more so (docs/tuning.md, "The queue was on disk").
 mta_dir=${BLAST_BENCH_MTA_DIR:-/dev/shm/blast-bench-postfix}
 start_postfix() {
   local fs
