@@ -25,6 +25,9 @@
 # Postfix queue seen (sampled twice a second) and blast's final/peak limit;
 # --in-flow-delay sets Postfix's in_flow_delay, --probe gives blast the queue
 # probe (scripts/mta/postfix.sh queue-size) with its default target of 5000.
+# Each --postfix pair runs both senders into a fresh Postfix, blast first in
+# odd pairs and smtp-source first in even ones; several pairs (a sweep such
+# as "4 4 4 4 4 4") end with their median ratio.
 # --tls compares blast in clear with blast over STARTTLS (certificate from a
 # CA made with openssl for the run, checked through ca_file) into the sink;
 # smtp-source speaks no TLS, so it does not run.
@@ -434,24 +437,34 @@ else
   printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s %6s %6s %6s\n' conc blast_in/s src_in/s ratio blast_e2e/s src_e2e/s ratio rss_MB max_queue limit \
     blast_us src_us b_mta_us s_mta_us b_st% s_st% adj
   e2e_ratios=(); adj_ratios=()
-  for c in $sweep; do
+  # Each sender into a fresh Postfix and sink. The order alternates from
+  # one pair to the next, so that neither always gets the warmer slot.
+  postfix_blast() { # $1 = concurrency
     start_sink; start_postfix
-    st0=$(stat_now); t0=$(now); defer_figures=1 run_blast "$c" "$mta_port"; drain "$t0"
+    st0=$(stat_now); t0=$(now); defer_figures=1 run_blast "$1" "$mta_port"; drain "$t0"
     b_steal=$(steal_pct "$st0")
     b_mta=$(mta_cpu_us "$st0" "$work/time.log"); blast_figures; b_e2e=$(python3 -c "print(round($n/$d_secs))")
     q_max=$(cat "$work/queue-max")
     stop_postfix; stop_sink; got_b=$sink_msgs
+  }
+  postfix_source() { # $1 = concurrency
+    start_sink; start_postfix
+    st0=$(stat_now); t0=$(now); defer_figures=1 run_source "$1" "$mta_port"; drain "$t0"
+    s_steal=$(steal_pct "$st0")
+    s_mta=$(mta_cpu_us "$st0" "$work/time-source.log"); source_figures; s_e2e=$(python3 -c "print(round($n/$d_secs))")
+    stop_postfix; stop_sink; got_s=$sink_msgs
+  }
+  pair=0
+  for c in $sweep; do
     if [ "$c" = auto ] || [[ "$c" == auto:* ]]; then
+      postfix_blast "$c"
       [ "$got_b" = "$n" ] || echo "bench: warning: sink counted blast=$got_b of $n" >&2
       printf '%-5s %12s %12s %7s %12s %12s %7s %9s %10s %10s %8s %8s %8s %8s %6s %6s %6s\n' "$c" "$b_rate" - - "$b_e2e" - - "$b_rss" "$q_max" "$b_limit" \
         "$b_cpu" - "$b_mta" - "$b_steal" - -
       continue
     fi
-    start_sink; start_postfix
-    st0=$(stat_now); t0=$(now); defer_figures=1 run_source "$c" "$mta_port"; drain "$t0"
-    s_steal=$(steal_pct "$st0")
-    s_mta=$(mta_cpu_us "$st0" "$work/time-source.log"); source_figures; s_e2e=$(python3 -c "print(round($n/$d_secs))")
-    stop_postfix; stop_sink; got_s=$sink_msgs
+    pair=$((pair + 1))
+    if [ $((pair % 2)) -eq 1 ]; then postfix_blast "$c"; postfix_source "$c"; else postfix_source "$c"; postfix_blast "$c"; fi
     [ "$got_b" = "$n" ] && [ "$got_s" = "$n" ] || echo "bench: warning: sink counted blast=$got_b smtp-source=$got_s of $n" >&2
     e2e_ratio=$(python3 -c "print(f'{$b_e2e/$s_e2e:.2f}')")
     adj_ratio=$(python3 -c "print(f'{$b_e2e * (100 - $s_steal) / ($s_e2e * (100 - $b_steal)):.2f}')")
