@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use blast::db::Db;
 use blast::progress::Mode;
-use blast::sink::{Faults, Received, Sink};
+use blast::sink::{Faults, Received, Sink, SinkConfig};
 
 use crate::bounce::{dsn, unsubscribe_mail};
 use crate::util::{self, header, ledger_rows, only_to, wait_until, Backend, World};
@@ -316,6 +316,75 @@ async fn campaign_over_starttls_into_postfix() {
     ids.sort_unstable();
     assert_eq!(ids, (1..=n).collect::<Vec<_>>(), "each recipient once");
     drop(postfix);
+}
+
+/// The tuned Postfix does not parse MIME on the way in
+/// (`disable_mime_input_processing`), and passes blast's 8bit parts
+/// through as they are to a next hop that offers 8BITMIME; to one that does
+/// not, its smtp client still converts them to quoted-printable, so nothing
+/// 8-bit crosses that wire and the text decodes to what blast rendered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_bit_parts_reach_a_next_hop_without_8bitmime_converted() {
+    let n = 3;
+    let w = World::new(Backend::Sqlite).await;
+    w.seed(n).await;
+    let text = "Grüße aus Zürich, {{ first_name }}: ½ kg für 3 €";
+    let path = w.campaign(
+        "eightbit",
+        "Hi {{ first_name }}",
+        text,
+        Some("<p>Grüße aus Zürich, {{ first_name }}</p>"),
+        "",
+    );
+    for eight_bit_mime in [true, false] {
+        let sink = Sink::start(SinkConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            keep_messages: true,
+            eight_bit_mime,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let postfix = Postfix::start(sink.local_addr().port());
+        let mut cfg = w.config(&path, None, 2);
+        cfg.delivery.relays[0].port = postfix.port;
+        cfg.name = format!("eightbit-{eight_bit_mime}");
+        let s = blast::commands::send(&cfg, Mode::Quiet, pending())
+            .await
+            .unwrap();
+        assert_eq!((s.sent, s.failed, s.deferred), (n as u64, 0, 0), "{s:?}");
+        util::wait_for(&sink, n as u64).await;
+        for r in sink.received() {
+            let raw = String::from_utf8_lossy(&r.data);
+            let id: i64 = header(&r.data, "X-Blast-Recipient")
+                .unwrap()
+                .parse()
+                .unwrap();
+            let name = format!("Name{id}");
+            let m = mail_parser::MessageParser::default()
+                .parse(&r.data)
+                .expect("a MIME message");
+            let body = m.body_text(0).expect("a text part");
+            assert!(
+                body.contains(&format!("Grüße aus Zürich, {name}: ½ kg für 3 €")),
+                "{body}"
+            );
+            let html = m.body_html(0).expect("an HTML part");
+            assert!(html.contains("Grüße aus Zürich"), "{html}");
+            if eight_bit_mime {
+                assert!(r.eight_bit, "BODY=8BITMIME passed on");
+                assert!(raw.contains("Content-Transfer-Encoding: 8bit"), "{raw}");
+            } else {
+                assert!(!r.eight_bit);
+                assert!(r.data.iter().all(|b| b.is_ascii()), "7-bit only:\n{raw}");
+                assert!(
+                    raw.contains("Content-Transfer-Encoding: quoted-printable"),
+                    "{raw}"
+                );
+            }
+        }
+        drop(postfix);
+    }
 }
 
 /// AUTH against Postfix's own Cyrus SASL, over STARTTLS, as to a relay off

@@ -678,6 +678,24 @@ qmgr_message_active_limit = 20000
 # rate. Default: 1s.
 in_flow_delay = $in_flow_delay
 
+# Do not rewrite the addresses in the message headers (From:, To:, Reply-To:,
+# ...) of mail from loopback clients: blast writes complete addresses, and each
+# header address is one more request to trivial-rewrite, whose client-side
+# cache holds one address (a To: that differs in every message always misses
+# it). Envelope addresses are still rewritten and resolved. Mail from other
+# clients is not header-rewritten either way (remote_header_rewrite_domain is
+# empty). Default: permit_inet_interfaces.
+local_header_rewrite_clients =
+
+# cleanup does not parse the MIME structure of each message it receives. That
+# parse serves header_checks on the headers of nested MIME parts (there are
+# none here) and finds 8-bit bytes in a body that was not declared with
+# BODY=8BITMIME (blast declares its 8bit messages). The message is queued and
+# delivered byte for byte the same, and the smtp client still converts 8bit
+# parts to quoted-printable for a next hop without 8BITMIME.
+# Default: no.
+disable_mime_input_processing = yes
+
 # Drop an idle or stuck client after this long instead of keeping an smtpd
 # process busy. Injectors on loopback answer in microseconds. Default: 300s.
 smtpd_timeout = 60s
