@@ -24,7 +24,10 @@
 # mode, so only blast runs). With --postfix every run also reports the largest
 # Postfix queue seen (sampled twice a second) and blast's final/peak limit;
 # --in-flow-delay sets Postfix's in_flow_delay, --probe gives blast the queue
-# probe (scripts/mta/postfix.sh queue-size) with its default target of 5000.
+# probe (scripts/mta/postfix.sh queue-size) with its default target of 5000;
+# --postfix-set NAME=VALUE (repeatable) passes --set NAME=VALUE to
+# scripts/mta/postfix.sh, to measure a main.cf change against the script's
+# tuning (for example --postfix-set local_header_rewrite_clients=permit_inet_interfaces).
 # Each --postfix pair runs both senders into a fresh Postfix, blast first in
 # odd pairs and smtp-source first in even ones; several pairs (a sweep such
 # as "4 4 4 4 4 4") end with their median ratio.
@@ -61,6 +64,7 @@ sweep=""
 use_pg=0
 use_postfix=0
 in_flow_delay=1s
+postfix_sets=()
 use_probe=0
 use_tls=0
 compare_db=0
@@ -80,6 +84,7 @@ while [ $# -gt 0 ]; do
     --pg) use_pg=1; shift ;;
     --postfix) use_postfix=1; shift ;;
     --in-flow-delay) in_flow_delay=$2; shift 2 ;;
+    --postfix-set) postfix_sets+=(--set "$2"); shift 2 ;;
     --probe) use_probe=1; shift ;;
     --tls) use_tls=1; shift ;;
     --compare-db) compare_db=1; shift ;;
@@ -93,7 +98,7 @@ while [ $# -gt 0 ]; do
     # The property tests (the parsers, the renderer, the address
     # canonicaliser, dot-stuffing) with 100,000 cases each: minutes.
     --props) PROPTEST_CASES=${PROPTEST_CASES:-100000} exec cargo test --release --lib ;;
-    -h|--help) sed -n '2,51p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,57p' "$0"; exit 0 ;;
     *) echo "bench.sh: unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -250,7 +255,7 @@ start_postfix() {
   [ "$fs" = tmpfs ] || echo "bench.sh: warning: Postfix's queue $mta_dir is on $fs, not tmpfs: its fsyncs go to disk" >&2
   mta_port=$(free_port)
   scripts/mta/postfix.sh start --dir "$mta_dir" --port "$mta_port" --relay "127.0.0.1:$sink_port" \
-    --in-flow-delay "$in_flow_delay" >/dev/null
+    --in-flow-delay "$in_flow_delay" "${postfix_sets[@]}" >/dev/null
   # The largest queue seen, sampled twice a second until stop_postfix.
   echo 0 > "$work/queue-max"
   ( max=0
