@@ -690,9 +690,9 @@ local_header_rewrite_clients =
 # cleanup does not parse the MIME structure of each message it receives. That
 # parse serves header_checks on the headers of nested MIME parts (there are
 # none here) and finds 8-bit bytes in a body that was not declared with
-# BODY=8BITMIME (blast declares its 8bit messages). The message is queued and
-# delivered byte for byte the same, and the smtp client still converts 8bit
-# parts to quoted-printable for a next hop without 8BITMIME.
+# BODY=8BITMIME (blast declares its 8bit messages). cleanup does not change
+# the content either way, and the smtp client still converts 8bit parts to
+# quoted-printable for a next hop without 8BITMIME (tests/mta.rs checks it).
 # Default: no.
 disable_mime_input_processing = yes
 
